@@ -1,0 +1,1 @@
+"""pliant.comm (see DESIGN.md)."""

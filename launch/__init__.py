@@ -1,0 +1,1 @@
+"""Command line, config schema and launchers."""

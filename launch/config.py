@@ -1,0 +1,98 @@
+"""The job config: one YAML file, validated by a schema composed of the sections each layer
+owns. A bad value is rejected with a message that names the file, the key, the value and
+what is allowed."""
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import re
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pliant.planner.spec import ClusterSpec, CostSpec, ModelSpec, PlannerSpec
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, where `6.74e9` is a string; read it as a float (YAML 1.2)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message lists every problem found."""
+
+
+class JobConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    cluster: ClusterSpec
+    model: ModelSpec
+    cost: CostSpec
+    planner: PlannerSpec = Field(default_factory=PlannerSpec)
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A path, or the name of a bundled config (`flexsp-7b-64gpu`, `local-cpu`)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    stem = path.name[:-5] if path.name.endswith(".yaml") else path.name
+    bundled = resources.files("pliant.configs").joinpath(f"{stem}.yaml")
+    if bundled.is_file():
+        return Path(str(bundled))
+    raise ConfigError(f"config {name}: no such file (and no bundled config named {stem!r})")
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def format_validation_error(source: str, err: ValidationError) -> str:
+    lines = [f"{source}: {err.error_count()} problem(s)"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        kind = e["type"]
+        if kind == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key")
+        elif kind == "missing":
+            lines.append(f"  {loc}: missing (required)")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            value = e.get("input")
+            if isinstance(value, dict):  # a check across the keys of a section
+                lines.append(f"  {loc}: {msg}")
+            else:
+                lines.append(f"  {loc} = {_describe(value)}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "config") -> JobConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections (cluster, model, cost, planner), "
+                          f"got {type(data).__name__}")
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(source, e)) from None
+
+
+def load_config(name: str | Path) -> JobConfig:
+    path = resolve_config_path(name)
+    try:
+        data = yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return parse_config(data, str(path))

@@ -1,0 +1,1 @@
+"""Heterogeneity-adaptive sequence-parallel planner (pure Python: numpy + PuLP, no torch)."""

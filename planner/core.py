@@ -1,0 +1,234 @@
+"""The planner: one global batch of sequence lengths in, one `Plan` out.
+
+    planner = Planner.from_specs(cluster, model, cost, planner_spec)
+    plan = planner.plan(lengths)              # adaptive: heuristic + MILP, within the time budget
+    fixed = planner.plan_fixed(lengths, 8)    # every group of 8 (a baseline), or None if infeasible
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .blaster import candidate_splits, min_micro_batches
+from .cost import CostModel
+from .errors import PlanningError, SequenceTooLongError
+from .heuristic import solve_heuristic
+from .layout import allowed_sizes
+from .milp import pick_solver, solve_milp
+from .plan import MicroBatchPlan, Plan, SolverStats
+from .schedule import SeqTable, WorkGroup, improve, list_schedule, makespan, new_groups, to_micro_batch
+from .spec import ClusterSpec, CostSpec, ModelSpec, PlannerSpec
+
+
+@dataclass
+class _Draft:
+    """A micro-batch solved by the heuristic, waiting for the MILP."""
+
+    table: SeqTable
+    groups: list[WorkGroup]
+    ms: float
+
+
+class Planner:
+    def __init__(self, cost: CostModel, spec: PlannerSpec | None = None):
+        self.cost = cost
+        self.spec = spec or PlannerSpec()
+        if cost.world_size < 1:
+            raise PlanningError("the cluster has no devices")
+        self.sizes = allowed_sizes(cost.world_size, cost.devices_per_node, self.spec.power_of_two,
+                                   self.spec.max_group_size)
+        self.solver = pick_solver(self.spec.solver)
+
+    @classmethod
+    def from_specs(cls, cluster: ClusterSpec, model: ModelSpec, cost: CostSpec, spec: PlannerSpec | None = None
+                   ) -> "Planner":
+        return cls(CostModel.from_specs(cluster, model, cost, spec), spec)
+
+    # ----- limits -----
+    def longest_supported(self) -> tuple[int, int]:
+        """(longest sequence any allowed group can hold, that group's size)."""
+        best = (0, 1)
+        for s in self.sizes:
+            lo, hi = 0, 1
+            while self.cost.seq_fits(np.array([hi]), s)[0]:
+                lo, hi = hi, hi * 2
+                if hi > 1 << 40:
+                    break
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if self.cost.seq_fits(np.array([mid]), s)[0]:
+                    lo = mid
+                else:
+                    hi = mid
+            if lo > best[0]:
+                best = (lo, s)
+        return best
+
+    def check_lengths(self, lengths) -> np.ndarray:
+        arr = np.asarray(lengths)
+        if arr.ndim != 1 or arr.size == 0:
+            raise PlanningError("the batch is empty: nothing to plan")
+        if not np.issubdtype(arr.dtype, np.integer):
+            if not np.all(np.equal(np.mod(arr, 1), 0)):
+                raise PlanningError("sequence lengths must be integers")
+        arr = arr.astype(np.int64)
+        bad = np.flatnonzero(arr <= 0)
+        if len(bad):
+            raise PlanningError(f"sequence {int(bad[0])} has length {int(arr[bad[0]])}; lengths must be positive")
+        fits_any = np.zeros(len(arr), dtype=bool)
+        for s in self.sizes:
+            fits_any |= self.cost.seq_fits(arr, s)
+        if not fits_any.all():
+            j = int(np.flatnonzero(~fits_any)[np.argmax(arr[~fits_any])])
+            longest, size = self.longest_supported()
+            raise SequenceTooLongError(int(arr[j]), j, longest, size)
+        return arr
+
+    # ----- adaptive -----
+    def plan(self, lengths) -> Plan:
+        t0 = time.perf_counter()
+        arr = self.check_lengths(lengths)
+        budget = self.spec.time_limit_s
+        heuristic_deadline = t0 + 0.35 * budget
+        k_min = min_micro_batches(arr, self.cost)
+        candidates: dict[int, float | None] = {}
+        best: tuple[float, list[_Draft]] | None = None
+        worse_in_a_row = 0
+        k = k_min
+        while k <= self.spec.max_micro_batches and k <= len(arr):
+            found_k: tuple[float, list[_Draft]] | None = None
+            for _, parts in candidate_splits(arr, k, self.cost):
+                drafts = self._heuristic_parts(arr, parts, heuristic_deadline)
+                if drafts is None:
+                    continue
+                total = sum(d.ms for d in drafts)
+                if found_k is None or total < found_k[0]:
+                    found_k = (total, drafts)
+            candidates[k] = None if found_k is None else found_k[0]
+            if found_k is not None:
+                if best is None or found_k[0] < best[0]:
+                    best, worse_in_a_row = found_k, 0
+                else:
+                    worse_in_a_row += 1
+            if best is not None and (worse_in_a_row >= 1 or time.perf_counter() > heuristic_deadline):
+                break
+            k += 1
+        if best is None:
+            raise PlanningError(
+                f"no plan fits device memory with up to {self.spec.max_micro_batches} micro-batches "
+                f"(planner.max_micro_batches); the batch holds {int(arr.sum())} tokens in {len(arr)} sequences"
+            )
+        drafts = best[1]
+        micro = [self._refine(d, t0 + budget, len(drafts) - i) for i, d in enumerate(drafts)]
+        return self._assemble("adaptive", arr, micro, t0, candidates)
+
+    def _heuristic_parts(self, arr: np.ndarray, parts: list[np.ndarray], deadline: float) -> list[_Draft] | None:
+        drafts = []
+        for ids in parts:
+            table = SeqTable.build(self.cost, arr[ids], ids, self.sizes)
+            # each micro-batch gets a fair slice of what is left of the heuristic's time
+            solved = solve_heuristic(table, self.cost, max(deadline, time.perf_counter() + 0.02))
+            if solved is None:
+                return None
+            drafts.append(_Draft(table, *solved))
+        return drafts
+
+    def _refine(self, draft: _Draft, deadline: float, left: int) -> MicroBatchPlan:
+        t0 = time.perf_counter()
+        stats = SolverStats(source="heuristic", status="not_run", solve_s=0.0, heuristic_ms=draft.ms)
+        groups, ms = draft.groups, draft.ms
+        share = (deadline - t0) / max(left, 1)
+        polish_s = min(0.1, 0.1 * share)  # kept back to polish the MILP's answer
+        if self.solver != "heuristic" and share - polish_s > 0.1 and len(draft.table) > 1:
+            res = solve_milp(draft.table, self.cost, draft.groups, draft.ms, solver=self.solver,
+                             time_limit_s=share - polish_s - 0.02, n_buckets=self.spec.buckets,
+                             max_long=self.spec.max_long_sequences, threads=self.spec.threads)
+            stats.status, stats.n_variables, stats.n_constraints = res.status, res.n_variables, res.n_constraints
+            stats.milp_objective_ms, stats.milp_bound_ms = res.objective_ms, res.bound_ms
+            if res.groups is not None:
+                improve(res.groups, draft.table, self.cost, time.perf_counter() + polish_s)
+                milp_ms = makespan(res.groups, self.cost.beta_ms)
+                stats.milp_ms = milp_ms
+                if milp_ms < ms - 1e-9 and to_micro_batch(res.groups, draft.table, self.cost, stats) is not None:
+                    groups, ms, stats.source = res.groups, milp_ms, "milp"
+        if stats.milp_bound_ms is not None and ms > 0:
+            stats.gap = max(0.0, (ms - stats.milp_bound_ms) / ms)
+        stats.solve_s = time.perf_counter() - t0
+        mb = to_micro_batch(groups, draft.table, self.cost, stats)
+        if mb is None:  # cannot happen for heuristic groups: they were placed when built
+            raise PlanningError("internal: the chosen groups do not fit the node layout")
+        return mb
+
+    # ----- fixed degree (baselines) -----
+    def fixed_degree_ok(self, s: int) -> bool:
+        """A uniform degree must tile the cluster: divide a node, or be whole nodes dividing the world."""
+        n, d = self.cost.world_size, self.cost.devices_per_node
+        if s <= d:
+            return d % s == 0
+        return s % d == 0 and n % s == 0
+
+    def fixed_degrees(self) -> list[int]:
+        return [s for s in allowed_sizes(self.cost.world_size, self.cost.devices_per_node) if self.fixed_degree_ok(s)]
+
+    def plan_fixed(self, lengths, s: int, time_budget_s: float = 0.5) -> Plan | None:
+        """Every group of size s, sequences best-packed (list scheduling + local search),
+        micro-batched when memory needs it. None if some sequence does not fit a group of s."""
+        t0 = time.perf_counter()
+        arr = np.asarray(lengths, dtype=np.int64)
+        if not self.fixed_degree_ok(s):
+            raise PlanningError(f"degree {s} does not tile {self.cost.world_size} devices "
+                                f"in nodes of {self.cost.devices_per_node}")
+        if not self.cost.seq_fits(arr, s).all():
+            return None
+        sizes = [s] if s == 1 else [1, s]  # the table needs the column of s; groups are all s
+        candidates: dict[int, float | None] = {}
+        best: tuple[float, list[MicroBatchPlan]] | None = None
+        k = min_micro_batches(arr, self.cost)
+        while k <= min(self.spec.max_micro_batches, len(arr)):
+            for _, parts in candidate_splits(arr, k, self.cost):
+                mbs = self._fixed_parts(arr, parts, s, sizes, t0 + time_budget_s)
+                if mbs is not None:
+                    total = sum(mb.predicted_ms for mb in mbs)
+                    candidates[k] = min(total, candidates.get(k) or np.inf)
+                    if best is None or total < best[0]:
+                        best = (total, mbs)
+            if best is not None and k - min_micro_batches(arr, self.cost) >= 1:
+                break
+            k += 1
+        if best is None:
+            return None
+        return self._assemble(f"fixed-{s}", arr, best[1], t0, candidates)
+
+    def _fixed_parts(self, arr, parts, s, sizes, deadline) -> list[MicroBatchPlan] | None:
+        out = []
+        for ids in parts:
+            t1 = time.perf_counter()
+            table = SeqTable.build(self.cost, arr[ids], ids, sizes)
+            groups = new_groups(table, [s] * (self.cost.world_size // s))
+            if not list_schedule(list(range(len(table))), groups, table, self.cost):
+                return None
+            improve(groups, table, self.cost, deadline)
+            stats = SolverStats(source="fixed", status="list_schedule", solve_s=0.0)
+            mb = to_micro_batch(groups, table, self.cost, stats)
+            if mb is None:
+                return None
+            stats.solve_s = time.perf_counter() - t1
+            out.append(mb)
+        return out
+
+    # ----- common -----
+    def _assemble(self, strategy: str, arr: np.ndarray, micro: list[MicroBatchPlan], t0: float,
+                  candidates: dict[int, float | None]) -> Plan:
+        return Plan(
+            strategy=strategy,
+            world_size=self.cost.world_size,
+            devices_per_node=self.cost.devices_per_node,
+            lengths=[int(x) for x in arr],
+            micro_batches=micro,
+            predicted_ms=float(sum(mb.predicted_ms for mb in micro)),
+            lower_bound_ms=self.cost.lower_bound_ms(arr),
+            solve_s=time.perf_counter() - t0,
+            micro_batch_candidates=candidates,
+        )

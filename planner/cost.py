@@ -1,0 +1,204 @@
+"""The planner's cost model: the contract with the hardware (FlexSP form, DESIGN.md).
+
+For a sequence of L tokens in an SP group of s devices (L padded to a multiple of s):
+
+* compute:  (a1 * f_softmax * L^2 + a2 * L) / s   ms, plus beta ms per group per micro-batch;
+* softmax layers: Ulysses all-to-all when the head count divides by s (each device sends
+  (s-1)/s of its L/s tokens' q, k, v, o activations and their gradients), otherwise LASP-2H
+  (AllGather K, V forward, reduce-scatter dK, dV backward);
+* linear layers: LASP-2, one AllGather of a (heads x dk x dv) float32 state per sequence
+  forward and one of its gradient backward: size independent of L;
+* memory per device: activation bytes per token x tokens / s, model states by ZeRO stage,
+  plus the gathered LASP-2 states and the LASP-2H K, V of one layer.
+
+Times are in milliseconds, memory in bytes, bandwidth in GB/s = 1e9 bytes/s.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .spec import GIB, ClusterSpec, CostSpec, ModelSpec, PlannerSpec
+
+STATE_BYTES = 4  # LASP-2 memory states are accumulated and exchanged in float32
+
+
+def model_state_bytes(params: float, dtype_bytes: int, zero_stage: int, world: int) -> float:
+    """Bytes of weights, gradients and Adam states held by one device under ZeRO.
+
+    Half precision keeps an fp32 master copy plus m and v (12 bytes/param, as in the ZeRO
+    paper: 2+2+12 = 16); full precision keeps only m and v in its own dtype.
+    """
+    w = g = dtype_bytes
+    k = 12 if dtype_bytes == 2 else 2 * dtype_bytes
+    if zero_stage == 0:
+        per_param = w + g + k
+    elif zero_stage == 1:
+        per_param = w + g + k / world
+    elif zero_stage == 2:
+        per_param = w + (g + k) / world
+    else:
+        per_param = (w + g + k) / world
+    return params * per_param
+
+
+class BandwidthTable:
+    """GB/s by group size: the entry of the smallest tabulated size >= s."""
+
+    def __init__(self, by_size: dict[int, float] | None, intra: float | None, inter: float | None, node: int):
+        self._sizes = sorted(by_size) if by_size else []
+        self._gbps = [by_size[k] for k in self._sizes] if by_size else []
+        self._intra, self._inter, self._node = intra, inter, node
+
+    def gbps(self, s: int) -> float:
+        if not self._sizes:
+            return float(self._intra if s <= self._node else self._inter)
+        i = bisect.bisect_left(self._sizes, s)
+        return float(self._gbps[min(i, len(self._sizes) - 1)])
+
+
+@dataclass(frozen=True)
+class CostModel:
+    a1_ms: float  # already scaled by the fraction of softmax layers
+    a2_ms: float
+    beta_ms: float
+    act_bytes_per_token: float
+    n_softmax: int
+    n_linear: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    dtype_bytes: int
+    passes: int  # forward + backward (+ recomputed forward with activation checkpointing)
+    model_state_bytes: float
+    device_memory_bytes: float  # usable: device memory minus the configured reserve
+    world_size: int
+    devices_per_node: int
+    a2a: BandwidthTable = field(repr=False, compare=False)
+    all_gather: BandwidthTable = field(repr=False, compare=False)
+    _mem_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    @classmethod
+    def from_specs(cls, cluster: ClusterSpec, model: ModelSpec, cost: CostSpec, planner: PlannerSpec | None = None
+                   ) -> "CostModel":
+        planner = planner or PlannerSpec()
+        bw = cluster.bandwidth
+        node = cluster.devices_per_node
+        a2a = BandwidthTable(bw.all_to_all_gbps, bw.intra_node_gbps, bw.inter_node_gbps, node)
+        ag_table = bw.all_gather_gbps if bw.all_gather_gbps is not None else bw.all_to_all_gbps
+        ag = BandwidthTable(ag_table, bw.intra_node_gbps, bw.inter_node_gbps, node)
+        world = cluster.world_size
+        return cls(
+            a1_ms=cost.a1_ms * model.n_softmax / model.layers,
+            a2_ms=cost.a2_ms,
+            beta_ms=cost.beta_ms,
+            act_bytes_per_token=cost.activation_bytes_per_token,
+            n_softmax=model.n_softmax,
+            n_linear=model.n_linear,
+            heads=model.heads,
+            kv_heads=model.kv_heads,
+            head_dim=model.head_dim,
+            dtype_bytes=model.dtype_bytes,
+            passes=3 if model.activation_checkpointing else 2,
+            model_state_bytes=model_state_bytes(model.param_count, model.dtype_bytes, model.zero_stage, world),
+            device_memory_bytes=cluster.device_memory_gib * GIB - planner.memory_reserve_gib * GIB,
+            world_size=world,
+            devices_per_node=node,
+            a2a=a2a,
+            all_gather=ag,
+        )
+
+    # ----- per-sequence terms (vectorised over lengths) -----
+    @staticmethod
+    def padded(lengths: np.ndarray, s: int) -> np.ndarray:
+        return -(-np.asarray(lengths, dtype=np.float64) // s) * s
+
+    def uses_ulysses(self, s: int) -> bool:
+        """Ulysses shards heads, so it needs s | heads; other sizes run softmax layers as LASP-2H."""
+        return self.heads % s == 0
+
+    def compute_ms(self, lengths: np.ndarray, s: int) -> np.ndarray:
+        L = self.padded(lengths, s)
+        return (self.a1_ms * L * L + self.a2_ms * L) / s
+
+    def softmax_comm_bytes(self, lengths: np.ndarray, s: int) -> np.ndarray:
+        """Bytes one device sends per step for the softmax layers of these sequences."""
+        if s == 1 or self.n_softmax == 0:
+            return np.zeros(np.shape(lengths))
+        local = self.padded(lengths, s) / s
+        if self.uses_ulysses(s):
+            kv = max(self.kv_heads, s)  # GQA: kv heads are replicated up to the group size
+            per_token = (2 * self.heads + 2 * kv) * self.head_dim * self.dtype_bytes
+            return self.passes * self.n_softmax * local * (s - 1) / s * per_token
+        per_token = 2 * self.kv_heads * self.head_dim * self.dtype_bytes
+        return self.passes * self.n_softmax * local * (s - 1) * per_token
+
+    def softmax_comm_ms(self, lengths: np.ndarray, s: int) -> np.ndarray:
+        if s == 1:
+            return np.zeros(np.shape(lengths))
+        table = self.a2a if self.uses_ulysses(s) else self.all_gather
+        return self.softmax_comm_bytes(lengths, s) / (table.gbps(s) * 1e9) * 1e3
+
+    @property
+    def linear_state_bytes(self) -> int:
+        """One LASP-2 memory state: heads x dk x dv in float32."""
+        return self.heads * self.head_dim * self.head_dim * STATE_BYTES
+
+    def linear_comm_bytes(self, s: int) -> float:
+        """Bytes one device receives per sequence per step for LASP-2: independent of length."""
+        if s == 1 or self.n_linear == 0:
+            return 0.0
+        return float(self.passes * self.n_linear * (s - 1) * self.linear_state_bytes)
+
+    def linear_comm_ms(self, s: int) -> float:
+        if s == 1:
+            return 0.0
+        return self.linear_comm_bytes(s) / (self.all_gather.gbps(s) * 1e9) * 1e3
+
+    def seq_ms(self, lengths: np.ndarray, s: int) -> np.ndarray:
+        """Predicted time of each sequence in a group of s devices, group overhead excluded."""
+        return self.compute_ms(lengths, s) + self.softmax_comm_ms(lengths, s) + self.linear_comm_ms(s)
+
+    def single_device_ms(self, lengths: np.ndarray) -> np.ndarray:
+        L = np.asarray(lengths, dtype=np.float64)
+        return self.a1_ms * L * L + self.a2_ms * L
+
+    # ----- memory -----
+    def memory_coeffs(self, s: int) -> tuple[float, float, float]:
+        """(base, per padded token, per sequence) bytes on one device of a group of s: model
+        states; activations / s (plus one layer's gathered K, V under LASP-2H); the gathered
+        LASP-2 states of every linear layer, kept for backward."""
+        cached = self._mem_cache.get(s)
+        if cached is None:
+            per_token = self.act_bytes_per_token / s
+            per_seq = 0.0
+            if s > 1:
+                per_seq = float(self.n_linear * s * self.linear_state_bytes)
+                if self.n_softmax and not self.uses_ulysses(s):
+                    per_token += 2 * self.kv_heads * self.head_dim * self.dtype_bytes
+            cached = self._mem_cache[s] = (self.model_state_bytes, per_token, per_seq)
+        return cached
+
+    def group_memory_bytes(self, tokens_padded: float, n_seqs: int, s: int) -> float:
+        """Peak bytes on one device of a group of s holding packed sequences of these padded tokens."""
+        base, per_token, per_seq = self.memory_coeffs(s)
+        return base + per_token * tokens_padded + per_seq * n_seqs
+
+    def fits(self, tokens_padded: float, n_seqs: int, s: int) -> bool:
+        return self.group_memory_bytes(tokens_padded, n_seqs, s) <= self.device_memory_bytes
+
+    def token_capacity(self, s: int) -> float:
+        """Padded tokens a group of s can hold, ignoring the small per-sequence state terms."""
+        base, per_token, _ = self.memory_coeffs(s)
+        return max(0.0, (self.device_memory_bytes - base) / per_token)
+
+    def seq_fits(self, lengths: np.ndarray, s: int) -> np.ndarray:
+        """Whether each sequence alone fits a group of s."""
+        base, per_token, per_seq = self.memory_coeffs(s)
+        return base + per_token * self.padded(lengths, s) + per_seq <= self.device_memory_bytes
+
+    def lower_bound_ms(self, lengths: np.ndarray) -> float:
+        """Total single-device compute / N plus one group overhead; no communication or memory."""
+        return float(self.single_device_ms(lengths).sum() / self.world_size + self.beta_ms)

@@ -1,0 +1,223 @@
+"""Working state shared by the solvers: per-sequence cost tables, groups under construction,
+local search, and the conversion of a finished schedule into a `MicroBatchPlan`."""
+from __future__ import annotations
+
+import heapq
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .cost import CostModel
+from .layout import free_ranks, place_groups
+from .plan import GroupPlan, MicroBatchPlan, SolverStats
+
+
+@dataclass
+class SeqTable:
+    """Costs of every sequence of a micro-batch in every allowed group size."""
+
+    lengths: np.ndarray  # int64, local order
+    ids: np.ndarray  # the sequences' ids in the global batch
+    sizes: list[int]
+    t: np.ndarray  # [n, m] ms per sequence; inf where the sequence alone does not fit
+    pad: np.ndarray  # [n, m] padded tokens
+    col: dict[int, int]  # size -> column
+    t_rows: list[list[float]] = field(default_factory=list, repr=False)  # t as lists: fast scalar reads
+    pad_rows: list[list[float]] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        self.t_rows = self.t.tolist()
+        self.pad_rows = self.pad.tolist()
+
+    @classmethod
+    def build(cls, cost: CostModel, lengths: np.ndarray, ids: np.ndarray, sizes: list[int]) -> "SeqTable":
+        lengths = np.asarray(lengths, dtype=np.int64)
+        n, m = len(lengths), len(sizes)
+        t = np.empty((n, m))
+        pad = np.empty((n, m))
+        for c, s in enumerate(sizes):
+            pad[:, c] = cost.padded(lengths, s)
+            t[:, c] = np.where(cost.seq_fits(lengths, s), cost.seq_ms(lengths, s), np.inf)
+        return cls(lengths, np.asarray(ids, dtype=np.int64), list(sizes), t, pad, {s: c for c, s in enumerate(sizes)})
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+
+@dataclass
+class WorkGroup:
+    size: int
+    col: int
+    seqs: list[int] = field(default_factory=list)  # local sequence indices
+    load: float = 0.0  # ms, without beta
+    tokens_pad: float = 0.0
+
+    def can_hold(self, j: int, table: SeqTable, cost: CostModel) -> bool:
+        if table.t_rows[j][self.col] == np.inf:
+            return False
+        base, per_token, per_seq = cost.memory_coeffs(self.size)
+        tokens = self.tokens_pad + table.pad_rows[j][self.col]
+        return base + per_token * tokens + per_seq * (len(self.seqs) + 1) <= cost.device_memory_bytes
+
+    def add(self, j: int, table: SeqTable) -> None:
+        self.seqs.append(j)
+        self.load += table.t_rows[j][self.col]
+        self.tokens_pad += table.pad_rows[j][self.col]
+
+    def remove(self, j: int, table: SeqTable) -> None:
+        self.seqs.remove(j)
+        self.load -= table.t_rows[j][self.col]
+        self.tokens_pad -= table.pad_rows[j][self.col]
+        if not self.seqs:
+            self.load, self.tokens_pad = 0.0, 0.0
+
+
+def makespan(groups: list[WorkGroup], beta_ms: float) -> float:
+    busy = [g.load for g in groups if g.seqs]
+    return beta_ms + max(busy) if busy else 0.0
+
+
+def new_groups(table: SeqTable, sizes: list[int]) -> list[WorkGroup]:
+    return [WorkGroup(s, table.col[s]) for s in sizes]
+
+
+def list_schedule(seqs: list[int], groups: list[WorkGroup], table: SeqTable, cost: CostModel) -> bool:
+    """Give each sequence, longest first, to the group where it finishes earliest (memory
+    permitting). Groups of the same size are kept in a heap by load. False if some
+    sequence fits nowhere."""
+    by_size: dict[int, list[tuple[float, int]]] = {}
+    for gi, g in enumerate(groups):
+        by_size.setdefault(g.size, []).append((g.load, gi))
+    for h in by_size.values():
+        heapq.heapify(h)
+    cols = {s: table.col[s] for s in by_size}
+    for j in sorted(seqs, key=lambda j: -table.lengths[j]):
+        best: tuple[float, int] | None = None  # (finish, size)
+        skipped: dict[int, list[tuple[float, int]]] = {}
+        row = table.t_rows[j]
+        for s, heap in by_size.items():
+            tj = row[cols[s]]
+            if tj == np.inf:
+                continue
+            while heap and not groups[heap[0][1]].can_hold(j, table, cost):
+                skipped.setdefault(s, []).append(heapq.heappop(heap))
+            if heap:
+                cand = (heap[0][0] + tj, s)
+                if best is None or cand < best:
+                    best = cand
+        if best is not None:
+            heap = by_size[best[1]]
+            gi = heap[0][1]
+            groups[gi].add(j, table)
+            heapq.heapreplace(heap, (groups[gi].load, gi))
+        for s, items in skipped.items():
+            for item in items:
+                heapq.heappush(by_size[s], item)
+        if best is None:
+            return False
+    return True
+
+
+def improve(groups: list[WorkGroup], table: SeqTable, cost: CostModel, deadline: float,
+            max_iter: int = 400) -> None:
+    """Local search on the makespan: move or swap sequences off the most loaded group while
+    that lowers the larger of the two groups' loads."""
+    if not groups:
+        return
+    cols = np.array([g.col for g in groups])
+    for _ in range(max_iter):
+        if time.perf_counter() > deadline:
+            return
+        loads = np.array([g.load if g.seqs else 0.0 for g in groups])
+        gi = int(np.argmax(loads))
+        crit = groups[gi]
+        peak = loads[gi]
+        if _best_move(groups, gi, crit, peak, loads, cols, table, cost):
+            continue
+        if _best_swap(groups, gi, crit, peak, loads, cols, table, cost):
+            continue
+        return
+
+
+def _best_move(groups, gi, crit, peak, loads, cols, table, cost) -> bool:
+    best = (peak, -1, -1)
+    for j in crit.seqs:
+        left = peak - table.t[j, crit.col]
+        arrive = loads + table.t[j, cols]  # inf where j does not fit that size
+        arrive[gi] = np.inf
+        new_peak = np.maximum(arrive, left)
+        for hi in np.argsort(new_peak)[:4]:
+            if new_peak[hi] >= best[0] - 1e-9:
+                break
+            if groups[hi].can_hold(j, table, cost):
+                best = (float(new_peak[hi]), j, int(hi))
+                break
+    if best[1] < 0:
+        return False
+    _, j, hi = best
+    crit.remove(j, table)
+    groups[hi].add(j, table)
+    return True
+
+
+def _best_swap(groups, gi, crit, peak, loads, cols, table, cost) -> bool:
+    """Best exchange of one sequence of the critical group with one of another group."""
+    others = [(k, hi) for hi, h in enumerate(groups) if hi != gi for k in h.seqs]
+    if not others or not crit.seqs:
+        return False
+    ks = np.array([k for k, _ in others])
+    hs = np.array([hi for _, hi in others])
+    js = np.array(crit.seqs)
+    h_cols = cols[hs]
+    # new loads of the critical group and of the partner group, for every (j, k) pair
+    new_crit = peak - table.t[js, crit.col][:, None] + table.t[ks, crit.col][None, :]
+    new_h = (loads[hs] - table.t[ks, h_cols])[None, :] + table.t[js[:, None], h_cols[None, :]]
+    worst = np.maximum(new_crit, new_h)  # inf where a sequence does not fit the other size
+    flat = np.argsort(worst, axis=None)[:8]
+    for f in flat:
+        a, b = np.unravel_index(f, worst.shape)
+        if not worst[a, b] < peak - 1e-9:
+            return False
+        j, k, h = int(js[a]), int(ks[b]), groups[int(hs[b])]
+        crit.remove(j, table)
+        h.remove(k, table)
+        if crit.can_hold(k, table, cost) and h.can_hold(j, table, cost):
+            crit.add(k, table)
+            h.add(j, table)
+            return True
+        crit.add(j, table)
+        h.add(k, table)
+    return False
+
+
+def to_micro_batch(groups: list[WorkGroup], table: SeqTable, cost: CostModel, stats: SolverStats
+                   ) -> MicroBatchPlan | None:
+    """Place the non-idle groups on ranks, cover the free ranks with idle groups of one, and
+    price every group exactly. None if the groups do not fit the cluster's nodes."""
+    busy = [g for g in groups if g.seqs]
+    world, per_node = cost.world_size, cost.devices_per_node
+    sizes = [g.size for g in busy]
+    if sum(sizes) > world:
+        return None
+    starts = place_groups(sizes, world, per_node)
+    if starts is None:
+        return None
+    plans: list[GroupPlan] = []
+    for g, st in zip(busy, starts):
+        seqs = sorted(g.seqs, key=lambda j: int(table.ids[j]))
+        lengths = table.lengths[seqs]
+        tokens_pad = float(cost.padded(lengths, g.size).sum())
+        ms = cost.beta_ms + float(cost.seq_ms(lengths, g.size).sum())
+        method = "none" if g.size == 1 else ("ulysses" if cost.uses_ulysses(g.size) else "lasp2h")
+        plans.append(GroupPlan(
+            start=st, size=g.size, seq_ids=[int(table.ids[j]) for j in seqs], tokens=int(lengths.sum()),
+            predicted_ms=ms, peak_memory_bytes=cost.group_memory_bytes(tokens_pad, len(seqs), g.size),
+            softmax_sp=method,
+        ))
+    for r in free_ranks(starts, sizes, world):
+        plans.append(GroupPlan(start=r, size=1, seq_ids=[], tokens=0, predicted_ms=0.0,
+                               peak_memory_bytes=cost.model_state_bytes, softmax_sp="none"))
+    plans.sort(key=lambda g: g.start)
+    predicted = max((g.predicted_ms for g in plans), default=0.0)
+    return MicroBatchPlan(groups=plans, predicted_ms=predicted, stats=stats)

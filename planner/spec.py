@@ -1,0 +1,180 @@
+"""Config sections the planner reads: cluster, model, cost coefficients, planner options.
+
+These are pydantic models so that a YAML file is validated with messages that name the
+key, the value and what is allowed. `pliant.launch.config` composes them (and the
+sections later layers own) into the whole job config; the planner only needs these.
+
+Cluster facts (sizes, memory, bandwidth) and cost coefficients have no defaults: a
+planner that silently assumed an 80 GiB device would plan for a machine that is not there.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, NonNegativeFloat, model_validator
+
+GIB = 1024**3
+DTYPE_BYTES = {"fp64": 8, "fp32": 4, "bf16": 2, "fp16": 2}
+AttentionKind = Literal["softmax", "linear"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class BandwidthSpec(_Strict):
+    """Collective bandwidth seen by one device, in GB/s (1e9 bytes/s).
+
+    Either a table by SP group size (measured, FlexSP style) or an intra-node and an
+    inter-node figure. A group size missing from the table uses the entry of the next
+    larger size present (a conservative step).
+    """
+
+    all_to_all_gbps: dict[PositiveInt, PositiveFloat] | None = None
+    all_gather_gbps: dict[PositiveInt, PositiveFloat] | None = Field(
+        default=None, description="LASP-2 state AllGather; the all-to-all figures are used when absent"
+    )
+    intra_node_gbps: PositiveFloat | None = None
+    inter_node_gbps: PositiveFloat | None = None
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "BandwidthSpec":
+        has_table = self.all_to_all_gbps is not None
+        has_pair = self.intra_node_gbps is not None or self.inter_node_gbps is not None
+        if has_table and has_pair:
+            raise ValueError("give either all_to_all_gbps or intra_node_gbps/inter_node_gbps, not both")
+        if not has_table and not has_pair:
+            raise ValueError("missing: all_to_all_gbps (GB/s by group size) or intra_node_gbps and inter_node_gbps")
+        if has_pair and (self.intra_node_gbps is None or self.inter_node_gbps is None):
+            raise ValueError("intra_node_gbps and inter_node_gbps must be given together")
+        if has_table and not self.all_to_all_gbps:
+            raise ValueError("all_to_all_gbps is empty")
+        for name in ("all_to_all_gbps", "all_gather_gbps"):
+            table = getattr(self, name)
+            if table is not None and any(k < 2 for k in table):
+                raise ValueError(f"{name}: group sizes must be >= 2 (a group of 1 moves nothing), got {sorted(table)}")
+        return self
+
+
+class ClusterSpec(_Strict):
+    name: str
+    nodes: PositiveInt
+    devices_per_node: PositiveInt
+    device: Literal["cuda", "cpu"]
+    backend: Literal["nccl", "gloo"]
+    device_memory_gib: PositiveFloat
+    bandwidth: BandwidthSpec
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.devices_per_node
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ClusterSpec":
+        if self.device == "cpu" and self.backend == "nccl":
+            raise ValueError("backend 'nccl' needs device 'cuda'; use backend 'gloo' for device 'cpu'")
+        for name in ("all_to_all_gbps", "all_gather_gbps"):
+            table = getattr(self.bandwidth, name)
+            if table is None:
+                continue
+            too_big = [k for k in table if k > self.world_size]
+            if too_big:
+                raise ValueError(
+                    f"bandwidth.{name}: group sizes {too_big} exceed the cluster's "
+                    f"{self.world_size} devices ({self.nodes} nodes x {self.devices_per_node})"
+                )
+            if self.world_size > 1 and max(table) < self.world_size:
+                raise ValueError(
+                    f"bandwidth.{name}: no entry for group sizes above {max(table)}, but the cluster has "
+                    f"{self.world_size} devices; add an entry for {self.world_size}"
+                )
+        return self
+
+
+class ModelSpec(_Strict):
+    """Model shape as the cost model sees it (the runtime builds the model from the same section)."""
+
+    name: str
+    layers: PositiveInt
+    hidden: PositiveInt
+    heads: PositiveInt
+    kv_heads: PositiveInt
+    head_dim: PositiveInt
+    ffn_hidden: PositiveInt
+    vocab_size: PositiveInt
+    params: PositiveFloat | None = Field(default=None, description="parameter count; computed from the shape when absent")
+    attention: list[AttentionKind] = Field(
+        min_length=1, description="layer pattern, repeated over the layers, e.g. [linear, linear, linear, softmax]"
+    )
+    linear_decay: bool = True
+    zero_stage: Literal[0, 1, 2, 3]
+    dtype: Literal["fp64", "fp32", "bf16", "fp16"]
+    activation_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ModelSpec":
+        if self.heads % self.kv_heads:
+            raise ValueError(f"heads={self.heads} is not a multiple of kv_heads={self.kv_heads} (GQA needs it)")
+        if self.layers % len(self.attention):
+            raise ValueError(
+                f"attention: a pattern of {len(self.attention)} layers does not divide layers={self.layers}"
+            )
+        return self
+
+    def layer_kinds(self) -> list[str]:
+        reps = self.layers // len(self.attention)
+        return list(self.attention) * reps
+
+    @property
+    def n_softmax(self) -> int:
+        return self.layer_kinds().count("softmax")
+
+    @property
+    def n_linear(self) -> int:
+        return self.layer_kinds().count("linear")
+
+    @property
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    @property
+    def param_count(self) -> float:
+        if self.params is not None:
+            return float(self.params)
+        q = self.hidden * self.heads * self.head_dim
+        kv = 2 * self.hidden * self.kv_heads * self.head_dim
+        o = self.heads * self.head_dim * self.hidden
+        mlp = 3 * self.hidden * self.ffn_hidden
+        per_layer = q + kv + o + mlp + 2 * self.hidden
+        decay = self.heads if self.linear_decay else 0
+        return float(self.layers * per_layer + self.n_linear * decay + 2 * self.vocab_size * self.hidden + self.hidden)
+
+
+class CostSpec(_Strict):
+    """FlexSP-form coefficients (see DESIGN.md, cost model).
+
+    compute(L, s) = (a1_ms * f_softmax * L^2 + a2_ms * L) / s, plus beta_ms per group per
+    micro-batch, where f_softmax is the model's fraction of softmax-attention layers:
+    a1_ms is the quadratic coefficient of the model as if every layer were softmax, so the
+    published all-softmax fits plug in unchanged.
+    """
+
+    a1_ms: NonNegativeFloat
+    a2_ms: PositiveFloat
+    beta_ms: NonNegativeFloat
+    activation_bytes_per_token: PositiveFloat
+    source: str | None = None
+
+
+class PlannerSpec(_Strict):
+    """Solver options. These are tuning knobs, not cluster facts, so they have defaults."""
+
+    solver: Literal["auto", "highs", "cbc", "heuristic"] = "auto"
+    time_limit_s: PositiveFloat = 1.5
+    buckets: PositiveInt = 16
+    max_long_sequences: PositiveInt = 12
+    power_of_two: bool = False
+    max_group_size: PositiveInt | None = None
+    memory_reserve_gib: NonNegativeFloat = 0.0
+    max_micro_batches: PositiveInt = 16
+    threads: PositiveInt = 1

@@ -1,0 +1,1 @@
+"""pliant.rl (see DESIGN.md)."""

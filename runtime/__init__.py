@@ -1,0 +1,1 @@
+"""pliant.runtime (see DESIGN.md)."""

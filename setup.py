@@ -1,0 +1,37 @@
+"""Distribution `pliant`.
+
+The top-level folders are installed under one import namespace, `pliant.*`, because
+their bare names (`comm`, `runtime`, `planner`, `rl`, `launch`) are taken on PyPI.
+`pip install .` and `pip install -e .` both give `import pliant.planner`.
+"""
+from setuptools import setup
+
+PARTS = ["planner", "comm", "runtime", "rl", "launch", "bench"]
+
+setup(
+    name="pliant",
+    version="0.1.0",
+    description="Distributed training runtime for long-context and RL post-training of LLMs",
+    python_requires=">=3.10",
+    packages=["pliant"] + [f"pliant.{p}" for p in PARTS] + ["pliant.configs"],
+    package_dir={"pliant": "pliant", **{f"pliant.{p}": p for p in PARTS}, "pliant.configs": "configs"},
+    package_data={"pliant.planner": ["presets/*.json"], "pliant.configs": ["*.yaml"]},
+    install_requires=[
+        "torch>=2.3",  # scripts/setup.sh pins torch==2.13.0 before this runs
+        "deepspeed>=0.15",
+        "ray>=2.9",
+        "pulp>=2.8",
+        "highspy>=1.7",
+        "numpy>=1.24",
+        "pyzmq>=25",
+        "pydantic>=2.5",
+        "pyyaml>=6",
+        "rich>=13",
+        "tqdm>=4.60",
+        "matplotlib>=3.7",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100"],
+    },
+    entry_points={"console_scripts": ["pliant=pliant.launch.cli:main"]},
+)
