@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -86,35 +87,68 @@ class Planner:
             raise SequenceTooLongError(int(arr[j]), j, longest, size)
         return arr
 
+    # ----- micro-batch search, shared by the adaptive and the fixed-degree plans -----
+    def _search(self, arr: np.ndarray, solve_part: Callable[[np.ndarray, float], _Draft | None], deadline: float
+                ) -> tuple[dict[int, float | None], tuple[float, list[_Draft]] | None]:
+        """Try micro-batch counts from the memory minimum up; stop at the first count that is
+        worse than the best feasible one (or at the deadline)."""
+        candidates: dict[int, float | None] = {}
+        best: tuple[float, list[_Draft]] | None = None
+        k = min_micro_batches(arr, self.cost)
+        while k <= min(self.spec.max_micro_batches, len(arr)):
+            found: tuple[float, list[_Draft]] | None = None
+            for _, parts in candidate_splits(arr, k, self.cost):
+                drafts = []
+                for ids in parts:
+                    d = solve_part(ids, deadline)
+                    if d is None:
+                        break
+                    drafts.append(d)
+                else:
+                    total = sum(d.ms for d in drafts)
+                    if found is None or total < found[0]:
+                        found = (total, drafts)
+            candidates[k] = None if found is None else found[0]
+            if found is not None and best is not None and found[0] >= best[0]:
+                break
+            if found is not None:
+                best = found
+            if best is not None and time.perf_counter() > deadline:
+                break
+            k += 1
+        return candidates, best
+
+    def _heuristic_part(self, arr: np.ndarray) -> Callable[[np.ndarray, float], _Draft | None]:
+        def solve(ids: np.ndarray, deadline: float) -> _Draft | None:
+            table = SeqTable.build(self.cost, arr[ids], ids, self.sizes)
+            solved = solve_heuristic(table, self.cost, max(deadline, time.perf_counter() + 0.02))
+            return None if solved is None else _Draft(table, *solved)
+        return solve
+
+    def _uniform_part(self, arr: np.ndarray, s: int, table_sizes: list[int]
+                      ) -> Callable[[np.ndarray, float], _Draft | None]:
+        def solve(ids: np.ndarray, deadline: float) -> _Draft | None:
+            table = SeqTable.build(self.cost, arr[ids], ids, table_sizes)
+            groups = new_groups(table, [s] * (self.cost.world_size // s))
+            if not list_schedule(list(range(len(table))), groups, table, self.cost):
+                return None
+            improve(groups, table, self.cost, max(deadline, time.perf_counter() + 0.02))
+            return _Draft(table, groups, makespan(groups, self.cost.beta_ms))
+        return solve
+
     # ----- adaptive -----
     def plan(self, lengths) -> Plan:
         t0 = time.perf_counter()
         arr = self.check_lengths(lengths)
         budget = self.spec.time_limit_s
-        heuristic_deadline = t0 + 0.35 * budget
-        k_min = min_micro_batches(arr, self.cost)
-        candidates: dict[int, float | None] = {}
-        best: tuple[float, list[_Draft]] | None = None
-        worse_in_a_row = 0
-        k = k_min
-        while k <= self.spec.max_micro_batches and k <= len(arr):
-            found_k: tuple[float, list[_Draft]] | None = None
-            for _, parts in candidate_splits(arr, k, self.cost):
-                drafts = self._heuristic_parts(arr, parts, heuristic_deadline)
-                if drafts is None:
-                    continue
-                total = sum(d.ms for d in drafts)
-                if found_k is None or total < found_k[0]:
-                    found_k = (total, drafts)
-            candidates[k] = None if found_k is None else found_k[0]
-            if found_k is not None:
-                if best is None or found_k[0] < best[0]:
-                    best, worse_in_a_row = found_k, 0
-                else:
-                    worse_in_a_row += 1
-            if best is not None and (worse_in_a_row >= 1 or time.perf_counter() > heuristic_deadline):
-                break
-            k += 1
+        candidates, best = self._search(arr, self._heuristic_part(arr), t0 + 0.3 * budget)
+        # uniform mixes are part of the adaptive search space: start from the best of them
+        # when it beats the heuristic, so adaptive is never worse than one degree for all
+        for s in self.sizes:
+            if self.fixed_degree_ok(s) and self.cost.seq_fits(arr, s).all():
+                _, uni = self._search(arr, self._uniform_part(arr, s, self.sizes), t0 + 0.4 * budget)
+                if uni is not None and (best is None or uni[0] < best[0] - 1e-9):
+                    best = uni
         if best is None:
             raise PlanningError(
                 f"no plan fits device memory with up to {self.spec.max_micro_batches} micro-batches "
@@ -123,17 +157,6 @@ class Planner:
         drafts = best[1]
         micro = [self._refine(d, t0 + budget, len(drafts) - i) for i, d in enumerate(drafts)]
         return self._assemble("adaptive", arr, micro, t0, candidates)
-
-    def _heuristic_parts(self, arr: np.ndarray, parts: list[np.ndarray], deadline: float) -> list[_Draft] | None:
-        drafts = []
-        for ids in parts:
-            table = SeqTable.build(self.cost, arr[ids], ids, self.sizes)
-            # each micro-batch gets a fair slice of what is left of the heuristic's time
-            solved = solve_heuristic(table, self.cost, max(deadline, time.perf_counter() + 0.02))
-            if solved is None:
-                return None
-            drafts.append(_Draft(table, *solved))
-        return drafts
 
     def _refine(self, draft: _Draft, deadline: float, left: int) -> MicroBatchPlan:
         t0 = time.perf_counter()
@@ -182,41 +205,17 @@ class Planner:
                                 f"in nodes of {self.cost.devices_per_node}")
         if not self.cost.seq_fits(arr, s).all():
             return None
-        sizes = [s] if s == 1 else [1, s]  # the table needs the column of s; groups are all s
-        candidates: dict[int, float | None] = {}
-        best: tuple[float, list[MicroBatchPlan]] | None = None
-        k = min_micro_batches(arr, self.cost)
-        while k <= min(self.spec.max_micro_batches, len(arr)):
-            for _, parts in candidate_splits(arr, k, self.cost):
-                mbs = self._fixed_parts(arr, parts, s, sizes, t0 + time_budget_s)
-                if mbs is not None:
-                    total = sum(mb.predicted_ms for mb in mbs)
-                    candidates[k] = min(total, candidates.get(k) or np.inf)
-                    if best is None or total < best[0]:
-                        best = (total, mbs)
-            if best is not None and k - min_micro_batches(arr, self.cost) >= 1:
-                break
-            k += 1
+        candidates, best = self._search(arr, self._uniform_part(arr, s, [s]), t0 + time_budget_s)
         if best is None:
             return None
-        return self._assemble(f"fixed-{s}", arr, best[1], t0, candidates)
-
-    def _fixed_parts(self, arr, parts, s, sizes, deadline) -> list[MicroBatchPlan] | None:
-        out = []
-        for ids in parts:
-            t1 = time.perf_counter()
-            table = SeqTable.build(self.cost, arr[ids], ids, sizes)
-            groups = new_groups(table, [s] * (self.cost.world_size // s))
-            if not list_schedule(list(range(len(table))), groups, table, self.cost):
-                return None
-            improve(groups, table, self.cost, deadline)
+        micro = []
+        for d in best[1]:
             stats = SolverStats(source="fixed", status="list_schedule", solve_s=0.0)
-            mb = to_micro_batch(groups, table, self.cost, stats)
+            mb = to_micro_batch(d.groups, d.table, self.cost, stats)
             if mb is None:
                 return None
-            stats.solve_s = time.perf_counter() - t1
-            out.append(mb)
-        return out
+            micro.append(mb)
+        return self._assemble(f"fixed-{s}", arr, micro, t0, candidates)
 
     # ----- common -----
     def _assemble(self, strategy: str, arr: np.ndarray, micro: list[MicroBatchPlan], t0: float,

@@ -82,6 +82,7 @@ class MilpResult:
     n_variables: int
     n_constraints: int
     solve_s: float
+    warm_start: bool = False  # whether the heuristic's schedule was given as a MIP start
 
 
 def _buckets(order: np.ndarray, weight: np.ndarray, n_buckets: int) -> list[np.ndarray]:
@@ -221,7 +222,8 @@ def solve_milp(table: SeqTable, cost: CostModel, warm: list[WorkGroup], upper_ms
     if sol_status == "optimal" and bound is None:
         bound = float(T.varValue)
     groups = realise(table, cost, u, x, longs)
-    return MilpResult(groups, sol_status, float(T.varValue), bound, n_vars, n_cons, time.perf_counter() - t0)
+    return MilpResult(groups, sol_status, float(T.varValue), bound, n_vars, n_cons, time.perf_counter() - t0,
+                      warm_ok)
 
 
 def _val(v: pulp.LpVariable) -> float:

@@ -1,0 +1,97 @@
+"""`pliant` command line."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_CONFIG = "configs/flexsp-7b-64gpu.yaml"
+
+
+def _add_length_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--lengths", metavar="FILE", help="length file: one token count per line")
+    src.add_argument("--dist", metavar="NAME", help="named length distribution (see `pliant dists`)")
+    p.add_argument("--batch-tokens", type=int, required=True, metavar="T", help="tokens per global batch")
+    p.add_argument("--max-len", type=int, default=None, metavar="L", help="truncate sequences to L tokens")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pliant", description="pliant: adaptive sequence-parallel training runtime")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plan", help="plan one global batch and print the plan")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="job config (path or bundled name)")
+    _add_length_args(p)
+    p.add_argument("--batch-index", type=int, default=0, help="which batch of the seeded stream to plan")
+    p.add_argument("--out", default="plan.json", help="where to write the plan as JSON")
+    p.add_argument("--no-baselines", action="store_true", help="skip pricing the static/BatchAda baselines")
+
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    bp = bsub.add_parser("planner", help="adaptive plans vs static, fixed-degree and BatchAda baselines")
+    bp.add_argument("--config", default=DEFAULT_CONFIG)
+    _add_length_args(bp)
+    bp.add_argument("--batches", type=int, default=20, metavar="K")
+    bp.add_argument("--out", default="bench-planner.json")
+    bp.add_argument("--plot", default=None, help="PNG path (default: next to --out)")
+
+    sub.add_parser("dists", help="list the named length distributions")
+    return parser
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import itertools
+
+    from pliant.launch.config import load_config
+    from pliant.launch.render import print_plan
+    from pliant.planner import Planner, baselines, resolve_source, token_batches
+
+    cfg = load_config(args.config)
+    planner = Planner.from_specs(cfg.cluster, cfg.model, cfg.cost, cfg.planner)
+    source = resolve_source(args.lengths, args.dist)
+    stream = token_batches(source, args.batch_tokens, args.max_len, args.seed)
+    lengths = next(itertools.islice(stream, args.batch_index, None))
+    plan = planner.plan(lengths)
+    base = None if args.no_baselines else baselines(planner, lengths, args.max_len)
+    print_plan(plan, base)
+    plan.to_json(Path(args.out))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_dists(_: argparse.Namespace) -> int:
+    import numpy as np
+
+    from pliant.planner.lengths import describe, presets
+
+    for name, dist in sorted(presets().items()):
+        d = describe(dist.sample(200_000, np.random.default_rng(0)))
+        print(f"{name:16s} {type(dist).__name__:22s} median {d['median']:7.0f}  mean {d['mean']:7.0f}  "
+              f"p99 {d['p99']:8.0f}  p99.9 {d['p999']:9.0f}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pliant.launch.config import ConfigError
+    from pliant.planner.errors import PlanningError
+
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "plan":
+            return cmd_plan(args)
+        if args.command == "dists":
+            return cmd_dists(args)
+        if args.command == "bench" and args.bench == "planner":
+            from pliant.bench.planner_bench import run_from_args
+
+            return run_from_args(args)
+    except (ConfigError, PlanningError) as e:
+        print(f"pliant: error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
