@@ -20,7 +20,7 @@ setup(
         "torch>=2.3",  # scripts/setup.sh pins torch==2.13.0 before this runs
         "deepspeed>=0.15",
         "ray>=2.9",
-        "pulp>=2.8",
+        "pulp>=3.3,<4",  # 4.x drops the bundled CBC binary,
         "highspy>=1.7",
         "numpy>=1.24",
         "pyzmq>=25",

@@ -167,7 +167,8 @@ class Planner:
         if self.solver != "heuristic" and share - polish_s > 0.1 and len(draft.table) > 1:
             res = solve_milp(draft.table, self.cost, draft.groups, draft.ms, solver=self.solver,
                              time_limit_s=share - polish_s - 0.02, n_buckets=self.spec.buckets,
-                             max_long=self.spec.max_long_sequences, threads=self.spec.threads)
+                             max_long=self.spec.max_long_sequences, threads=self.spec.threads,
+                             mip_gap=self.spec.mip_gap)
             stats.status, stats.n_variables, stats.n_constraints = res.status, res.n_variables, res.n_constraints
             stats.milp_objective_ms, stats.milp_bound_ms = res.objective_ms, res.bound_ms
             if res.groups is not None:

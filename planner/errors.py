@@ -16,6 +16,9 @@ class SequenceTooLongError(PlanningError):
             f"or plan for more or larger devices"
         )
 
+    def __reduce__(self):  # keep the fields across processes (the planning service pickles errors)
+        return (type(self), (self.length, self.seq_id, self.longest_supported, self.largest_group))
+
 
 class InvalidPlanError(AssertionError):
     """A plan breaks one of the invariants in `validate_plan`."""

@@ -45,36 +45,76 @@ def place_groups(sizes: list[int], world: int, per_node: int) -> list[int] | Non
     """Start rank for each group size (same order as `sizes`), or None if they do not fit.
 
     Large groups take whole nodes from rank 0 up; small groups are packed into the
-    remaining nodes first-fit decreasing. Ranks left free are not assigned here: the
-    caller covers them with groups of one.
+    remaining nodes (first-fit decreasing, then an exact search if that fails: this is bin
+    packing, and FFD alone misses packings such as 4+2+2 | 3+3+2). Ranks left free are not
+    assigned here: the caller covers them with groups of one.
     """
-    starts: list[int | None] = [None] * len(sizes)
-    order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
-    n_nodes = world // per_node if world >= per_node else 1
-    node_cap = min(per_node, world)
+    n_nodes = world // per_node
+    starts: list[int] = [-1] * len(sizes)
     next_node = 0
-    free = [node_cap] * n_nodes  # free devices at the end of each node
-    for i in order:
+    small: list[int] = []
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
         s = sizes[i]
-        if s > node_cap:
-            if s % per_node:
-                return None
-            k = s // per_node
-            if next_node + k > n_nodes:
-                return None
-            starts[i] = next_node * per_node
-            for n in range(next_node, next_node + k):
-                free[n] = 0
-            next_node += k
+        if s <= per_node:
+            small.append(i)
             continue
-        for n in range(next_node, n_nodes):
-            if free[n] >= s:
-                starts[i] = n * per_node + (node_cap - free[n])
-                free[n] -= s
-                break
-        else:
+        if s % per_node or next_node + s // per_node > n_nodes:
             return None
-    return [int(x) for x in starts]  # type: ignore[arg-type]
+        starts[i] = next_node * per_node
+        next_node += s // per_node
+    nodes = list(range(next_node, n_nodes))
+    if sum(sizes[i] for i in small) > len(nodes) * per_node:
+        return None
+    node_of = _pack(small, sizes, nodes, per_node)
+    if node_of is None:
+        return None
+    fill = {n: 0 for n in nodes}
+    for i in small:
+        n = node_of[i]
+        starts[i] = n * per_node + fill[n]
+        fill[n] += sizes[i]
+    return starts
+
+
+def _pack(items: list[int], sizes: list[int], nodes: list[int], per_node: int) -> dict[int, int] | None:
+    """Assign items (indices into sizes, largest first) to nodes of capacity per_node."""
+    free = {n: per_node for n in nodes}
+    node_of: dict[int, int] = {}
+    for i in items:  # first-fit decreasing
+        n = next((n for n in nodes if free[n] >= sizes[i]), None)
+        if n is None:
+            break
+        node_of[i] = n
+        free[n] -= sizes[i]
+    else:
+        return node_of
+    free_list = [per_node] * len(nodes)
+    assign: list[int] = [0] * len(items)
+    dead: set[tuple] = set()
+
+    def rec(k: int) -> bool:
+        if k == len(items):
+            return True
+        key = (k, tuple(sorted(free_list)))
+        if key in dead:
+            return False
+        s = sizes[items[k]]
+        tried: set[int] = set()
+        for n in range(len(nodes)):
+            f = free_list[n]
+            if f >= s and f not in tried:
+                tried.add(f)
+                free_list[n] -= s
+                assign[k] = n
+                if rec(k + 1):
+                    return True
+                free_list[n] += s
+        dead.add(key)
+        return False
+
+    if not rec(0):
+        return None
+    return {i: nodes[assign[k]] for k, i in enumerate(items)}
 
 
 def free_ranks(starts: list[int], sizes: list[int], world: int) -> list[int]:

@@ -173,6 +173,7 @@ class PlannerSpec(_Strict):
     time_limit_s: PositiveFloat = 1.5
     buckets: PositiveInt = 16
     max_long_sequences: PositiveInt = 12
+    mip_gap: NonNegativeFloat = Field(default=0.002, description="stop once proven within this relative gap")
     power_of_two: bool = False
     max_group_size: PositiveInt | None = None
     memory_reserve_gib: NonNegativeFloat = 0.0

@@ -1,0 +1,91 @@
+"""The cost model, term by term, against numbers worked out by hand."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pliant.planner.cost import CostModel, model_state_bytes
+from pliant.planner.spec import GIB
+
+from conftest import SMALL_COST, small_cluster, small_model
+
+
+@pytest.fixture(scope="module")
+def cost7b(flexsp_cfg) -> CostModel:
+    return CostModel.from_specs(flexsp_cfg.cluster, flexsp_cfg.model, flexsp_cfg.cost, flexsp_cfg.planner)
+
+
+def test_compute_matches_flexsp_form(cost7b):
+    L = np.array([1000, 32768])
+    for s in (1, 2, 8):
+        pad = np.ceil(L / s) * s
+        expect = (5.128e-6 * pad**2 + 0.184 * pad) / s
+        np.testing.assert_allclose(cost7b.compute_ms(L, s), expect, rtol=1e-12)
+    # padding to a multiple of the group size
+    assert cost7b.padded(np.array([1001]), 8)[0] == 1008
+
+
+def test_ulysses_volume_and_time(cost7b):
+    # 7B: 32 layers, 32 q heads, 32 kv heads, head_dim 128, bf16, forward + backward
+    L, s = np.array([65536]), 8
+    per_token = (2 * 32 + 2 * 32) * 128 * 2
+    expect_bytes = 2 * 32 * (65536 / s) * (s - 1) / s * per_token
+    np.testing.assert_allclose(cost7b.softmax_comm_bytes(L, s), expect_bytes)
+    np.testing.assert_allclose(cost7b.softmax_comm_ms(L, s), expect_bytes / 96.5e9 * 1e3)
+    assert cost7b.uses_ulysses(8) and not cost7b.uses_ulysses(3)
+    assert cost7b.softmax_comm_ms(L, 1)[0] == 0.0
+
+
+def test_bandwidth_table_steps_up_to_next_size(cost7b):
+    assert cost7b.a2a.gbps(2) == 119.5
+    assert cost7b.a2a.gbps(3) == 104.0  # next tabulated size is 4
+    assert cost7b.a2a.gbps(24) == 5.9  # next is 32
+    assert cost7b.a2a.gbps(64) == 4.9
+
+
+def test_lasp2h_used_when_heads_do_not_divide(cost7b):
+    L, s = np.array([10000]), 3
+    kv_bytes = 2 * 32 * 128 * 2
+    expect = 2 * 32 * (np.ceil(10000 / 3) * 3 / 3) * (s - 1) * kv_bytes
+    np.testing.assert_allclose(cost7b.softmax_comm_bytes(L, s), expect)
+
+
+def test_hybrid_scales_quadratic_term_and_lasp2_volume_is_length_free():
+    model = small_model(attention=("linear", "linear", "linear", "softmax"), layers=8)
+    cost = CostModel.from_specs(small_cluster(), model, SMALL_COST)
+    assert cost.n_linear == 6 and cost.n_softmax == 2
+    assert cost.a1_ms == pytest.approx(SMALL_COST.a1_ms * 2 / 8)
+    # LASP-2: per sequence, (s-1) states of heads x dk x dv float32 per linear layer, fwd + bwd
+    state = 8 * 32 * 32 * 4
+    assert cost.linear_comm_bytes(4) == 2 * 6 * 3 * state
+    assert cost.linear_comm_bytes(1) == 0.0
+    short, long = cost.seq_ms(np.array([64]), 4), cost.seq_ms(np.array([64_000]), 4)
+    assert cost.linear_comm_ms(4) > 0 and long > short
+    all_linear = CostModel.from_specs(small_cluster(), small_model(attention=("linear",)), SMALL_COST)
+    assert all_linear.a1_ms == 0.0 and all_linear.softmax_comm_ms(np.array([1000]), 4)[0] == 0.0
+
+
+@pytest.mark.parametrize("stage, expect_per_param", [(0, 16.0), (1, 4 + 12 / 64), (2, 2 + 14 / 64), (3, 16 / 64)])
+def test_zero_stage_model_states(stage, expect_per_param):
+    assert model_state_bytes(1e9, 2, stage, 64) == pytest.approx(1e9 * expect_per_param)
+    # full precision: no master copy; Adam m and v in the same dtype
+    assert model_state_bytes(1e6, 4, 0, 1) == pytest.approx(1e6 * (4 + 4 + 8))
+
+
+def test_memory_and_capacity(cost7b):
+    states = 16 * 6.74e9 / 64
+    assert cost7b.model_state_bytes == pytest.approx(states)
+    assert cost7b.device_memory_bytes == 80 * GIB
+    cap1 = (80 * GIB - states) / 4.48e6
+    assert cost7b.token_capacity(1) == pytest.approx(cap1)
+    assert cost7b.seq_fits(np.array([int(cap1)]), 1)[0]
+    assert not cost7b.seq_fits(np.array([int(cap1) + 2]), 1)[0]
+    assert cost7b.seq_fits(np.array([196608]), 16)[0] and not cost7b.seq_fits(np.array([196608]), 8)[0]
+    mem = cost7b.group_memory_bytes(8000.0, 3, 8)
+    assert mem == pytest.approx(states + 4.48e6 * 8000 / 8)
+
+
+def test_lower_bound(cost7b):
+    L = np.array([1000, 2000, 50_000])
+    single = 5.128e-6 * L.astype(float) ** 2 + 0.184 * L
+    assert cost7b.lower_bound_ms(L) == pytest.approx(single.sum() / 64 + 629.0)

@@ -1,0 +1,186 @@
+"""The adaptive planner: valid plans on random batches, optimality against brute force on
+tiny clusters, micro-batching under memory pressure, and clear errors for bad batches."""
+from __future__ import annotations
+
+import itertools
+import time
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from pliant.planner import Plan, PlanningError, SequenceTooLongError, baselines, plan_problems, validate_plan
+from pliant.planner.milp import highs_available
+
+from conftest import small_planner
+
+SOLVERS = ["cbc"] + (["highs"] if highs_available() else [])
+
+
+def _check(plan: Plan, planner) -> None:
+    validate_plan(plan, planner.cost, planner.sizes)
+    assert plan.predicted_ms >= plan.lower_bound_ms * (1 - 1e-12)
+    for mb in plan.micro_batches:
+        # the MILP's answer is kept only when it beats the heuristic's
+        assert mb.predicted_ms <= mb.stats.heuristic_ms + 1e-9
+        if mb.stats.source == "milp":
+            assert mb.stats.milp_ms == pytest.approx(mb.predicted_ms)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    nodes=st.integers(1, 3),
+    per_node=st.sampled_from([1, 2, 4]),
+    memory=st.sampled_from([0.25, 0.5, 4.0]),
+    power_of_two=st.booleans(),
+    attention=st.sampled_from([("softmax",), ("linear", "linear", "linear", "softmax"), ("linear",)]),
+    lengths=st.lists(st.integers(1, 9000), min_size=1, max_size=40),
+)
+def test_every_plan_is_valid(nodes, per_node, memory, power_of_two, attention, lengths):
+    planner = small_planner(nodes, per_node, memory, time_limit_s=0.3, power_of_two=power_of_two,
+                            attention=attention)
+    try:
+        planner.check_lengths(lengths)
+    except SequenceTooLongError:
+        assume(False)
+    plan = planner.plan(lengths)
+    _check(plan, planner)
+    if power_of_two:
+        assert all(g.size & (g.size - 1) == 0 for mb in plan.micro_batches for g in mb.groups)
+    # adaptive is never worse than any single degree it may use (BatchAda over its sizes)
+    for s in planner.fixed_degrees():
+        if s in planner.sizes:
+            fixed = planner.plan_fixed(lengths, s)
+            if fixed is not None:
+                validate_plan(fixed, planner.cost)
+                assert plan.predicted_ms <= fixed.predicted_ms * (1 + 1e-9)
+
+
+def _brute_force(planner, lengths) -> float:
+    """Optimal single-micro-batch makespan on one node: every multiset of group sizes, every assignment."""
+    cost, n_dev = planner.cost, planner.cost.world_size
+    lengths = np.asarray(lengths)
+    best = np.inf
+
+    def mixes(left, largest):
+        if left == 0:
+            yield []
+            return
+        for s in range(min(left, largest), 0, -1):
+            if s in planner.sizes:
+                for rest in mixes(left - s, s):
+                    yield [s] + rest
+
+    for mix in mixes(n_dev, n_dev):
+        times = np.array([[cost.seq_ms(np.array([L]), s)[0] for s in mix] for L in lengths])
+        for assign in itertools.product(range(len(mix)), repeat=len(lengths)):
+            load = np.zeros(len(mix))
+            tokens = np.zeros(len(mix))
+            count = np.zeros(len(mix), dtype=int)
+            for j, g in enumerate(assign):
+                load[g] += times[j, g]
+                tokens[g] += cost.padded(np.array([lengths[j]]), mix[g])[0]
+                count[g] += 1
+            if all(count[g] == 0 or cost.fits(tokens[g], count[g], mix[g]) for g in range(len(mix))):
+                busy = load[count > 0]
+                best = min(best, cost.beta_ms + busy.max())
+    return best
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("seed", range(6))
+def test_milp_matches_brute_force_optimum(solver, seed):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(200, 6000, size=int(rng.integers(3, 7)))
+    lengths[0] = int(rng.integers(4000, 9000))  # one long sequence, so mixed groups pay off
+    planner = small_planner(1, 4, memory_gib=2.0, time_limit_s=20.0, solver=solver, mip_gap=0.0)
+    optimum = _brute_force(planner, lengths)
+    assert np.isfinite(optimum)
+    plan = planner.plan(lengths)
+    _check(plan, planner)
+    mb = plan.micro_batches[0]
+    assert len(plan.micro_batches) == 1
+    assert mb.stats.status == "optimal"
+    # every sequence is placed individually (n <= max_long), so the MILP is exact
+    assert plan.predicted_ms <= optimum * (1 + 1e-6)
+    assert plan.predicted_ms >= optimum * (1 - 1e-9)
+    assert mb.stats.heuristic_ms >= optimum * (1 - 1e-9)
+
+
+def test_mixed_group_sizes_for_a_long_tail_batch():
+    planner = small_planner(2, 4, memory_gib=1.0, time_limit_s=1.0)
+    lengths = [6000, 2500, 2000] + [1200, 900, 800, 700, 600, 500, 400, 400, 300, 300, 200, 200, 100] * 2
+    plan = planner.plan(lengths)
+    _check(plan, planner)
+    sizes = {g.size for g in plan.micro_batches[0].groups if g.seq_ids}
+    assert len(sizes) >= 2 and 1 in sizes, sizes
+    base = baselines(planner, lengths, max_len=8000)
+    assert plan.predicted_ms < base.static_ms and plan.predicted_ms <= base.batchada_ms * (1 + 1e-9)
+
+
+def test_memory_pressure_splits_into_micro_batches():
+    planner = small_planner(2, 4, memory_gib=0.25, time_limit_s=1.0)
+    lengths = [9000, 3000, 2500, 2400, 2300, 2200, 2100, 2500, 1200, 800, 700, 600]
+    plan = planner.plan(lengths)
+    _check(plan, planner)
+    assert len(plan.micro_batches) >= 3  # 31K tokens; 8 devices hold about 10.7K at a time
+    assert all(plan.micro_batch_candidates.get(k) is None for k in (1, 2))
+
+
+def test_node_boundaries_on_the_64_gpu_config(flexsp_cfg):
+    from pliant.planner import Planner, get_distribution, token_batches
+
+    planner = Planner.from_specs(flexsp_cfg.cluster, flexsp_cfg.model, flexsp_cfg.cost, flexsp_cfg.planner)
+    for lengths in itertools.islice(token_batches(get_distribution("github"), 524_288, 196_608, 3), 2):
+        t0 = time.perf_counter()
+        plan = planner.plan(lengths)
+        assert time.perf_counter() - t0 < planner.spec.time_limit_s + 5.0  # budget honoured (generous for CI)
+        _check(plan, planner)
+
+
+def test_plan_json_round_trip(tmp_path):
+    planner = small_planner(2, 4)
+    plan = planner.plan([5000, 300, 200, 100, 2000])
+    plan.to_json(tmp_path / "plan.json")
+    back = Plan.from_json((tmp_path / "plan.json").read_text())
+    assert back == plan
+    assert plan_problems(back, planner.cost, planner.sizes) == []
+
+
+def test_validator_catches_broken_plans():
+    planner = small_planner(2, 4)
+    plan = planner.plan([5000, 300, 200, 100, 2000])
+    broken = Plan.from_dict(plan.to_dict())
+    g = next(g for g in broken.micro_batches[0].groups if g.seq_ids)
+    g.seq_ids = g.seq_ids + [g.seq_ids[0]]  # a sequence twice
+    problems = plan_problems(broken, planner.cost)
+    assert any("planned" in p for p in problems) and any("tokens" in p for p in problems)
+    broken = Plan.from_dict(plan.to_dict())
+    broken.micro_batches[0].groups.pop()  # a rank uncovered
+    assert any("covered" in p for p in plan_problems(broken, planner.cost))
+
+
+def test_bad_batches_get_clear_errors():
+    planner = small_planner(2, 4, memory_gib=0.25)
+    longest, size = planner.longest_supported()
+    assert size == 8 and longest > 0
+    with pytest.raises(SequenceTooLongError) as e:
+        planner.plan([100, longest + 1, 50])
+    msg = str(e.value)
+    assert f"{longest + 1} tokens" in msg and f"{longest} tokens" in msg and "group of 8" in msg
+    assert e.value.seq_id == 1
+    planner.plan([100, longest, 50])  # the longest supported one does plan
+    with pytest.raises(PlanningError, match="empty"):
+        planner.plan([])
+    with pytest.raises(PlanningError, match="positive"):
+        planner.plan([10, 0])
+    with pytest.raises(PlanningError, match="integers"):
+        planner.plan([10.5])
+
+
+def test_zero_device_cluster_is_rejected():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="nodes"):
+        small_planner(nodes=0)
