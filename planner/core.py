@@ -118,17 +118,16 @@ class Planner:
             k += 1
         return candidates, best
 
-    def _heuristic_part(self, arr: np.ndarray) -> Callable[[np.ndarray, float], _Draft | None]:
+    def _heuristic_part(self, full: SeqTable) -> Callable[[np.ndarray, float], _Draft | None]:
         def solve(ids: np.ndarray, deadline: float) -> _Draft | None:
-            table = SeqTable.build(self.cost, arr[ids], ids, self.sizes)
+            table = full.subset(ids)
             solved = solve_heuristic(table, self.cost, max(deadline, time.perf_counter() + 0.02))
             return None if solved is None else _Draft(table, *solved)
         return solve
 
-    def _uniform_part(self, arr: np.ndarray, s: int, table_sizes: list[int]
-                      ) -> Callable[[np.ndarray, float], _Draft | None]:
+    def _uniform_part(self, full: SeqTable, s: int) -> Callable[[np.ndarray, float], _Draft | None]:
         def solve(ids: np.ndarray, deadline: float) -> _Draft | None:
-            table = SeqTable.build(self.cost, arr[ids], ids, table_sizes)
+            table = full.subset(ids)
             groups = new_groups(table, [s] * (self.cost.world_size // s))
             if not list_schedule(list(range(len(table))), groups, table, self.cost):
                 return None
@@ -141,12 +140,15 @@ class Planner:
         t0 = time.perf_counter()
         arr = self.check_lengths(lengths)
         budget = self.spec.time_limit_s
-        candidates, best = self._search(arr, self._heuristic_part(arr), t0 + 0.3 * budget)
+        full = SeqTable.build(self.cost, arr, np.arange(len(arr)), self.sizes)
+        candidates, best = self._search(arr, self._heuristic_part(full), t0 + 0.3 * budget)
         # uniform mixes are part of the adaptive search space: start from the best of them
         # when it beats the heuristic, so adaptive is never worse than one degree for all
         for s in self.sizes:
-            if self.fixed_degree_ok(s) and self.cost.seq_fits(arr, s).all():
-                _, uni = self._search(arr, self._uniform_part(arr, s, self.sizes), t0 + 0.4 * budget)
+            if time.perf_counter() > t0 + 0.4 * budget:
+                break
+            if self.fixed_degree_ok(s) and np.isfinite(full.t[:, full.col[s]]).all():
+                _, uni = self._search(arr, self._uniform_part(full, s), t0 + 0.4 * budget)
                 if uni is not None and (best is None or uni[0] < best[0] - 1e-9):
                     best = uni
         if best is None:
@@ -206,7 +208,8 @@ class Planner:
                                 f"in nodes of {self.cost.devices_per_node}")
         if not self.cost.seq_fits(arr, s).all():
             return None
-        candidates, best = self._search(arr, self._uniform_part(arr, s, [s]), t0 + time_budget_s)
+        full = SeqTable.build(self.cost, arr, np.arange(len(arr)), [s])
+        candidates, best = self._search(arr, self._uniform_part(full, s), t0 + time_budget_s)
         if best is None:
             return None
         micro = []

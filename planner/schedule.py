@@ -44,6 +44,10 @@ class SeqTable:
     def __len__(self) -> int:
         return len(self.lengths)
 
+    def subset(self, rows: np.ndarray) -> "SeqTable":
+        """The table of some of these sequences (rows in this table's order)."""
+        return SeqTable(self.lengths[rows], self.ids[rows], self.sizes, self.t[rows], self.pad[rows], self.col)
+
 
 @dataclass
 class WorkGroup:
@@ -147,7 +151,8 @@ def _best_move(groups, gi, crit, peak, loads, cols, table, cost) -> bool:
         arrive = loads + table.t[j, cols]  # inf where j does not fit that size
         arrive[gi] = np.inf
         new_peak = np.maximum(arrive, left)
-        for hi in np.argsort(new_peak)[:4]:
+        top = np.argpartition(new_peak, 3)[:4] if len(new_peak) > 4 else np.arange(len(new_peak))
+        for hi in top[np.argsort(new_peak[top])]:
             if new_peak[hi] >= best[0] - 1e-9:
                 break
             if groups[hi].can_hold(j, table, cost):
@@ -174,8 +179,9 @@ def _best_swap(groups, gi, crit, peak, loads, cols, table, cost) -> bool:
     new_crit = peak - table.t[js, crit.col][:, None] + table.t[ks, crit.col][None, :]
     new_h = (loads[hs] - table.t[ks, h_cols])[None, :] + table.t[js[:, None], h_cols[None, :]]
     worst = np.maximum(new_crit, new_h)  # inf where a sequence does not fit the other size
-    flat = np.argsort(worst, axis=None)[:8]
-    for f in flat:
+    flat = worst.ravel()
+    top = np.argpartition(flat, 7)[:8] if flat.size > 8 else np.arange(flat.size)
+    for f in top[np.argsort(flat[top])]:
         a, b = np.unravel_index(f, worst.shape)
         if not worst[a, b] < peak - 1e-9:
             return False
