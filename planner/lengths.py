@@ -48,15 +48,16 @@ class LongTailDistribution:
 
     def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
         in_tail = rng.random(n) < self.tail_fraction
-        n_tail = int(in_tail.sum())
         out = np.empty(n)
-        # body: lognormal truncated to [min_len, tail_start) by inverse-CDF sampling
-        mu, sig = math.log(self.body_median), self.body_sigma
-        lo = _norm_cdf((math.log(self.min_len) - mu) / sig)
-        hi = _norm_cdf((math.log(self.tail_start) - mu) / sig)
-        u = lo + (hi - lo) * rng.random(n - n_tail)
-        out[~in_tail] = np.exp(mu + sig * _norm_ppf(u))
+        # body: lognormal truncated to [min_len, tail_start), by redrawing what falls outside
+        body = np.flatnonzero(~in_tail)
+        while len(body):
+            x = rng.lognormal(math.log(self.body_median), self.body_sigma, len(body))
+            ok = (x >= self.min_len) & (x < self.tail_start)
+            out[body[ok]] = x[ok]
+            body = body[~ok]
         # tail: Pareto with scale tail_start
+        n_tail = int(in_tail.sum())
         out[in_tail] = self.tail_start * (1.0 - rng.random(n_tail)) ** (-1.0 / self.tail_alpha)
         return np.maximum(np.floor(out), self.min_len).astype(np.int64)
 
@@ -92,34 +93,6 @@ class EmpiricalLengths:
         while True:
             for i in rng.permutation(len(self.lengths)):
                 yield int(self.lengths[i])
-
-
-def _norm_cdf(x: float) -> float:
-    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
-
-
-def _norm_ppf(u: np.ndarray) -> np.ndarray:
-    # Acklam's rational approximation of the inverse normal CDF (relative error < 1.2e-9)
-    a = [-3.969683028665376e01, 2.209460984245205e02, -2.759285104469687e02,
-         1.383577518672690e02, -3.066479806614716e01, 2.506628277459239e00]
-    b = [-5.447609879822406e01, 1.615858368580409e02, -1.556989798598866e02,
-         6.680131188771972e01, -1.328068155288572e01]
-    c = [-7.784894002430293e-03, -3.223964580411365e-01, -2.400758277161838e00,
-         -2.549732539343734e00, 4.374664141464968e00, 2.938163982698783e00]
-    d = [7.784695709041462e-03, 3.224671290700398e-01, 2.445134137142996e00, 3.754408661907416e00]
-    u = np.clip(np.asarray(u, dtype=np.float64), 1e-300, 1 - 1e-16)
-    x = np.empty_like(u)
-    plow = 0.02425
-    low, high = u < plow, u > 1 - plow
-    mid = ~(low | high)
-    q = np.sqrt(-2 * np.log(u[low]))
-    x[low] = (((((c[0]*q+c[1])*q+c[2])*q+c[3])*q+c[4])*q+c[5]) / ((((d[0]*q+d[1])*q+d[2])*q+d[3])*q+1)
-    q = np.sqrt(-2 * np.log(1 - u[high]))
-    x[high] = -(((((c[0]*q+c[1])*q+c[2])*q+c[3])*q+c[4])*q+c[5]) / ((((d[0]*q+d[1])*q+d[2])*q+d[3])*q+1)
-    q = u[mid] - 0.5
-    r = q * q
-    x[mid] = (((((a[0]*r+a[1])*r+a[2])*r+a[3])*r+a[4])*r+a[5])*q / (((((b[0]*r+b[1])*r+b[2])*r+b[3])*r+b[4])*r+1)
-    return x
 
 
 # ----- fitting and presets -----

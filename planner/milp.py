@@ -16,9 +16,12 @@ each short-length bucket each group size takes. Objective: the makespan T.
 
 Long sequences (the few that dominate the makespan) are placed individually; the many
 short ones are bucketed by length (FlexSP's trick to keep the model small) and spread
-within a size class as a divisible load, which is accurate because each is small next to
-T. `realise` turns the answer into concrete groups by list scheduling within each class,
-and the caller keeps whichever of the MILP's and the heuristic's schedules is better.
+within a size class as a divisible load. `realise` keeps the MILP's group mix and its
+placement of the long sequences and list-schedules the bucketed ones over all groups (a
+bucket's members are not small next to T on every batch, so spreading them by the model's
+counts alone realises poorly); the caller polishes the result with local search and keeps
+whichever of the MILP's and the heuristic's schedules is better. The solver's dual bound
+gives the plan's reported gap.
 """
 from __future__ import annotations
 

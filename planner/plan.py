@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .io import atomic_write_text
+
 
 @dataclass
 class GroupPlan:
@@ -94,8 +96,6 @@ class Plan:
     def to_json(self, path: str | Path | None = None, indent: int | None = 1) -> str:
         text = json.dumps(self.to_dict(), indent=indent)
         if path is not None:
-            from .io import atomic_write_text
-
             atomic_write_text(Path(path), text)
         return text
 
