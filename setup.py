@@ -21,16 +21,15 @@ setup(
         "deepspeed>=0.15",
         "ray>=2.9",
         "pulp>=3.3,<4",  # 4.x drops the bundled CBC binary,
-        "highspy>=1.7",
         "numpy>=1.24",
         "pyzmq>=25",
         "pydantic>=2.5",
         "pyyaml>=6",
         "rich>=13",
-        "tqdm>=4.60",
         "matplotlib>=3.7",
     ],
     extras_require={
+        "highs": ["highspy>=1.7"],  # the planner's MILP uses HiGHS when present, else PuLP's bundled CBC
         "test": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100"],
     },
     entry_points={"console_scripts": ["pliant=pliant.launch.cli:main"]},

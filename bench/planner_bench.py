@@ -61,6 +61,7 @@ def run(config_path: str, lengths_file: str | None, dist: str | None, batch_toke
                 "adaptive_s": plan.predicted_ms / 1e3,
                 "static_s": None if st is None else st / 1e3,
                 "fixed_s": {str(s): (None if ms is None else ms / 1e3) for s, ms in base.fixed_ms.items()},
+                "fixed_infeasible": [s for s, ms in base.fixed_ms.items() if ms is None],
                 "batchada_s": base.batchada_ms / 1e3,
                 "batchada_degree": base.batchada_degree,
                 "no_sp_s": None if base.no_sp_ms is None else base.no_sp_ms / 1e3,

@@ -33,6 +33,7 @@ import numpy as np
 import pulp
 
 from .cost import CostModel
+from .errors import PlanningError
 from .layout import node_patterns, place_groups
 from .schedule import SeqTable, WorkGroup, list_schedule
 
@@ -50,7 +51,8 @@ def pick_solver(name: str) -> str:
     if name == "auto":
         return "highs" if highs_available() else "cbc"
     if name == "highs" and not highs_available():
-        raise ValueError("planner.solver: 'highs' needs the highspy package (pip install highspy); or use 'cbc'")
+        raise PlanningError("planner.solver: 'highs' needs the highspy package (pip install highspy); "
+                            "use 'cbc' or 'auto'")
     return name
 
 

@@ -128,10 +128,13 @@ def test_memory_pressure_splits_into_micro_batches():
     assert all(plan.micro_batch_candidates.get(k) is None for k in (1, 2))
 
 
-def test_node_boundaries_on_the_64_gpu_config(flexsp_cfg):
-    from pliant.planner import Planner, get_distribution, token_batches
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_node_boundaries_on_the_64_gpu_config(flexsp_cfg, solver):
+    from pliant.planner import Planner, PlannerSpec, get_distribution, token_batches
 
-    planner = Planner.from_specs(flexsp_cfg.cluster, flexsp_cfg.model, flexsp_cfg.cost, flexsp_cfg.planner)
+    spec = PlannerSpec(solver=solver, time_limit_s=1.5)
+    planner = Planner.from_specs(flexsp_cfg.cluster, flexsp_cfg.model, flexsp_cfg.cost, spec)
+    assert planner.solver == solver
     for lengths in itertools.islice(token_batches(get_distribution("github"), 524_288, 196_608, 3), 2):
         t0 = time.perf_counter()
         plan = planner.plan(lengths)
@@ -184,3 +187,15 @@ def test_zero_device_cluster_is_rejected():
 
     with pytest.raises(ValidationError, match="nodes"):
         small_planner(nodes=0)
+
+
+def test_solver_choice_falls_back_to_cbc(monkeypatch):
+    from pliant.planner import milp
+
+    monkeypatch.setattr(milp, "highs_available", lambda: False)
+    assert milp.pick_solver("auto") == "cbc"
+    with pytest.raises(PlanningError, match="highspy"):
+        milp.pick_solver("highs")
+    monkeypatch.setattr(milp, "highs_available", lambda: True)
+    assert milp.pick_solver("auto") == "highs"
+    assert milp.pick_solver("heuristic") == "heuristic"
