@@ -7,7 +7,6 @@ and a summary with medians and p95s), a PNG, and prints a table.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import time
@@ -19,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from pliant.planner import Planner, baselines, resolve_source, token_batches
+from pliant.planner import ClusterSpec, ModelSpec, Planner, baselines, resolve_source, token_batches
 from pliant.planner.io import atomic_write_text
 
 
@@ -28,13 +27,10 @@ def _q(values: list[float], q: float) -> float | None:
     return float(np.quantile(v, q)) if v else None
 
 
-def run(config_path: str, lengths_file: str | None, dist: str | None, batch_tokens: int, max_len: int | None,
-        n_batches: int, seed: int, out: Path, plot: Path | None, console: Console | None = None) -> dict[str, Any]:
-    from pliant.launch.config import load_config
-
+def run(planner: Planner, cluster: ClusterSpec, model: ModelSpec, config_path: str, lengths_file: str | None,
+        dist: str | None, batch_tokens: int, max_len: int | None, n_batches: int, seed: int, out: Path,
+        plot: Path | None, console: Console | None = None) -> dict[str, Any]:
     console = console or Console()
-    cfg = load_config(config_path)
-    planner = Planner.from_specs(cfg.cluster, cfg.model, cfg.cost, cfg.planner)
     source = resolve_source(lengths_file, dist)
     stream = token_batches(source, batch_tokens, max_len, seed)
     run_max = max_len
@@ -105,9 +101,9 @@ def run(config_path: str, lengths_file: str | None, dist: str | None, batch_toke
     result = {
         "benchmark": "planner",
         "config": str(config_path),
-        "cluster": {"nodes": cfg.cluster.nodes, "devices_per_node": cfg.cluster.devices_per_node,
-                    "device_memory_gib": cfg.cluster.device_memory_gib},
-        "model": cfg.model.name,
+        "cluster": {"nodes": cluster.nodes, "devices_per_node": cluster.devices_per_node,
+                    "device_memory_gib": cluster.device_memory_gib},
+        "model": model.name,
         "lengths": lengths_file or dist,
         "batch_tokens": batch_tokens,
         "max_len": max_len,
@@ -185,11 +181,3 @@ def write_plot(rows: list[dict[str, Any]], static: int | None, path: Path) -> No
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    plot = Path(args.plot) if args.plot else out.with_suffix(".png")
-    run(args.config, args.lengths, args.dist, args.batch_tokens, args.max_len, args.batches, args.seed, out, plot)
-    print(f"wrote {out} and {plot}")
-    return 0

@@ -15,6 +15,9 @@ def _add_length_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-tokens", type=int, required=True, metavar="T", help="tokens per global batch")
     p.add_argument("--max-len", type=int, default=None, metavar="L", help="truncate sequences to L tokens")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--solver", choices=["auto", "highs", "cbc", "heuristic"], default=None,
+                   help="override planner.solver")
+    p.add_argument("--time-limit", type=float, default=None, metavar="S", help="override planner.time_limit_s")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,15 +44,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def load_planner(args: argparse.Namespace):
+    """The job config and its planner, with the command line's overrides of the planner section."""
+    from pliant.launch.config import load_config, with_overrides
+    from pliant.planner import Planner
+
+    cfg = load_config(args.config)
+    cfg = with_overrides(cfg, "planner", solver=args.solver, time_limit_s=args.time_limit)
+    return cfg, Planner.from_specs(cfg.cluster, cfg.model, cfg.cost, cfg.planner)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     import itertools
 
-    from pliant.launch.config import load_config
     from pliant.launch.render import print_plan
-    from pliant.planner import Planner, baselines, resolve_source, token_batches
+    from pliant.planner import baselines, resolve_source, token_batches
 
-    cfg = load_config(args.config)
-    planner = Planner.from_specs(cfg.cluster, cfg.model, cfg.cost, cfg.planner)
+    _, planner = load_planner(args)
     source = resolve_source(args.lengths, args.dist)
     stream = token_batches(source, args.batch_tokens, args.max_len, args.seed)
     lengths = next(itertools.islice(stream, args.batch_index, None))
@@ -58,6 +69,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print_plan(plan, base)
     plan.to_json(Path(args.out))
     print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_bench_planner(args: argparse.Namespace) -> int:
+    from pliant.bench.planner_bench import run
+
+    out = Path(args.out)
+    plot = Path(args.plot) if args.plot else out.with_suffix(".png")
+    cfg, planner = load_planner(args)
+    run(planner, cfg.cluster, cfg.model, args.config, args.lengths, args.dist, args.batch_tokens, args.max_len,
+        args.batches, args.seed, out, plot)
+    print(f"wrote {out} and {plot}")
     return 0
 
 
@@ -84,9 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "dists":
             return cmd_dists(args)
         if args.command == "bench" and args.bench == "planner":
-            from pliant.bench.planner_bench import run_from_args
-
-            return run_from_args(args)
+            return cmd_bench_planner(args)
     except (ConfigError, PlanningError) as e:
         print(f"pliant: error: {e}", file=sys.stderr)
         return 2

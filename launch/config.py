@@ -96,3 +96,14 @@ def load_config(name: str | Path) -> JobConfig:
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     return parse_config(data, str(path))
+
+
+def with_overrides(cfg: JobConfig, section: str, **values: Any) -> JobConfig:
+    """A copy of `cfg` with some keys of one section replaced (None leaves a key as it is),
+    validated like the file was: an override gets the same error messages."""
+    changes = {k: v for k, v in values.items() if v is not None}
+    if not changes:
+        return cfg
+    data = cfg.model_dump()
+    data[section].update(changes)
+    return parse_config(data, "command line")

@@ -25,7 +25,7 @@ from .spec import ClusterSpec, CostSpec, ModelSpec, PlannerSpec
 
 @dataclass
 class _Draft:
-    """A micro-batch solved by the heuristic, waiting for the MILP."""
+    """A micro-batch scheduled by the heuristic (or as a uniform mix), waiting for the MILP."""
 
     table: SeqTable
     groups: list[WorkGroup]

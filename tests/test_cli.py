@@ -57,6 +57,8 @@ def test_plan_errors_are_clear(tmp_path):
     assert r.returncode == 2 and "cluster.nodes = -8" in r.stderr
     r = pliant("plan", "--config", CONFIG, "--dist", "nope", "--batch-tokens", "1000")
     assert r.returncode == 2 and "unknown length distribution 'nope'" in r.stderr
+    r = pliant("plan", "--config", CONFIG, "--dist", "wikipedia", "--batch-tokens", "1000", "--time-limit", "-1")
+    assert r.returncode == 2 and "planner.time_limit_s = -1.0" in r.stderr
 
 
 REQUIRED = ["adaptive_s", "static_s", "fixed_s", "batchada_s", "lower_bound_s", "solve_s"]
@@ -67,9 +69,10 @@ SUMMARY = ["speedup_vs_static_median", "speedup_vs_batchada_median", "speedup_vs
 def test_bench_planner_small(tmp_path):
     out = tmp_path / "bench.json"
     r = pliant("bench", "planner", "--config", CONFIG, "--dist", "wikipedia-synth", "--batch-tokens", "262144",
-               "--max-len", "131072", "--batches", "2", "--out", str(out))
+               "--max-len", "131072", "--batches", "2", "--solver", "cbc", "--time-limit", "1.0", "--out", str(out))
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
+    assert data["solver"] == "cbc" and data["time_limit_s"] == 1.0
     assert len(data["per_batch"]) == 2
     for row in data["per_batch"]:
         for key in REQUIRED:
