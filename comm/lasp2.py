@@ -1,0 +1,125 @@
+"""LASP-2: sequence parallelism for linear attention with one AllGather of memory states.
+
+Each rank of an SP group holds chunk r of every sequence of the pack. Forward:
+
+1. per sequence, the chunk's memory state M_r = sum_tau lambda^(C-1-tau) k_tau^T v_tau
+   (heads x dk x dv, accumulated in float32 or float64);
+2. one AllGather of the states of all sequences (its size does not depend on the
+   sequence lengths), issued asynchronously while the intra-chunk outputs are computed;
+3. the state entering chunk r, P_r = sum_{c<r} lambda^(C (r-1-c)) M_c, and the output
+   intra + lambda^(tau+1) q_t P_r.
+
+Backward gathers dP_r = (lambda^(tau+1) q)^T dO (one AllGather again, overlapped with the
+recomputation of the intra-chunk part) and each rank takes the suffix sum
+dM_r = sum_{c>r} lambda^(C (c-1-r)) dP_c. States never cross from one sequence of the pack
+into another: every sequence has its own slot in the gathered tensor.
+"""
+from __future__ import annotations
+
+import torch
+
+from .collectives import all_gather, check_metadata
+from .groups import SPGroup
+from .linear_local import acc_dtype, check_inputs, chunk_decay, chunk_forward, chunk_state, inter_output
+from .pack import PackLayout
+
+
+def _split(x: torch.Tensor, cu: list[int]) -> list[torch.Tensor]:
+    return [x[cu[j]:cu[j + 1]] for j in range(len(cu) - 1)]
+
+
+def _prefix(gathered: torch.Tensor, idx: int, chunks: tuple[int, ...], rates, dtype) -> torch.Tensor:
+    """P_idx for every sequence from the gathered states [s, n, H, dk, dv]."""
+    n, H = gathered.shape[1], gathered.shape[2]
+    out = gathered.new_zeros(gathered.shape[1:])
+    if idx == 0:
+        return out
+    hops = torch.arange(idx - 1, -1, -1, device=gathered.device)  # chunk c contributes lambda^(C (idx-1-c))
+    for j in range(n):
+        w = chunk_decay(rates, chunks[j], hops, dtype).expand(idx, H)  # [idx, H]
+        out[j] = torch.einsum("ch,chde->hde", w, gathered[:idx, j])
+    return out
+
+
+def _suffix(gathered: torch.Tensor, idx: int, size: int, chunks: tuple[int, ...], rates, dtype) -> torch.Tensor:
+    """dM_idx = sum_{c > idx} lambda^(C (c-1-idx)) dP_c for every sequence."""
+    n, H = gathered.shape[1], gathered.shape[2]
+    out = gathered.new_zeros(gathered.shape[1:])
+    if idx == size - 1:
+        return out
+    hops = torch.arange(0, size - 1 - idx, device=gathered.device)  # c = idx+1 .. size-1
+    for j in range(n):
+        w = chunk_decay(rates, chunks[j], hops, dtype).expand(size - 1 - idx, H)
+        out[j] = torch.einsum("ch,chde->hde", w, gathered[idx + 1:, j])
+    return out
+
+
+class _Lasp2(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, rates, layout: PackLayout, g: SPGroup, block: int):
+        dtype = acc_dtype(q.dtype)
+        cu = layout.cu_seqlens().tolist()
+        qs, ks, vs = (_split(t.to(dtype), cu) for t in (q, k, v))
+        # the states first, so that their AllGather runs while the intra-chunk outputs are computed
+        states = torch.stack([chunk_state(ks[j], vs[j], rates) for j in range(layout.n_seqs)])
+        gathered, work = all_gather(states, g, "lasp2.states", async_op=True)
+        intra = [chunk_forward(qs[j], ks[j], vs[j], rates, block) for j in range(layout.n_seqs)]
+        if work is not None:
+            work.wait()
+        prefix = _prefix(gathered, g.index, layout.chunks, rates, dtype)
+        out = torch.cat([intra[j] + inter_output(qs[j], prefix[j], rates) for j in range(layout.n_seqs)])
+        ctx.save_for_backward(q, k, v, prefix, rates if rates is not None else torch.empty(0))
+        ctx.layout, ctx.g, ctx.block, ctx.has_rates = layout, g, block, rates is not None
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, prefix, rates = ctx.saved_tensors
+        rates = rates if ctx.has_rates else None
+        layout, g = ctx.layout, ctx.g
+        dtype = acc_dtype(q.dtype)
+        cu = layout.cu_seqlens().tolist()
+        do = _split(dout.to(dtype), cu)
+        qs = _split(q.to(dtype), cu)
+        # dP = (lambda^(tau+1) q)^T dO per sequence: gathered while the intra part is recomputed
+        dps = []
+        for j in range(layout.n_seqs):
+            C, H = qs[j].shape[0], qs[j].shape[1]
+            scale = chunk_decay(rates, 1, torch.arange(1, C + 1), dtype).expand(C, H).unsqueeze(-1)
+            dps.append(torch.einsum("thd,the->hde", scale * qs[j], do[j]))
+        gathered, work = all_gather(torch.stack(dps), g, "lasp2.grad_states", async_op=True)
+        with torch.enable_grad():
+            qd, kd, vd = (t.detach().to(dtype).requires_grad_(True) for t in (q, k, v))
+            qs_, ks_, vs_ = _split(qd, cu), _split(kd, cu), _split(vd, cu)
+            pieces = [(chunk_forward(qs_[j], ks_[j], vs_[j], rates, ctx.block) + inter_output(qs_[j], prefix[j], rates),
+                       chunk_state(ks_[j], vs_[j], rates)) for j in range(layout.n_seqs)]
+        if work is not None:
+            work.wait()
+        dm = _suffix(gathered, g.index, g.size, layout.chunks, rates, dtype)
+        outputs, grads = [], []
+        for j, (o, state) in enumerate(pieces):
+            outputs += [o, state]
+            grads += [do[j], dm[j]]
+        dq, dk, dv = torch.autograd.grad(outputs, (qd, kd, vd), grads, allow_unused=True)
+        dk = torch.zeros_like(kd) if dk is None else dk
+        dv = torch.zeros_like(vd) if dv is None else dv
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+def lasp2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackLayout, group: SPGroup,
+                    decay_rates: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                    block: int = 256) -> torch.Tensor:
+    """Causal linear attention of a packed set of sequences over an SP group (LASP-2).
+
+    q, k: [local_tokens, heads, dk]; v: [local_tokens, heads, dv], this rank's chunks in the
+    pack layout. decay_rates: [heads] rates s_h >= 0 (lambda_h = exp(-s_h)), fixed (not
+    learned), or None for no decay. Returns [local_tokens, heads, dv].
+    """
+    check_inputs("lasp2_attention", q, k, v, decay_rates)
+    layout.check_local(q, "q", cu_seqlens)
+    if layout.group_size != group.size:
+        raise ValueError(f"lasp2_attention: the pack is laid out for {layout.group_size} ranks, the group has "
+                         f"{group.size}")
+    check_metadata(group, "lasp2_attention", {"q": q, "k": k, "v": v}, layout.lengths)
+    rates = None if decay_rates is None else decay_rates.detach().to(device=q.device)
+    return _Lasp2.apply(q, k, v, rates, layout, group, block)

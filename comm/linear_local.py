@@ -1,0 +1,108 @@
+"""Local (single-rank) pieces of causal linear attention with per-head exponential decay.
+
+For one sequence, token t attends to every earlier token i of the same sequence:
+
+    o_t = sum_{i <= t} lambda_h^(t - i) (q_t . k_i) v_i,     lambda_h = exp(-s_h)
+
+(the naive form of LASP-1 / Lightning attention; s_h = 0 is plain linear attention). A
+rank holds one contiguous chunk of C tokens. Within it, the output splits into an
+intra-chunk part and an inter-chunk part q_t (lambda^(tau+1)) S, where S is the state
+carried in from earlier chunks; the chunk's own contribution to later chunks is its
+memory state M = sum_tau lambda^(C-1-tau) k_tau^T v_tau. Both are computed blockwise
+(blocks of `block` tokens) so memory stays O(C x block), with torch ops that autograd
+differentiates.
+"""
+from __future__ import annotations
+
+import torch
+
+SUPPORTED = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """States are accumulated in float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def default_decay_rates(heads: int) -> torch.Tensor:
+    """Per-head decay rates s_h (lambda_h = exp(-s_h)): the ALiBi slopes 2^(-8(h+1)/H) that
+    Lightning attention uses."""
+    return torch.tensor([2.0 ** (-8.0 * (h + 1) / heads) for h in range(heads)], dtype=torch.float64)
+
+
+def _powers(rates: torch.Tensor | None, exponents: torch.Tensor, heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """lambda_h ** e for every exponent e (any shape) and head: shape exponents.shape + (heads,)."""
+    e = exponents.to(dtype)
+    if rates is None:
+        return torch.ones(tuple(e.shape) + (heads,), dtype=dtype, device=e.device)
+    return torch.exp(-e.unsqueeze(-1) * rates.to(dtype=dtype, device=e.device))
+
+
+def chunk_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rates: torch.Tensor | None, block: int = 256
+                  ) -> torch.Tensor:
+    """Intra-chunk output [C, H, dv]: the chunk attending to itself only.
+
+    q, k: [C, H, dk]; v: [C, H, dv], already in the accumulation dtype.
+    """
+    C, H, _ = q.shape
+    dv = v.shape[-1]
+    dtype, dev = q.dtype, q.device
+    state = q.new_zeros((H, q.shape[-1], dv))
+    outs = []
+    for b0 in range(0, C, block):
+        b1 = min(C, b0 + block)
+        qb, kb, vb = q[b0:b1], k[b0:b1], v[b0:b1]
+        n = b1 - b0
+        idx = torch.arange(n, device=dev)
+        rel = idx[:, None] - idx[None, :]  # tau - sigma
+        decay = _powers(rates, rel.clamp(min=0), H, dtype)  # [n, n, H]
+        decay = decay * (rel >= 0).unsqueeze(-1).to(dtype)
+        scores = torch.einsum("thd,shd->tsh", qb, kb) * decay
+        o = torch.einsum("tsh,she->the", scores, vb)
+        # the state from earlier blocks of this chunk, decayed to each position: lambda^(tau+1)
+        o = o + _powers(rates, idx + 1, H, dtype).unsqueeze(-1) * torch.einsum("thd,hde->the", qb, state)
+        outs.append(o)
+        # carry the within-chunk state to the end of this block
+        kdec = _powers(rates, (n - 1 - idx), H, dtype).unsqueeze(-1) * kb  # lambda^(n-1-sigma) k_sigma
+        state = _powers(rates, torch.tensor(n, device=dev), H, dtype).view(H, 1, 1) * state + torch.einsum(
+            "shd,she->hde", kdec, vb)
+    return torch.cat(outs)
+
+
+def chunk_state(k: torch.Tensor, v: torch.Tensor, rates: torch.Tensor | None) -> torch.Tensor:
+    """The chunk's memory state M = sum_tau lambda^(C-1-tau) k_tau^T v_tau: [H, dk, dv]."""
+    C, H, _ = k.shape
+    w = _powers(rates, torch.arange(C - 1, -1, -1, device=k.device), H, k.dtype).unsqueeze(-1)
+    return torch.einsum("thd,the->hde", w * k, v)
+
+
+def inter_output(q: torch.Tensor, prefix: torch.Tensor, rates: torch.Tensor | None) -> torch.Tensor:
+    """q_t lambda^(tau+1) S for a chunk whose incoming state is `prefix` [H, dk, dv]."""
+    C, H, _ = q.shape
+    scale = _powers(rates, torch.arange(1, C + 1, device=q.device), H, q.dtype).unsqueeze(-1)
+    return scale * torch.einsum("thd,hde->the", q, prefix)
+
+
+def chunk_decay(rates: torch.Tensor | None, chunk: int, hops: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """lambda_h ** (chunk * hops) for each hop count: shape hops.shape + (H,) (or 1s without decay)."""
+    if rates is None:
+        return torch.ones(tuple(hops.shape) + (1,), dtype=dtype, device=hops.device)
+    return torch.exp(-(hops.to(dtype) * chunk).unsqueeze(-1) * rates.to(dtype=dtype, device=hops.device))
+
+
+def check_inputs(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rates: torch.Tensor | None) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dtype not in SUPPORTED:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype}; supported: float64, float32, bfloat16, float16")
+        if t.dim() != 3:
+            raise ValueError(f"{op}: {name} must be [tokens, heads, head_dim], got shape {tuple(t.shape)}")
+    if q.shape[:2] != k.shape[:2] or k.shape[:2] != v.shape[:2] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"{op}: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} disagree "
+                         f"(tokens and heads must match; q and k share head_dim)")
+    if rates is not None:
+        if rates.shape != (q.shape[1],):
+            raise ValueError(f"{op}: decay rates must have one entry per head ({q.shape[1]}), got {tuple(rates.shape)}")
+        if bool((rates < 0).any()) or not bool(torch.isfinite(rates).all()):
+            raise ValueError(f"{op}: decay rates must be finite and >= 0 (lambda = exp(-rate) <= 1)")
+
+

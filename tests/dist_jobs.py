@@ -1,0 +1,69 @@
+"""Jobs the distributed test pool runs on every rank (see dist_pool.py)."""
+from __future__ import annotations
+
+import torch
+
+from pliant.comm.counters import COUNTERS
+from pliant.comm.pack import PackLayout
+
+
+def make_inputs(lengths, heads, kv_heads, dk, dv, seed, dtype=torch.float64):
+    """Full sequences, identical on every rank and in the test process."""
+    gen = torch.Generator().manual_seed(seed)
+    seqs = []
+    for L in lengths:
+        q = torch.randn(L, heads, dk, generator=gen, dtype=dtype)
+        k = torch.randn(L, kv_heads, dk, generator=gen, dtype=dtype)
+        v = torch.randn(L, kv_heads, dv, generator=gen, dtype=dtype)
+        w = torch.randn(L, heads, dv, generator=gen, dtype=dtype)  # loss weights: loss = sum(o * w)
+        seqs.append((q, k, v, w))
+    return seqs
+
+
+def run_op(ctx, method, lengths, start, size, heads, kv_heads, dk, dv, seed, decay, options=None):
+    """Run one SP operator on this rank's chunks; return (index, out, dq, dk, dv, counters) or None off-group."""
+    if not start <= ctx.rank < start + size:
+        return None
+    import pliant.comm as C
+    from pliant.comm.linear_local import default_decay_rates
+
+    options = options or {}
+    g = ctx.registry.get(start, size)
+    layout = PackLayout.from_lengths(lengths, size)
+    seqs = make_inputs(lengths, heads, kv_heads, dk, dv, seed)
+    q, k, v, w = (layout.shard([s[i] for s in seqs], g.index) for i in range(4))
+    q, k, v = (t.clone().requires_grad_(True) for t in (q, k, v))
+    COUNTERS.reset()
+    if method == "lasp2":
+        rates = default_decay_rates(heads) if decay else None
+        out = C.lasp2_attention(q, k, v, layout, g, rates, **options)
+    elif method == "ring":
+        rates = default_decay_rates(heads) if decay else None
+        out = C.ring_attention(q, k, v, layout, g, rates, **options)
+    elif method == "ulysses":
+        out = C.ulysses_attention(q, k, v, layout, g, **options)
+    elif method == "lasp2h":
+        out = C.lasp2h_attention(q, k, v, layout, g, **options)
+    else:
+        raise ValueError(method)
+    (out * w).sum().backward()  # padding rows of w are zero: padding never reaches the loss
+    return g.index, out.detach(), q.grad, k.grad, v.grad, COUNTERS.snapshot()
+
+
+def call(ctx, start, size, what, *args):
+    """Run a small scenario for the error tests; return the exception text (or 'ok')."""
+    if not start <= ctx.rank < start + size:
+        return None
+    from pliant.comm import lasp2_attention
+
+    g = ctx.registry.get(start, size)
+    try:
+        if what == "shape_mismatch":
+            lengths = [10, 7]
+            layout = PackLayout.from_lengths(lengths, size)
+            heads = 2 if g.index == 0 else 3  # rank 0 disagrees
+            x = torch.randn(layout.local_tokens, heads, 4, dtype=torch.float64)
+            lasp2_attention(x, x, x, layout, g)
+        return "ok"
+    except Exception as e:  # noqa: BLE001 - returned to the test
+        return f"{type(e).__name__}: {e}"
