@@ -2,18 +2,16 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pliant.comm.linear_local import default_decay_rates
-from pliant.comm.pack import PackLayout
 
+from comm_check import check
 from dist_jobs import make_inputs
 from dist_pool import DistPool
 from oracle import linear_attention_quadratic, linear_attention_recurrent
 
-TOL = 1e-9
 WORLDS = (1, 2, 4)
 
 
@@ -23,33 +21,6 @@ def pools():
     yield made
     for p in made.values():
         p.close()
-
-
-def reference(lengths, heads, dk, dv, seed, decay):
-    rates = default_decay_rates(heads) if decay else None
-    outs, grads = [], []
-    for q, k, v, w in make_inputs(lengths, heads, heads, dk, dv, seed):
-        q, k, v = (t.clone().requires_grad_(True) for t in (q, k, v))
-        o = linear_attention_quadratic(q, k, v, rates)
-        (o * w).sum().backward()
-        outs.append(o.detach())
-        grads.append((q.grad, k.grad, v.grad))
-    return outs, grads
-
-
-def check(pool, method, lengths, start, size, heads=2, dk=3, dv=4, seed=0, decay=True, options=None):
-    results = pool.run("dist_jobs:run_op", method, lengths, start, size, heads, heads, dk, dv, seed, decay, options)
-    mine = sorted((r for r in results if r is not None), key=lambda r: r[0])
-    assert [r[0] for r in mine] == list(range(size))
-    layout = PackLayout.from_lengths(lengths, size)
-    ref_out, ref_grads = reference(lengths, heads, dk, dv, seed, decay)
-    for i, name in enumerate(("out", "dq", "dk", "dv")):
-        got = layout.unshard([r[1 + i] for r in mine])
-        want = ref_out if i == 0 else [g[i - 1] for g in ref_grads]
-        for j, (a, b) in enumerate(zip(got, want)):
-            err = (a - b).abs().max().item()
-            assert err <= TOL, f"{method} {name} of sequence {j} (length {lengths[j]}): max error {err:.3e}"
-    return mine
 
 
 def test_reference_forms_agree():

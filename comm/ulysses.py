@@ -1,0 +1,83 @@
+"""Ulysses sequence parallelism for softmax attention (DeepSpeed-Ulysses), packed varlen.
+
+An all-to-all turns each rank's sequence chunks of all heads into whole sequences of H/s
+heads; every rank then runs causal attention per sequence (document masking: no attention
+across sequences of the pack); a second all-to-all turns the outputs back. Forward moves
+q, k, v and o; backward the same four gradients. Needs H divisible by the group size:
+otherwise use LASP-2H, which gathers K and V instead of sharding heads.
+"""
+from __future__ import annotations
+
+import torch
+
+from .collectives import all_to_all, check_metadata
+from .groups import SPGroup
+from .pack import PackLayout
+from .softmax_local import causal_attention, check_softmax_inputs
+
+
+class _AllToAll(torch.autograd.Function):
+    """x [s, ...]: slice i to rank i. Its own adjoint: backward is the same exchange of gradients."""
+
+    @staticmethod
+    def forward(ctx, x, g: SPGroup, kind: str):
+        ctx.g, ctx.kind = g, kind
+        return all_to_all(x, g, kind)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_to_all(grad, ctx.g, ctx.kind + ".grad"), None, None
+
+
+def sequence_order(layout: PackLayout) -> torch.Tensor:
+    """Index into the [s * local_tokens] received tokens (rank-major) that puts each
+    sequence's chunks back in order: the packed full sequences, padded."""
+    s, cu = layout.group_size, layout.cu_seqlens().tolist()
+    T = layout.local_tokens
+    parts = []
+    for j, c in enumerate(layout.chunks):
+        for r in range(s):
+            parts.append(torch.arange(r * T + cu[j], r * T + cu[j] + c))
+    return torch.cat(parts)
+
+
+def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackLayout, group: SPGroup,
+                      cu_seqlens: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+    """Causal softmax attention of a packed set of sequences over an SP group (Ulysses).
+
+    q [local_tokens, H, d], k, v [local_tokens, Hkv, d] (GQA), this rank's chunks in the
+    pack layout. Returns [local_tokens, H, d].
+    """
+    check_softmax_inputs("ulysses_attention", q, k, v)
+    layout.check_local(q, "q", cu_seqlens)
+    s, H = group.size, q.shape[1]
+    if layout.group_size != s:
+        raise ValueError(f"ulysses_attention: the pack is laid out for {layout.group_size} ranks, the group has {s}")
+    if H % s:
+        raise ValueError(f"ulysses_attention: {H} heads do not divide over an SP group of {s} ranks; Ulysses "
+                         f"shards heads, so use LASP-2H (lasp2h_attention) for this group size")
+    check_metadata(group, "ulysses_attention", {"q": q, "k": k, "v": v}, layout.lengths)
+    if k.shape[1] % s:  # GQA with fewer kv heads than ranks: replicate kv heads (as DeepSpeed does)
+        k = k.repeat_interleave(H // k.shape[1], dim=1)
+        v = v.repeat_interleave(H // v.shape[1], dim=1)
+    T = layout.local_tokens
+    order = sequence_order(layout).to(q.device)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order), device=q.device)
+
+    def scatter_heads(x: torch.Tensor, kind: str) -> torch.Tensor:
+        h = x.shape[1] // s
+        x = x.reshape(T, s, h, x.shape[2]).transpose(0, 1)  # [s, T, h, d]: head group i for rank i
+        x = _AllToAll.apply(x, group, kind)  # [s, T, h, d]: rank r's tokens
+        return x.reshape(s * T, h, x.shape[-1])[order]  # whole sequences, in order
+
+    qf, kf, vf = scatter_heads(q, "ulysses.q"), scatter_heads(k, "ulysses.k"), scatter_heads(v, "ulysses.v")
+    outs, pos = [], 0
+    for c in layout.chunks:
+        L = c * s
+        outs.append(causal_attention(qf[pos:pos + L], kf[pos:pos + L], vf[pos:pos + L], 0, scale))
+        pos += L
+    of = torch.cat(outs)[inverse]  # back to rank-major order: [s * T, h, d]
+    h = of.shape[1]
+    back = _AllToAll.apply(of.reshape(s, T, h, of.shape[-1]), group, "ulysses.o")  # [s, T, h, d]: head groups
+    return back.transpose(0, 1).reshape(T, s * h, of.shape[-1])
