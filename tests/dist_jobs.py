@@ -50,20 +50,44 @@ def run_op(ctx, method, lengths, start, size, heads, kv_heads, dk, dv, seed, dec
     return g.index, out.detach(), q.grad, k.grad, v.grad, COUNTERS.snapshot()
 
 
-def call(ctx, start, size, what, *args):
-    """Run a small scenario for the error tests; return the exception text (or 'ok')."""
-    if not start <= ctx.rank < start + size:
-        return None
-    from pliant.comm import lasp2_attention
+def call(ctx, start, size, what):
+    """Run one bad-input scenario on the ranks of a group; return the error text (or 'ok')."""
+    import pliant.comm as C
 
-    g = ctx.registry.get(start, size)
     try:
+        if what == "not_in_group":  # every rank asks for ranks [start, start+size)
+            ctx.registry.get(start, size)
+            return "ok"
+        if what == "unknown_layout":
+            ctx.registry.get(start, size)
+            return "ok"
+        if not start <= ctx.rank < start + size:
+            return None
+        g = ctx.registry.get(start, size)
+        layout = PackLayout.from_lengths([10, 7], size)
+        x = torch.randn(layout.local_tokens, 2, 4, dtype=torch.float64)
         if what == "shape_mismatch":
-            lengths = [10, 7]
-            layout = PackLayout.from_lengths(lengths, size)
-            heads = 2 if g.index == 0 else 3  # rank 0 disagrees
-            x = torch.randn(layout.local_tokens, heads, 4, dtype=torch.float64)
-            lasp2_attention(x, x, x, layout, g)
+            heads = 2 if g.index == 0 else 3  # rank 0 of the group disagrees with the others
+            y = torch.randn(layout.local_tokens, heads, 4, dtype=torch.float64)
+            C.lasp2_attention(y, y, y, layout, g)
+        elif what == "shape_mismatch_unchecked":
+            C.set_metadata_check(False)
+            try:
+                C.lasp2_attention(x, x, x, layout, g)
+            finally:
+                C.set_metadata_check(True)
+        elif what == "int_dtype":
+            xi = torch.ones(layout.local_tokens, 2, 4, dtype=torch.int64)
+            C.lasp2_attention(xi, xi, xi, layout, g)
+        elif what == "wrong_tokens":
+            C.ulysses_attention(x[:-1], x[:-1], x[:-1], layout, g)
+        elif what == "wrong_cu_seqlens":
+            C.lasp2h_attention(x, x, x, layout, g, cu_seqlens=torch.tensor([0, 3, layout.local_tokens]))
+        elif what == "ulysses_heads":
+            y = torch.randn(layout.local_tokens, 3, 4, dtype=torch.float64)
+            C.ulysses_attention(y, y, y, layout, g)
+        else:
+            raise ValueError(what)
         return "ok"
     except Exception as e:  # noqa: BLE001 - returned to the test
         return f"{type(e).__name__}: {e}"
