@@ -5,6 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from pliant.planner.errors import PlanningError
+
 DEFAULT_CONFIG = "configs/flexsp-7b-64gpu.yaml"
 
 
@@ -39,6 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--batches", type=int, default=20, metavar="K")
     bp.add_argument("--out", default="bench-planner.json")
     bp.add_argument("--plot", default=None, help="PNG path (default: next to --out)")
+
+    bc = bsub.add_parser("comm", help="LASP-2, ring, Ulysses, LASP-2H and DeepSpeed-Ulysses on local ranks")
+    bc.add_argument("--world", type=int, default=4)
+    bc.add_argument("--lengths", default="4096,16384,65536", help="comma-separated sequence lengths")
+    bc.add_argument("--out", default="bench-comm.json")
+    bc.add_argument("--heads", type=int, default=4)
+    bc.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
+    bc.add_argument("--head-dim", type=int, default=32)
+    bc.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    bc.add_argument("--repeats", type=int, default=3)
+    bc.add_argument("--methods", default="lasp2,ring,ulysses,lasp2h,deepspeed")
+    bc.add_argument("--softmax-max-len", type=int, default=None,
+                    help="skip the softmax methods above this length (they are quadratic)")
 
     sub.add_parser("dists", help="list the named length distributions")
     return parser
@@ -84,6 +99,26 @@ def cmd_bench_planner(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_comm(args: argparse.Namespace) -> int:
+    from pliant.bench.comm_bench import METHODS, launch
+
+    if args.world < 1:
+        raise PlanningError(f"--world must be >= 1, got {args.world}")
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise PlanningError(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")
+    worker = ["--lengths", args.lengths, "--out", str(Path(args.out).resolve()), "--heads", str(args.heads),
+              "--kv-heads", str(args.kv_heads or args.heads), "--head-dim", str(args.head_dim), "--dtype", args.dtype,
+              "--repeats", str(args.repeats), "--methods", ",".join(methods)]
+    if args.softmax_max_len is not None:
+        worker += ["--softmax-max-len", str(args.softmax_max_len)]
+    rc = launch(args.world, worker)
+    if rc == 0:
+        print(f"wrote {args.out}")
+    return rc
+
+
 def cmd_dists(_: argparse.Namespace) -> int:
     import numpy as np
 
@@ -98,7 +133,6 @@ def cmd_dists(_: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from pliant.launch.config import ConfigError
-    from pliant.planner.errors import PlanningError
 
     args = build_parser().parse_args(argv)
     try:
@@ -108,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_dists(args)
         if args.command == "bench" and args.bench == "planner":
             return cmd_bench_planner(args)
+        if args.command == "bench" and args.bench == "comm":
+            return cmd_bench_comm(args)
     except (ConfigError, PlanningError) as e:
         print(f"pliant: error: {e}", file=sys.stderr)
         return 2

@@ -57,8 +57,6 @@ def test_blocked_queries(pools):
         full = softmax_attention(q, k, v)
         out = softmax_local.causal_attention(q[20:], k, v, 20, block=5)
         assert (out - full[20:]).abs().max().item() < 1e-12
-        out0 = softmax_local.causal_attention(q, k, v, 0, block=4)
-        assert (out0 - full).abs().max().item() < 1e-12
     finally:
         softmax_local.MAX_SCORES = old
 
