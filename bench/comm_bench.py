@@ -72,6 +72,24 @@ def _worker(args: argparse.Namespace) -> None:
         return o.permute(2, 0, 1, 3)
 
     ds_attn = DistributedAttention(local_attn, g.pg, scatter_idx=2, gather_idx=0)
+
+    def make_step(method, layout, q0, k0, v0, w):
+        def step():
+            q, k, v = (t.clone().requires_grad_(True) for t in (q0, k0, v0))
+            if method in ("lasp2", "ring"):  # linear attention layers use every head for k and v
+                kf, vf = (t.repeat_interleave(H // Hkv, 1) if Hkv != H else t for t in (k, v))
+                op = C.lasp2_attention if method == "lasp2" else C.ring_attention
+                out = op(q, kf, vf, layout, g, rates)
+            elif method == "ulysses":
+                out = C.ulysses_attention(q, k, v, layout, g)
+            elif method == "lasp2h":
+                out = C.lasp2h_attention(q, k, v, layout, g)
+            else:
+                out = ds_attn(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), 1).squeeze(1)
+            (out * w).sum().backward()
+            return out.detach()
+        return step
+
     rows: list[dict[str, Any]] = []
     for L in args.lengths:
         layout = C.PackLayout.from_lengths([L], world)
@@ -79,49 +97,38 @@ def _worker(args: argparse.Namespace) -> None:
         full = [torch.randn(L, h, d, generator=gen, dtype=dtype) * 0.5 for h in (H, Hkv, Hkv, H)]
         q0, k0, v0, w = (layout.shard([x], g.index) for x in full)
         outputs: dict[str, torch.Tensor] = {}
+        steps = {}
         for method in args.methods:
             if method in ("ulysses", "deepspeed") and H % world:
                 continue
             if L > args.softmax_max_len and method in ("ulysses", "lasp2h", "deepspeed"):
                 continue
-
-            def step():
-                q, k, v = (t.clone().requires_grad_(True) for t in (q0, k0, v0))
-                if method in ("lasp2", "ring"):  # linear attention layers use every head for k and v
-                    kf, vf = (t.repeat_interleave(H // Hkv, 1) if Hkv != H else t for t in (k, v))
-                    op = C.lasp2_attention if method == "lasp2" else C.ring_attention
-                    out = op(q, kf, vf, layout, g, rates)
-                elif method == "ulysses":
-                    out = C.ulysses_attention(q, k, v, layout, g)
-                elif method == "lasp2h":
-                    out = C.lasp2h_attention(q, k, v, layout, g)
-                else:
-                    out = ds_attn(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), 1).squeeze(1)
-                (out * w).sum().backward()
-                return out.detach()
-
-            times = []
-            for rep in range(args.repeats + 1):  # the first is a warm-up
+            steps[method] = make_step(method, layout, q0, k0, v0, w)
+        times: dict[str, list[float]] = {m: [] for m in steps}
+        sent: dict[str, float] = {}
+        # round-robin over the methods, so that every method sees the same machine conditions
+        for rep in range(args.repeats + 1):  # the first round is a warm-up
+            for method, step in steps.items():
                 C.COUNTERS.reset()
                 dist.barrier()
                 t0 = time.perf_counter()
-                out = step()
+                outputs[method] = step()
                 dist.barrier()
                 if rep:
-                    times.append(time.perf_counter() - t0)
-            outputs[method] = out
-            sent = torch.tensor([C.COUNTERS.total().bytes_sent], dtype=torch.float64)
+                    times[method].append(time.perf_counter() - t0)
+                sent[method] = C.COUNTERS.total().bytes_sent
+        elem = torch.tensor([], dtype=dtype).element_size()
+        for method in steps:
             everyone = torch.zeros(world, dtype=torch.float64)
-            dist.all_gather_into_tensor(everyone, sent)
-            elem = torch.tensor([], dtype=dtype).element_size()
+            dist.all_gather_into_tensor(everyone, torch.tensor([sent[method]], dtype=torch.float64))
             rows.append({
-                "method": method, "length": L, "time_s": statistics.median(times), "times_s": times,
+                "method": method, "length": L, "time_s": statistics.median(times[method]), "times_s": times[method],
                 "bytes_per_rank": None if method == "deepspeed" else float(everyone.max()),
                 "bytes_per_rank_by_rank": None if method == "deepspeed" else everyone.tolist(),
                 "analytic_bytes_per_rank": analytic_bytes(method, L, world, H, Hkv, d, elem),
             })
             if rank == 0:
-                print(f"  {method:9s} L={L:>7d}  {statistics.median(times):8.3f} s", flush=True)
+                print(f"  {method:9s} L={L:>7d}  {statistics.median(times[method]):8.3f} s", flush=True)
         if "ulysses" in outputs and "deepspeed" in outputs:
             diff = torch.tensor([(outputs["ulysses"] - outputs["deepspeed"]).abs().max().item()], dtype=torch.float64)
             dist.all_reduce(diff, op=dist.ReduceOp.MAX)

@@ -61,15 +61,18 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout:
         k = k.repeat_interleave(H // k.shape[1], dim=1)
         v = v.repeat_interleave(H // v.shape[1], dim=1)
     T = layout.local_tokens
-    order = sequence_order(layout).to(q.device)
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(len(order), device=q.device)
+    # rank-major received tokens are already in sequence order for a single sequence
+    order = None if layout.n_seqs == 1 else sequence_order(layout).to(q.device)
+    if order is not None:
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order), device=q.device)
 
     def scatter_heads(x: torch.Tensor, kind: str) -> torch.Tensor:
         h = x.shape[1] // s
         x = x.reshape(T, s, h, x.shape[2]).transpose(0, 1)  # [s, T, h, d]: head group i for rank i
         x = _AllToAll.apply(x, group, kind)  # [s, T, h, d]: rank r's tokens
-        return x.reshape(s * T, h, x.shape[-1])[order]  # whole sequences, in order
+        x = x.reshape(s * T, h, x.shape[-1])
+        return x if order is None else x[order]  # whole sequences, in order
 
     qf, kf, vf = scatter_heads(q, "ulysses.q"), scatter_heads(k, "ulysses.k"), scatter_heads(v, "ulysses.v")
     outs, pos = [], 0
@@ -77,7 +80,9 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout:
         L = c * s
         outs.append(causal_attention(qf[pos:pos + L], kf[pos:pos + L], vf[pos:pos + L], 0, scale))
         pos += L
-    of = torch.cat(outs)[inverse]  # back to rank-major order: [s * T, h, d]
+    of = torch.cat(outs)
+    if order is not None:
+        of = of[inverse]  # back to rank-major order: [s * T, h, d]
     h = of.shape[1]
     back = _AllToAll.apply(of.reshape(s, T, h, of.shape[-1]), group, "ulysses.o")  # [s, T, h, d]: head groups
     return back.transpose(0, 1).reshape(T, s * h, of.shape[-1])
