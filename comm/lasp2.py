@@ -28,30 +28,29 @@ def _split(x: torch.Tensor, cu: list[int]) -> list[torch.Tensor]:
     return [x[cu[j]:cu[j + 1]] for j in range(len(cu) - 1)]
 
 
-def _prefix(gathered: torch.Tensor, idx: int, chunks: tuple[int, ...], rates, dtype) -> torch.Tensor:
-    """P_idx for every sequence from the gathered states [s, n, H, dk, dv]."""
-    n, H = gathered.shape[1], gathered.shape[2]
+def _decayed_sum(gathered: torch.Tensor, lo: int, hi: int, hops: torch.Tensor, chunks: tuple[int, ...], rates,
+                 dtype) -> torch.Tensor:
+    """For every sequence j: sum over c in [lo, hi) of lambda^(C_j * hops[c - lo]) gathered[c, j]."""
     out = gathered.new_zeros(gathered.shape[1:])
-    if idx == 0:
+    if hi <= lo:
         return out
-    hops = torch.arange(idx - 1, -1, -1, device=gathered.device)  # chunk c contributes lambda^(C (idx-1-c))
-    for j in range(n):
-        w = chunk_decay(rates, chunks[j], hops, dtype).expand(idx, H)  # [idx, H]
-        out[j] = torch.einsum("ch,chde->hde", w, gathered[:idx, j])
+    H = gathered.shape[2]
+    for j in range(gathered.shape[1]):
+        w = chunk_decay(rates, chunks[j], hops, dtype).expand(hi - lo, H)
+        out[j] = torch.einsum("ch,chde->hde", w, gathered[lo:hi, j])
     return out
+
+
+def _prefix(gathered: torch.Tensor, idx: int, chunks: tuple[int, ...], rates, dtype) -> torch.Tensor:
+    """State entering chunk idx: P_idx = sum_{c < idx} lambda^(C (idx-1-c)) M_c, per sequence."""
+    hops = torch.arange(idx - 1, -1, -1, device=gathered.device)
+    return _decayed_sum(gathered, 0, idx, hops, chunks, rates, dtype)
 
 
 def _suffix(gathered: torch.Tensor, idx: int, size: int, chunks: tuple[int, ...], rates, dtype) -> torch.Tensor:
-    """dM_idx = sum_{c > idx} lambda^(C (c-1-idx)) dP_c for every sequence."""
-    n, H = gathered.shape[1], gathered.shape[2]
-    out = gathered.new_zeros(gathered.shape[1:])
-    if idx == size - 1:
-        return out
-    hops = torch.arange(0, size - 1 - idx, device=gathered.device)  # c = idx+1 .. size-1
-    for j in range(n):
-        w = chunk_decay(rates, chunks[j], hops, dtype).expand(size - 1 - idx, H)
-        out[j] = torch.einsum("ch,chde->hde", w, gathered[idx + 1:, j])
-    return out
+    """Gradient of chunk idx's state: dM_idx = sum_{c > idx} lambda^(C (c-1-idx)) dP_c, per sequence."""
+    hops = torch.arange(0, size - 1 - idx, device=gathered.device)
+    return _decayed_sum(gathered, idx + 1, size, hops, chunks, rates, dtype)
 
 
 class _Lasp2(torch.autograd.Function):
