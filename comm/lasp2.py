@@ -18,14 +18,11 @@ from __future__ import annotations
 
 import torch
 
-from .collectives import all_gather, check_metadata
+from .collectives import all_gather
 from .groups import SPGroup
-from .linear_local import acc_dtype, check_inputs, chunk_decay, chunk_forward, chunk_state, inter_output
+from .linear_local import (acc_dtype, chunk_decay, chunk_forward, load_linear, pack_outputs, pack_states,
+                           prepare_linear, save_linear, split_pack)
 from .pack import PackLayout
-
-
-def _split(x: torch.Tensor, cu: list[int]) -> list[torch.Tensor]:
-    return [x[cu[j]:cu[j + 1]] for j in range(len(cu) - 1)]
 
 
 def _decayed_sum(gathered: torch.Tensor, lo: int, hi: int, hops: torch.Tensor, chunks: tuple[int, ...], rates,
@@ -58,29 +55,22 @@ class _Lasp2(torch.autograd.Function):
     def forward(ctx, q, k, v, rates, layout: PackLayout, g: SPGroup, block: int):
         dtype = acc_dtype(q.dtype)
         cu = layout.cu_seqlens().tolist()
-        qs, ks, vs = (_split(t.to(dtype), cu) for t in (q, k, v))
+        qs, ks, vs = (split_pack(t.to(dtype), cu) for t in (q, k, v))
         # the states first, so that their AllGather runs while the intra-chunk outputs are computed
-        states = torch.stack([chunk_state(ks[j], vs[j], rates) for j in range(layout.n_seqs)])
-        gathered, work = all_gather(states, g, "lasp2.states", async_op=True)
-        intra = [chunk_forward(qs[j], ks[j], vs[j], rates, block) for j in range(layout.n_seqs)]
+        gathered, work = all_gather(pack_states(ks, vs, rates), g, "lasp2.states", async_op=True)
+        intra = [chunk_forward(a, b, c, rates, block) for a, b, c in zip(qs, ks, vs)]
         if work is not None:
             work.wait()
         prefix = _prefix(gathered, g.index, layout.chunks, rates, dtype)
-        out = torch.cat([intra[j] + inter_output(qs[j], prefix[j], rates) for j in range(layout.n_seqs)])
-        ctx.save_for_backward(q, k, v, prefix, rates if rates is not None else torch.empty(0))
-        ctx.layout, ctx.g, ctx.block, ctx.has_rates = layout, g, block, rates is not None
-        return out.to(q.dtype)
+        save_linear(ctx, q, k, v, prefix, rates, layout, g, block)
+        return torch.cat(pack_outputs(qs, ks, vs, prefix, rates, block, intra)).to(q.dtype)
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, prefix, rates = ctx.saved_tensors
-        rates = rates if ctx.has_rates else None
-        layout, g = ctx.layout, ctx.g
-        dtype = acc_dtype(q.dtype)
-        cu = layout.cu_seqlens().tolist()
-        do = _split(dout.to(dtype), cu)
-        qs = _split(q.to(dtype), cu)
-        # dP = (lambda^(tau+1) q)^T dO per sequence: gathered while the intra part is recomputed
+        q, k, v, prefix, rates, layout, g, dtype, cu = load_linear(ctx)
+        do = split_pack(dout.to(dtype), cu)
+        qs = split_pack(q.to(dtype), cu)
+        # dP = (lambda^(tau+1) q)^T dO per sequence: gathered while the local part is recomputed
         dps = []
         for j in range(layout.n_seqs):
             C, H = qs[j].shape[0], qs[j].shape[1]
@@ -89,19 +79,14 @@ class _Lasp2(torch.autograd.Function):
         gathered, work = all_gather(torch.stack(dps), g, "lasp2.grad_states", async_op=True)
         with torch.enable_grad():
             qd, kd, vd = (t.detach().to(dtype).requires_grad_(True) for t in (q, k, v))
-            qs_, ks_, vs_ = _split(qd, cu), _split(kd, cu), _split(vd, cu)
-            pieces = [(chunk_forward(qs_[j], ks_[j], vs_[j], rates, ctx.block) + inter_output(qs_[j], prefix[j], rates),
-                       chunk_state(ks_[j], vs_[j], rates)) for j in range(layout.n_seqs)]
+            qs_, ks_, vs_ = (split_pack(t, cu) for t in (qd, kd, vd))
+            outs = pack_outputs(qs_, ks_, vs_, prefix, rates, ctx.block)
+            states = pack_states(ks_, vs_, rates)
         if work is not None:
             work.wait()
         dm = _suffix(gathered, g.index, g.size, layout.chunks, rates, dtype)
-        outputs, grads = [], []
-        for j, (o, state) in enumerate(pieces):
-            outputs += [o, state]
-            grads += [do[j], dm[j]]
-        dq, dk, dv = torch.autograd.grad(outputs, (qd, kd, vd), grads, allow_unused=True)
-        dk = torch.zeros_like(kd) if dk is None else dk
-        dv = torch.zeros_like(vd) if dv is None else dv
+        grads = torch.autograd.grad(outs + [states], (qd, kd, vd), list(do) + [dm], allow_unused=True)
+        dq, dk, dv = (torch.zeros_like(t) if gr is None else gr for gr, t in zip(grads, (qd, kd, vd)))
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
@@ -114,11 +99,5 @@ def lasp2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: P
     pack layout. decay_rates: [heads] rates s_h >= 0 (lambda_h = exp(-s_h)), fixed (not
     learned), or None for no decay. Returns [local_tokens, heads, dv].
     """
-    check_inputs("lasp2_attention", q, k, v, decay_rates)
-    layout.check_local(q, "q", cu_seqlens)
-    if layout.group_size != group.size:
-        raise ValueError(f"lasp2_attention: the pack is laid out for {layout.group_size} ranks, the group has "
-                         f"{group.size}")
-    check_metadata(group, "lasp2_attention", {"q": q, "k": k, "v": v}, layout.lengths)
-    rates = None if decay_rates is None else decay_rates.detach().to(device=q.device)
+    rates = prepare_linear("lasp2_attention", q, k, v, layout, group, decay_rates, cu_seqlens)
     return _Lasp2.apply(q, k, v, rates, layout, group, block)

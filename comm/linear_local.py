@@ -106,3 +106,47 @@ def check_inputs(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rat
             raise ValueError(f"{op}: decay rates must be finite and >= 0 (lambda = exp(-rate) <= 1)")
 
 
+
+
+# ----- a rank's chunks of a whole pack (shared by LASP-2 and the ring) -----
+
+def split_pack(x: torch.Tensor, cu: list[int]) -> list[torch.Tensor]:
+    """The per-sequence chunks of a rank's local tensor."""
+    return [x[cu[j]:cu[j + 1]] for j in range(len(cu) - 1)]
+
+
+def pack_states(ks: list[torch.Tensor], vs: list[torch.Tensor], rates) -> torch.Tensor:
+    """Memory states of every sequence's chunk: [n, H, dk, dv]."""
+    return torch.stack([chunk_state(k, v, rates) for k, v in zip(ks, vs)])
+
+
+def pack_outputs(qs, ks, vs, prefix: torch.Tensor, rates, block: int, intra: list[torch.Tensor] | None = None
+                 ) -> list[torch.Tensor]:
+    """Every sequence's chunk output: intra-chunk part plus the incoming state's part."""
+    if intra is None:
+        intra = [chunk_forward(q, k, v, rates, block) for q, k, v in zip(qs, ks, vs)]
+    return [o + inter_output(q, prefix[j], rates) for j, (o, q) in enumerate(zip(intra, qs))]
+
+
+def save_linear(ctx, q, k, v, prefix, rates, layout, g, block) -> None:
+    ctx.save_for_backward(q, k, v, prefix, rates if rates is not None else torch.empty(0))
+    ctx.layout, ctx.g, ctx.block, ctx.has_rates = layout, g, block, rates is not None
+
+
+def load_linear(ctx):
+    """(q, k, v, prefix, rates, layout, group, accumulation dtype, cu_seqlens list) saved by save_linear."""
+    q, k, v, prefix, rates = ctx.saved_tensors
+    return (q, k, v, prefix, rates if ctx.has_rates else None, ctx.layout, ctx.g, acc_dtype(q.dtype),
+            ctx.layout.cu_seqlens().tolist())
+
+
+def prepare_linear(op: str, q, k, v, layout, group, decay_rates, cu_seqlens):
+    """Validate a linear-attention call (inputs, pack layout, group, ranks agreeing); return the rates."""
+    from .collectives import check_metadata
+
+    check_inputs(op, q, k, v, decay_rates)
+    layout.check_local(q, "q", cu_seqlens)
+    if layout.group_size != group.size:
+        raise ValueError(f"{op}: the pack is laid out for {layout.group_size} ranks, the group has {group.size}")
+    check_metadata(group, op, {"q": q, "k": k, "v": v}, layout.lengths)
+    return None if decay_rates is None else decay_rates.detach().to(device=q.device)

@@ -41,3 +41,14 @@ def small_planner(nodes: int = 2, per_node: int = 4, memory_gib: float = 1.0, ti
                   solver: str = "auto", attention=("softmax",), **spec) -> Planner:
     return Planner.from_specs(small_cluster(nodes, per_node, memory_gib), small_model(attention), SMALL_COST,
                               PlannerSpec(solver=solver, time_limit_s=time_limit_s, **spec))
+
+
+@pytest.fixture(scope="module")
+def pools():
+    """Process pools of 1, 2 and 4 gloo ranks for the comm tests (one set per test module)."""
+    from dist_pool import DistPool
+
+    made = {w: DistPool(w) for w in (1, 2, 4)}
+    yield made
+    for p in made.values():
+        p.close()

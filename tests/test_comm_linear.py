@@ -9,18 +9,10 @@ from pliant.comm.linear_local import default_decay_rates
 
 from comm_check import check
 from dist_jobs import make_inputs
-from dist_pool import DistPool
 from oracle import linear_attention_quadratic, linear_attention_recurrent
 
 WORLDS = (1, 2, 4)
 
-
-@pytest.fixture(scope="module")
-def pools():
-    made = {w: DistPool(w) for w in WORLDS}
-    yield made
-    for p in made.values():
-        p.close()
 
 
 def test_reference_forms_agree():

@@ -6,17 +6,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from comm_check import check
-from dist_pool import DistPool
 
 WORLDS = (1, 2, 4)
 
-
-@pytest.fixture(scope="module")
-def pools():
-    made = {w: DistPool(w) for w in WORLDS}
-    yield made
-    for p in made.values():
-        p.close()
 
 
 @pytest.mark.parametrize("method", ["ulysses", "lasp2h"])
