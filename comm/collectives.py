@@ -104,11 +104,12 @@ def check_metadata(g: SPGroup, op: str, tensors: dict[str, torch.Tensor], length
             fields.append((f"{name}.shape[{d}]", int(size)))
     fields.append(("pack sequences", len(lengths)))
     fields.append(("pack lengths", zlib.crc32(repr(tuple(lengths)).encode())))
-    mine = torch.tensor([v for _, v in fields] + [len(fields)], dtype=torch.int64)
+    device = next(iter(tensors.values())).device  # nccl needs device tensors
+    mine = torch.tensor([v for _, v in fields] + [len(fields)], dtype=torch.int64, device=device)
     # ranks may disagree on the number of fields: gather the count first, then pad to the maximum
-    counts, _ = all_gather(torch.tensor([len(fields)], dtype=torch.int64), g, "meta")
+    counts, _ = all_gather(torch.tensor([len(fields)], dtype=torch.int64, device=device), g, "meta")
     width = int(counts.max()) + 1
-    padded = torch.full((width,), -1, dtype=torch.int64)
+    padded = torch.full((width,), -1, dtype=torch.int64, device=device)
     padded[: len(mine)] = mine
     everyone, _ = all_gather(padded, g, "meta")
     if bool((everyone == everyone[0]).all()):

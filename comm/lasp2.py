@@ -74,7 +74,7 @@ class _Lasp2(torch.autograd.Function):
         dps = []
         for j in range(layout.n_seqs):
             C, H = qs[j].shape[0], qs[j].shape[1]
-            scale = chunk_decay(rates, 1, torch.arange(1, C + 1), dtype).expand(C, H).unsqueeze(-1)
+            scale = chunk_decay(rates, 1, torch.arange(1, C + 1, device=q.device), dtype).expand(C, H).unsqueeze(-1)
             dps.append(torch.einsum("thd,the->hde", scale * qs[j], do[j]))
         gathered, work = all_gather(torch.stack(dps), g, "lasp2.grad_states", async_op=True)
         with torch.enable_grad():

@@ -15,9 +15,9 @@ from .linear_local import (acc_dtype, chunk_decay, chunk_forward, load_linear, p
 from .pack import PackLayout
 
 
-def _hop(rates, chunks, H, dtype) -> torch.Tensor:
+def _hop(rates, chunks, H, dtype, device) -> torch.Tensor:
     """lambda^C per sequence and head: [n, H, 1, 1]."""
-    one = torch.ones(1, dtype=torch.int64)
+    one = torch.ones(1, dtype=torch.int64, device=device)
     return torch.stack([chunk_decay(rates, c, one, dtype)[0].expand(H) for c in chunks]).view(len(chunks), H, 1, 1)
 
 
@@ -31,7 +31,7 @@ class _Ring(torch.autograd.Function):
         intra = [chunk_forward(a, b, c, rates, block) for a, b, c in zip(qs, ks, vs)]
         prefix = torch.zeros_like(states) if g.index == 0 else recv(states, g, g.index - 1, "ring.states")
         if g.index < g.size - 1:
-            send(_hop(rates, layout.chunks, q.shape[1], dtype) * prefix + states, g, g.index + 1, "ring.states")
+            send(_hop(rates, layout.chunks, q.shape[1], dtype, q.device) * prefix + states, g, g.index + 1, "ring.states")
         save_linear(ctx, q, k, v, prefix, rates, layout, g, block)
         return torch.cat(pack_outputs(qs, ks, vs, prefix, rates, block, intra)).to(q.dtype)
 
@@ -44,7 +44,7 @@ class _Ring(torch.autograd.Function):
             pd = prefix.detach().requires_grad_(True)
             qs_, ks_, vs_ = (split_pack(t, cu) for t in (qd, kd, vd))
             outs = pack_outputs(qs_, ks_, vs_, pd, rates, ctx.block)
-            passed = _hop(rates, layout.chunks, q.shape[1], dtype) * pd + pack_states(ks_, vs_, rates)  # sent on
+            passed = _hop(rates, layout.chunks, q.shape[1], dtype, q.device) * pd + pack_states(ks_, vs_, rates)  # sent on
         # the gradient of the state sent forward comes back from rank r+1
         d_passed = torch.zeros_like(prefix) if g.index == g.size - 1 else recv(prefix, g, g.index + 1, "ring.grad")
         grads = torch.autograd.grad(outs + [passed], (qd, kd, vd, pd), list(do) + [d_passed], allow_unused=True)
