@@ -85,8 +85,8 @@ class PackLayout:
                 )
 
     # ----- moving between the full sequences and the per-rank chunks (tests, data loading) -----
-    def shard(self, seqs: list[torch.Tensor], rank: int) -> torch.Tensor:
-        """Rank `rank`'s local tensor from the full sequences (tokens first), zero-padded."""
+    def shard(self, seqs: list[torch.Tensor], rank: int, pad_value: float | int = 0) -> torch.Tensor:
+        """Rank `rank`'s local tensor from the full sequences (tokens first), padded with `pad_value`."""
         if len(seqs) != self.n_seqs:
             raise PackLayoutError(f"got {len(seqs)} sequences for a pack of {self.n_seqs}")
         out = []
@@ -95,7 +95,7 @@ class PackLayout:
                 raise PackLayoutError(f"a sequence has {x.shape[0]} tokens, the layout says {L}")
             piece = x[rank * c: min(L, (rank + 1) * c)]
             if piece.shape[0] < c:
-                pad = x.new_zeros((c - piece.shape[0],) + tuple(x.shape[1:]))
+                pad = x.new_full((c - piece.shape[0],) + tuple(x.shape[1:]), pad_value)
                 piece = torch.cat([piece, pad])
             out.append(piece)
         return torch.cat(out)

@@ -91,3 +91,35 @@ def call(ctx, start, size, what):
         return "ok"
     except Exception as e:  # noqa: BLE001 - returned to the test
         return f"{type(e).__name__}: {e}"
+
+
+def tiny_spec(heads=4, kv_heads=2, attention=("linear", "linear", "linear", "softmax"), layers=4):
+    from pliant.planner.spec import ModelSpec
+
+    return ModelSpec(name="tiny", layers=layers, hidden=32, heads=heads, kv_heads=kv_heads, head_dim=8,
+                     ffn_hidden=64, vocab_size=50, attention=list(attention), zero_stage=1, dtype="fp64")
+
+
+def batch_tokens(lengths, vocab, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (L,), generator=gen) for L in lengths]
+
+
+def model_grads(ctx, spec_kwargs, lengths, groups, seed):
+    """One micro-batch of a plan on this rank: groups = [(start, size, [seq ids])].
+    Returns (local loss, flat gradient) normalised by the batch's real targets."""
+    from pliant.runtime.model import LM, lm_loss_sum
+    from pliant.runtime.packing import real_targets, shard_pack
+
+    spec = tiny_spec(**spec_kwargs)
+    torch.manual_seed(0)
+    model = LM(spec).double()
+    seqs = batch_tokens(lengths, spec.vocab_size, seed)
+    norm = real_targets(seqs)
+    start, size, ids = next((st, sz, ids) for st, sz, ids in groups if st <= ctx.rank < st + sz)
+    g = ctx.registry.get(start, size)
+    tokens, targets, sctx = shard_pack([seqs[i] for i in ids], g)
+    loss = lm_loss_sum(model(tokens, sctx), targets) / norm
+    loss.backward()
+    flat = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    return loss.detach(), flat
