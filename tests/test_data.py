@@ -74,7 +74,7 @@ def test_batcher_budget_determinism_and_resume():
         assert lengths.sum() <= 4096 and lengths.max() <= 2048
         assert np.array_equal(lengths, np.minimum(task.lengths()[ids], 2048))
     # every document exactly once per epoch, epochs in a different order
-    more = [a.next_batch()[0] for _ in range(40)]
+    more = [a.next_batch()[0] for _ in range(80)]
     seen = np.concatenate([ids for ids, _ in batches] + more)
     assert len(seen) > 2 * len(task)
     assert sorted(seen[:len(task)].tolist()) == list(range(len(task)))
