@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pliant.planner.spec import ClusterSpec, CostSpec, ModelSpec, PlannerSpec
+from pliant.runtime.spec import DataSpec, TrainSpec
 
 
 class _Loader(yaml.SafeLoader):
@@ -41,6 +42,8 @@ class JobConfig(BaseModel):
     model: ModelSpec
     cost: CostSpec
     planner: PlannerSpec = Field(default_factory=PlannerSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
 
 
 def resolve_config_path(name: str | Path) -> Path:
@@ -81,7 +84,7 @@ def format_validation_error(source: str, err: ValidationError) -> str:
 
 def parse_config(data: Any, source: str = "config") -> JobConfig:
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping of sections (cluster, model, cost, planner), "
+        raise ConfigError(f"{source}: expected a mapping of sections (cluster, model, cost, planner, train, data), "
                           f"got {type(data).__name__}")
     try:
         return JobConfig.model_validate(data)

@@ -1,0 +1,65 @@
+"""The per-rank entry point of `pliant train`, run by torchrun (or deepspeed, or a scheduler
+that sets RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT)."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+from pathlib import Path
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser("pliant-worker")
+    p.add_argument("--config", required=True)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--run-dir", default=None)
+    p.add_argument("--plan", choices=["adaptive", "static", "dp"], default=None, help="override train.plan")
+    p.add_argument("--save-params", action="store_true", help="write the final parameters (tests)")
+    args = p.parse_args(argv)
+
+    from pliant.launch.config import load_config, with_overrides
+
+    cfg = load_config(args.config)
+    cfg = with_overrides(cfg, "train", steps=args.steps, plan=args.plan)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if cfg.cluster.device == "cpu" else "cuda")
+    import deepspeed
+    import torch.distributed as dist
+
+    if cfg.cluster.device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    deepspeed.init_distributed(dist_backend=cfg.cluster.backend, verbose=False,
+                               timeout=datetime.timedelta(seconds=int(os.environ.get("PLIANT_PG_TIMEOUT_S", "300"))))
+    from pliant.runtime.engine import Trainer
+
+    trainer = Trainer(cfg.cluster, cfg.model, cfg.cost, cfg.planner, cfg.train, cfg.data)
+    run_dir = Path(args.run_dir) if args.run_dir else None
+    rank = dist.get_rank()
+    metrics = None
+    if rank == 0 and run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        metrics = open(run_dir / "metrics.jsonl", "a")
+    try:
+        for _ in range(cfg.train.steps):
+            r = trainer.train_step()
+            if rank == 0:
+                line = json.dumps(vars(r))
+                print(line, flush=True)
+                if metrics:
+                    metrics.write(line + "\n")
+                    metrics.flush()
+        if args.save_params and run_dir is not None and rank == 0:
+            torch.save(trainer.parameters_vector(), run_dir / "final_params.pt")
+    finally:
+        trainer.close()
+        if metrics:
+            metrics.close()
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,204 @@
+"""The training engine: every step, the plan decides the SP groups, the comm layer runs them,
+DeepSpeed reduces gradients and steps the optimizer.
+
+One step, as every rank runs it:
+
+    ids, lengths = batcher.next_batch()          # the same on every rank (lengths only)
+    plan = <rank 0 plans, broadcast>             # computed while the previous step ran
+    for each micro-batch of the plan:
+        group = my group; seqs = read only my group's documents
+        loss = sum of next-token CE over my chunks / real targets of the whole batch
+        engine.backward(loss * world)            # DeepSpeed averages over ranks: undo it
+    engine.step()                                # ZeRO reduction, clipping, AdamW, LR schedule
+
+Because the loss is normalised by the whole batch's real targets and every token is
+computed exactly once, any plan gives the gradients of single-device training on the batch.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pliant.comm import GroupRegistry, contiguous_layouts
+from pliant.planner import Plan, Planner, PlanningService, get_distribution, load_length_file
+from pliant.planner.baselines import static_degree
+from pliant.planner.spec import ClusterSpec, CostSpec, ModelSpec, PlannerSpec
+
+from .data import DocumentSource, GlobalBatcher, SyntheticTask, TokenFile
+from .model import LM, lm_loss_sum
+from .packing import shard_pack
+from .spec import DataSpec, TrainSpec
+
+DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class LaunchError(RuntimeError):
+    """The launched processes do not match the job config."""
+
+
+def lr_multiplier(step: int, spec: TrainSpec) -> float:
+    """Linear warm-up to lr, then cosine decay to min_lr at the last step."""
+    if spec.warmup_steps and step < spec.warmup_steps:
+        return (step + 1) / spec.warmup_steps
+    span = max(1, spec.steps - spec.warmup_steps)
+    progress = min(1.0, (step - spec.warmup_steps) / span)
+    floor = spec.min_lr / spec.lr
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_source(model: ModelSpec, data: DataSpec, train: TrainSpec) -> DocumentSource:
+    if data.source == "tokens":
+        tf = TokenFile.open(data.token_prefix)  # type: ignore[arg-type]
+        if tf.vocab_size > model.vocab_size:
+            raise LaunchError(f"token file {data.token_prefix} has vocab_size {tf.vocab_size}, above the model's "
+                              f"{model.vocab_size}")
+        return tf
+    lengths_src = load_length_file(data.lengths_file) if data.lengths_file else get_distribution(data.dist or "")
+    lengths = lengths_src.sample(data.documents, np.random.default_rng(data.seed + 1))
+    lengths = np.maximum(lengths // data.length_divisor, 2)
+    if train.max_len is not None:
+        lengths = np.minimum(lengths, train.max_len)
+    return SyntheticTask(model.vocab_size, lengths, seed=data.seed)
+
+
+@dataclass
+class StepResult:
+    step: int
+    loss: float  # mean next-token loss over the batch's real targets
+    tokens: int
+    targets: int
+    seconds: float
+    predicted_s: float
+    lr: float
+    group_mix: dict[int, int]
+    micro_batches: int
+
+
+class Trainer:
+    def __init__(self, cluster: ClusterSpec, model: ModelSpec, cost: CostSpec, planner: PlannerSpec,
+                 train: TrainSpec, data: DataSpec, registry: GroupRegistry | None = None):
+        if not dist.is_initialized():
+            raise LaunchError("torch.distributed is not initialised; start pliant through torchrun or `pliant train`")
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        if self.world != cluster.world_size:
+            raise LaunchError(f"the config's cluster has {cluster.world_size} devices ({cluster.nodes} nodes x "
+                              f"{cluster.devices_per_node}), but {self.world} processes were launched")
+        self.cluster, self.model_spec, self.train_spec = cluster, model, train
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cluster.device == "cuda" else \
+            torch.device("cpu")
+        self.dtype = DTYPES[model.dtype]
+        self.planner = Planner.from_specs(cluster, model, cost, planner)
+        self.registry = registry or GroupRegistry(
+            contiguous_layouts(self.world, cluster.devices_per_node, self.planner.sizes))
+        self.batcher = GlobalBatcher(build_source(model, data, train), train.batch_tokens, train.max_len, train.seed)
+        self.static_degree = train.static_degree or (static_degree(self.planner, train.max_len)
+                                                     if train.max_len else self.world)
+        torch.manual_seed(train.seed)
+        module = LM(model).to(device=self.device, dtype=self.dtype)
+        self.engine, self.optimizer, self.scheduler = self._deepspeed(module, model, train)
+        self.step_no = 0
+        self._service = PlanningService(self.planner) if (self.rank == 0 and train.plan == "adaptive") else None
+        self._pending: tuple[np.ndarray, np.ndarray, Future | Plan] | None = None
+
+    def _deepspeed(self, module: LM, model: ModelSpec, train: TrainSpec):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu" if self.device.type == "cpu" else "cuda")
+        import deepspeed
+
+        opt = torch.optim.AdamW(module.parameters(), lr=train.lr, betas=tuple(train.betas), eps=train.adam_eps,
+                                weight_decay=train.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, train))
+        config = {
+            "train_batch_size": self.world,
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": model.zero_stage},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        # always explicit: DeepSpeed clips at 1.0 when the key is absent
+        config["gradient_clipping"] = train.grad_clip if train.grad_clip is not None else 0.0
+        if model.dtype == "bf16":
+            config["bf16"] = {"enabled": True}
+        elif model.dtype == "fp16":
+            config["fp16"] = {"enabled": True}
+        engine, optimizer, _, scheduler = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched,
+                                                               config=config, dist_init_required=False)
+        return engine, optimizer, scheduler
+
+    # ----- planning -----
+    def _plan_now(self, lengths: np.ndarray) -> Plan:
+        mode = self.train_spec.plan
+        if mode == "adaptive":
+            return self.planner.plan(lengths)
+        degree = 1 if mode == "dp" else self.static_degree
+        plan = self.planner.plan_fixed(lengths, degree)
+        if plan is None:
+            raise LaunchError(f"plan '{mode}': a sequence of {int(lengths.max())} tokens does not fit a group of "
+                              f"{degree}")
+        return plan
+
+    def _fetch_batch_and_plan(self) -> tuple[np.ndarray, np.ndarray, Plan]:
+        """This step's batch and plan; rank 0 starts planning the next batch in the background."""
+        if self._pending is None:
+            ids, lengths = self.batcher.next_batch()
+            pending = self._plan_now(lengths) if self.rank == 0 else None
+        else:
+            ids, lengths, pending = self._pending
+        plan = None
+        if self.rank == 0:
+            plan = pending.result() if isinstance(pending, Future) else pending
+        box = [plan]
+        dist.broadcast_object_list(box, src=0)
+        plan = box[0]
+        # look ahead: the next batch is known from lengths alone; plan it while this step trains
+        next_ids, next_lengths = self.batcher.next_batch()
+        nxt = None
+        if self.rank == 0:
+            nxt = self._service.submit(next_lengths) if self._service else self._plan_now(next_lengths)
+        self._pending = (next_ids, next_lengths, nxt)
+        return ids, lengths, plan
+
+    # ----- one step -----
+    def train_step(self) -> StepResult:
+        t0 = time.perf_counter()
+        ids, lengths, plan = self._fetch_batch_and_plan()
+        norm = int(np.maximum(lengths - 1, 0).sum())
+        self.engine.train()
+        total = torch.zeros((), dtype=torch.float64)
+        n_mb = len(plan.micro_batches)
+        for m, mb in enumerate(plan.micro_batches):
+            self.engine.set_gradient_accumulation_boundary(m == n_mb - 1)
+            mine = next(g for g in mb.groups if g.start <= self.rank < g.start + g.size)
+            if mine.seq_ids:
+                group = self.registry.get(mine.start, mine.size)
+                seqs = [torch.from_numpy(d) for d in self.batcher.read(ids[mine.seq_ids])]
+                tokens, targets, ctx = shard_pack(seqs, group, self.device)
+                loss = lm_loss_sum(self.engine(tokens, ctx), targets) / norm
+            else:  # idle in this micro-batch: still join DeepSpeed's gradient reduction
+                loss = sum(p.sum() for p in self.engine.module.parameters()) * 0.0
+            total += loss.detach().to(torch.float64).cpu()
+            self.engine.backward(loss * self.world)  # DeepSpeed averages gradients over ranks
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.engine.step()
+        dist.all_reduce(total)
+        self.step_no += 1
+        mix = plan.group_mix()
+        return StepResult(step=self.step_no, loss=float(total), tokens=int(lengths.sum()), targets=norm,
+                          seconds=time.perf_counter() - t0, predicted_s=plan.predicted_ms / 1e3, lr=lr,
+                          group_mix={int(k): int(v) for k, v in sorted(mix.items())}, micro_batches=n_mb)
+
+    def parameters_vector(self) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1).cpu() for p in self.engine.module.parameters()])
+
+    def close(self) -> None:
+        if self._service is not None:
+            self._service.close()
+            self._service = None
+
