@@ -55,6 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--softmax-max-len", type=int, default=None,
                     help="skip the softmax methods above this length (they are quadratic)")
 
+    t = sub.add_parser("train", help="train the config's model with adaptive sequence parallelism")
+    t.add_argument("--config", default="configs/local-cpu.yaml")
+    t.add_argument("--steps", type=int, default=None, help="override train.steps")
+    t.add_argument("--run-dir", default="runs/latest", help="metrics (and checkpoints) go here")
+    t.add_argument("--plan", choices=["adaptive", "static", "dp"], default=None, help="override train.plan")
+    t.add_argument("--print-commands", action="store_true",
+                   help="print the torchrun command for every node of the cluster instead of running")
+
     sub.add_parser("dists", help="list the named length distributions")
     return parser
 
@@ -140,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_plan(args)
         if args.command == "dists":
             return cmd_dists(args)
+        if args.command == "train":
+            from pliant.launch.launcher import cmd_train
+
+            return cmd_train(args)
         if args.command == "bench" and args.bench == "planner":
             return cmd_bench_planner(args)
         if args.command == "bench" and args.bench == "comm":

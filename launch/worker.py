@@ -11,6 +11,38 @@ from pathlib import Path
 import torch
 
 
+class StepProgress:
+    """A progress bar on a terminal; a line every few steps in logs."""
+
+    def __init__(self, total: int):
+        import sys
+
+        self.total = total
+        self.every = max(1, total // 20)
+        self.live = sys.stderr.isatty()
+        if self.live:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                 TextColumn("{task.description}"), console=Console(stderr=True))
+            self._task = self._bar.add_task("", total=total)
+            self._bar.start()
+
+    def update(self, r) -> None:
+        mix = " ".join(f"{n}x{s}" for s, n in sorted(r.group_mix.items()))
+        text = (f"loss {r.loss:.4f}  step {r.seconds:.2f}s (predicted {r.predicted_s:.2f}s)  groups {mix}  "
+                f"micro-batches {r.micro_batches}")
+        if self.live:
+            self._bar.update(self._task, advance=1, description=text)
+        elif r.step % self.every == 0 or r.step == self.total or r.step == 1:
+            print(f"step {r.step}/{self.total}  {text}", flush=True)
+
+    def close(self) -> None:
+        if self.live:
+            self._bar.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser("pliant-worker")
     p.add_argument("--config", required=True)
@@ -41,21 +73,23 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0 and run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         metrics = open(run_dir / "metrics.jsonl", "a")
+    progress = StepProgress(cfg.train.steps) if rank == 0 else None
     try:
         for _ in range(cfg.train.steps):
             r = trainer.train_step()
             if rank == 0:
-                line = json.dumps(vars(r))
-                print(line, flush=True)
                 if metrics:
-                    metrics.write(line + "\n")
+                    metrics.write(json.dumps(vars(r)) + "\n")
                     metrics.flush()
+                progress.update(r)
         if args.save_params and run_dir is not None and rank == 0:
             torch.save(trainer.parameters_vector(), run_dir / "final_params.pt")
     finally:
         trainer.close()
         if metrics:
             metrics.close()
+        if progress:
+            progress.close()
     dist.barrier()
     dist.destroy_process_group()
     return 0

@@ -64,6 +64,8 @@ class ClusterSpec(_Strict):
     backend: Literal["nccl", "gloo"]
     device_memory_gib: PositiveFloat
     bandwidth: BandwidthSpec
+    hosts: list[str] | None = Field(default=None, description="one address per node, first is the rendezvous host")
+    port: int = Field(default=29500, ge=1, le=65535, description="rendezvous port on the first host")
 
     @property
     def world_size(self) -> int:
@@ -71,6 +73,8 @@ class ClusterSpec(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "ClusterSpec":
+        if self.hosts is not None and len(self.hosts) != self.nodes:
+            raise ValueError(f"hosts lists {len(self.hosts)} addresses for nodes={self.nodes}")
         if self.device == "cpu" and self.backend == "nccl":
             raise ValueError("backend 'nccl' needs device 'cuda'; use backend 'gloo' for device 'cpu'")
         for name in ("all_to_all_gbps", "all_gather_gbps"):

@@ -1,0 +1,59 @@
+"""`pliant train`: start the job through torchrun.
+
+* Launched already (torchrun, deepspeed or a scheduler set RANK and WORLD_SIZE): run this
+  rank's worker in-process.
+* A single-node config: run torchrun locally with one process per device.
+* A multi-node config: `--print-commands` prints the torchrun command for each node (from
+  `cluster.hosts`), to run on that node or hand to the scheduler.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+
+from pliant.launch.config import ConfigError, load_config
+
+
+def worker_args(args: argparse.Namespace) -> list[str]:
+    out = ["--config", str(args.config), "--run-dir", str(args.run_dir)]
+    if args.steps is not None:
+        out += ["--steps", str(args.steps)]
+    if args.plan is not None:
+        out += ["--plan", args.plan]
+    return out
+
+
+def torchrun_command(cfg, node_rank: int, args: argparse.Namespace) -> list[str]:
+    c = cfg.cluster
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={c.devices_per_node}"]
+    if c.nodes == 1:
+        cmd.append("--standalone")
+    else:
+        cmd += [f"--nnodes={c.nodes}", f"--node-rank={node_rank}", f"--master-addr={c.hosts[0]}",
+                f"--master-port={c.port}"]
+    return cmd + ["-m", "pliant.launch.worker", *worker_args(args)]
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun / deepspeed / a scheduler
+        from pliant.launch.worker import main as worker_main
+
+        return worker_main(worker_args(args))
+    c = cfg.cluster
+    if args.print_commands or c.nodes > 1:
+        if c.nodes > 1 and not c.hosts:
+            raise ConfigError(f"cluster.hosts: a {c.nodes}-node cluster needs one address per node to build the "
+                              f"torchrun commands")
+        for node in range(c.nodes):
+            host = c.hosts[node] if c.hosts else "localhost"
+            print(f"# node {node} ({host})")
+            print(" ".join(shlex.quote(x) for x in torchrun_command(cfg, node, args)))
+        return 0
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    if c.device == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
+    return subprocess.run(torchrun_command(cfg, 0, args), env=env).returncode
