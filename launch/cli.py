@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=None, help="override train.steps")
     t.add_argument("--run-dir", default="runs/latest", help="metrics (and checkpoints) go here")
     t.add_argument("--plan", choices=["adaptive", "static", "dp"], default=None, help="override train.plan")
+    t.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --run-dir")
     t.add_argument("--print-commands", action="store_true",
                    help="print the torchrun command for every node of the cluster instead of running")
 

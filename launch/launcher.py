@@ -23,6 +23,8 @@ def worker_args(args: argparse.Namespace) -> list[str]:
         out += ["--steps", str(args.steps)]
     if args.plan is not None:
         out += ["--plan", args.plan]
+    if getattr(args, "resume", False):
+        out.append("--resume")
     return out
 
 

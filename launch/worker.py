@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--run-dir", default=None)
     p.add_argument("--plan", choices=["adaptive", "static", "dp"], default=None, help="override train.plan")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --run-dir")
     p.add_argument("--save-params", action="store_true", help="write the final parameters (tests)")
     args = p.parse_args(argv)
 
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed(dist_backend=cfg.cluster.backend, verbose=False,
                                timeout=datetime.timedelta(seconds=int(os.environ.get("PLIANT_PG_TIMEOUT_S", "300"))))
+    from pliant.runtime.checkpoint import Checkpointer
     from pliant.runtime.engine import Trainer
 
     trainer = Trainer(cfg.cluster, cfg.model, cfg.cost, cfg.planner, cfg.train, cfg.data)
@@ -73,10 +75,21 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0 and run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         metrics = open(run_dir / "metrics.jsonl", "a")
+    checkpointer = Checkpointer(run_dir, cfg.train.keep_checkpoints) if run_dir is not None else None
+    if args.resume:
+        if checkpointer is None:
+            raise SystemExit("pliant: --resume needs --run-dir")
+        if trainer.resume(checkpointer) and rank == 0:
+            print(f"resumed from step {trainer.step_no} ({checkpointer.latest()})", flush=True)
+    fail_at = int(os.environ.get("PLIANT_FAIL_AT_STEP", "0"))  # test hook: die after this step
     progress = StepProgress(cfg.train.steps) if rank == 0 else None
     try:
-        for _ in range(cfg.train.steps):
+        while trainer.step_no < cfg.train.steps:
             r = trainer.train_step()
+            if checkpointer is not None and (r.step % cfg.train.checkpoint_every == 0 or r.step == cfg.train.steps):
+                trainer.save_checkpoint(checkpointer)
+            if fail_at and r.step == fail_at and rank == 0:
+                os._exit(17)
             if rank == 0:
                 if metrics:
                     metrics.write(json.dumps(vars(r)) + "\n")

@@ -6,6 +6,9 @@ torch and its threads). `submit` returns a `concurrent.futures.Future[Plan]`.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import threading
+import time
 from concurrent.futures import Future, ProcessPoolExecutor
 
 import numpy as np
@@ -16,8 +19,33 @@ from .plan import Plan
 _planner: Planner | None = None
 
 
-def _init(planner: Planner) -> None:
+def _die_with_parent(parent_pid: int) -> None:
+    """The planning process must not outlive the rank that started it (a crashed rank would
+    otherwise leave it running, holding the job's output pipes): ask the kernel to signal it
+    when the parent dies (Linux), and poll as a fallback everywhere else."""
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="planner-parent-watch", daemon=True).start()
+
+
+def _init(planner: Planner, parent_pid: int) -> None:
     global _planner
+    _die_with_parent(parent_pid)
     _planner = planner
 
 
@@ -30,7 +58,7 @@ class PlanningService:
     def __init__(self, planner: Planner):
         self.planner = planner
         self._pool = ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"),
-                                         initializer=_init, initargs=(planner,))
+                                         initializer=_init, initargs=(planner, os.getpid()))
 
     def submit(self, lengths) -> "Future[Plan]":
         return self._pool.submit(_plan, np.asarray(lengths, dtype=np.int64))

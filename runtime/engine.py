@@ -16,6 +16,7 @@ computed exactly once, any plan gives the gradients of single-device training on
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -31,6 +32,7 @@ from pliant.planner import Plan, Planner, PlanningService, get_distribution, loa
 from pliant.planner.baselines import static_degree
 from pliant.planner.spec import ClusterSpec, CostSpec, ModelSpec, PlannerSpec
 
+from .checkpoint import Checkpointer, CheckpointError
 from .data import DocumentSource, GlobalBatcher, SyntheticTask, TokenFile
 from .model import LM, lm_loss_sum
 from .packing import shard_pack
@@ -98,8 +100,10 @@ class Trainer:
         self.registry = registry or GroupRegistry(
             contiguous_layouts(self.world, cluster.devices_per_node, self.planner.sizes))
         self.batcher = GlobalBatcher(build_source(model, data, train), train.batch_tokens, train.max_len, train.seed)
-        self.static_degree = train.static_degree or (static_degree(self.planner, train.max_len)
-                                                     if train.max_len else self.world)
+        self.static_degree = None
+        if train.plan == "static":
+            self.static_degree = train.static_degree or (static_degree(self.planner, train.max_len)
+                                                         if train.max_len else self.world)
         torch.manual_seed(train.seed)
         module = LM(model).to(device=self.device, dtype=self.dtype)
         self.engine, self.optimizer, self.scheduler = self._deepspeed(module, model, train)
@@ -193,6 +197,52 @@ class Trainer:
         return StepResult(step=self.step_no, loss=float(total), tokens=int(lengths.sum()), targets=norm,
                           seconds=time.perf_counter() - t0, predicted_s=plan.predicted_ms / 1e3, lr=lr,
                           group_mix={int(k): int(v) for k, v in sorted(mix.items())}, micro_batches=n_mb)
+
+    # ----- checkpoints -----
+    def checkpoint_meta(self) -> dict:
+        """What, besides DeepSpeed's state, a restart needs to continue exactly: the step, the
+        model's shape, the data position and the already-drawn next batch with its plan."""
+        ids, lengths, pending = self._pending if self._pending is not None else (None, None, None)
+        plan = None
+        if self.rank == 0 and pending is not None:
+            plan = (pending.result() if isinstance(pending, Future) else pending).to_dict()
+            self._pending = (ids, lengths, Plan.from_dict(plan))
+        return {
+            "step": self.step_no,
+            "model": self.model_spec.model_dump(mode="json"),
+            "world_size": self.world,
+            "data": self.batcher.state_dict(),
+            "pending_ids": None if ids is None else ids.tolist(),
+            "pending_lengths": None if lengths is None else lengths.tolist(),
+            "pending_plan": plan,
+        }
+
+    def save_checkpoint(self, checkpointer: Checkpointer) -> None:
+        checkpointer.save(self.engine, self.step_no, self.checkpoint_meta())
+
+    def resume(self, checkpointer: Checkpointer) -> bool:
+        """Load the newest complete checkpoint, if any; False when there is none."""
+        path = checkpointer.latest()
+        if path is None:
+            return False
+        meta = json.loads((path / "meta.json").read_text())
+        mine = self.model_spec.model_dump(mode="json")
+        if meta["model"] != mine:
+            diff = sorted(k for k in set(mine) | set(meta["model"]) if mine.get(k) != meta["model"].get(k))
+            raise CheckpointError(
+                f"checkpoint {path} is of a different model: " + ", ".join(
+                    f"{k}={meta['model'].get(k)!r} there, {mine.get(k)!r} here" for k in diff))
+        if meta["world_size"] != self.world:
+            raise CheckpointError(f"checkpoint {path} was written by {meta['world_size']} ranks; this run has "
+                                  f"{self.world} (ZeRO partitions are per rank)")
+        checkpointer.load(self.engine, path)
+        self.batcher.load_state_dict(meta["data"])
+        self.step_no = int(meta["step"])
+        if meta["pending_ids"] is not None:
+            plan = Plan.from_dict(meta["pending_plan"]) if self.rank == 0 else None
+            self._pending = (np.array(meta["pending_ids"], dtype=np.int64),
+                             np.array(meta["pending_lengths"], dtype=np.int64), plan)
+        return True
 
     def parameters_vector(self) -> torch.Tensor:
         return torch.cat([p.detach().reshape(-1).cpu() for p in self.engine.module.parameters()])

@@ -8,6 +8,8 @@ import pytest
 
 from pliant.planner import PlanningService, SequenceTooLongError, validate_plan
 
+from conftest import REPO
+
 from conftest import small_planner
 
 
@@ -34,3 +36,39 @@ def test_errors_travel_back_through_the_future():
         assert e.value.length == 10**9
         # the service survives a failed plan
         assert service.submit([100, 200]).result(timeout=60).lengths == [100, 200]
+
+
+def test_the_planning_process_dies_with_its_parent(tmp_path):
+    """A rank that crashes must not leave its planner running (it would hold the job's pipes)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import sys, os; sys.path.insert(0, %r)\n"
+        "from conftest import small_planner\n"
+        "from pliant.planner import PlanningService\n"
+        "s = PlanningService(small_planner(2, 4, time_limit_s=0.3))\n"
+        "s.submit([100, 200]).result(timeout=60)\n"
+        "print(list(s._pool._processes), flush=True)\n"
+        "os._exit(3)\n"  # die without closing the service
+    ) % str(REPO / "tests")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 3, r.stderr
+    pids = [int(x) for x in r.stdout.strip().strip("[]").split(",") if x.strip()]
+    assert pids
+    deadline = time.time() + 10
+    alive = pids
+    while alive and time.time() < deadline:
+        alive = []
+        for pid in pids:
+            try:
+                os.kill(pid, 0)
+                alive.append(pid)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, f"planner processes {alive} outlived their parent"

@@ -1,0 +1,122 @@
+"""Checkpoints that a crash can never leave half-written for a restart to load.
+
+Layout under RUN_DIR/checkpoints/:
+
+    step-00000050/            a complete checkpoint
+        <DeepSpeed's files>   model, ZeRO optimizer partitions, LR scheduler (per rank)
+        rng-rank{r}.pt        every rank's RNG states
+        meta.json             step, model signature, data position, the pending batch and its plan
+        COMPLETE              written last; a directory without it is never loaded
+    step-00000060.tmp/        a write in progress (or interrupted): ignored, removed on the next save
+
+Writing: every rank writes into the .tmp directory, a barrier, then rank 0 writes
+meta.json, fsyncs, writes COMPLETE, renames the directory into place (atomic on one
+filesystem) and deletes all but the newest `keep` checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pliant.planner.io import atomic_write_text
+
+COMPLETE = "COMPLETE"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Checkpointer:
+    def __init__(self, run_dir: Path, keep: int):
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep = keep
+        self.rank = dist.get_rank()
+
+    @staticmethod
+    def name(step: int) -> str:
+        return f"step-{step:08d}"
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.iterdir()
+                 if p.is_dir() and not p.name.endswith(".tmp") and (p / COMPLETE).is_file()]
+        return sorted(found, key=lambda p: p.name)
+
+    def latest(self) -> Path | None:
+        done = self.complete()
+        return done[-1] if done else None
+
+    def save(self, engine, step: int, meta: dict) -> Path:
+        final = self.root / self.name(step)
+        tmp_tag = self.name(step) + ".tmp"
+        tmp = self.root / tmp_tag
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        dist.barrier()
+        engine.save_checkpoint(str(self.root), tag=tmp_tag, save_latest=False)
+        torch.save(rng_state(), tmp / f"rng-rank{self.rank}.pt")
+        dist.barrier()
+        if self.rank == 0:
+            atomic_write_text(tmp / "meta.json", json.dumps(meta))
+            atomic_write_text(tmp / COMPLETE, f"step {step}\n")
+            _fsync_dir(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+            self._prune()
+        dist.barrier()
+        return final
+
+    def _prune(self) -> None:
+        for old in self.complete()[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in self.root.glob("*.tmp"):  # interrupted writes
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def load(self, engine, path: Path) -> dict:
+        if not (path / COMPLETE).is_file():
+            raise CheckpointError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
+        meta = json.loads((path / "meta.json").read_text())
+        engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                               load_lr_scheduler_states=True)
+        rng_file = path / f"rng-rank{self.rank}.pt"
+        if not rng_file.is_file():
+            raise CheckpointError(f"{path} has no RNG state for rank {self.rank}: it was written by a smaller world")
+        set_rng_state(torch.load(rng_file, weights_only=False))
+        return meta
