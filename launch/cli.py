@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--print-commands", action="store_true",
                    help="print the torchrun command for every node of the cluster instead of running")
 
+    rp = sub.add_parser("report", help="PNG plots of a training run (loss, step time, group sizes)")
+    rp.add_argument("run_dir")
+    rp.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/report.png)")
+
     sub.add_parser("dists", help="list the named length distributions")
     return parser
 
@@ -149,6 +153,11 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_plan(args)
         if args.command == "dists":
             return cmd_dists(args)
+        if args.command == "report":
+            from pliant.launch.report import render
+
+            print(f"wrote {render(Path(args.run_dir), args.out)}")
+            return 0
         if args.command == "train":
             from pliant.launch.launcher import cmd_train
 
