@@ -44,7 +44,7 @@ def render(run_dir: Path, out: Path | None = None) -> Path:
         ax1.plot(steps, smooth, lw=2, label=f"mean of {window}")
     ax1.set_ylabel("next-token loss")
     ax1.legend()
-    ax1.set_title(f"{run_dir}")
+    ax1.set_title(f"training run {Path(run_dir).name}")
     ax2.plot(steps, [r["seconds"] for r in rows], lw=1, label="measured")
     ax2.plot(steps, [r["predicted_s"] for r in rows], lw=1, label="predicted by the plan")
     ax2.set_ylabel("step time (s)")

@@ -55,6 +55,14 @@ def lr_multiplier(step: int, spec: TrainSpec) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
 def build_source(model: ModelSpec, data: DataSpec, train: TrainSpec) -> DocumentSource:
     if data.source == "tokens":
         tf = TokenFile.open(data.token_prefix)  # type: ignore[arg-type]
@@ -81,6 +89,8 @@ class StepResult:
     lr: float
     group_mix: dict[int, int]
     micro_batches: int
+    memory_bytes: int  # this rank's peak: CUDA max allocated, or the process's max RSS on CPU
+    predicted_memory_bytes: float  # the plan's largest per-device peak
 
 
 class Trainer:
@@ -194,9 +204,11 @@ class Trainer:
         dist.all_reduce(total)
         self.step_no += 1
         mix = plan.group_mix()
+        predicted_mem = max(g.peak_memory_bytes for mb in plan.micro_batches for g in mb.groups)
         return StepResult(step=self.step_no, loss=float(total), tokens=int(lengths.sum()), targets=norm,
                           seconds=time.perf_counter() - t0, predicted_s=plan.predicted_ms / 1e3, lr=lr,
-                          group_mix={int(k): int(v) for k, v in sorted(mix.items())}, micro_batches=n_mb)
+                          group_mix={int(k): int(v) for k, v in sorted(mix.items())}, micro_batches=n_mb,
+                          memory_bytes=peak_memory_bytes(self.device), predicted_memory_bytes=predicted_mem)
 
     # ----- checkpoints -----
     def checkpoint_meta(self) -> dict:

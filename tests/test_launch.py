@@ -67,4 +67,5 @@ def test_pliant_train_runs_the_local_default(tmp_path):
 
     first = json.loads(lines[0])
     assert first["step"] == 1 and 4.5 < first["loss"] < 6.5  # about ln(256) at the start
+    assert first["memory_bytes"] > 10_000_000 and first["predicted_memory_bytes"] > 0
     assert "step 3/3" in r.stdout
