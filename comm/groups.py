@@ -104,10 +104,3 @@ class GroupRegistry:
         if not start <= self.rank < start + size:
             raise NotInGroupError(f"rank {self.rank} is not in SP group {start}..{start + size - 1}")
         return SPGroup(start, size, self.rank, self._groups[start, size])
-
-    def group_of(self, starts_sizes: Iterable[tuple[int, int]]) -> SPGroup:
-        """The group, among a micro-batch's groups, that holds this rank."""
-        for start, size in starts_sizes:
-            if start <= self.rank < start + size:
-                return self.get(start, size)
-        raise NotInGroupError(f"no group of the plan holds rank {self.rank}")

@@ -21,7 +21,7 @@ import torch
 from .collectives import all_gather
 from .groups import SPGroup
 from .linear_local import (acc_dtype, chunk_decay, chunk_forward, load_linear, pack_outputs, pack_states,
-                           prepare_linear, save_linear, split_pack)
+                           prepare_linear, recompute_local, save_linear, split_pack)
 from .pack import PackLayout
 
 
@@ -77,16 +77,12 @@ class _Lasp2(torch.autograd.Function):
             scale = chunk_decay(rates, 1, torch.arange(1, C + 1, device=q.device), dtype).expand(C, H).unsqueeze(-1)
             dps.append(torch.einsum("thd,the->hde", scale * qs[j], do[j]))
         gathered, work = all_gather(torch.stack(dps), g, "lasp2.grad_states", async_op=True)
-        with torch.enable_grad():
-            qd, kd, vd = (t.detach().to(dtype).requires_grad_(True) for t in (q, k, v))
-            qs_, ks_, vs_ = (split_pack(t, cu) for t in (qd, kd, vd))
-            outs = pack_outputs(qs_, ks_, vs_, prefix, rates, ctx.block)
-            states = pack_states(ks_, vs_, rates)
+        leaves, outs, states = recompute_local(q, k, v, prefix, rates, ctx.block, cu, dtype)
         if work is not None:
             work.wait()
         dm = _suffix(gathered, g.index, g.size, layout.chunks, rates, dtype)
-        grads = torch.autograd.grad(outs + [states], (qd, kd, vd), list(do) + [dm], allow_unused=True)
-        dq, dk, dv = (torch.zeros_like(t) if gr is None else gr for gr, t in zip(grads, (qd, kd, vd)))
+        grads = torch.autograd.grad(outs + [states], leaves, list(do) + [dm], allow_unused=True)
+        dq, dk, dv = (torch.zeros_like(t) if gr is None else gr for gr, t in zip(grads, leaves))
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 

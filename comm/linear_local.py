@@ -128,6 +128,17 @@ def pack_outputs(qs, ks, vs, prefix: torch.Tensor, rates, block: int, intra: lis
     return [o + inter_output(q, prefix[j], rates) for j, (o, q) in enumerate(zip(intra, qs))]
 
 
+def recompute_local(q, k, v, prefix: torch.Tensor, rates, block: int, cu: list[int], dtype: torch.dtype):
+    """Backward's graph of a rank's local part, rebuilt from the saved inputs: returns the
+    leaves (q, k, v in the accumulation dtype), every sequence's output, and the chunk states."""
+    with torch.enable_grad():
+        leaves = tuple(t.detach().to(dtype).requires_grad_(True) for t in (q, k, v))
+        qs, ks, vs = (split_pack(t, cu) for t in leaves)
+        outs = pack_outputs(qs, ks, vs, prefix, rates, block)
+        states = pack_states(ks, vs, rates)
+    return leaves, outs, states
+
+
 def save_linear(ctx, q, k, v, prefix, rates, layout, g, block) -> None:
     ctx.save_for_backward(q, k, v, prefix, rates if rates is not None else torch.empty(0))
     ctx.layout, ctx.g, ctx.block, ctx.has_rates = layout, g, block, rates is not None

@@ -11,7 +11,7 @@ import torch
 from .collectives import recv, send
 from .groups import SPGroup
 from .linear_local import (acc_dtype, chunk_decay, chunk_forward, load_linear, pack_outputs, pack_states,
-                           prepare_linear, save_linear, split_pack)
+                           prepare_linear, recompute_local, save_linear, split_pack)
 from .pack import PackLayout
 
 
@@ -39,16 +39,15 @@ class _Ring(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, prefix, rates, layout, g, dtype, cu = load_linear(ctx)
         do = split_pack(dout.to(dtype), cu)
+        pd = prefix.detach().requires_grad_(True)
+        leaves, outs, states = recompute_local(q, k, v, pd, rates, ctx.block, cu, dtype)
         with torch.enable_grad():
-            qd, kd, vd = (t.detach().to(dtype).requires_grad_(True) for t in (q, k, v))
-            pd = prefix.detach().requires_grad_(True)
-            qs_, ks_, vs_ = (split_pack(t, cu) for t in (qd, kd, vd))
-            outs = pack_outputs(qs_, ks_, vs_, pd, rates, ctx.block)
-            passed = _hop(rates, layout.chunks, q.shape[1], dtype, q.device) * pd + pack_states(ks_, vs_, rates)  # sent on
+            passed = _hop(rates, layout.chunks, q.shape[1], dtype, q.device) * pd + states  # what went to rank r+1
         # the gradient of the state sent forward comes back from rank r+1
         d_passed = torch.zeros_like(prefix) if g.index == g.size - 1 else recv(prefix, g, g.index + 1, "ring.grad")
-        grads = torch.autograd.grad(outs + [passed], (qd, kd, vd, pd), list(do) + [d_passed], allow_unused=True)
-        dq, dk, dv, dprefix = (torch.zeros_like(t) if gr is None else gr for gr, t in zip(grads, (qd, kd, vd, pd)))
+        wrt = (*leaves, pd)
+        grads = torch.autograd.grad(outs + [passed], wrt, list(do) + [d_passed], allow_unused=True)
+        dq, dk, dv, dprefix = (torch.zeros_like(t) if gr is None else gr for gr, t in zip(grads, wrt))
         if g.index > 0:
             send(dprefix, g, g.index - 1, "ring.grad")
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None

@@ -173,6 +173,7 @@ class Planner:
                              mip_gap=self.spec.mip_gap)
             stats.status, stats.n_variables, stats.n_constraints = res.status, res.n_variables, res.n_constraints
             stats.milp_objective_ms, stats.milp_bound_ms = res.objective_ms, res.bound_ms
+            stats.warm_start = res.warm_start
             if res.groups is not None:
                 improve(res.groups, draft.table, self.cost, time.perf_counter() + polish_s)
                 milp_ms = makespan(res.groups, self.cost.beta_ms)

@@ -209,7 +209,7 @@ def solve_milp(table: SeqTable, cost: CostModel, warm: list[WorkGroup], upper_ms
     remaining = time_limit_s - (time.perf_counter() - t0)
     if remaining <= 0.05:
         return MilpResult(None, "not_run: no time left after building the model", None, None, n_vars, n_cons,
-                          time.perf_counter() - t0)
+                          time.perf_counter() - t0, warm_ok)
     if solver == "highs":
         engine = _WarmHiGHS(msg=False, timeLimit=remaining, threads=threads, gapRel=mip_gap)
     else:
@@ -220,11 +220,12 @@ def solve_milp(table: SeqTable, cost: CostModel, warm: list[WorkGroup], upper_ms
     try:
         prob.solve(engine)
     except pulp.PulpSolverError as e:
-        return MilpResult(None, f"failed: {e}", None, None, n_vars, n_cons, time.perf_counter() - t0)
+        return MilpResult(None, f"failed: {e}", None, None, n_vars, n_cons, time.perf_counter() - t0, warm_ok)
     status = pulp.LpStatus[prob.status]
     has_solution = prob.sol_status in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible)
     if not has_solution or T.varValue is None:
-        return MilpResult(None, f"no_solution ({status})", None, None, n_vars, n_cons, time.perf_counter() - t0)
+        return MilpResult(None, f"no_solution ({status})", None, None, n_vars, n_cons, time.perf_counter() - t0,
+                          warm_ok)
     bound = getattr(engine, "dual_bound", None)
     sol_status = "optimal" if prob.sol_status == pulp.LpSolutionOptimal else "time_limit"
     if sol_status == "optimal" and bound is None:

@@ -43,6 +43,7 @@ class SolverStats:
     gap: float | None = None  # (realised makespan - MILP bound) / realised makespan
     n_variables: int | None = None
     n_constraints: int | None = None
+    warm_start: bool | None = None  # whether the heuristic's schedule was accepted as the MILP's start
 
 
 @dataclass

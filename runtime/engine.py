@@ -35,7 +35,7 @@ from pliant.planner.spec import ClusterSpec, CostSpec, ModelSpec, PlannerSpec
 from .checkpoint import Checkpointer, CheckpointError
 from .data import DocumentSource, GlobalBatcher, SyntheticTask, TokenFile
 from .model import LM, lm_loss_sum
-from .packing import shard_pack
+from .packing import real_targets, shard_pack
 from .spec import DataSpec, TrainSpec
 
 DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -183,7 +183,7 @@ class Trainer:
     def train_step(self) -> StepResult:
         t0 = time.perf_counter()
         ids, lengths, plan = self._fetch_batch_and_plan()
-        norm = int(np.maximum(lengths - 1, 0).sum())
+        norm = real_targets(lengths)
         self.engine.train()
         total = torch.zeros((), dtype=torch.float64)
         n_mb = len(plan.micro_batches)

@@ -18,9 +18,9 @@ def next_token_targets(tokens: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def real_targets(seqs: list[torch.Tensor]) -> int:
-    """Tokens that have a target: the loss normaliser's share of these sequences."""
-    return sum(max(0, len(s) - 1) for s in seqs)
+def real_targets(lengths) -> int:
+    """Tokens that have a target (all but each sequence's last): the loss normaliser."""
+    return int(sum(max(0, int(L) - 1) for L in lengths))
 
 
 def shard_pack(seqs: list[torch.Tensor], group: SPGroup, device: torch.device | str = "cpu"

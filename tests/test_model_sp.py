@@ -21,7 +21,7 @@ def reference(spec_kwargs, lengths, seed):
     seqs = batch_tokens(lengths, spec.vocab_size, seed)
     solo = SPGroup(0, 1, 0, None)
     loss = sum(lm_loss_sum(model(s, SeqContext.build(solo, [len(s)])), next_token_targets(s)) for s in seqs)
-    loss = loss / real_targets(seqs)
+    loss = loss / real_targets([len(s) for s in seqs])
     loss.backward()
     return loss.detach(), torch.cat([p.grad.reshape(-1) for p in model.parameters()])
 
