@@ -8,6 +8,14 @@ from pathlib import Path
 from pliant.planner.errors import PlanningError
 
 DEFAULT_CONFIG = "configs/flexsp-7b-64gpu.yaml"
+LOCAL_CONFIG = "configs/local-cpu.yaml"
+
+
+def add_config_arg(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--config", action="append", default=None, metavar="CFG",
+                   help=f"job config (path or bundled name; default {default}); give it again to overlay "
+                        f"more files, e.g. the coefficients from `pliant profile`")
+    p.set_defaults(config_default=default)
 
 
 def _add_length_args(p: argparse.ArgumentParser) -> None:
@@ -27,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("plan", help="plan one global batch and print the plan")
-    p.add_argument("--config", default=DEFAULT_CONFIG, help="job config (path or bundled name)")
+    add_config_arg(p, DEFAULT_CONFIG)
     _add_length_args(p)
     p.add_argument("--batch-index", type=int, default=0, help="which batch of the seeded stream to plan")
     p.add_argument("--out", default="plan.json", help="where to write the plan as JSON")
@@ -36,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)
     bp = bsub.add_parser("planner", help="adaptive plans vs static, fixed-degree and BatchAda baselines")
-    bp.add_argument("--config", default=DEFAULT_CONFIG)
+    add_config_arg(bp, DEFAULT_CONFIG)
     _add_length_args(bp)
     bp.add_argument("--batches", type=int, default=20, metavar="K")
     bp.add_argument("--out", default="bench-planner.json")
@@ -55,14 +63,31 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--softmax-max-len", type=int, default=None,
                     help="skip the softmax methods above this length (they are quadratic)")
 
+    bt = bsub.add_parser("train", help="measured step time: adaptive vs every static degree vs data parallel")
+    add_config_arg(bt, LOCAL_CONFIG)
+    bt.add_argument("--out", default="bench-train.json")
+    bt.add_argument("--rounds", type=int, default=3, help="round-robin rounds over the modes")
+    bt.add_argument("--steps-per-round", type=int, default=8)
+    bt.add_argument("--warmup", type=int, default=2, help="first steps of each mode left out of the medians")
+    bt.add_argument("--print-commands", action="store_true", help="print the torchrun command for every node")
+
     t = sub.add_parser("train", help="train the config's model with adaptive sequence parallelism")
-    t.add_argument("--config", default="configs/local-cpu.yaml")
+    add_config_arg(t, LOCAL_CONFIG)
     t.add_argument("--steps", type=int, default=None, help="override train.steps")
     t.add_argument("--run-dir", default="runs/latest", help="metrics (and checkpoints) go here")
     t.add_argument("--plan", choices=["adaptive", "static", "dp"], default=None, help="override train.plan")
     t.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --run-dir")
     t.add_argument("--print-commands", action="store_true",
                    help="print the torchrun command for every node of the cluster instead of running")
+
+    pf = sub.add_parser("profile", help="measure the cost-model coefficients on this machine (writes a config overlay)")
+    add_config_arg(pf, LOCAL_CONFIG)
+    pf.add_argument("--out", default="coeffs.yaml", help="YAML overlay with the measured cluster.bandwidth and cost")
+    pf.add_argument("--report", default=None, help="JSON with every timing and fit (default: --out with .json)")
+    pf.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (after one warm-up)")
+    pf.add_argument("--calibration-steps", type=int, default=8, help="training steps that measure the per-step overhead")
+    pf.add_argument("--quick", action="store_true", help="short sequences and one repeat (a smoke test)")
+    pf.add_argument("--print-commands", action="store_true", help="print the torchrun command for every node")
 
     rp = sub.add_parser("report", help="PNG plots of a training run (loss, step time, group sizes)")
     rp.add_argument("run_dir")
@@ -106,7 +131,7 @@ def cmd_bench_planner(args: argparse.Namespace) -> int:
     out = Path(args.out)
     plot = Path(args.plot) if args.plot else out.with_suffix(".png")
     cfg, planner = load_planner(args)
-    run(planner, cfg.cluster, cfg.model, args.config, args.lengths, args.dist, args.batch_tokens, args.max_len,
+    run(planner, cfg.cluster, cfg.model, " + ".join(args.config), args.lengths, args.dist, args.batch_tokens, args.max_len,
         args.batches, args.seed, out, plot)
     print(f"wrote {out} and {plot}")
     return 0
@@ -132,6 +157,38 @@ def cmd_bench_comm(args: argparse.Namespace) -> int:
     return rc
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from pliant.launch.config import load_config
+    from pliant.launch.launcher import launch
+    from pliant.launch.profile import main as profile_main
+
+    if args.repeats < 1 or args.calibration_steps < 3:
+        raise PlanningError(f"--repeats must be >= 1 and --calibration-steps >= 3, got {args.repeats} and "
+                            f"{args.calibration_steps}")
+    rank_args = [x for name in args.config for x in ("--config", str(name))]
+    rank_args += ["--out", str(Path(args.out).resolve()), "--repeats", str(args.repeats),
+                  "--calibration-steps", str(args.calibration_steps)]
+    if args.report:
+        rank_args += ["--report", str(Path(args.report).resolve())]
+    if args.quick:
+        rank_args.append("--quick")
+    return launch(load_config(args.config), "pliant.launch.profile", rank_args, profile_main, args.print_commands)
+
+
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    from pliant.bench.train_bench import main as bench_main
+    from pliant.launch.config import load_config
+    from pliant.launch.launcher import launch
+
+    if args.rounds < 1 or args.steps_per_round < 1 or not 0 <= args.warmup < args.rounds * args.steps_per_round:
+        raise PlanningError(f"--rounds and --steps-per-round must be >= 1 and --warmup below their product, got "
+                            f"{args.rounds}, {args.steps_per_round}, {args.warmup}")
+    rank_args = [x for name in args.config for x in ("--config", str(name))]
+    rank_args += ["--out", str(Path(args.out).resolve()), "--rounds", str(args.rounds), "--steps-per-round",
+                  str(args.steps_per_round), "--warmup", str(args.warmup)]
+    return launch(load_config(args.config), "pliant.bench.train_bench", rank_args, bench_main, args.print_commands)
+
+
 def cmd_dists(_: argparse.Namespace) -> int:
     import numpy as np
 
@@ -148,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     from pliant.launch.config import ConfigError
 
     args = build_parser().parse_args(argv)
+    if hasattr(args, "config_default"):
+        args.config = args.config or [args.config_default]
     try:
         if args.command == "plan":
             return cmd_plan(args)
@@ -162,8 +221,12 @@ def main(argv: list[str] | None = None) -> int:
             from pliant.launch.launcher import cmd_train
 
             return cmd_train(args)
+        if args.command == "profile":
+            return cmd_profile(args)
         if args.command == "bench" and args.bench == "planner":
             return cmd_bench_planner(args)
+        if args.command == "bench" and args.bench == "train":
+            return cmd_bench_train(args)
         if args.command == "bench" and args.bench == "comm":
             return cmd_bench_comm(args)
     except (ConfigError, PlanningError) as e:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import re
 
@@ -92,13 +92,44 @@ def parse_config(data: Any, source: str = "config") -> JobConfig:
         raise ConfigError(format_validation_error(source, e)) from None
 
 
-def load_config(name: str | Path) -> JobConfig:
+def _read_yaml(name: str | Path) -> tuple[Path, Any]:
     path = resolve_config_path(name)
     try:
-        data = yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 (a SafeLoader)
+        return path, yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    return parse_config(data, str(path))
+
+
+def merge_config(base: dict, overlay: dict) -> dict:
+    """`overlay` on top of `base`, key by key: mappings merge, anything else replaces."""
+    out = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_config(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(names: str | Path | Sequence[str | Path]) -> JobConfig:
+    """One config file, or several merged in order (later files override earlier ones key by
+    key, e.g. a base config and the coefficients `pliant profile` wrote)."""
+    names = [names] if isinstance(names, (str, Path)) else list(names)
+    if not names:
+        raise ConfigError("no config file given")
+    data: Any = None
+    sources = []
+    for name in names:
+        path, layer = _read_yaml(name)
+        sources.append(str(path))
+        if data is None:
+            data = layer
+        elif not isinstance(layer, dict) or not isinstance(data, dict):
+            raise ConfigError(f"{path}: an overlay config must be a mapping of sections, got "
+                              f"{type(layer).__name__}")
+        else:
+            data = merge_config(data, layer)
+    return parse_config(data, " + ".join(sources))
 
 
 def with_overrides(cfg: JobConfig, section: str, **values: Any) -> JobConfig:

@@ -13,12 +13,13 @@ import os
 import shlex
 import subprocess
 import sys
+from typing import Callable
 
 from pliant.launch.config import ConfigError, load_config
 
 
 def worker_args(args: argparse.Namespace) -> list[str]:
-    out = ["--config", str(args.config), "--run-dir", str(args.run_dir)]
+    out = [x for name in args.config for x in ("--config", str(name))] + ["--run-dir", str(args.run_dir)]
     if args.steps is not None:
         out += ["--steps", str(args.steps)]
     if args.plan is not None:
@@ -28,7 +29,7 @@ def worker_args(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def torchrun_command(cfg, node_rank: int, args: argparse.Namespace) -> list[str]:
+def torchrun_command(cfg, node_rank: int, module: str, module_args: list[str]) -> list[str]:
     c = cfg.cluster
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={c.devices_per_node}"]
     if c.nodes == 1:
@@ -36,26 +37,33 @@ def torchrun_command(cfg, node_rank: int, args: argparse.Namespace) -> list[str]
     else:
         cmd += [f"--nnodes={c.nodes}", f"--node-rank={node_rank}", f"--master-addr={c.hosts[0]}",
                 f"--master-port={c.port}"]
-    return cmd + ["-m", "pliant.launch.worker", *worker_args(args)]
+    return cmd + ["-m", module, *module_args]
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
+def launch(cfg, module: str, module_args: list[str], rank_main: Callable[[list[str]], int],
+           print_commands: bool = False) -> int:
+    """Run `module` on every rank of the config's cluster: in this process when a launcher
+    already started it, through a local torchrun on one node, or print each node's command."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun / deepspeed / a scheduler
-        from pliant.launch.worker import main as worker_main
-
-        return worker_main(worker_args(args))
+        return rank_main(module_args)
     c = cfg.cluster
-    if args.print_commands or c.nodes > 1:
+    if print_commands or c.nodes > 1:
         if c.nodes > 1 and not c.hosts:
             raise ConfigError(f"cluster.hosts: a {c.nodes}-node cluster needs one address per node to build the "
                               f"torchrun commands")
         for node in range(c.nodes):
             host = c.hosts[node] if c.hosts else "localhost"
             print(f"# node {node} ({host})")
-            print(" ".join(shlex.quote(x) for x in torchrun_command(cfg, node, args)))
+            print(" ".join(shlex.quote(x) for x in torchrun_command(cfg, node, module, module_args)))
         return 0
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     if c.device == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
-    return subprocess.run(torchrun_command(cfg, 0, args), env=env).returncode
+    return subprocess.run(torchrun_command(cfg, 0, module, module_args), env=env).returncode
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pliant.launch.worker import main as worker_main
+
+    return launch(load_config(args.config), "pliant.launch.worker", worker_args(args), worker_main,
+                  args.print_commands)

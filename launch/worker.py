@@ -43,9 +43,20 @@ class StepProgress:
             self._bar.stop()
 
 
+def init_distributed(cluster) -> None:
+    """Join the job's process group from torchrun's variables (RANK, WORLD_SIZE, MASTER_ADDR...)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if cluster.device == "cpu" else "cuda")
+    import deepspeed
+
+    if cluster.device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    deepspeed.init_distributed(dist_backend=cluster.backend, verbose=False,
+                               timeout=datetime.timedelta(seconds=int(os.environ.get("PLIANT_PG_TIMEOUT_S", "300"))))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser("pliant-worker")
-    p.add_argument("--config", required=True)
+    p.add_argument("--config", required=True, action="append", help="config file; repeat to overlay more")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--run-dir", default=None)
     p.add_argument("--plan", choices=["adaptive", "static", "dp"], default=None, help="override train.plan")
@@ -57,14 +68,9 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_config(args.config)
     cfg = with_overrides(cfg, "train", steps=args.steps, plan=args.plan)
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if cfg.cluster.device == "cpu" else "cuda")
-    import deepspeed
     import torch.distributed as dist
 
-    if cfg.cluster.device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    deepspeed.init_distributed(dist_backend=cfg.cluster.backend, verbose=False,
-                               timeout=datetime.timedelta(seconds=int(os.environ.get("PLIANT_PG_TIMEOUT_S", "300"))))
+    init_distributed(cfg.cluster)
     from pliant.runtime.checkpoint import Checkpointer
     from pliant.runtime.engine import Trainer
 

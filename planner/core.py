@@ -19,7 +19,7 @@ from .heuristic import solve_heuristic
 from .layout import allowed_sizes
 from .milp import pick_solver, solve_milp
 from .plan import MicroBatchPlan, Plan, SolverStats
-from .schedule import SeqTable, WorkGroup, improve, list_schedule, makespan, new_groups, to_micro_batch
+from .schedule import SeqTable, WorkGroup, improve, list_schedule, new_groups, priced_ms, to_micro_batch
 from .spec import ClusterSpec, CostSpec, ModelSpec, PlannerSpec
 
 
@@ -132,7 +132,7 @@ class Planner:
             if not list_schedule(list(range(len(table))), groups, table, self.cost):
                 return None
             improve(groups, table, self.cost, max(deadline, time.perf_counter() + 0.02))
-            return _Draft(table, groups, makespan(groups, self.cost.beta_ms))
+            return _Draft(table, groups, priced_ms(groups, self.cost))
         return solve
 
     # ----- adaptive -----
@@ -176,7 +176,7 @@ class Planner:
             stats.warm_start = res.warm_start
             if res.groups is not None:
                 improve(res.groups, draft.table, self.cost, time.perf_counter() + polish_s)
-                milp_ms = makespan(res.groups, self.cost.beta_ms)
+                milp_ms = priced_ms(res.groups, self.cost)
                 stats.milp_ms = milp_ms
                 if milp_ms < ms - 1e-9 and to_micro_batch(res.groups, draft.table, self.cost, stats) is not None:
                     groups, ms, stats.source = res.groups, milp_ms, "milp"

@@ -2,7 +2,8 @@
 
 For a sequence of L tokens in an SP group of s devices (L padded to a multiple of s):
 
-* compute:  (a1 * f_softmax * L^2 + a2 * L) / s   ms, plus beta ms per group per micro-batch;
+* compute:  (a1 * f_softmax * L^2 + a2 * L) / s + gamma   ms, plus beta ms per group per
+  micro-batch (gamma: the per-sequence overhead every rank of the group pays, 0 in FlexSP);
 * softmax layers: Ulysses all-to-all when the head count divides by s (each device sends
   (s-1)/s of its L/s tokens' q, k, v, o activations and their gradients), otherwise LASP-2H
   (AllGather K, V forward, reduce-scatter dK, dV backward);
@@ -78,6 +79,9 @@ class CostModel:
     devices_per_node: int
     a2a: BandwidthTable = field(repr=False, compare=False)
     all_gather: BandwidthTable = field(repr=False, compare=False)
+    gamma_ms: float = 0.0  # per sequence, on every rank of its group
+    step_overhead_ms: float = 0.0  # per step, outside the micro-batches; changes no plan
+    cores: int | None = None  # CPU cores the ranks share (None: dedicated devices)
     _mem_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
@@ -108,6 +112,9 @@ class CostModel:
             devices_per_node=node,
             a2a=a2a,
             all_gather=ag,
+            gamma_ms=cost.seq_overhead_ms,
+            step_overhead_ms=cost.step_overhead_ms,
+            cores=None if cluster.cores is None else cluster.cores * cluster.nodes,
         )
 
     # ----- per-sequence terms (vectorised over lengths) -----
@@ -121,7 +128,7 @@ class CostModel:
 
     def compute_ms(self, lengths: np.ndarray, s: int) -> np.ndarray:
         L = self.padded(lengths, s)
-        return (self.a1_ms * L * L + self.a2_ms * L) / s
+        return (self.a1_ms * L * L + self.a2_ms * L) / s + self.gamma_ms
 
     def softmax_comm_bytes(self, lengths: np.ndarray, s: int) -> np.ndarray:
         """Bytes one device sends per step for the softmax layers of these sequences."""
@@ -163,7 +170,25 @@ class CostModel:
 
     def single_device_ms(self, lengths: np.ndarray) -> np.ndarray:
         L = np.asarray(lengths, dtype=np.float64)
-        return self.a1_ms * L * L + self.a2_ms * L
+        return self.a1_ms * L * L + self.a2_ms * L + self.gamma_ms
+
+    def micro_batch_ms(self, groups: list[tuple[int, float]]) -> float:
+        """Time of a micro-batch from its busy groups' (size, ms).
+
+        Dedicated devices: the slowest group. Ranks sharing fewer cores (`cores`): group times
+        are measured with every rank busy, each rank holding cores/world of a core; a group
+        whose neighbours are idle runs faster, up to a core per rank, while all groups together
+        are bounded by the cores: max(slowest group at its best speed, total rank-time spread
+        over all ranks)."""
+        if not groups:
+            return 0.0
+        worst = max(ms for _, ms in groups)
+        if self.cores is None or self.cores >= self.world_size:
+            return worst
+        share = self.cores / self.world_size
+        alone = max(ms * share * max(1.0, s / self.cores) for s, ms in groups)
+        spread = sum(s * ms for s, ms in groups) / self.world_size
+        return max(alone, spread)
 
     # ----- memory -----
     def memory_coeffs(self, s: int) -> tuple[float, float, float]:

@@ -18,7 +18,7 @@ import numpy as np
 
 from .cost import CostModel
 from .layout import place_groups
-from .schedule import SeqTable, WorkGroup, improve, list_schedule, makespan, new_groups
+from .schedule import SeqTable, WorkGroup, improve, list_schedule, new_groups, priced_ms
 
 
 def greedy_for_target(table: SeqTable, cost: CostModel, target_ms: float) -> list[WorkGroup] | None:
@@ -74,7 +74,7 @@ def solve_heuristic(table: SeqTable, cost: CostModel, deadline: float, grid: int
         groups = greedy_for_target(table, cost, target)
         if groups is None:
             return
-        ms = makespan(groups, cost.beta_ms)
+        ms = priced_ms(groups, cost)
         if best is None or ms < best[0]:
             best = (ms, target, groups)
 
@@ -98,4 +98,4 @@ def solve_heuristic(table: SeqTable, cost: CostModel, deadline: float, grid: int
         attempt(centre * step)
     ms, _, groups = best
     improve(groups, table, cost, deadline)
-    return groups, makespan(groups, cost.beta_ms)
+    return groups, priced_ms(groups, cost)

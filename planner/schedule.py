@@ -77,9 +77,10 @@ class WorkGroup:
             self.load, self.tokens_pad = 0.0, 0.0
 
 
-def makespan(groups: list[WorkGroup], beta_ms: float) -> float:
-    busy = [g.load for g in groups if g.seqs]
-    return beta_ms + max(busy) if busy else 0.0
+def priced_ms(groups: list[WorkGroup], cost: CostModel) -> float:
+    """A schedule's micro-batch time as the plan will state it: the makespan on dedicated
+    devices; on shared CPU cores, the cost model's shared-core price."""
+    return cost.micro_batch_ms([(g.size, cost.beta_ms + g.load) for g in groups if g.seqs])
 
 
 def new_groups(table: SeqTable, sizes: list[int]) -> list[WorkGroup]:
@@ -225,5 +226,5 @@ def to_micro_batch(groups: list[WorkGroup], table: SeqTable, cost: CostModel, st
         plans.append(GroupPlan(start=r, size=1, seq_ids=[], tokens=0, predicted_ms=0.0,
                                peak_memory_bytes=cost.model_state_bytes, softmax_sp="none"))
     plans.sort(key=lambda g: g.start)
-    predicted = max((g.predicted_ms for g in plans), default=0.0)
+    predicted = cost.micro_batch_ms([(g.size, g.predicted_ms) for g in plans if g.seq_ids])
     return MicroBatchPlan(groups=plans, predicted_ms=predicted, stats=stats)

@@ -1,7 +1,7 @@
 """Planning in the background, so that the plan for step i+1 is ready when step i ends.
 
 The planner is CPU-bound Python, so it runs in its own process (spawned: safe beside
-torch and its threads). `submit` returns a `concurrent.futures.Future[Plan]`.
+torch and its threads). `submit` returns a `concurrent.futures.Future`.
 """
 from __future__ import annotations
 
@@ -49,9 +49,9 @@ def _init(planner: Planner, parent_pid: int) -> None:
     _planner = planner
 
 
-def _plan(lengths: np.ndarray) -> Plan:
+def _plan(lengths: np.ndarray, degree: int | None) -> Plan | None:
     assert _planner is not None
-    return _planner.plan(lengths)
+    return _planner.plan(lengths) if degree is None else _planner.plan_fixed(lengths, degree)
 
 
 class PlanningService:
@@ -60,8 +60,10 @@ class PlanningService:
         self._pool = ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"),
                                          initializer=_init, initargs=(planner, os.getpid()))
 
-    def submit(self, lengths) -> "Future[Plan]":
-        return self._pool.submit(_plan, np.asarray(lengths, dtype=np.int64))
+    def submit(self, lengths, degree: int | None = None) -> "Future[Plan | None]":
+        """The adaptive plan of a batch; with `degree`, the plan with every group of that size
+        (None when some sequence does not fit it, as `Planner.plan_fixed`)."""
+        return self._pool.submit(_plan, np.asarray(lengths, dtype=np.int64), degree)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -66,6 +66,10 @@ class ClusterSpec(_Strict):
     bandwidth: BandwidthSpec
     hosts: list[str] | None = Field(default=None, description="one address per node, first is the rendezvous host")
     port: int = Field(default=29500, ge=1, le=65535, description="rendezvous port on the first host")
+    cores: PositiveInt | None = Field(
+        default=None,
+        description="CPU cores the ranks of a node share, when fewer than devices_per_node: a rank then runs "
+                    "faster while others idle, and plans are priced for that; None for dedicated devices")
 
     @property
     def world_size(self) -> int:
@@ -77,6 +81,8 @@ class ClusterSpec(_Strict):
             raise ValueError(f"hosts lists {len(self.hosts)} addresses for nodes={self.nodes}")
         if self.device == "cpu" and self.backend == "nccl":
             raise ValueError("backend 'nccl' needs device 'cuda'; use backend 'gloo' for device 'cpu'")
+        if self.cores is not None and self.device != "cpu":
+            raise ValueError("cores (shared CPU cores) applies to device 'cpu' only")
         for name in ("all_to_all_gbps", "all_gather_gbps"):
             table = getattr(self.bandwidth, name)
             if table is None:
@@ -157,16 +163,24 @@ class ModelSpec(_Strict):
 class CostSpec(_Strict):
     """FlexSP-form coefficients (see DESIGN.md, cost model).
 
-    compute(L, s) = (a1_ms * f_softmax * L^2 + a2_ms * L) / s, plus beta_ms per group per
-    micro-batch, where f_softmax is the model's fraction of softmax-attention layers:
-    a1_ms is the quadratic coefficient of the model as if every layer were softmax, so the
-    published all-softmax fits plug in unchanged.
+    compute(L, s) = (a1_ms * f_softmax * L^2 + a2_ms * L) / s + seq_overhead_ms, plus beta_ms
+    per group per micro-batch, where f_softmax is the model's fraction of softmax-attention
+    layers: a1_ms is the quadratic coefficient of the model as if every layer were softmax,
+    so the published all-softmax fits plug in unchanged.
+
+    The two overheads default to 0 (the FlexSP form): `seq_overhead_ms` is a fixed time per
+    sequence that every rank of its group pays (per-sequence kernel launches or loops, large
+    on CPU); `step_overhead_ms` is the time of a step outside its micro-batches (gradient
+    reduction, optimizer, plan exchange). The second changes no plan, only the predicted step
+    time. `pliant profile` measures all of them.
     """
 
     a1_ms: NonNegativeFloat
     a2_ms: PositiveFloat
     beta_ms: NonNegativeFloat
     activation_bytes_per_token: PositiveFloat
+    seq_overhead_ms: NonNegativeFloat = 0.0
+    step_overhead_ms: NonNegativeFloat = 0.0
     source: str | None = None
 
 

@@ -118,7 +118,7 @@ class Trainer:
         module = LM(model).to(device=self.device, dtype=self.dtype)
         self.engine, self.optimizer, self.scheduler = self._deepspeed(module, model, train)
         self.step_no = 0
-        self._service = PlanningService(self.planner) if (self.rank == 0 and train.plan == "adaptive") else None
+        self._service = PlanningService(self.planner) if self.rank == 0 else None
         self._pending: tuple[np.ndarray, np.ndarray, Future | Plan] | None = None
 
     def _deepspeed(self, module: LM, model: ModelSpec, train: TrainSpec):
@@ -147,16 +147,22 @@ class Trainer:
         return engine, optimizer, scheduler
 
     # ----- planning -----
-    def _plan_now(self, lengths: np.ndarray) -> Plan:
+    @property
+    def fixed_degree(self) -> int | None:
+        """The group size of every group under plan static or dp; None when adaptive."""
         mode = self.train_spec.plan
-        if mode == "adaptive":
-            return self.planner.plan(lengths)
-        degree = 1 if mode == "dp" else self.static_degree
-        plan = self.planner.plan_fixed(lengths, degree)
+        return None if mode == "adaptive" else (1 if mode == "dp" else self.static_degree)
+
+    def _checked(self, plan: Plan | None, lengths: np.ndarray) -> Plan:
         if plan is None:
-            raise LaunchError(f"plan '{mode}': a sequence of {int(lengths.max())} tokens does not fit a group of "
-                              f"{degree}")
+            raise LaunchError(f"plan '{self.train_spec.plan}': a sequence of {int(lengths.max())} tokens does not fit "
+                              f"a group of {self.fixed_degree}")
         return plan
+
+    def _plan_now(self, lengths: np.ndarray) -> Plan:
+        degree = self.fixed_degree
+        plan = self.planner.plan(lengths) if degree is None else self.planner.plan_fixed(lengths, degree)
+        return self._checked(plan, lengths)
 
     def _fetch_batch_and_plan(self) -> tuple[np.ndarray, np.ndarray, Plan]:
         """This step's batch and plan; rank 0 starts planning the next batch in the background."""
@@ -167,7 +173,7 @@ class Trainer:
             ids, lengths, pending = self._pending
         plan = None
         if self.rank == 0:
-            plan = pending.result() if isinstance(pending, Future) else pending
+            plan = self._checked(pending.result() if isinstance(pending, Future) else pending, lengths)
         box = [plan]
         dist.broadcast_object_list(box, src=0)
         plan = box[0]
@@ -175,7 +181,7 @@ class Trainer:
         next_ids, next_lengths = self.batcher.next_batch()
         nxt = None
         if self.rank == 0:
-            nxt = self._service.submit(next_lengths) if self._service else self._plan_now(next_lengths)
+            nxt = self._service.submit(next_lengths, self.fixed_degree)
         self._pending = (next_ids, next_lengths, nxt)
         return ids, lengths, plan
 
@@ -206,7 +212,8 @@ class Trainer:
         mix = plan.group_mix()
         predicted_mem = max(g.peak_memory_bytes for mb in plan.micro_batches for g in mb.groups)
         return StepResult(step=self.step_no, loss=float(total), tokens=int(lengths.sum()), targets=norm,
-                          seconds=time.perf_counter() - t0, predicted_s=plan.predicted_ms / 1e3, lr=lr,
+                          seconds=time.perf_counter() - t0, lr=lr,
+                          predicted_s=(plan.predicted_ms + self.planner.cost.step_overhead_ms) / 1e3,
                           group_mix={int(k): int(v) for k, v in sorted(mix.items())}, micro_batches=n_mb,
                           memory_bytes=peak_memory_bytes(self.device), predicted_memory_bytes=predicted_mem)
 
@@ -217,7 +224,7 @@ class Trainer:
         ids, lengths, pending = self._pending if self._pending is not None else (None, None, None)
         plan = None
         if self.rank == 0 and pending is not None:
-            plan = (pending.result() if isinstance(pending, Future) else pending).to_dict()
+            plan = self._checked(pending.result() if isinstance(pending, Future) else pending, lengths).to_dict()
             self._pending = (ids, lengths, Plan.from_dict(plan))
         return {
             "step": self.step_no,

@@ -1,0 +1,143 @@
+"""`pliant bench train`: measured step time of adaptive SP against every static degree and
+plain data parallel, on the same long-tail batches, in one job.
+
+Every rank builds one `Trainer` per plan mode (adaptive; static at each uniform degree > 1
+that holds the longest sequence; dp), all sharing the process groups. The modes take turns
+in rounds of a few steps each (round robin, so that a noisy machine slows them alike), each
+continuing its own run over the same batch stream. Step times after each mode's warm-up
+steps are kept; medians, ratios, and the cost model's prediction error per step are
+written as JSON by rank 0, with a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+from pathlib import Path
+
+
+def summarize(records: list[dict], warmup: int) -> dict:
+    """Medians per mode, the best static degree, ratios, prediction error (records: one per
+    step with mode, round, step, seconds, predicted_s)."""
+    modes: dict[str, dict] = {}
+    for name in dict.fromkeys(r["mode"] for r in records):
+        mine = [r for r in records if r["mode"] == name and r["step"] > warmup]
+        if not mine:
+            raise ValueError(f"mode {name}: no steps after the {warmup} warm-up steps")
+        errors = [abs(r["predicted_s"] - r["seconds"]) / r["seconds"] for r in mine]
+        rounds = sorted({r["round"] for r in mine})
+        modes[name] = {
+            "median_step_s": statistics.median(r["seconds"] for r in mine),
+            "median_predicted_s": statistics.median(r["predicted_s"] for r in mine),
+            "prediction_error_median": statistics.median(errors),
+            "round_medians_s": [statistics.median(r["seconds"] for r in mine if r["round"] == k) for k in rounds],
+            "steps": len(mine),
+            "final_loss": [r["loss"] for r in records if r["mode"] == name][-1],
+        }
+    statics = {k: v for k, v in modes.items() if k.startswith("static-")}
+    if "adaptive" not in modes or "dp" not in modes or not statics:
+        raise ValueError(f"need adaptive, dp and at least one static mode, got {sorted(modes)}")
+    best = min(statics, key=lambda k: statics[k]["median_step_s"])
+    ad, st, dp = modes["adaptive"], modes[best], modes["dp"]
+    per_round = [s / a for s, a in zip(st["round_medians_s"], ad["round_medians_s"])]
+    all_errors = [abs(r["predicted_s"] - r["seconds"]) / r["seconds"] for r in records if r["step"] > warmup]
+    return {
+        "modes": modes,
+        "summary": {
+            "adaptive_step_s": ad["median_step_s"],
+            "static_step_s": st["median_step_s"],
+            "static_degree": int(best.split("-")[1]),
+            "dp_step_s": dp["median_step_s"],
+            "speedup_vs_static": st["median_step_s"] / ad["median_step_s"],
+            "speedup_vs_dp": dp["median_step_s"] / ad["median_step_s"],
+            "speedup_vs_static_per_round": per_round,
+            "prediction_error_median": statistics.median(all_errors),
+            "prediction_error_median_adaptive": ad["prediction_error_median"],
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser("pliant-bench-train")
+    p.add_argument("--config", required=True, action="append")
+    p.add_argument("--out", required=True)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps-per-round", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=2, help="first steps of each mode left out")
+    args = p.parse_args(argv)
+
+    import numpy as np
+    import torch.distributed as dist
+
+    from pliant.comm import GroupRegistry, contiguous_layouts
+    from pliant.launch.config import load_config
+    from pliant.launch.worker import init_distributed
+    from pliant.planner import Planner
+    from pliant.runtime.engine import Trainer
+
+    cfg = load_config(args.config)
+    init_distributed(cfg.cluster)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    c = cfg.cluster
+    planner = Planner.from_specs(c, cfg.model, cfg.cost, cfg.planner)
+    registry = GroupRegistry(contiguous_layouts(world, c.devices_per_node, planner.sizes))
+    total = args.rounds * args.steps_per_round
+    max_len = cfg.train.max_len or cfg.train.batch_tokens
+    degrees = [s for s in planner.fixed_degrees() if s > 1 and planner.cost.seq_fits(np.array([max_len]), s)[0]]
+    if not degrees:
+        raise SystemExit(f"pliant bench train: no uniform degree > 1 holds max_len={max_len}")
+    modes = {"adaptive": {"plan": "adaptive"}, **{f"static-{s}": {"plan": "static", "static_degree": s}
+                                                   for s in degrees}, "dp": {"plan": "dp"}}
+    trainers = {name: Trainer(c, cfg.model, cfg.cost, cfg.planner,
+                              cfg.train.model_copy(update={"steps": total, **upd}), cfg.data, registry=registry)
+                for name, upd in modes.items()}
+    records: list[dict] = []
+    try:
+        for rnd in range(args.rounds):
+            for name, trainer in trainers.items():
+                for _ in range(args.steps_per_round):
+                    r = trainer.train_step()
+                    records.append({"mode": name, "round": rnd, "step": r.step, "seconds": r.seconds,
+                                    "predicted_s": r.predicted_s, "loss": r.loss, "tokens": r.tokens,
+                                    "group_mix": r.group_mix, "micro_batches": r.micro_batches})
+                if rank == 0:
+                    done = records[-1]
+                    print(f"round {rnd + 1}/{args.rounds} {name:10s} last step {done['seconds']:.3f}s "
+                          f"(predicted {done['predicted_s']:.3f}s)", flush=True)
+    finally:
+        for trainer in trainers.values():
+            trainer.close()
+    if rank == 0:
+        result = summarize(records, args.warmup)
+        doc = {"benchmark": "train", "config": args.config, "world_size": world, "device": c.device,
+               "host": platform.node(), "rounds": args.rounds, "steps_per_round": args.steps_per_round,
+               "warmup": args.warmup, "cost": cfg.cost.model_dump(mode="json"), **result, "records": records}
+        Path(args.out).write_text(json.dumps(doc, indent=1))
+        print_table(result)
+        print(f"wrote {args.out}", flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+def print_table(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="training step time by plan mode (median after warm-up)")
+    for col in ("mode", "step s", "predicted s", "prediction error", "vs adaptive", "final loss"):
+        t.add_column(col, justify="right")
+    ad = result["modes"]["adaptive"]["median_step_s"]
+    for name, m in result["modes"].items():
+        t.add_row(name, f"{m['median_step_s']:.3f}", f"{m['median_predicted_s']:.3f}",
+                  f"{m['prediction_error_median']:.1%}", f"{m['median_step_s'] / ad:.2f}x", f"{m['final_loss']:.4f}")
+    Console().print(t)
+    s = result["summary"]
+    print(f"adaptive {s['adaptive_step_s']:.3f}s  best static (SP={s['static_degree']}) {s['static_step_s']:.3f}s  "
+          f"dp {s['dp_step_s']:.3f}s  speedup vs static {s['speedup_vs_static']:.2f}x  vs dp "
+          f"{s['speedup_vs_dp']:.2f}x  prediction error median {s['prediction_error_median']:.1%}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
