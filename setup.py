@@ -4,17 +4,18 @@ The top-level folders are installed under one import namespace, `pliant.*`, beca
 their bare names (`comm`, `runtime`, `planner`, `rl`, `launch`) are taken on PyPI.
 `pip install .` and `pip install -e .` both give `import pliant.planner`.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 PARTS = ["planner", "comm", "runtime", "rl", "launch", "bench"]
+SUBPACKAGES = {f"pliant.{p}.{sub}": f"{p}/{sub.replace('.', '/')}" for p in PARTS for sub in find_packages(p)}
 
 setup(
     name="pliant",
     version="0.1.0",
     description="Distributed training runtime for long-context and RL post-training of LLMs",
     python_requires=">=3.10",
-    packages=["pliant"] + [f"pliant.{p}" for p in PARTS] + ["pliant.configs"],
-    package_dir={"pliant": "pliant", **{f"pliant.{p}": p for p in PARTS}, "pliant.configs": "configs"},
+    packages=["pliant"] + [f"pliant.{p}" for p in PARTS] + list(SUBPACKAGES) + ["pliant.configs"],
+    package_dir={"pliant": "pliant", **{f"pliant.{p}": p for p in PARTS}, **SUBPACKAGES, "pliant.configs": "configs"},
     package_data={"pliant.planner": ["presets/*.json"], "pliant.configs": ["*.yaml"]},
     install_requires=[
         "torch>=2.3",  # scripts/setup.sh pins torch==2.13.0 before this runs

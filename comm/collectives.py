@@ -14,8 +14,16 @@ import torch.distributed as dist
 from .counters import COUNTERS
 from .groups import SPGroup
 
-_all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_into = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _all_gather_into(*args, **kwargs):
+    # looked up at call time, so that a collective recorder installed later sees these calls
+    return (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(*args, **kwargs)
+
+
+def _reduce_scatter_into(*args, **kwargs):
+    return (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(*args, **kwargs)
+
 
 _CHECK = os.environ.get("PLIANT_COMM_CHECK", "1") != "0"
 

@@ -120,3 +120,35 @@ def model_grads(ctx, spec_kwargs, lengths, groups, seed):
     loss.backward()
     flat = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     return loss.detach(), flat
+
+
+def record_collectives(ctx, capacity):
+    """Issue a mix of collectives under the recorder; return what it saw (as plain tuples)."""
+    import torch.distributed as dist
+
+    from pliant.comm.monitor import CollectiveRecorder
+
+    rank, world = ctx.rank, ctx.world
+    pair = ctx.registry.get(0, 2) if world >= 2 and rank < 2 else None
+    original = dist.all_reduce
+    with CollectiveRecorder(capacity=capacity) as rec:
+        x = torch.ones(8, dtype=torch.float32)
+        dist.all_reduce(x)
+        dist.all_to_all_single(torch.empty(4 * world), torch.ones(4 * world))
+        work = dist.all_reduce(torch.ones(3, dtype=torch.float64), async_op=True)
+        inflight_async = len(rec.inflight)
+        work.wait()
+        if pair is not None and rank < 2:
+            dist.all_reduce(torch.ones(2), group=pair.pg)
+            if rank == 0:
+                dist.send(torch.ones(5), dst=1)
+            else:
+                dist.recv(torch.empty(5), src=0)
+        rec.mark_step(7)
+        dist.barrier()
+        snap = rec.snapshot()
+    restored = dist.all_reduce is original
+    events = [(e.group, e.seq, e.op, e.nbytes, e.dtype, e.shape, e.peer, e.exit is not None and e.exit >= e.enter)
+              for e in snap["events"]]
+    return {"events": events, "inflight_async": inflight_async, "inflight_after": len(snap["inflight"]),
+            "step": snap["step"], "restored": restored}
