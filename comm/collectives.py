@@ -15,7 +15,6 @@ from .counters import COUNTERS
 from .groups import SPGroup
 
 
-
 def _all_gather_into(*args, **kwargs):
     # looked up at call time, so that a collective recorder installed later sees these calls
     return (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(*args, **kwargs)

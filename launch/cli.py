@@ -159,13 +159,13 @@ def cmd_bench_comm(args: argparse.Namespace) -> int:
 
 def cmd_profile(args: argparse.Namespace) -> int:
     from pliant.launch.config import load_config
-    from pliant.launch.launcher import launch
+    from pliant.launch.launcher import config_args, launch
     from pliant.launch.profile import main as profile_main
 
     if args.repeats < 1 or args.calibration_steps < 3:
         raise PlanningError(f"--repeats must be >= 1 and --calibration-steps >= 3, got {args.repeats} and "
                             f"{args.calibration_steps}")
-    rank_args = [x for name in args.config for x in ("--config", str(name))]
+    rank_args = config_args(args.config)
     rank_args += ["--out", str(Path(args.out).resolve()), "--repeats", str(args.repeats),
                   "--calibration-steps", str(args.calibration_steps)]
     if args.report:
@@ -178,12 +178,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def cmd_bench_train(args: argparse.Namespace) -> int:
     from pliant.bench.train_bench import main as bench_main
     from pliant.launch.config import load_config
-    from pliant.launch.launcher import launch
+    from pliant.launch.launcher import config_args, launch
 
     if args.rounds < 1 or args.steps_per_round < 1 or not 0 <= args.warmup < args.rounds * args.steps_per_round:
         raise PlanningError(f"--rounds and --steps-per-round must be >= 1 and --warmup below their product, got "
                             f"{args.rounds}, {args.steps_per_round}, {args.warmup}")
-    rank_args = [x for name in args.config for x in ("--config", str(name))]
+    rank_args = config_args(args.config)
     rank_args += ["--out", str(Path(args.out).resolve()), "--rounds", str(args.rounds), "--steps-per-round",
                   str(args.steps_per_round), "--warmup", str(args.warmup)]
     return launch(load_config(args.config), "pliant.bench.train_bench", rank_args, bench_main, args.print_commands)

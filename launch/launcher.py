@@ -18,8 +18,13 @@ from typing import Callable
 from pliant.launch.config import ConfigError, load_config
 
 
+def config_args(names: list[str]) -> list[str]:
+    """`--config A --config B ...`: the config files (base, then overlays) for a rank's command line."""
+    return [x for name in names for x in ("--config", str(name))]
+
+
 def worker_args(args: argparse.Namespace) -> list[str]:
-    out = [x for name in args.config for x in ("--config", str(name))] + ["--run-dir", str(args.run_dir)]
+    out = config_args(args.config) + ["--run-dir", str(args.run_dir)]
     if args.steps is not None:
         out += ["--steps", str(args.steps)]
     if args.plan is not None:

@@ -222,6 +222,10 @@ class Planner:
             micro.append(mb)
         return self._assemble(f"fixed-{s}", arr, micro, t0, candidates)
 
+    def plan_for(self, lengths, degree: int | None = None) -> Plan | None:
+        """The adaptive plan, or with `degree` the fixed-degree one (None if it cannot hold the batch)."""
+        return self.plan(lengths) if degree is None else self.plan_fixed(lengths, degree)
+
     # ----- common -----
     def _assemble(self, strategy: str, arr: np.ndarray, micro: list[MicroBatchPlan], t0: float,
                   candidates: dict[int, float | None]) -> Plan:

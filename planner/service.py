@@ -51,7 +51,7 @@ def _init(planner: Planner, parent_pid: int) -> None:
 
 def _plan(lengths: np.ndarray, degree: int | None) -> Plan | None:
     assert _planner is not None
-    return _planner.plan(lengths) if degree is None else _planner.plan_fixed(lengths, degree)
+    return _planner.plan_for(lengths, degree)
 
 
 class PlanningService:

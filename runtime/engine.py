@@ -153,27 +153,25 @@ class Trainer:
         mode = self.train_spec.plan
         return None if mode == "adaptive" else (1 if mode == "dp" else self.static_degree)
 
-    def _checked(self, plan: Plan | None, lengths: np.ndarray) -> Plan:
+    def _resolve(self, pending: Future | Plan | None, lengths: np.ndarray) -> Plan:
+        """A plan that may still be computing in the background; a fixed degree that cannot hold
+        the batch (no plan) is an error."""
+        plan = pending.result() if isinstance(pending, Future) else pending
         if plan is None:
             raise LaunchError(f"plan '{self.train_spec.plan}': a sequence of {int(lengths.max())} tokens does not fit "
                               f"a group of {self.fixed_degree}")
         return plan
 
-    def _plan_now(self, lengths: np.ndarray) -> Plan:
-        degree = self.fixed_degree
-        plan = self.planner.plan(lengths) if degree is None else self.planner.plan_fixed(lengths, degree)
-        return self._checked(plan, lengths)
-
     def _fetch_batch_and_plan(self) -> tuple[np.ndarray, np.ndarray, Plan]:
         """This step's batch and plan; rank 0 starts planning the next batch in the background."""
         if self._pending is None:
             ids, lengths = self.batcher.next_batch()
-            pending = self._plan_now(lengths) if self.rank == 0 else None
+            pending = self.planner.plan_for(lengths, self.fixed_degree) if self.rank == 0 else None
         else:
             ids, lengths, pending = self._pending
         plan = None
         if self.rank == 0:
-            plan = self._checked(pending.result() if isinstance(pending, Future) else pending, lengths)
+            plan = self._resolve(pending, lengths)
         box = [plan]
         dist.broadcast_object_list(box, src=0)
         plan = box[0]
@@ -224,7 +222,7 @@ class Trainer:
         ids, lengths, pending = self._pending if self._pending is not None else (None, None, None)
         plan = None
         if self.rank == 0 and pending is not None:
-            plan = self._checked(pending.result() if isinstance(pending, Future) else pending, lengths).to_dict()
+            plan = self._resolve(pending, lengths).to_dict()
             self._pending = (ids, lengths, Plan.from_dict(plan))
         return {
             "step": self.step_no,
