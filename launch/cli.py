@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--run-dir", default="runs/latest", help="metrics (and checkpoints) go here")
     t.add_argument("--plan", choices=["adaptive", "static", "dp"], default=None, help="override train.plan")
     t.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --run-dir")
+    t.add_argument("--save-params", action="store_true", help="write the final parameters to RUN_DIR/final_params.pt")
     t.add_argument("--print-commands", action="store_true",
                    help="print the torchrun command for every node of the cluster instead of running")
 

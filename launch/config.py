@@ -12,6 +12,7 @@ import re
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pliant.comm.monitor.spec import FaultSpec
 from pliant.planner.spec import ClusterSpec, CostSpec, ModelSpec, PlannerSpec
 from pliant.runtime.spec import DataSpec, TrainSpec
 
@@ -44,6 +45,7 @@ class JobConfig(BaseModel):
     planner: PlannerSpec = Field(default_factory=PlannerSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     data: DataSpec = Field(default_factory=DataSpec)
+    faults: FaultSpec = Field(default_factory=FaultSpec)
 
 
 def resolve_config_path(name: str | Path) -> Path:
@@ -84,7 +86,7 @@ def format_validation_error(source: str, err: ValidationError) -> str:
 
 def parse_config(data: Any, source: str = "config") -> JobConfig:
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping of sections (cluster, model, cost, planner, train, data), "
+        raise ConfigError(f"{source}: expected a mapping of sections (cluster, model, cost, planner, train, data, faults), "
                           f"got {type(data).__name__}")
     try:
         return JobConfig.model_validate(data)

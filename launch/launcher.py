@@ -23,13 +23,15 @@ def config_args(names: list[str]) -> list[str]:
     return [x for name in names for x in ("--config", str(name))]
 
 
-def worker_args(args: argparse.Namespace) -> list[str]:
-    out = config_args(args.config) + ["--run-dir", str(args.run_dir)]
+def worker_args(args: argparse.Namespace, with_config: bool = True) -> list[str]:
+    out = (config_args(args.config) if with_config else []) + ["--run-dir", str(args.run_dir)]
     if args.steps is not None:
         out += ["--steps", str(args.steps)]
     if args.plan is not None:
         out += ["--plan", args.plan]
-    if getattr(args, "resume", False):
+    if getattr(args, "save_params", False):
+        out.append("--save-params")
+    if getattr(args, "resume", False) and with_config:
         out.append("--resume")
     return out
 
@@ -70,5 +72,11 @@ def launch(cfg, module: str, module_args: list[str], rank_main: Callable[[list[s
 def cmd_train(args: argparse.Namespace) -> int:
     from pliant.launch.worker import main as worker_main
 
-    return launch(load_config(args.config), "pliant.launch.worker", worker_args(args), worker_main,
-                  args.print_commands)
+    cfg = load_config(args.config)
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if cfg.faults.enabled and cfg.cluster.nodes == 1 and not launched and not args.print_commands:
+        from pliant.launch.supervisor import Supervisor
+
+        return Supervisor(cfg, args.config, "pliant.launch.worker", worker_args(args, with_config=False),
+                          args.run_dir, resume=args.resume).run()
+    return launch(cfg, "pliant.launch.worker", worker_args(args), worker_main, args.print_commands)

@@ -6,6 +6,8 @@ import argparse
 import datetime
 import json
 import os
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -70,18 +72,44 @@ def main(argv: list[str] | None = None) -> int:
     cfg = with_overrides(cfg, "train", steps=args.steps, plan=args.plan)
     import torch.distributed as dist
 
+    from pliant.runtime.monitoring import NonFiniteLoss, RankMonitor
+
+    run_dir = Path(args.run_dir) if args.run_dir else None
+    monitor = RankMonitor(cfg.faults, run_dir)  # before DeepSpeed: it records DeepSpeed's collectives too
+    try:
+        rc = _train(args, cfg, run_dir, monitor)
+    except NonFiniteLoss as e:
+        monitor.close("nan-rollback")
+        print(f"pliant: {e}", file=sys.stderr, flush=True)
+        return NAN_EXIT
+    except BaseException as e:
+        monitor.close(f"exception: {type(e).__name__}: {e}"[:500])
+        raise
+    monitor.close("finished")
+    dist.barrier()
+    dist.destroy_process_group()
+    return rc
+
+
+NAN_EXIT = 3  # the worker's exit status when faults.nan = rollback stops the job
+
+
+def _train(args, cfg, run_dir: Path | None, monitor) -> int:
+    import torch.distributed as dist
+
     init_distributed(cfg.cluster)
     from pliant.runtime.checkpoint import Checkpointer
     from pliant.runtime.engine import Trainer
 
     trainer = Trainer(cfg.cluster, cfg.model, cfg.cost, cfg.planner, cfg.train, cfg.data)
-    run_dir = Path(args.run_dir) if args.run_dir else None
+    monitor.attach(trainer)
     rank = dist.get_rank()
     metrics = None
     if rank == 0 and run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         metrics = open(run_dir / "metrics.jsonl", "a")
-    checkpointer = Checkpointer(run_dir, cfg.train.keep_checkpoints) if run_dir is not None else None
+    checkpointer = Checkpointer(run_dir, cfg.train.keep_checkpoints, on_stage=monitor.checkpoint_stage) \
+        if run_dir is not None else None
     if args.resume:
         if checkpointer is None:
             raise SystemExit("pliant: --resume needs --run-dir")
@@ -91,14 +119,17 @@ def main(argv: list[str] | None = None) -> int:
     progress = StepProgress(cfg.train.steps) if rank == 0 else None
     try:
         while trainer.step_no < cfg.train.steps:
+            monitor.begin_step(trainer.step_no + 1)
+            skipped = trainer.engine.skipped_steps
             r = trainer.train_step()
+            monitor.check_loss(r.step, r.loss, trainer.engine.skipped_steps > skipped)
             if checkpointer is not None and (r.step % cfg.train.checkpoint_every == 0 or r.step == cfg.train.steps):
                 trainer.save_checkpoint(checkpointer)
             if fail_at and r.step == fail_at and rank == 0:
                 os._exit(17)
             if rank == 0:
                 if metrics:
-                    metrics.write(json.dumps(vars(r)) + "\n")
+                    metrics.write(json.dumps({**vars(r), "wall": time.time()}) + "\n")
                     metrics.flush()
                 progress.update(r)
         if args.save_params and run_dir is not None and rank == 0:
@@ -109,8 +140,6 @@ def main(argv: list[str] | None = None) -> int:
             metrics.close()
         if progress:
             progress.close()
-    dist.barrier()
-    dist.destroy_process_group()
     return 0
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, NonNegativeFloat, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, NonNegativeFloat, NonNegativeInt, model_validator
 
 GIB = 1024**3
 DTYPE_BYTES = {"fp64": 8, "fp32": 4, "bf16": 2, "fp16": 2}
@@ -70,6 +70,9 @@ class ClusterSpec(_Strict):
         default=None,
         description="CPU cores the ranks of a node share, when fewer than devices_per_node: a rank then runs "
                     "faster while others idle, and plans are priced for that; None for dedicated devices")
+    spare_devices_per_node: NonNegativeInt = Field(
+        default=0, description="healthy devices per node kept out of the world: a restart after a fault replaces a "
+                               "bad device with one of them before it shrinks the world")
 
     @property
     def world_size(self) -> int:
@@ -117,6 +120,9 @@ class ModelSpec(_Strict):
         min_length=1, description="layer pattern, repeated over the layers, e.g. [linear, linear, linear, softmax]"
     )
     linear_decay: bool = True
+    linear_sp: Literal["lasp2", "ring"] = Field(
+        default="lasp2", description="SP method of linear-attention layers: LASP-2 (one AllGather of states) or "
+                                     "the LASP-1 ring (point-to-point hops)")
     zero_stage: Literal[0, 1, 2, 3]
     dtype: Literal["fp64", "fp32", "bf16", "fp16"]
     activation_checkpointing: bool = False

@@ -20,6 +20,7 @@ import os
 import random
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -58,10 +59,14 @@ def set_rng_state(state: dict) -> None:
 
 
 class Checkpointer:
-    def __init__(self, run_dir: Path, keep: int):
+    def __init__(self, run_dir: Path, keep: int, on_stage: Callable[[str], None] | None = None):
+        """`on_stage` is told "begin", "written" (this rank's files are down, the checkpoint
+        is not complete yet) and "done": the fault monitor leaves checkpoint writes out of
+        its alarms, and fault injection can strike in the middle of one."""
         self.root = Path(run_dir) / "checkpoints"
         self.keep = keep
         self.rank = dist.get_rank()
+        self.on_stage = on_stage or (lambda stage: None)
 
     @staticmethod
     def name(step: int) -> str:
@@ -80,6 +85,13 @@ class Checkpointer:
         return done[-1] if done else None
 
     def save(self, engine, step: int, meta: dict) -> Path:
+        self.on_stage("begin")
+        try:
+            return self._save(engine, step, meta)
+        finally:
+            self.on_stage("done")
+
+    def _save(self, engine, step: int, meta: dict) -> Path:
         final = self.root / self.name(step)
         tmp_tag = self.name(step) + ".tmp"
         tmp = self.root / tmp_tag
@@ -90,6 +102,7 @@ class Checkpointer:
         dist.barrier()
         engine.save_checkpoint(str(self.root), tag=tmp_tag, save_latest=False)
         torch.save(rng_state(), tmp / f"rng-rank{self.rank}.pt")
+        self.on_stage("written")
         dist.barrier()
         if self.rank == 0:
             atomic_write_text(tmp / "meta.json", json.dumps(meta))

@@ -132,7 +132,8 @@ class Trainer:
             "train_batch_size": self.world,
             "train_micro_batch_size_per_gpu": 1,
             "gradient_accumulation_steps": 1,
-            "zero_optimization": {"stage": model.zero_stage},
+            # elastic: ZeRO-1/2 checkpoints that a smaller world can load (a restart without a bad device)
+            "zero_optimization": {"stage": model.zero_stage, "elastic_checkpoint": model.zero_stage in (1, 2)},
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
@@ -235,6 +236,13 @@ class Trainer:
         }
 
     def save_checkpoint(self, checkpointer: Checkpointer) -> None:
+        # DeepSpeed's elastic ZeRO checkpoints expect the step in the param groups (its own Adam
+        # keeps it there); torch's AdamW keeps it per parameter: copy it over
+        base = getattr(self.engine.optimizer, "optimizer", None)
+        if base is not None:
+            steps = [float(s["step"]) for s in base.state.values() if "step" in s]
+            for group in base.param_groups:
+                group["step"] = steps[0] if steps else 0.0
         checkpointer.save(self.engine, self.step_no, self.checkpoint_meta())
 
     def resume(self, checkpointer: Checkpointer) -> bool:
@@ -249,10 +257,16 @@ class Trainer:
             raise CheckpointError(
                 f"checkpoint {path} is of a different model: " + ", ".join(
                     f"{k}={meta['model'].get(k)!r} there, {mine.get(k)!r} here" for k in diff))
-        if meta["world_size"] != self.world:
+        if meta["world_size"] != self.world and (self.model_spec.zero_stage not in (1, 2) or
+                                                 self.world > meta["world_size"]):
             raise CheckpointError(f"checkpoint {path} was written by {meta['world_size']} ranks; this run has "
-                                  f"{self.world} (ZeRO partitions are per rank)")
+                                  f"{self.world} (ZeRO stage {self.model_spec.zero_stage} partitions are per rank; "
+                                  f"stages 1 and 2 can shrink the world)")
         checkpointer.load(self.engine, path)
+        # an elastic ZeRO load restores the optimizer's state but not its param groups'
+        # hyperparameters: take the learning rate the scheduler had set
+        for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
         self.batcher.load_state_dict(meta["data"])
         self.step_no = int(meta["step"])
         if meta["pending_ids"] is not None:

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pliant.comm import PackLayout, SPGroup, lasp2_attention, lasp2h_attention, ulysses_attention
+from pliant.comm import PackLayout, SPGroup, lasp2_attention, lasp2h_attention, ring_attention, ulysses_attention
 from pliant.comm.linear_local import default_decay_rates
 from pliant.planner.spec import ModelSpec
 
@@ -104,13 +104,14 @@ class LinearAttention(nn.Module):
         self.o = nn.Linear(inner, spec.hidden, bias=False)
         rates = default_decay_rates(spec.heads) if spec.linear_decay else None
         self.register_buffer("decay_rates", rates, persistent=False)
+        self.sp = ring_attention if spec.linear_sp == "ring" else lasp2_attention
 
     def forward(self, x: torch.Tensor, ctx: SeqContext) -> torch.Tensor:
         T = x.shape[0]
         q = F.silu(self.q(x)).view(T, self.heads, self.head_dim)
         k = F.silu(self.k(x)).view(T, self.heads, self.head_dim)
         v = self.v(x).view(T, self.heads, self.head_dim)
-        o = lasp2_attention(q, k, v, ctx.layout, ctx.group, self.decay_rates)
+        o = self.sp(q, k, v, ctx.layout, ctx.group, self.decay_rates)
         o = self.norm(o).reshape(T, -1) * torch.sigmoid(self.gate(x))
         return self.o(o)
 

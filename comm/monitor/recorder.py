@@ -24,6 +24,16 @@ COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_sca
                "all_to_all", "broadcast", "reduce", "barrier", "all_gather_object", "broadcast_object_list",
                "gather", "scatter", "reduce_scatter")
 POINT_TO_POINT = ("send", "recv", "isend", "irecv")
+REDUCTIONS = ("all_reduce", "reduce_scatter_tensor", "reduce_scatter", "reduce")  # inputs checked for NaN/Inf
+
+
+class CollectiveHook:
+    """Called around every recorded collective (fault injection uses it): `before_enter` runs
+    before the collective is recorded, `after_enter` after it is recorded and before it runs."""
+
+    def before_enter(self, op: str, group: tuple[int, ...], peer: int | None) -> None: ...
+
+    def after_enter(self, event: "CollectiveEvent") -> None: ...
 
 
 @dataclass
@@ -37,6 +47,14 @@ class CollectiveEvent:
     enter: float  # time.monotonic()
     exit: float | None = None  # None while in flight
     peer: int | None = None  # point-to-point: the other rank (global)
+    step: int = 0  # the training step it was issued in
+    finite: Any = None  # reductions: a 0-d bool tensor, are the inputs finite (None: not checked)
+    in_checkpoint: bool = False  # issued while a checkpoint was being written
+
+    @property
+    def direction(self) -> str:
+        """Point-to-point sequence numbers count sends and receives of a pair apart."""
+        return "send" if self.op in ("send", "isend") else "recv"
 
     @property
     def signature(self) -> tuple:
@@ -78,12 +96,15 @@ def _first_tensor(bound: inspect.BoundArguments) -> torch.Tensor | None:
 class CollectiveRecorder:
     """Records collectives into a ring of `capacity` events; thread-safe snapshots."""
 
-    def __init__(self, capacity: int = 4096):
+    def __init__(self, capacity: int = 4096, check_finite: bool = True):
         self.events: deque[CollectiveEvent] = deque(maxlen=capacity)
         self.inflight: dict[tuple[int, ...], CollectiveEvent] = {}
         self.step = 0
         self.step_started = time.monotonic()
         self.in_checkpoint = False
+        self.check_finite = check_finite
+        self.hook: CollectiveHook | None = None
+        self.step_collectives = 0  # collectives this rank entered since the step began
         self._seq: dict[tuple[int, ...], int] = {}
         self._ranks: dict[int, tuple[int, ...]] = {}
         self._lock = threading.Lock()
@@ -120,7 +141,13 @@ class CollectiveRecorder:
                 bound = sig.bind(*args, **kwargs)
             except TypeError:
                 return fn(*args, **kwargs)  # let torch report the bad call
+            hook = self.hook
+            if hook is not None:
+                hook.before_enter(name, self.group_ranks(bound.arguments.get("group")), bound.arguments.get(
+                    "dst", bound.arguments.get("src")) if p2p else None)
             event = self._enter(name, bound, p2p)
+            if hook is not None:
+                hook.after_enter(event)
             out = fn(*args, **kwargs)
             if (p2p and name.startswith("i")) or bound.arguments.get("async_op"):
                 return _TimedWork(out, lambda: self._exit(event)) if out is not None else out
@@ -149,12 +176,17 @@ class CollectiveRecorder:
             group = tuple(sorted((dist.get_rank(), int(peer)))) if peer is not None else group
         t = _first_tensor(bound)
         nbytes = t.numel() * t.element_size() if t is not None else 0
+        finite = None
+        if self.check_finite and name in REDUCTIONS and t is not None and t.is_floating_point():
+            finite = torch.isfinite(t).all()  # before the reduction spreads a bad value
         with self._lock:
-            key = (group, name) if p2p else group  # p2p pairs count sends and receives apart
+            key = (group, "send" if name in ("send", "isend") else "recv") if p2p else group
             seq = self._seq.get(key, 0)
             self._seq[key] = seq + 1
+            self.step_collectives += 1
             event = CollectiveEvent(group, seq, name, nbytes, str(t.dtype).removeprefix("torch.") if t is not None
-                                    else "", tuple(t.shape) if t is not None else (), time.monotonic(), peer=peer)
+                                    else "", tuple(t.shape) if t is not None else (), time.monotonic(), peer=peer,
+                                    step=self.step, finite=finite, in_checkpoint=self.in_checkpoint)
             self.events.append(event)
             if not p2p:
                 self.inflight[group] = event
@@ -172,6 +204,7 @@ class CollectiveRecorder:
     def mark_step(self, step: int) -> None:
         with self._lock:
             self.step, self.step_started = step, time.monotonic()
+            self.step_collectives = 0
 
     def checkpointing(self, active: bool) -> None:
         """Checkpoint writes are excluded from baselines and alarms."""
@@ -179,9 +212,10 @@ class CollectiveRecorder:
 
     def snapshot(self, since: float = float("-inf")) -> dict:
         """What the agent reports: step, in-flight collectives per group, and the events that
-        completed (or started) after `since`."""
+        completed (or started) after `since`; `taken` is the `since` of the next snapshot."""
         with self._lock:
+            taken = time.monotonic()
             recent = [e for e in self.events if e.enter >= since or (e.exit is not None and e.exit >= since)]
             inflight = {g: e for g, e in self.inflight.items()}
             return {"step": self.step, "step_started": self.step_started, "in_checkpoint": self.in_checkpoint,
-                    "inflight": inflight, "events": recent}
+                    "inflight": inflight, "events": recent, "taken": taken}

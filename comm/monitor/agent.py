@@ -1,0 +1,169 @@
+"""The agent in every rank (docs/faults.md): a thread that sends the recorder's summaries to
+the master over pyzmq every `report_interval_s`. A summary doubles as the heartbeat: a rank
+that is frozen or holds the GIL sends nothing, and silence is the signal.
+
+The socket is a DEALER: the master acknowledges each summary with its own clock, which
+gives the offset between this rank's monotonic clock and the master's (NTP style, the
+sample with the shortest round trip wins). With no acknowledgement for
+`master_timeout_s` the agent warns once that the master is gone and training goes on
+unmonitored: losing the monitor never stops or hangs the job.
+
+A rank stopped by SIGTERM (torchrun stopping the peers of a failed rank) says so before it
+goes, even while its main thread is blocked in a collective: CPython's C-level signal
+handler writes the signal number to a wakeup socket the agent thread listens on. A crashed
+rank never says goodbye; that is how the master tells the culprit from its peers.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+from typing import Any
+
+import zmq
+
+from .recorder import CollectiveEvent, CollectiveRecorder
+from .spec import FaultSpec
+
+MONITOR_ADDR_ENV = "PLIANT_MONITOR_ADDR"
+
+
+def event_row(e: CollectiveEvent, offset: float) -> list:
+    """[group, seq, op, enter, exit, nbytes, dtype, shape, peer, step, finite, in_checkpoint] on the
+    master's clock (see master.Row)."""
+    finite = None if e.finite is None else bool(e.finite)
+    return [list(e.group), e.seq, e.op, e.enter + offset, None if e.exit is None else e.exit + offset, e.nbytes,
+            e.dtype, list(e.shape), e.peer, e.step, finite, e.in_checkpoint]
+
+
+class Agent:
+    def __init__(self, recorder: CollectiveRecorder, addr: str, rank: int, spec: FaultSpec, slot: int | None = None,
+                 attempt: int = 0):
+        self.recorder, self.addr, self.rank, self.spec = recorder, addr, rank, spec
+        self.slot, self.attempt = slot, attempt
+        self.host, self.pid = socket.gethostname(), os.getpid()
+        self.offset = 0.0  # master clock - my clock
+        self._best_rtt = float("inf")
+        self._sent_at: dict[int, float] = {}
+        self._msg = 0
+        self._since = float("-inf")
+        self._last_ack = time.monotonic()
+        self.master_lost = False
+        self._stop = threading.Event()
+        self._lock = threading.Lock()  # one sender at a time: the thread, or close()
+        self._ctx = zmq.Context()  # its own: destroyed (flushing the last summary) when the rank goes
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 500)
+        self._sock.setsockopt(zmq.SNDHWM, 64)  # the master gone: drop summaries, never block training
+        self._sock.setsockopt(zmq.IDENTITY, f"rank{rank}-{self.pid}".encode())
+        self._sock.connect(addr)
+        self._thread = threading.Thread(target=self._run, name="pliant-agent", daemon=True)
+        self._wake_r: socket.socket | None = None
+
+    def start(self) -> "Agent":
+        """Call from the main thread (signal handlers can only be installed there)."""
+        if threading.current_thread() is threading.main_thread():
+            self._wake_r, wake_w = socket.socketpair()
+            wake_w.setblocking(False)
+            self._wake_w = wake_w  # keep it open
+            signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+            previous = signal.getsignal(signal.SIGTERM)
+
+            def on_term(signum, frame):  # the main thread got to run: same as the agent's path
+                self._terminated()
+
+            signal.signal(signal.SIGTERM, on_term)
+            self._previous_term = previous
+        self._send({"type": "hello"})
+        self._thread.start()
+        atexit.register(self.close, "exit")
+        return self
+
+    def _terminated(self) -> None:
+        body = self.summary()
+        body.update(type="bye", reason="terminated: SIGTERM")
+        self._send(body)
+        with self._lock:
+            self._ctx.destroy(linger=1000)  # returns once the goodbye is out (or after 1 s)
+            os._exit(128 + signal.SIGTERM)
+
+    def _sleep(self, seconds: float) -> None:
+        """Wait for the next report, or for SIGTERM."""
+        if self._wake_r is None:
+            self._stop.wait(seconds)
+            return
+        ready, _, _ = select.select([self._wake_r], [], [], seconds)
+        if ready and signal.SIGTERM in self._wake_r.recv(64):
+            self._terminated()
+
+    # ----- messages -----
+    def _send(self, body: dict[str, Any]) -> None:
+        with self._lock:
+            self._msg += 1
+            now = time.monotonic()
+            body.update(rank=self.rank, pid=self.pid, host=self.host, slot=self.slot, attempt=self.attempt,
+                        msg=self._msg, sent=now + self.offset)
+            self._sent_at[self._msg] = now
+            if len(self._sent_at) > 256:
+                self._sent_at.pop(next(iter(self._sent_at)))
+            try:
+                self._sock.send_json(body, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+
+    def summary(self) -> dict[str, Any]:
+        snap = self.recorder.snapshot(self._since)
+        self._since = snap["taken"]
+        off = self.offset
+        return {"type": "report", "step": snap["step"], "step_started": snap["step_started"] + off,
+                "in_checkpoint": snap["in_checkpoint"],
+                "inflight": [event_row(e, off) for e in snap["inflight"].values()],
+                "events": [event_row(e, off) for e in snap["events"]]}
+
+    def _drain_acks(self) -> None:
+        while True:
+            try:
+                ack = self._sock.recv_json(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            now = time.monotonic()
+            sent = self._sent_at.pop(ack.get("msg"), None)
+            self._last_ack = now
+            if self.master_lost:
+                self.master_lost = False
+                print(f"pliant: rank {self.rank}: fault monitor master at {self.addr} is back", file=sys.stderr,
+                      flush=True)
+            if sent is not None and now - sent < self._best_rtt:
+                self._best_rtt = now - sent
+                self.offset = ack["t"] - (sent + now) / 2
+
+    def _run(self) -> None:
+        while True:
+            self._sleep(self.spec.report_interval_s)
+            if self._stop.is_set():
+                return
+            self._send(self.summary())
+            self._drain_acks()
+            if not self.master_lost and time.monotonic() - self._last_ack > self.spec.master_timeout_s:
+                self.master_lost = True
+                print(f"pliant: rank {self.rank}: no answer from the fault monitor master at {self.addr} for "
+                      f"{self.spec.master_timeout_s:g} s; training goes on unmonitored", file=sys.stderr, flush=True)
+
+    def close(self, reason: str = "finished") -> None:
+        """A last summary saying why this rank stops (finished, exit, or an exception's text)."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=2 * self.spec.report_interval_s + 1)
+        body = self.summary()
+        body["type"] = "bye"
+        body["reason"] = reason
+        self._send(body)
+        with self._lock:
+            self._ctx.destroy(linger=1000)

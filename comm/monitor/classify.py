@@ -1,0 +1,422 @@
+"""The master's picture of the job and its rules (docs/faults.md): the agents' summaries go
+in, incidents come out. No sockets and no processes here: `master.py` feeds it.
+
+Every alarm threshold is relative to a baseline measured on this job: a collective's p95
+duration for its (group, op), the agents' usual report gap, the other ranks' delays, the
+median cell of the point-to-point latency matrix. Warm-up steps and checkpoint writes are
+left out of the baselines and never raise an alarm.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from collections import defaultdict, deque
+from dataclasses import asdict, dataclass, field
+from typing import Any, NamedTuple
+
+from .spec import FaultSpec
+
+# collectives whose every member passes a tensor of the same shape (the desync check)
+SAME_SHAPE = {"all_reduce", "reduce", "broadcast", "all_gather_into_tensor", "reduce_scatter_tensor", "all_gather",
+              "reduce_scatter", "barrier"}
+P2P = {"send", "recv", "isend", "irecv"}
+FATAL = {"crash", "comm_hang", "noncomm_hang", "desync"}
+
+
+class Row(NamedTuple):
+    """One collective as an agent reported it (agent.event_row), times on the master's clock."""
+    group: tuple[int, ...]
+    seq: int
+    op: str
+    enter: float
+    exit: float | None
+    nbytes: int
+    dtype: str
+    shape: tuple[int, ...]
+    peer: int | None
+    step: int
+    finite: bool | None
+    in_checkpoint: bool
+
+    @classmethod
+    def parse(cls, raw: list) -> "Row":
+        g, seq, op, enter, ex, nbytes, dtype, shape, peer, step, finite, ckpt = raw
+        return cls(tuple(g), seq, op, enter, ex, nbytes, dtype, tuple(shape), peer, step, finite, ckpt)
+
+    @property
+    def signature(self) -> tuple:
+        return (self.op, self.dtype, self.shape if self.op in SAME_SHAPE else None)
+
+
+@dataclass
+class Incident:
+    kind: str  # crash, comm_hang, noncomm_hang, straggler, slow_link, nan, desync
+    ranks: list[int]  # the culprits
+    action: str  # restart (stop the job, exclude `exclude`), report, skip
+    evidence: dict[str, Any]
+    fault_time: float  # master clock: the earliest moment the fault is known to have happened by
+    detected: float  # master clock
+    step: int
+    link: list[int] | None = None  # [src, dst] for a link
+    group: list[int] | None = None
+    exclude: list[int] = field(default_factory=list)  # ranks whose slots a restart leaves out
+    slots: list[int | None] = field(default_factory=list)
+    hosts: list[str] = field(default_factory=list)
+    detected_wall: float = 0.0
+    attempt: int = 0
+
+    @property
+    def detection_s(self) -> float:
+        return self.detected - self.fault_time
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "detection_s": round(self.detection_s, 4)}
+
+
+@dataclass
+class RankState:
+    rank: int
+    pid: int
+    host: str
+    slot: int | None
+    last_seen: float
+    step: int = 0
+    in_checkpoint: bool = False
+    inflight: dict[tuple[int, ...], Row] = field(default_factory=dict)
+    gaps: deque = field(default_factory=lambda: deque(maxlen=50))
+    bye: str | None = None  # why it said goodbye: finished, exit, exception: ...
+    gone_at: float | None = None  # when its process was seen gone (same host only)
+    process: str = "unknown"  # running, sleeping, stopped, zombie, gone, unknown (remote host)
+
+
+def p95(values) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+
+
+class JobPicture:
+    """What the master knows about one start of the job, and the rules over it."""
+
+    def __init__(self, spec: FaultSpec, world: int, attempt: int = 0, max_rows: int = 20000):
+        self.spec, self.world, self.attempt = spec, world, attempt
+        self.ranks: dict[int, RankState] = {}
+        # (group, seq) -> {rank: Row} for collectives; (src, dst, seq) -> Row for p2p sends / recvs
+        self.table: dict[tuple, dict[int, Row]] = {}
+        self.sends: dict[tuple[int, int, int], Row] = {}
+        self.recvs: dict[tuple[int, int, int], Row] = {}
+        # (group, op), (group size, op) and op -> recent durations of clean collectives
+        self.durations: dict[Any, deque] = defaultdict(lambda: deque(maxlen=400))
+        self.step_delay: dict[int, dict[int, float]] = defaultdict(lambda: defaultdict(float))
+        self.ckpt_steps: set[int] = set()
+        self.link_latency: dict[tuple[int, int], deque] = defaultdict(lambda: deque(maxlen=50))
+        self.reported: set[tuple] = set()
+        self.flagged_since: dict[tuple, float] = {}
+        self.stopped = False  # a fatal incident was issued: the job is being stopped
+        self.max_rows = max_rows
+        self._order: deque = deque()
+
+    # ----- ingestion -----
+    def ingest(self, msg: dict[str, Any], now: float) -> None:
+        r = int(msg["rank"])
+        st = self.ranks.get(r)
+        if st is None or st.pid != msg["pid"]:
+            st = self.ranks[r] = RankState(r, msg["pid"], msg["host"], msg.get("slot"), now)
+        else:
+            st.gaps.append(now - st.last_seen)
+            st.last_seen = now
+        if msg["type"] == "hello":
+            return
+        st.step, st.in_checkpoint = msg["step"], msg["in_checkpoint"]
+        if msg["type"] == "bye":
+            st.bye = msg.get("reason", "exit")
+        st.inflight = {}
+        for raw in msg["inflight"]:
+            row = Row.parse(raw)
+            st.inflight[row.group] = row
+            self._record(r, row)
+        for raw in msg["events"]:
+            self._record(r, Row.parse(raw))
+
+    def _record(self, rank: int, row: Row) -> None:
+        if row.in_checkpoint:
+            self.ckpt_steps.add(row.step)
+        if row.op in P2P:
+            src, dst = (rank, row.peer) if row.op in ("send", "isend") else (row.peer, rank)
+            book = self.sends if row.op in ("send", "isend") else self.recvs
+            key = (src, dst, row.seq)
+            book[key] = row
+            self._remember(("p2p", key))
+            self._transfer(key)
+            return
+        key = (row.group, row.seq)
+        members = self.table.get(key)
+        if members is None:
+            members = self.table[key] = {}
+            self._remember(("c", key))
+        prev = members.get(rank)
+        members[rank] = row
+        if row.exit is not None and (prev is None or prev.exit is None) and len(members) == len(row.group) and \
+                all(m.exit is not None for m in members.values()):
+            self._completed(row.group, members)
+
+    def _remember(self, key) -> None:
+        self._order.append(key)
+        while len(self._order) > self.max_rows:
+            kind, old = self._order.popleft()
+            if kind == "c":
+                self.table.pop(old, None)
+            else:
+                self.sends.pop(old, None)
+                self.recvs.pop(old, None)
+
+    def _clean(self, row: Row) -> bool:
+        return row.step > self.spec.warmup_steps and not row.in_checkpoint
+
+    def _completed(self, group: tuple[int, ...], members: dict[int, Row]) -> None:
+        """A collective every member left: its duration feeds the baseline; who arrived last
+        and by how much feeds the straggler rule."""
+        rows = list(members.values())
+        if not all(self._clean(m) for m in rows):
+            return
+        for m in rows:  # the group's own baseline, and pooled ones for groups new to the plan
+            for key in ((group, m.op), (len(group), m.op), m.op):
+                self.durations[key].append(m.exit - m.enter)
+        if len(rows) < 2 or rows[0].op.endswith("_object") or rows[0].op == "broadcast_object_list":
+            return  # rank 0's planning ends before it broadcasts the plan: not a straggler
+        ordered = sorted(members.items(), key=lambda kv: kv[1].enter)
+        last_rank, last = ordered[-1]
+        gap = last.enter - ordered[-2][1].enter
+        self.step_delay[last.step][last_rank] += gap
+
+    def _transfer(self, key: tuple[int, int, int]) -> None:
+        send, recv = self.sends.get(key), self.recvs.get(key)
+        if send is None or recv is None or recv.exit is None or not (self._clean(send) and self._clean(recv)):
+            return
+        self.link_latency[key[:2]].append(recv.exit - max(send.enter, recv.enter))
+
+    # ----- baselines -----
+    def hang_threshold(self, group: tuple[int, ...], rows: list[Row]) -> float:
+        s = self.spec
+        if any(not self._clean(r) for r in rows):
+            return s.hang_warmup_s
+        op = rows[0].op
+        for key in ((group, op), (len(group), op), op):  # adaptive plans form groups they never formed before
+            base = self.durations.get(key)
+            if base is not None and len(base) >= 5:
+                return max(s.hang_min_s, s.hang_factor * p95(base))
+        return s.hang_warmup_s
+
+    def silence_threshold(self, st: RankState) -> float:
+        usual = statistics.median(st.gaps) if len(st.gaps) >= 3 else self.spec.report_interval_s
+        return max(self.spec.heartbeat_min_s, self.spec.heartbeat_factor * usual)
+
+    # ----- rules -----
+    def check(self, now: float) -> list[Incident]:
+        if self.stopped:
+            return []
+        found: list[Incident] = []
+        for rule in (self._desync, self._nan, self._crashes, self._hangs, self._silent, self._stragglers,
+                     self._links):
+            for inc in rule(now):
+                key = (inc.kind, tuple(inc.ranks), tuple(inc.link or ()), inc.action)
+                if key in self.reported:
+                    continue
+                self.reported.add(key)
+                self._describe(inc)
+                found.append(inc)
+                if inc.action == "restart":
+                    self.stopped = True
+                    return found
+        return found
+
+    def _describe(self, inc: Incident) -> None:
+        inc.slots = [self.ranks[r].slot if r in self.ranks else None for r in inc.ranks]
+        inc.hosts = [self.ranks[r].host if r in self.ranks else "?" for r in inc.ranks]
+        inc.detected_wall = time.time()
+        inc.attempt = self.attempt
+
+    def _step(self) -> int:
+        return max((st.step for st in self.ranks.values()), default=0)
+
+    def _busy_checkpointing(self, group) -> bool:
+        return any(self.ranks[r].in_checkpoint for r in group if r in self.ranks)
+
+    def _desync(self, now: float) -> list[Incident]:
+        for (group, seq), members in self.table.items():
+            if len(members) < 2:
+                continue
+            sigs: dict[tuple, list[int]] = defaultdict(list)
+            for r, row in members.items():
+                sigs[row.signature].append(r)
+            if len(sigs) < 2:
+                continue
+            majority = max(sigs.values(), key=len)
+            culprits = sorted(r for rs in sigs.values() if rs is not majority for r in rs)
+            rows = list(members.values())
+            return [Incident("desync", culprits, "restart", {
+                "group": list(group), "seq": seq,
+                "signatures": {str(r): list(members[r].signature) for r in sorted(members)}},
+                fault_time=min(r.enter for r in rows), detected=now, step=min(r.step for r in rows),
+                group=list(group), exclude=culprits)]
+        return []
+
+    def _nan(self, now: float) -> list[Incident]:
+        first = None
+        for (group, seq), members in self.table.items():
+            bad = [r for r, row in members.items() if row.finite is False]
+            if not bad:
+                continue
+            t = min(members[r].enter for r in bad)
+            if first is None or t < first[0]:
+                first = (t, group, seq, members, bad)
+        if first is None:
+            return []
+        t, group, seq, members, bad = first
+        good = [r for r, row in members.items() if row.finite is True]
+        if not good and len(members) < len(group):
+            return []  # wait for the other members' reports of this reduction
+        action = "restart" if self.spec.nan == "rollback" else "skip"
+        step = members[bad[0]].step
+        return [Incident("nan", sorted(bad), action, {
+            "group": list(group), "seq": seq, "op": members[bad[0]].op, "finite_inputs": sorted(good),
+            "nonfinite_inputs": sorted(bad), "policy": self.spec.nan}, fault_time=t, detected=now, step=step,
+            group=list(group))]
+
+    def _crashes(self, now: float) -> list[Incident]:
+        """Processes gone without saying goodbye; failing that, ranks that raised. A crash makes
+        its peers' collectives fail too, so a silent death outranks the exceptions it causes."""
+        silent = [st for st in self.ranks.values() if st.gone_at is not None and st.bye is None]
+        raised = [st for st in self.ranks.values() if (st.bye or "").startswith("exception")]
+        gone = silent or raised
+        if not gone:
+            return []
+        when = {st.rank: st.gone_at if st in silent else st.last_seen for st in gone}
+        first = min(when.values())
+        settle = 0.25
+        if now - first < settle:
+            return []  # ranks that fail together are reported together
+        together = sorted(r for r, t in when.items() if t - first <= settle)
+        ev = {str(r): {"pid": self.ranks[r].pid, "process": self.ranks[r].process, "said": self.ranks[r].bye,
+                       "last_report_s_before_gone": round(when[r] - self.ranks[r].last_seen, 3),
+                       "step": self.ranks[r].step} for r in together}
+        waiting = {str(st.rank): [list(g) for g in st.inflight] for st in self.ranks.values()
+                   if st.rank not in together and st.inflight}
+        return [Incident("crash", together, "restart", {"processes": ev, "peers_waiting_in": waiting},
+                         fault_time=min(self.ranks[r].last_seen for r in together), detected=now,
+                         step=max(self.ranks[r].step for r in together), exclude=together)]
+
+    def _hangs(self, now: float) -> list[Incident]:
+        groups: dict[tuple[int, ...], list[tuple[int, Row]]] = defaultdict(list)
+        for st in self.ranks.values():
+            for g, row in st.inflight.items():
+                if row.op not in P2P:
+                    groups[g].append((st.rank, row))
+        waiting_anywhere = {r for g, rows in groups.items() for r, _ in rows}
+        comm, noncomm = [], []
+        for g, waiting in groups.items():
+            if len(g) < 2 or self._busy_checkpointing(g):
+                continue
+            k = max(row.seq for _, row in waiting)
+            at_k = [(r, row) for r, row in waiting if row.seq == k]
+            done_k = set(self.table.get((g, k), {})) - {r for r, _ in at_k}
+            entered = {r for r, _ in at_k} | done_k
+            rows = [row for _, row in at_k]
+            since = min(row.enter for row in rows)
+            limit = self.hang_threshold(g, rows)
+            if now - since <= limit:
+                continue
+            ev = {"group": list(g), "seq": k, "op": rows[0].op, "waiting_s": round(now - since, 3),
+                  "threshold_s": round(limit, 3), "entered": sorted(entered)}
+            missing = sorted(set(g) - entered)
+            if not missing:
+                comm.append((len(g), g, since, ev, rows))
+            elif not any(m in waiting_anywhere for m in missing):  # else the root is in the group they wait in
+                ev["not_entered"] = missing
+                ev["culprit_state"] = {str(m): self._state(m, now) for m in missing}
+                noncomm.append(Incident("noncomm_hang", missing, "restart", ev, fault_time=since, detected=now,
+                                        step=min(row.step for row in rows), group=list(g), exclude=missing))
+        if comm:  # the smallest hung group is the most specific: two ranks name a link
+            _, g, since, ev, rows = min(comm, key=lambda c: c[0])
+            link = list(g) if len(g) == 2 else None
+            return [Incident("comm_hang", list(g), "restart", ev, fault_time=since, detected=now,
+                             step=min(row.step for row in rows), group=list(g), link=link, exclude=list(g))]
+        return noncomm[:1]
+
+    def _state(self, rank: int, now: float) -> dict[str, Any]:
+        st = self.ranks.get(rank)
+        if st is None:
+            return {"seen": False}
+        return {"silent_s": round(now - st.last_seen, 3), "process": st.process, "step": st.step}
+
+    def _silent(self, now: float) -> list[Incident]:
+        for st in sorted(self.ranks.values(), key=lambda s: s.last_seen):
+            if st.bye is not None or st.gone_at is not None:
+                continue
+            quiet = now - st.last_seen
+            limit = self.silence_threshold(st)
+            if quiet <= limit:
+                continue
+            why = {"stopped": "process stopped (SIGSTOP or a debugger)",
+                   "unknown": "on another host: crashed or frozen"}.get(
+                st.process, "process alive but silent: holding the GIL or stuck in native code")
+            return [Incident("noncomm_hang", [st.rank], "restart", {
+                "silent_s": round(quiet, 3), "threshold_s": round(limit, 3), "process": st.process, "why": why,
+                "inflight": [list(g) for g in st.inflight]}, fault_time=st.last_seen, detected=now, step=st.step,
+                exclude=[st.rank])]
+        return []
+
+    def _persist(self, key: tuple, now: float, inc: Incident) -> Incident:
+        """Report a slow rank or node; once it has lasted isolate_after_s, isolate it."""
+        since = self.flagged_since.setdefault(key, now)
+        limit = self.spec.isolate_after_s
+        inc.evidence["persisting_s"] = round(now - since, 3)
+        if limit is not None and now - since >= limit and inc.ranks:
+            inc.action, inc.exclude = "restart", list(inc.ranks)
+        return inc
+
+    def _stragglers(self, now: float) -> list[Incident]:
+        s = self.spec
+        done = sorted(step for step in self.step_delay
+                      if step > s.warmup_steps and step not in self.ckpt_steps and step < self._step())
+        window = done[-s.straggler_window:]
+        if len(window) < s.straggler_window:
+            return []
+        tops = [max(self.step_delay[step].items(), key=lambda kv: kv[1])[0] for step in window]
+        rank = max(set(tops), key=tops.count)
+        share = tops.count(rank) / len(tops)
+        mine = statistics.mean(self.step_delay[step].get(rank, 0.0) for step in window)
+        others = [statistics.mean(self.step_delay[step].get(r, 0.0) for step in window)
+                  for r in range(self.world) if r != rank]
+        rest = max(others) if others else 0.0
+        if share < s.straggler_share or mine < s.straggler_min_s or mine < s.straggler_factor * rest:
+            self.flagged_since.pop(("straggler", rank), None)
+            return []
+        inc = Incident("straggler", [rank], "report", {
+            "steps": window, "last_to_arrive": tops, "share": round(share, 3), "mean_delay_s": round(mine, 4),
+            "others_max_mean_delay_s": round(rest, 4)}, fault_time=now, detected=now, step=window[-1])
+        inc = self._persist(("straggler", rank), now, inc)
+        return [inc]
+
+    def _links(self, now: float) -> list[Incident]:
+        s = self.spec
+        cells = {c: statistics.median(v) for c, v in self.link_latency.items() if len(v) >= s.link_samples}
+        if len(cells) < 2:
+            return []
+        typical = statistics.median(cells.values())
+        slow = {c for c, v in cells.items() if v > max(s.link_min_s, s.link_factor * typical)}
+        if not slow or len(slow) * 2 > len(cells):
+            return []
+        out = []
+        for node in sorted({c[0] for c in slow} | {c[1] for c in slow}):
+            mine = [c for c in cells if node in c]
+            if len(mine) >= 2 and all(c in slow for c in mine):  # a whole row / column: the node
+                inc = Incident("slow_link", [node], "report", {
+                    "cells_s": {f"{a}->{b}": round(cells[(a, b)], 5) for a, b in mine}, "typical_s": round(typical, 5),
+                    "scope": "node"}, fault_time=now, detected=now, step=self._step())
+                out.append(self._persist(("node", node), now, inc))
+                slow -= set(mine)
+        for a, b in sorted(slow):
+            out.append(Incident("slow_link", [a, b], "report", {
+                "cell_s": round(cells[(a, b)], 5), "typical_s": round(typical, 5), "samples": len(self.link_latency[(a, b)]),
+                "scope": "link"}, fault_time=now, detected=now, step=self._step(), link=[a, b]))
+        return out

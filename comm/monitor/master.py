@@ -1,0 +1,148 @@
+"""The master: one process per start of the job, beside torchrun (docs/faults.md).
+
+It binds a ROUTER socket, acknowledges every agent summary with its clock, watches the
+processes of the ranks on its own host (every 20 ms: a crash is a process gone without a
+goodbye), and every `check_interval_s` runs the rules of `classify.JobPicture`. Each
+incident is written atomically to RUN_DIR/incidents/incident-a{attempt}-{n}.json; the
+launcher's supervisor acts on those with `action: restart`. On SIGTERM it writes a summary
+of what it saw to RUN_DIR/monitor/master-a{attempt}.json and exits.
+
+    python -m pliant.comm.monitor.master --bind tcp://127.0.0.1:* --run-dir RUN --world 4 \\
+        --attempt 0 --spec '{"hang_factor": 10}' --address-file RUN/monitor/addr-a0
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import zmq
+
+from pliant.planner.io import atomic_write_text
+
+from .classify import Incident, JobPicture
+from .spec import FaultSpec
+
+PID_POLL_S = 0.02
+
+
+def incident_path(run_dir: Path, attempt: int, n: int) -> Path:
+    return run_dir / "incidents" / f"incident-a{attempt}-{n:03d}.json"
+
+
+def read_incidents(run_dir: Path, attempt: int | None = None) -> list[dict]:
+    """Every incident written so far (of one start of the job, or all), oldest first."""
+    folder = Path(run_dir) / "incidents"
+    if not folder.is_dir():
+        return []
+    pattern = f"incident-a{attempt}-*.json" if attempt is not None else "incident-a*.json"
+    return [json.loads(p.read_text()) for p in sorted(folder.glob(pattern))]
+
+
+class Master:
+    def __init__(self, spec: FaultSpec, world: int, run_dir: Path, attempt: int = 0):
+        self.spec, self.run_dir, self.attempt = spec, Path(run_dir), attempt
+        self.picture = JobPicture(spec, world, attempt)
+        self.host = socket.gethostname()
+        self.incidents: list[Incident] = []
+        self.messages = 0
+        self.started = time.monotonic()
+        self._stop = threading.Event()
+        self._ctx = zmq.Context.instance()
+        self.sock = self._ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+
+    def bind(self, addr: str) -> str:
+        self.sock.bind(addr)
+        return self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def stop(self, *_) -> None:
+        self._stop.set()
+
+    # ----- processes on this host -----
+    def _watch_processes(self) -> None:
+        while not self._stop.wait(PID_POLL_S):
+            for st in list(self.picture.ranks.values()):
+                if st.host != self.host:
+                    continue
+                if st.gone_at is not None:
+                    continue
+                try:
+                    status = psutil.Process(st.pid).status()
+                except psutil.NoSuchProcess:
+                    status = "gone"
+                st.process = {"stopped": "stopped", "tracing-stop": "stopped", "zombie": "gone",
+                              "dead": "gone"}.get(status, status)
+                if st.process == "gone":
+                    st.gone_at = time.monotonic()
+
+    # ----- main loop -----
+    def serve(self) -> None:
+        watcher = threading.Thread(target=self._watch_processes, name="pid-watch", daemon=True)
+        watcher.start()
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        next_check = time.monotonic() + self.spec.check_interval_s
+        while not self._stop.is_set():
+            timeout = max(0.0, next_check - time.monotonic())
+            if poller.poll(timeout * 1000):
+                while True:
+                    try:
+                        ident, payload = self.sock.recv_multipart(flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    now = time.monotonic()
+                    msg = json.loads(payload)
+                    self.sock.send_multipart([ident, json.dumps({"msg": msg.get("msg"), "t": now}).encode()])
+                    self.picture.ingest(msg, now)
+                    self.messages += 1
+            now = time.monotonic()
+            if now >= next_check:
+                next_check = now + self.spec.check_interval_s
+                for inc in self.picture.check(now):
+                    self._write(inc)
+        self._summary()
+
+    def _write(self, inc: Incident) -> None:
+        self.incidents.append(inc)
+        path = incident_path(self.run_dir, self.attempt, len(self.incidents))
+        atomic_write_text(path, json.dumps(inc.to_dict(), indent=1))
+        where = f" link {inc.link[0]}->{inc.link[1]}" if inc.link else ""
+        print(f"pliant monitor: {inc.kind} on rank(s) {inc.ranks}{where} at step {inc.step}, detected in "
+              f"{inc.detection_s:.2f} s; action: {inc.action} ({path})", file=sys.stderr, flush=True)
+
+    def _summary(self) -> None:
+        ranks = {str(r): {"pid": st.pid, "host": st.host, "slot": st.slot, "step": st.step, "said": st.bye,
+                          "process": st.process} for r, st in sorted(self.picture.ranks.items())}
+        body = {"attempt": self.attempt, "uptime_s": round(time.monotonic() - self.started, 3),
+                "messages": self.messages, "ranks": ranks, "incidents": [i.to_dict() for i in self.incidents],
+                "baselines": {str(k): len(v) for k, v in self.picture.durations.items()}}
+        atomic_write_text(self.run_dir / "monitor" / f"master-a{self.attempt}.json", json.dumps(body, indent=1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser("pliant-monitor-master")
+    p.add_argument("--bind", default="tcp://127.0.0.1:*")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--world", type=int, required=True)
+    p.add_argument("--attempt", type=int, default=0)
+    p.add_argument("--spec", default="{}", help="the job config's faults section as JSON")
+    p.add_argument("--address-file", required=True, help="where to write the address the agents connect to")
+    args = p.parse_args(argv)
+    master = Master(FaultSpec.model_validate_json(args.spec), args.world, Path(args.run_dir), args.attempt)
+    addr = master.bind(args.bind)
+    signal.signal(signal.SIGTERM, master.stop)
+    signal.signal(signal.SIGINT, master.stop)
+    atomic_write_text(Path(args.address_file), addr)
+    master.serve()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

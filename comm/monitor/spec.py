@@ -1,0 +1,82 @@
+"""The job config's `faults` section: monitoring thresholds, the response to faults, and
+fault injection (docs/faults.md). Every threshold that decides an alarm is a factor over a
+baseline the master measures (a collective's own duration, the agents' report gaps, the
+other ranks' delays), with a floor in seconds so tiny baselines cannot make it twitchy."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
+
+FaultKind = Literal["crash", "hang_before_collective", "hang_in_collective", "hold_gil", "sigstop", "slow",
+                    "slow_link", "nan", "desync", "die_in_checkpoint", "slow_checkpoint", "jitter"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class InjectSpec(_Strict):
+    """One injected fault: `kind` on global `rank` from training step `step` on.
+
+    * crash: SIGKILL; hang_before_collective: block forever before the rank's `collective`-th
+      collective of the step (the others wait in it); hang_in_collective: enter it and never
+      leave (every rank ends up inside: a communication hang); hold_gil: sleep in C with the
+      GIL held; sigstop: freeze the process;
+    * slow: `seconds` extra per step from `step` on; slow_link: `seconds` extra on every
+      point-to-point send from `rank` to `peer`; jitter: every step, a uniformly random
+      extra in [0, `seconds`] (clean noise for the false-alarm check: it is not a fault);
+    * nan: non-finite outputs (so gradients) on `rank` at `step`; desync: an extra
+      collective of a different shape on `rank` at `step`;
+    * die_in_checkpoint: SIGKILL after writing this rank's checkpoint files, before the
+      checkpoint is complete; slow_checkpoint: `seconds` extra inside the checkpoint write.
+    """
+
+    kind: FaultKind
+    rank: NonNegativeInt
+    step: PositiveInt = 1
+    collective: NonNegativeInt = 0
+    group_size: PositiveInt | None = None  # count only collectives of groups of this size (hangs)
+    seconds: PositiveFloat = 1.0
+    peer: NonNegativeInt | None = None
+    attempt: NonNegativeInt = 0  # which start of the job it fires in (0: the first; restarts run clean)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "InjectSpec":
+        if self.kind == "slow_link" and self.peer is None:
+            raise ValueError("slow_link needs peer (the destination rank of the slow link)")
+        if self.peer is not None and self.peer == self.rank:
+            raise ValueError(f"peer={self.peer} is the faulty rank itself; a link needs two ranks")
+        return self
+
+
+class FaultSpec(_Strict):
+    enabled: bool = True  # start the master and the agents under `pliant train`
+    report_interval_s: PositiveFloat = 0.2  # agent summaries (they double as heartbeats)
+    check_interval_s: PositiveFloat = 0.2  # how often the master classifies
+    warmup_steps: NonNegativeInt = 2  # left out of baselines; alarms only with hang_warmup_s
+    # silence: a rank whose summaries stop for heartbeat_factor x its usual report gap
+    heartbeat_factor: PositiveFloat = 10.0
+    heartbeat_min_s: PositiveFloat = 2.0
+    # hangs: a collective in flight for hang_factor x the p95 duration of its (group, op)
+    hang_factor: PositiveFloat = 10.0
+    hang_min_s: PositiveFloat = 2.0
+    hang_warmup_s: PositiveFloat = 120.0  # before a baseline exists
+    # stragglers: the same rank is the last to arrive in straggler_share of the last
+    # straggler_window steps, and its mean delay is straggler_factor x the others' mean
+    straggler_window: PositiveInt = 6
+    straggler_share: float = Field(default=0.8, gt=0.5, le=1.0)
+    straggler_factor: PositiveFloat = 3.0
+    straggler_min_s: PositiveFloat = 0.02
+    # slow links: a (src, dst) cell of the point-to-point latency matrix above
+    # link_factor x the median cell, over at least link_samples transfers per cell
+    link_factor: PositiveFloat = 5.0
+    link_min_s: PositiveFloat = 0.005
+    link_samples: PositiveInt = 6
+    # response
+    isolate_after_s: PositiveFloat | None = 20.0  # slow ranks/nodes persisting this long are isolated; null: never
+    nan: Literal["skip", "rollback"] = "rollback"
+    max_restarts: NonNegativeInt = 3
+    master_timeout_s: PositiveFloat = 10.0  # agents warn and go on unmonitored when the master is gone this long
+    stop_grace_s: PositiveFloat = 3.0  # SIGTERM, then SIGKILL, when stopping a faulty job
+    inject: list[InjectSpec] = Field(default_factory=list)

@@ -1,0 +1,231 @@
+"""Supervised training on one node (docs/faults.md, "Response"): the fault monitor's master
+and torchrun side by side, and the restart loop.
+
+    start the master (RUN/monitor/addr-a{n} tells the agents where it listens)
+    start torchrun on the healthy slots (PLIANT_SLOTS, CUDA_VISIBLE_DEVICES on GPUs)
+    wait: torchrun finishes                -> done
+          an incident with action restart  -> stop the job (SIGTERM, then SIGKILL), mark the
+                                              culprits' slots bad, start again with --resume
+          torchrun fails with no incident  -> give the master a moment to name a culprit,
+                                              else restart without excluding anything
+    a restart uses a spare slot when one is healthy, else a smaller world (the planner plans
+    for it and ZeRO's elastic checkpoints repartition the optimizer); at most
+    faults.max_restarts restarts; the master dying leaves the job running, unmonitored.
+
+Every start is written to RUN/monitor/supervisor.json.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import psutil
+import yaml
+
+from pliant.comm.monitor.master import read_incidents
+from pliant.launch.config import ConfigError, JobConfig, load_config
+from pliant.planner.io import atomic_write_text
+
+POLL_S = 0.1
+
+
+@dataclass
+class Attempt:
+    attempt: int
+    slots: list[int]
+    world: int
+    resume: bool
+    started: float
+    ended: float = 0.0
+    rc: int | None = None
+    outcome: str = ""  # finished, incident, failed
+    incidents: list[dict] = field(default_factory=list)
+
+
+def shrink_overlay(cfg: JobConfig, devices: int) -> dict:
+    """Config overlay for a smaller world on one node: bandwidth tables keep the group sizes
+    that still fit, and the new world size takes the entry of the next larger size."""
+    out: dict = {"cluster": {"devices_per_node": devices}}
+    bw = cfg.cluster.bandwidth
+    tables = {}
+    for name in ("all_to_all_gbps", "all_gather_gbps"):
+        table = getattr(bw, name)
+        if table is None:
+            continue
+        kept = {k: v for k, v in table.items() if k <= devices}
+        if devices > 1 and devices not in kept:
+            kept[devices] = table[min(k for k in table if k >= devices)]
+        tables[name] = dict(sorted(kept.items()))
+    if tables:
+        out["cluster"]["bandwidth"] = tables
+    if cfg.train.static_degree is not None and cfg.train.static_degree > devices:
+        out["train"] = {"static_degree": devices}
+    return out
+
+
+def kill_tree(proc: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM torchrun and every worker under it, then SIGKILL what is left (a frozen rank
+    ignores SIGTERM until it runs again)."""
+    try:
+        tree = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    for p in tree:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(tree, timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+class Supervisor:
+    def __init__(self, cfg: JobConfig, config_names: list[str], module: str, module_args: list[str], run_dir: Path,
+                 resume: bool = False):
+        if cfg.cluster.nodes != 1:
+            raise ConfigError("the supervisor runs single-node jobs; for several nodes use `--print-commands`")
+        self.cfg, self.config_names, self.module = cfg, list(config_names), module
+        self.module_args, self.run_dir, self.resume = list(module_args), Path(run_dir), resume
+        c = cfg.cluster
+        self.devices = c.devices_per_node
+        self.slots = list(range(c.devices_per_node + c.spare_devices_per_node))
+        self.bad: dict[int, str] = {}  # slot -> why
+        self.attempts: list[Attempt] = []
+        (self.run_dir / "monitor").mkdir(parents=True, exist_ok=True)
+
+    # ----- one start -----
+    def _start_master(self, attempt: int, world: int) -> tuple[subprocess.Popen, str]:
+        addr_file = self.run_dir / "monitor" / f"addr-a{attempt}"
+        addr_file.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "pliant.comm.monitor.master", "--run-dir", str(self.run_dir), "--world",
+               str(world), "--attempt", str(attempt), "--spec", self.cfg.faults.model_dump_json(),
+               "--address-file", str(addr_file)]
+        proc = subprocess.Popen(cmd)
+        deadline = time.monotonic() + 60
+        while not addr_file.is_file():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the fault monitor master did not start (exit status {proc.poll()})")
+            time.sleep(0.05)
+        return proc, addr_file.read_text().strip()
+
+    def _config_for(self, attempt: int, world: int) -> tuple[JobConfig, list[str]]:
+        if world == self.devices:
+            return self.cfg, self.config_names
+        overlay = self.run_dir / "monitor" / f"shrink-a{attempt}.yaml"
+        atomic_write_text(overlay, yaml.safe_dump(shrink_overlay(self.cfg, world)))
+        names = self.config_names + [str(overlay)]
+        return load_config(names), names
+
+    def _torchrun(self, cfg: JobConfig, names: list[str], attempt: int, slots: list[int], addr: str | None,
+                  resume: bool) -> subprocess.Popen:
+        from pliant.launch.launcher import config_args, torchrun_command
+
+        args = config_args(names) + self.module_args + (["--resume"] if resume else [])
+        cmd = torchrun_command(cfg, 0, self.module, args)
+        cmd.insert(3, "--monitor-interval=0.5")  # the master names a crashed rank before torchrun stops its peers
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+               "PLIANT_ATTEMPT": str(attempt), "PLIANT_SLOTS": ",".join(map(str, slots))}
+        if addr:
+            env["PLIANT_MONITOR_ADDR"] = addr
+        if cfg.cluster.device == "cpu":
+            env["DS_ACCELERATOR"] = "cpu"
+        else:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, slots))
+        if attempt > 0:
+            env.pop("PLIANT_FAULT", None)  # injected faults belong to the first start
+        return subprocess.Popen(cmd, env=env)
+
+    def _wait(self, job: subprocess.Popen, master: subprocess.Popen | None, attempt: int) -> tuple[str, list[dict]]:
+        spec = self.cfg.faults
+        master_warned = False
+        failed_at = None
+        while True:
+            fatal = [i for i in read_incidents(self.run_dir, attempt) if i["action"] == "restart"]
+            if fatal:
+                kill_tree(job, spec.stop_grace_s)
+                return "incident", fatal
+            rc = job.poll()
+            if rc == 0:
+                return "finished", []
+            if rc is not None:
+                failed_at = failed_at or time.monotonic()
+                # the master needs a few checks to name a culprit after the processes are gone
+                if master is None or master.poll() is not None or \
+                        time.monotonic() - failed_at > max(3.0, 10 * spec.check_interval_s):
+                    return "failed", []
+            if master is not None and master.poll() is not None and not master_warned:
+                master_warned = True
+                print(f"pliant: the fault monitor master exited (status {master.returncode}); training goes on "
+                      f"unmonitored", file=sys.stderr, flush=True)
+            time.sleep(POLL_S)
+
+    # ----- the loop -----
+    def run(self) -> int:
+        spec = self.cfg.faults
+        attempt = 0
+        while True:
+            healthy = [s for s in self.slots if s not in self.bad]
+            world = min(self.devices, len(healthy))
+            if world == 0:
+                return self._give_up(f"no healthy slot left (bad: {self.bad})")
+            slots = healthy[:world]
+            cfg, names = self._config_for(attempt, world)
+            resume = self.resume or attempt > 0
+            record = Attempt(attempt, slots, world, resume, time.time())
+            self.attempts.append(record)
+            if world < self.devices:
+                print(f"pliant: restarting with a smaller world: {world} ranks (slots {slots})", file=sys.stderr,
+                      flush=True)
+            master, addr = self._start_master(attempt, world) if spec.enabled else (None, None)
+            job = self._torchrun(cfg, names, attempt, slots, addr, resume)
+            try:
+                outcome, incidents = self._wait(job, master, attempt)
+            finally:
+                if job.poll() is None:
+                    kill_tree(job, spec.stop_grace_s)
+                if master is not None:
+                    master.terminate()
+                    try:
+                        master.wait(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        master.kill()
+            record.ended, record.rc, record.outcome = time.time(), job.returncode, outcome
+            record.incidents = read_incidents(self.run_dir, attempt)
+            self._save()
+            if outcome == "finished":
+                return 0
+            for inc in incidents:
+                for rank in inc["exclude"]:
+                    self.bad[slots[rank]] = f"{inc['kind']} in start {attempt} (rank {rank})"
+            if outcome == "failed":
+                print(f"pliant: the job failed (status {job.returncode}) and the monitor named no culprit",
+                      file=sys.stderr, flush=True)
+            if attempt >= spec.max_restarts:
+                return self._give_up(f"restart budget spent: {spec.max_restarts} restart(s)")
+            attempt += 1
+            print(f"pliant: restart {attempt}/{spec.max_restarts} from the last complete checkpoint; bad slots: "
+                  f"{sorted(self.bad) or 'none'}", file=sys.stderr, flush=True)
+
+    def _give_up(self, why: str) -> int:
+        self._save()
+        print(f"pliant: giving up: {why}. Incidents: {self.run_dir / 'incidents'}", file=sys.stderr, flush=True)
+        return 1
+
+    def _save(self) -> None:
+        body = {"slots": self.slots, "bad_slots": {str(k): v for k, v in self.bad.items()},
+                "attempts": [asdict(a) for a in self.attempts]}
+        atomic_write_text(self.run_dir / "monitor" / "supervisor.json", json.dumps(body, indent=1))

@@ -1,0 +1,144 @@
+"""Fault injection (docs/faults.md): makes a chosen rank fail in a chosen way at a chosen
+step, so that every fault class the monitor knows can be produced on CPU ranks.
+
+Faults come from the config's `faults.inject` list and from the environment variable
+PLIANT_FAULT (a JSON object or list of objects with the same keys). A fault fires only in
+the start of the job named by its `attempt` (default 0, the first): a restarted job runs
+clean, as it would on healthy hardware. Before striking, the injector writes
+RUN_DIR/faults/fired-a{attempt}-r{rank}-{kind}.json with the wall and monotonic time, so a
+test can measure detection latency from the real moment of the fault.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import random
+import signal
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from pydantic import TypeAdapter
+
+from pliant.comm.monitor.recorder import CollectiveEvent, CollectiveHook
+from pliant.comm.monitor.spec import InjectSpec
+from pliant.planner.io import atomic_write_text
+
+FAULT_ENV = "PLIANT_FAULT"
+_FAULTS = TypeAdapter(list[InjectSpec])
+
+
+def faults_from_env() -> list[InjectSpec]:
+    text = os.environ.get(FAULT_ENV, "").strip()
+    if not text:
+        return []
+    data = json.loads(text)
+    return _FAULTS.validate_python(data if isinstance(data, list) else [data])
+
+
+class FaultInjector(CollectiveHook):
+    def __init__(self, faults: list[InjectSpec], rank: int, attempt: int, run_dir: Path | None = None):
+        self.faults = [f for f in faults if f.rank == rank and f.attempt == attempt]
+        self.rank, self.attempt, self.run_dir = rank, attempt, run_dir
+        self.step = 0
+        self._counted = 0  # matching collectives entered this step (hang faults)
+        self._fired: set[tuple[str, int]] = set()
+        self._jitter = random.Random(1000 + rank)
+
+    def __bool__(self) -> bool:
+        return bool(self.faults)
+
+    def _due(self, kind: str, every_step: bool = False) -> list[InjectSpec]:
+        return [f for f in self.faults if f.kind == kind and (self.step >= f.step if every_step else
+                                                              self.step == f.step)]
+
+    def _fire(self, f: InjectSpec, **info) -> None:
+        """Write down the moment of the fault (once per fault), then let it happen."""
+        key = (f.kind, f.step)
+        if key in self._fired:
+            return
+        self._fired.add(key)
+        if self.run_dir is None:
+            return
+        body = {"kind": f.kind, "rank": self.rank, "step": self.step, "attempt": self.attempt, "wall": time.time(),
+                "mono": time.monotonic(), **info}
+        atomic_write_text(self.run_dir / "faults" / f"fired-a{self.attempt}-r{self.rank}-{f.kind}.json",
+                          json.dumps(body))
+
+    # ----- step boundaries -----
+    def on_step(self, step: int) -> None:
+        self.step, self._counted = step, 0
+        for f in self._due("crash"):
+            self._fire(f)
+            os.kill(os.getpid(), signal.SIGKILL)
+        for f in self._due("sigstop"):
+            self._fire(f)
+            os.kill(os.getpid(), signal.SIGSTOP)
+        for f in self._due("hold_gil"):
+            self._fire(f)
+            ctypes.PyDLL(None).sleep(100000)  # a C call that keeps the GIL: no other thread runs
+        for f in self._due("slow", every_step=True):
+            self._fire(f, seconds=f.seconds)
+            time.sleep(f.seconds)
+        for f in self._due("jitter", every_step=True):
+            self._fire(f, seconds=f.seconds)
+            time.sleep(self._jitter.uniform(0.0, f.seconds))
+        for f in self._due("desync"):
+            self._fire(f)
+            dist.all_reduce(torch.zeros(3, dtype=torch.float32))  # the others issue something else
+
+    # ----- collectives -----
+    def _counts(self, f: InjectSpec, group: tuple[int, ...]) -> bool:
+        return f.group_size is None or len(group) == f.group_size
+
+    def before_enter(self, op: str, group: tuple[int, ...], peer: int | None) -> None:
+        if peer is not None:
+            return
+        for f in self._due("hang_before_collective"):
+            if self._counts(f, group) and self._counted == f.collective:
+                self._fire(f, op=op, group=list(group))
+                threading.Event().wait()  # never enters: the others wait for it
+
+    def after_enter(self, event: CollectiveEvent) -> None:
+        if event.peer is not None:
+            for f in self._due("slow_link", every_step=True):
+                if event.op in ("send", "isend") and event.peer == f.peer:
+                    self._fire(f, peer=f.peer, seconds=f.seconds)
+                    time.sleep(f.seconds)
+            return
+        for f in self._due("hang_in_collective"):
+            if self._counts(f, event.group) and self._counted == f.collective:
+                self._fire(f, op=event.op, group=list(event.group), seq=event.seq)
+                threading.Event().wait()  # entered, never leaves: the collective hangs for everyone
+        if any(self._counts(f, event.group) for f in self.faults if f.kind.startswith("hang")):
+            self._counted += 1
+
+    # ----- checkpoints and numerics -----
+    def on_checkpoint(self, stage: str) -> None:
+        if stage != "written":
+            return
+        for f in self._due("slow_checkpoint"):
+            self._fire(f, seconds=f.seconds)
+            time.sleep(f.seconds)
+        for f in self._due("die_in_checkpoint"):
+            self._fire(f)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def attach(self, module: torch.nn.Module) -> None:
+        """nan: the model's outputs (so its gradients) turn non-finite on this rank at the step."""
+        if not self._due_any("nan"):
+            return
+
+        def poison(_module, _inputs, output):
+            for f in self._due("nan"):
+                self._fire(f)
+                return output * float("nan")
+            return output
+
+        module.register_forward_hook(poison)
+
+    def _due_any(self, kind: str) -> bool:
+        return any(f.kind == kind for f in self.faults)

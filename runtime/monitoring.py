@@ -1,0 +1,88 @@
+"""One rank's side of fault handling, as the worker uses it: the collective recorder, the
+agent that reports to the master, and fault injection (docs/faults.md).
+
+The launcher's supervisor tells a rank where the master is (PLIANT_MONITOR_ADDR), which
+start of the job this is (PLIANT_ATTEMPT) and which device slot each local rank runs on
+(PLIANT_SLOTS). Without a master address the agent stays off; injected faults still fire.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from pliant.comm.monitor.agent import MONITOR_ADDR_ENV, Agent
+from pliant.comm.monitor.recorder import CollectiveRecorder
+from pliant.comm.monitor.spec import FaultSpec
+
+from .faults import FaultInjector, faults_from_env
+
+ATTEMPT_ENV = "PLIANT_ATTEMPT"
+SLOTS_ENV = "PLIANT_SLOTS"
+
+
+class NonFiniteLoss(RuntimeError):
+    """The step's loss is NaN/Inf and faults.nan is rollback: the job restarts from the last checkpoint."""
+
+
+def my_slot() -> int | None:
+    slots = os.environ.get(SLOTS_ENV)
+    if not slots:
+        return None
+    return int(slots.split(",")[int(os.environ.get("LOCAL_RANK", "0"))])
+
+
+class RankMonitor:
+    def __init__(self, spec: FaultSpec, run_dir: Path | None):
+        self.spec = spec
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.attempt = int(os.environ.get(ATTEMPT_ENV, "0"))
+        self.slot = my_slot()
+        self.injector = FaultInjector(list(spec.inject) + faults_from_env(), self.rank, self.attempt, run_dir)
+        addr = os.environ.get(MONITOR_ADDR_ENV) if spec.enabled else None
+        self.recorder: CollectiveRecorder | None = None
+        self.agent: Agent | None = None
+        if addr or self.injector:
+            # before DeepSpeed starts: it binds some torch.distributed functions at initialisation
+            self.recorder = CollectiveRecorder(check_finite=bool(addr)).install()
+            if self.injector:
+                self.recorder.hook = self.injector
+        if addr:
+            self.agent = Agent(self.recorder, addr, self.rank, spec, self.slot, self.attempt).start()
+
+    def attach(self, trainer) -> None:
+        """Injected NaN on the model; with faults.nan = skip, DeepSpeed's ZeRO optimizer checks
+        the reduced gradients and skips a step whose gradients are not finite."""
+        self.injector.attach(trainer.engine.module)
+        if self.spec.nan == "skip":
+            opt = trainer.engine.optimizer
+            if not hasattr(opt, "check_grad_overflow"):
+                raise ValueError(f"faults.nan = skip needs a DeepSpeed ZeRO stage 1 or 2 optimizer (model.zero_stage "
+                                 f"is {trainer.model_spec.zero_stage}); use faults.nan = rollback")
+            opt.check_grad_overflow = True
+
+    def begin_step(self, step: int) -> None:
+        if self.recorder is not None:
+            self.recorder.mark_step(step)
+        self.injector.on_step(step)
+
+    def checkpoint_stage(self, stage: str) -> None:
+        if self.recorder is not None:
+            self.recorder.checkpointing(stage != "done")
+        self.injector.on_checkpoint(stage)
+
+    def check_loss(self, step: int, loss: float, skipped: bool) -> None:
+        if loss == loss and abs(loss) != float("inf"):
+            return
+        if self.spec.nan == "rollback":
+            raise NonFiniteLoss(f"step {step}: the loss is {loss}; faults.nan = rollback: restart from the last "
+                                f"complete checkpoint")
+        if self.rank == 0:
+            print(f"pliant: step {step}: non-finite loss {loss}; the update was {'skipped' if skipped else 'APPLIED'}"
+                  f" (faults.nan = skip)", file=sys.stderr, flush=True)
+
+    def close(self, reason: str = "finished") -> None:
+        if self.agent is not None:
+            self.agent.close(reason)
+        if self.recorder is not None:
+            self.recorder.uninstall()

@@ -1,0 +1,95 @@
+"""Running a supervised 4-rank CPU job with injected faults, and reading what it left behind:
+incidents, the injector's record of when each fault struck, the supervisor's starts, the
+metrics and the final parameters."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "tests" / "configs" / "faults-4cpu.yaml"
+DETECT_S = 10.0  # the issue's bound for hangs and crashes on 4 CPU ranks
+
+
+@dataclass
+class Job:
+    rc: int
+    out: str
+    run_dir: Path
+
+    def _json(self, pattern: str) -> list[dict]:
+        return [json.loads(p.read_text()) for p in sorted(self.run_dir.glob(pattern))]
+
+    @property
+    def incidents(self) -> list[dict]:
+        return self._json("incidents/incident-*.json")
+
+    @property
+    def fired(self) -> list[dict]:
+        return self._json("faults/fired-*.json")
+
+    @property
+    def supervisor(self) -> dict:
+        return json.loads((self.run_dir / "monitor" / "supervisor.json").read_text())
+
+    @property
+    def params(self) -> torch.Tensor:
+        return torch.load(self.run_dir / "final_params.pt")
+
+    @property
+    def steps(self) -> list[int]:
+        return [json.loads(x)["step"] for x in (self.run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    def only_incident(self, kind: str) -> dict:
+        found = [i for i in self.incidents if i["kind"] == kind]
+        assert found, f"no {kind} incident; got {[(i['kind'], i['ranks']) for i in self.incidents]}\n" + self.tail()
+        others = [(i["kind"], i["ranks"]) for i in self.incidents if i["kind"] != kind]
+        assert not others, f"besides {kind}, also {others}"
+        return found[0]
+
+    def latency(self, incident: dict) -> float:
+        """Seconds from the moment the fault struck (the injector's record) to detection."""
+        struck = min(f["wall"] for f in self.fired if f["attempt"] == incident["attempt"])
+        return incident["detected_wall"] - struck
+
+    def tail(self, n: int = 4000) -> str:
+        return self.out[-n:]
+
+
+def write_overlay(path: Path, overlay: dict) -> Path:
+    path.write_text(yaml.safe_dump(overlay))
+    return path
+
+
+def command(run_dir: Path, overlay: dict | None = None) -> list[str]:
+    configs = [str(CONFIG)]
+    if overlay:
+        configs.append(str(write_overlay(run_dir.parent / f"{run_dir.name}-overlay.yaml", overlay)))
+    cmd = [sys.executable, "-m", "pliant.launch.cli", "train", "--run-dir", str(run_dir), "--save-params"]
+    for c in configs:
+        cmd += ["--config", c]
+    return cmd
+
+
+def environment(faults: list[dict]) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PLIANT_PG_TIMEOUT_S": "120"}
+    env.pop("PLIANT_FAULT", None)
+    if faults:
+        env["PLIANT_FAULT"] = json.dumps(faults)
+    return env
+
+
+def run_job(tmp_path: Path, name: str, faults: list[dict] = (), overlay: dict | None = None,
+            timeout: float = 400) -> Job:
+    run_dir = tmp_path / name
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(command(run_dir, overlay), capture_output=True, text=True, timeout=timeout,
+                       env=environment(list(faults)))
+    return Job(r.returncode, r.stdout + r.stderr, run_dir)

@@ -1,0 +1,192 @@
+"""One test per fault class on a real 4-rank CPU job under `pliant train` (torchrun, gloo,
+DeepSpeed ZeRO-1, the monitor's master beside it): the incident names the culprit, is
+detected within the bound, and a job that restarts reaches its last step with parameters
+equal to a fault-free run on the same data (deterministic CPU training: exactly equal).
+No test waits for a process-group timeout: the monitor finds the fault in seconds."""
+from __future__ import annotations
+
+import subprocess
+import time
+
+import psutil
+import pytest
+import torch
+
+from fault_jobs import DETECT_S, Job, command, environment, run_job
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+LAST_STEP = 8
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory) -> Job:
+    job = run_job(tmp_path_factory.mktemp("clean"), "run")
+    assert job.rc == 0, job.tail()
+    assert job.incidents == [], "a clean run raised alarms"
+    return job
+
+
+def assert_recovered(job: Job, clean: Job, bad_slots: set[int]) -> None:
+    """Finished after one restart without the culprits' slots, with the fault-free parameters."""
+    assert job.rc == 0, job.tail()
+    sup = job.supervisor
+    assert [a["outcome"] for a in sup["attempts"]] == ["incident", "finished"], sup
+    assert set(map(int, sup["bad_slots"])) == bad_slots
+    assert not bad_slots & set(sup["attempts"][1]["slots"])
+    assert job.steps[-1] == LAST_STEP
+    assert torch.equal(job.params, clean.params), \
+        f"max difference {(job.params - clean.params).abs().max().item():.3e}"
+
+
+def test_crash(tmp_path, clean):
+    job = run_job(tmp_path, "crash", [{"kind": "crash", "rank": 2, "step": 5}])
+    inc = job.only_incident("crash")
+    assert inc["ranks"] == [2] and inc["action"] == "restart"
+    assert job.latency(inc) < DETECT_S
+    assert_recovered(job, clean, {2})
+
+
+def test_two_ranks_failing_together(tmp_path, clean):
+    job = run_job(tmp_path, "two", [{"kind": "crash", "rank": 1, "step": 5}, {"kind": "crash", "rank": 3, "step": 5}])
+    inc = job.only_incident("crash")
+    assert inc["ranks"] == [1, 3]
+    assert job.latency(inc) < DETECT_S
+    assert_recovered(job, clean, {1, 3})  # both spares used
+
+
+def test_noncomm_hang(tmp_path, clean):
+    """Rank 1 never enters the step's first collective; the others wait in it."""
+    job = run_job(tmp_path, "hang", [{"kind": "hang_before_collective", "rank": 1, "step": 5, "collective": 0}])
+    inc = job.only_incident("noncomm_hang")
+    assert inc["ranks"] == [1]
+    assert inc["evidence"]["not_entered"] == [1] and inc["evidence"]["entered"] == [0, 2, 3]
+    assert job.latency(inc) < DETECT_S
+    assert_recovered(job, clean, {1})
+
+
+def test_comm_hang(tmp_path, clean):
+    """Rank 1 enters its first collective of a 2-rank group at step 6 and it never completes:
+    both ranks of the group are inside, so the link between them is named."""
+    job = run_job(tmp_path, "comm", [{"kind": "hang_in_collective", "rank": 1, "step": 6, "group_size": 2}])
+    inc = job.only_incident("comm_hang")
+    assert 1 in inc["link"] and len(inc["link"]) == 2 and inc["ranks"] == inc["link"]
+    assert sorted(inc["evidence"]["entered"]) == inc["link"]
+    assert job.latency(inc) < DETECT_S
+    assert_recovered(job, clean, set(inc["link"]))
+
+
+@pytest.mark.parametrize("kind,state", [("sigstop", "stopped"), ("hold_gil", None)])
+def test_frozen_rank(tmp_path, clean, kind, state):
+    """A rank frozen by SIGSTOP, or stuck in C with the GIL held: alive, but silent."""
+    job = run_job(tmp_path, kind, [{"kind": kind, "rank": 3, "step": 5}])
+    inc = job.only_incident("noncomm_hang")
+    assert inc["ranks"] == [3]
+    ev = inc["evidence"]
+    process = ev.get("process") or ev["culprit_state"]["3"]["process"]
+    if state:
+        assert process == state
+    else:
+        assert process not in ("stopped", "gone")  # alive, not stopped: the GIL
+    assert job.latency(inc) < DETECT_S
+    assert_recovered(job, clean, {3})
+
+
+def test_straggler_reported_then_isolated(tmp_path, clean):
+    job = run_job(tmp_path, "slow", [{"kind": "slow", "rank": 2, "step": 2, "seconds": 0.4}],
+                  overlay={"faults": {"straggler_window": 3, "isolate_after_s": 0.5}})
+    kinds = [(i["kind"], i["ranks"], i["action"]) for i in job.incidents]
+    assert ("straggler", [2], "report") in kinds and ("straggler", [2], "restart") in kinds, kinds
+    assert {k for k, _, _ in kinds} == {"straggler"}
+    assert_recovered(job, clean, {2})
+
+
+def test_slow_link(tmp_path):
+    """The LASP-1 ring sends states rank to rank: the 1 -> 2 cell of the latency matrix stands out."""
+    job = run_job(tmp_path, "link", [{"kind": "slow_link", "rank": 1, "peer": 2, "step": 2, "seconds": 0.05}],
+                  overlay={"model": {"linear_sp": "ring"}, "faults": {"isolate_after_s": None}})
+    assert job.rc == 0, job.tail()
+    inc = job.only_incident("slow_link")
+    assert inc["link"] == [1, 2] and inc["action"] == "report"
+    assert inc["evidence"]["cell_s"] > 5 * inc["evidence"]["typical_s"]
+
+
+def test_nan_rollback(tmp_path, clean):
+    job = run_job(tmp_path, "nan", [{"kind": "nan", "rank": 3, "step": 5}])
+    inc = job.only_incident("nan")
+    assert inc["ranks"] == [3] and inc["evidence"]["finite_inputs"] == [0, 1, 2]
+    assert job.latency(inc) < DETECT_S
+    assert_recovered(job, clean, set())  # rolled back; a transient fault marks no slot bad
+
+
+def test_nan_skip(tmp_path, clean):
+    job = run_job(tmp_path, "skip", [{"kind": "nan", "rank": 0, "step": 5}], overlay={"faults": {"nan": "skip"}})
+    assert job.rc == 0, job.tail()
+    inc = job.only_incident("nan")
+    assert inc["ranks"] == [0] and inc["action"] == "skip"
+    assert "step 5: non-finite loss nan; the update was skipped" in job.out
+    assert len(job.supervisor["attempts"]) == 1 and job.steps[-1] == LAST_STEP
+    assert torch.isfinite(job.params).all()
+
+
+def test_desync(tmp_path, clean):
+    job = run_job(tmp_path, "desync", [{"kind": "desync", "rank": 1, "step": 5}])
+    inc = job.only_incident("desync")
+    assert inc["ranks"] == [1]
+    sigs = inc["evidence"]["signatures"]
+    assert sigs["1"][0] == "all_reduce" and {sigs[r][0] for r in "023"} == {"broadcast_object_list"}
+    assert job.latency(inc) < DETECT_S
+    assert_recovered(job, clean, {1})
+
+
+def test_death_during_checkpoint(tmp_path, clean):
+    """Rank 2 dies after writing its part of the step-4 checkpoint: that checkpoint never
+    completes, and the restart continues from step 2."""
+    job = run_job(tmp_path, "ckpt", [{"kind": "die_in_checkpoint", "rank": 2, "step": 4}])
+    inc = job.only_incident("crash")
+    assert inc["ranks"] == [2]
+    assert "resumed from step 2" in job.out
+    assert_recovered(job, clean, {2})
+
+
+def test_slow_checkpoint_is_no_alarm(tmp_path, clean):
+    """A checkpoint write far longer than any hang threshold (6 s): no alarm."""
+    job = run_job(tmp_path, "slowckpt", [{"kind": "slow_checkpoint", "rank": 0, "step": 4, "seconds": 6.0}])
+    assert job.rc == 0, job.tail()
+    assert job.incidents == []
+    assert job.fired and len(job.supervisor["attempts"]) == 1
+    assert torch.equal(job.params, clean.params)
+
+
+def test_master_killed(tmp_path, clean):
+    """The master dies early: the job finishes unmonitored, saying so; it never hangs."""
+    run_dir = tmp_path / "nomaster"
+    proc = subprocess.Popen(command(run_dir, {"faults": {"master_timeout_s": 2.0}}), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=environment([]))
+    addr = run_dir / "monitor" / "addr-a0"
+    deadline = time.monotonic() + 120
+    while not addr.is_file() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    masters = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if "pliant.comm.monitor.master" in " ".join(p.cmdline())]
+    assert len(masters) == 1
+    masters[0].kill()
+    out, _ = proc.communicate(timeout=300)
+    job = Job(proc.returncode, out, run_dir)
+    assert job.rc == 0, job.tail()
+    assert "the fault monitor master exited" in out
+    assert job.steps[-1] == LAST_STEP and torch.equal(job.params, clean.params)
+
+
+def test_smaller_world_restart(tmp_path, clean):
+    """No spare slot: the restart runs 3 ranks; ZeRO's elastic checkpoint repartitions the
+    optimizer and the planner plans for 3. Float sums change order: equal to 1e-5."""
+    job = run_job(tmp_path, "shrink", [{"kind": "crash", "rank": 0, "step": 5}],
+                  overlay={"cluster": {"spare_devices_per_node": 0}})
+    assert job.rc == 0, job.tail()
+    inc = job.only_incident("crash")
+    assert inc["ranks"] == [0]
+    attempts = job.supervisor["attempts"]
+    assert [a["world"] for a in attempts] == [4, 3] and attempts[1]["slots"] == [1, 2, 3]
+    assert job.steps[-1] == LAST_STEP
+    rel = ((job.params - clean.params).norm() / clean.params.norm()).item()
+    assert rel < 1e-5, rel
