@@ -71,6 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--warmup", type=int, default=2, help="first steps of each mode left out of the medians")
     bt.add_argument("--print-commands", action="store_true", help="print the torchrun command for every node")
 
+    bf = bsub.add_parser("faults", help="every fault class injected into a supervised job: detection, "
+                                        "localisation, recovery, overhead, false alarms")
+    add_config_arg(bf, "configs/faults-cpu.yaml")
+    bf.add_argument("--out", default="faults.json")
+    bf.add_argument("--repeats", type=int, default=3)
+    bf.add_argument("--classes", default=None, help="comma-separated subset of the fault classes")
+    bf.add_argument("--overhead-steps", type=int, default=30)
+    bf.add_argument("--jitter-steps", type=int, default=40)
+
     t = sub.add_parser("train", help="train the config's model with adaptive sequence parallelism")
     add_config_arg(t, LOCAL_CONFIG)
     t.add_argument("--steps", type=int, default=None, help="override train.steps")
@@ -190,6 +199,23 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     return launch(load_config(args.config), "pliant.bench.train_bench", rank_args, bench_main, args.print_commands)
 
 
+def cmd_bench_faults(args: argparse.Namespace) -> int:
+    from pliant.bench.faults_bench import CLASSES, run
+    from pliant.launch.config import resolve_config_path
+
+    classes = args.classes.split(",") if args.classes else list(CLASSES)
+    unknown = [c for c in classes if c not in CLASSES]
+    if unknown or args.repeats < 1 or args.overhead_steps < 4 or args.jitter_steps < 4:
+        raise PlanningError(f"--classes: unknown {unknown} (known: {', '.join(CLASSES)}); --repeats >= 1, "
+                            f"--overhead-steps and --jitter-steps >= 4")
+    if len(args.config) != 1:
+        raise PlanningError("bench faults takes one --config")
+    run(resolve_config_path(args.config[0]), Path(args.out), args.repeats, classes, args.overhead_steps,
+        args.jitter_steps)
+    print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_dists(_: argparse.Namespace) -> int:
     import numpy as np
 
@@ -228,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_bench_planner(args)
         if args.command == "bench" and args.bench == "train":
             return cmd_bench_train(args)
+        if args.command == "bench" and args.bench == "faults":
+            return cmd_bench_faults(args)
         if args.command == "bench" and args.bench == "comm":
             return cmd_bench_comm(args)
     except (ConfigError, PlanningError) as e:

@@ -8,9 +8,10 @@ and torchrun side by side, and the restart loop.
                                               culprits' slots bad, start again with --resume
           torchrun fails with no incident  -> give the master a moment to name a culprit,
                                               else restart without excluding anything
-    a restart uses a spare slot when one is healthy, else a smaller world (the planner plans
-    for it and ZeRO's elastic checkpoints repartition the optimizer); at most
-    faults.max_restarts restarts; the master dying leaves the job running, unmonitored.
+    a restart uses a spare slot (cluster.spare_devices_per_node); at most faults.max_restarts
+    restarts; the master dying leaves the job running, unmonitored. (A smaller world is
+    planned for by `shrink_overlay`, but DeepSpeed loads ZeRO partitions into the same
+    data-parallel size only: without a spare the supervisor stops with a clear message.)
 
 Every start is written to RUN/monitor/supervisor.json.
 """
@@ -180,8 +181,11 @@ class Supervisor:
         while True:
             healthy = [s for s in self.slots if s not in self.bad]
             world = min(self.devices, len(healthy))
-            if world == 0:
-                return self._give_up(f"no healthy slot left (bad: {self.bad})")
+            if world < self.devices:
+                # DeepSpeed loads ZeRO partitions into the same data-parallel size only (a smaller
+                # world needs a universal-checkpoint conversion first: not done yet)
+                return self._give_up(f"{len(healthy)} healthy slot(s) left for a world of {self.devices} (bad: "
+                                     f"{self.bad}); add spare_devices_per_node to the cluster config")
             slots = healthy[:world]
             cfg, names = self._config_for(attempt, world)
             resume = self.resume or attempt > 0

@@ -132,8 +132,7 @@ class Trainer:
             "train_batch_size": self.world,
             "train_micro_batch_size_per_gpu": 1,
             "gradient_accumulation_steps": 1,
-            # elastic: ZeRO-1/2 checkpoints that a smaller world can load (a restart without a bad device)
-            "zero_optimization": {"stage": model.zero_stage, "elastic_checkpoint": model.zero_stage in (1, 2)},
+            "zero_optimization": {"stage": model.zero_stage},
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
@@ -236,13 +235,6 @@ class Trainer:
         }
 
     def save_checkpoint(self, checkpointer: Checkpointer) -> None:
-        # DeepSpeed's elastic ZeRO checkpoints expect the step in the param groups (its own Adam
-        # keeps it there); torch's AdamW keeps it per parameter: copy it over
-        base = getattr(self.engine.optimizer, "optimizer", None)
-        if base is not None:
-            steps = [float(s["step"]) for s in base.state.values() if "step" in s]
-            for group in base.param_groups:
-                group["step"] = steps[0] if steps else 0.0
         checkpointer.save(self.engine, self.step_no, self.checkpoint_meta())
 
     def resume(self, checkpointer: Checkpointer) -> bool:
@@ -257,14 +249,12 @@ class Trainer:
             raise CheckpointError(
                 f"checkpoint {path} is of a different model: " + ", ".join(
                     f"{k}={meta['model'].get(k)!r} there, {mine.get(k)!r} here" for k in diff))
-        if meta["world_size"] != self.world and (self.model_spec.zero_stage not in (1, 2) or
-                                                 self.world > meta["world_size"]):
+        if meta["world_size"] != self.world:
             raise CheckpointError(f"checkpoint {path} was written by {meta['world_size']} ranks; this run has "
-                                  f"{self.world} (ZeRO stage {self.model_spec.zero_stage} partitions are per rank; "
-                                  f"stages 1 and 2 can shrink the world)")
+                                  f"{self.world} (ZeRO partitions are per rank)")
         checkpointer.load(self.engine, path)
-        # an elastic ZeRO load restores the optimizer's state but not its param groups'
-        # hyperparameters: take the learning rate the scheduler had set
+        # the learning rate the scheduler had set (not every DeepSpeed load path restores the
+        # optimizer's param groups)
         for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr()):
             group["lr"] = lr
         self.batcher.load_state_dict(meta["data"])

@@ -45,6 +45,7 @@ class FaultInjector(CollectiveHook):
         self.rank, self.attempt, self.run_dir = rank, attempt, run_dir
         self.step = 0
         self._counted = 0  # matching collectives entered this step (hang faults)
+        self._computing = False  # slow / jitter applied this step
         self._fired: set[tuple[str, int]] = set()
         self._jitter = random.Random(1000 + rank)
 
@@ -70,7 +71,7 @@ class FaultInjector(CollectiveHook):
 
     # ----- step boundaries -----
     def on_step(self, step: int) -> None:
-        self.step, self._counted = step, 0
+        self.step, self._counted, self._computing = step, 0, False
         for f in self._due("crash"):
             self._fire(f)
             os.kill(os.getpid(), signal.SIGKILL)
@@ -80,12 +81,6 @@ class FaultInjector(CollectiveHook):
         for f in self._due("hold_gil"):
             self._fire(f)
             ctypes.PyDLL(None).sleep(100000)  # a C call that keeps the GIL: no other thread runs
-        for f in self._due("slow", every_step=True):
-            self._fire(f, seconds=f.seconds)
-            time.sleep(f.seconds)
-        for f in self._due("jitter", every_step=True):
-            self._fire(f, seconds=f.seconds)
-            time.sleep(self._jitter.uniform(0.0, f.seconds))
         for f in self._due("desync"):
             self._fire(f)
             dist.all_reduce(torch.zeros(3, dtype=torch.float32))  # the others issue something else
@@ -94,7 +89,21 @@ class FaultInjector(CollectiveHook):
     def _counts(self, f: InjectSpec, group: tuple[int, ...]) -> bool:
         return f.group_size is None or len(group) == f.group_size
 
+    def _slow_compute(self, op: str) -> None:
+        """slow / jitter: extra time in the step's compute, after the plan arrived (so the
+        delay shows where a slow device shows it: before the first collective of the work)."""
+        if self._computing or op == "broadcast_object_list":
+            return
+        self._computing = True
+        for f in self._due("slow", every_step=True):
+            self._fire(f, seconds=f.seconds)
+            time.sleep(f.seconds)
+        for f in self._due("jitter", every_step=True):
+            self._fire(f, seconds=f.seconds)
+            time.sleep(self._jitter.uniform(0.0, f.seconds))
+
     def before_enter(self, op: str, group: tuple[int, ...], peer: int | None) -> None:
+        self._slow_compute(op)
         if peer is not None:
             return
         for f in self._due("hang_before_collective"):

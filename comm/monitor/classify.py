@@ -1,8 +1,8 @@
 """The master's picture of the job and its rules (docs/faults.md): the agents' summaries go
 in, incidents come out. No sockets and no processes here: `master.py` feeds it.
 
-Every alarm threshold is relative to a baseline measured on this job: a collective's p95
-duration for its (group, op), the agents' usual report gap, the other ranks' delays, the
+Every alarm threshold is relative to a baseline measured on this job: a collective's median
+and longest duration for its (group, op), the agents' usual report gap, the other ranks' delays, the
 median cell of the point-to-point latency matrix. Warm-up steps and checkpoint writes are
 left out of the baselines and never raise an alarm.
 """
@@ -89,11 +89,6 @@ class RankState:
     process: str = "unknown"  # running, sleeping, stopped, zombie, gone, unknown (remote host)
 
 
-def p95(values) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
-
-
 class JobPicture:
     """What the master knows about one start of the job, and the rules over it."""
 
@@ -107,7 +102,6 @@ class JobPicture:
         # (group, op), (group size, op) and op -> recent durations of clean collectives
         self.durations: dict[Any, deque] = defaultdict(lambda: deque(maxlen=400))
         self.step_delay: dict[int, dict[int, float]] = defaultdict(lambda: defaultdict(float))
-        self.ckpt_steps: set[int] = set()
         self.link_latency: dict[tuple[int, int], deque] = defaultdict(lambda: deque(maxlen=50))
         self.reported: set[tuple] = set()
         self.flagged_since: dict[tuple, float] = {}
@@ -138,8 +132,6 @@ class JobPicture:
             self._record(r, Row.parse(raw))
 
     def _record(self, rank: int, row: Row) -> None:
-        if row.in_checkpoint:
-            self.ckpt_steps.add(row.step)
         if row.op in P2P:
             src, dst = (rank, row.peer) if row.op in ("send", "isend") else (row.peer, rank)
             book = self.sends if row.op in ("send", "isend") else self.recvs
@@ -203,7 +195,7 @@ class JobPicture:
         for key in ((group, op), (len(group), op), op):  # adaptive plans form groups they never formed before
             base = self.durations.get(key)
             if base is not None and len(base) >= 5:
-                return max(s.hang_min_s, s.hang_factor * p95(base))
+                return max(s.hang_min_s, s.hang_factor * statistics.median(base), s.hang_max_factor * max(base))
         return s.hang_warmup_s
 
     def silence_threshold(self, st: RankState) -> float:
@@ -261,26 +253,26 @@ class JobPicture:
         return []
 
     def _nan(self, now: float) -> list[Incident]:
+        """The first collective whose inputs were finite on some members and not on others:
+        activations (SP) and gradients (reductions) carry a bad value to the peers, so the
+        source is the rank that sent non-finite data while its peers' was still finite."""
         first = None
         for (group, seq), members in self.table.items():
             bad = [r for r, row in members.items() if row.finite is False]
-            if not bad:
+            good = [r for r, row in members.items() if row.finite is True]
+            if not bad or not good:
                 continue
             t = min(members[r].enter for r in bad)
             if first is None or t < first[0]:
-                first = (t, group, seq, members, bad)
+                first = (t, group, seq, members, bad, good)
         if first is None:
             return []
-        t, group, seq, members, bad = first
-        good = [r for r, row in members.items() if row.finite is True]
-        if not good and len(members) < len(group):
-            return []  # wait for the other members' reports of this reduction
+        t, group, seq, members, bad, good = first
         action = "restart" if self.spec.nan == "rollback" else "skip"
-        step = members[bad[0]].step
         return [Incident("nan", sorted(bad), action, {
             "group": list(group), "seq": seq, "op": members[bad[0]].op, "finite_inputs": sorted(good),
-            "nonfinite_inputs": sorted(bad), "policy": self.spec.nan}, fault_time=t, detected=now, step=step,
-            group=list(group))]
+            "nonfinite_inputs": sorted(bad), "policy": self.spec.nan}, fault_time=t, detected=now,
+            step=members[bad[0]].step, group=list(group))]
 
     def _crashes(self, now: float) -> list[Incident]:
         """Processes gone without saying goodbye; failing that, ranks that raised. A crash makes
@@ -376,8 +368,7 @@ class JobPicture:
 
     def _stragglers(self, now: float) -> list[Incident]:
         s = self.spec
-        done = sorted(step for step in self.step_delay
-                      if step > s.warmup_steps and step not in self.ckpt_steps and step < self._step())
+        done = sorted(step for step in self.step_delay if step > s.warmup_steps and step < self._step())
         window = done[-s.straggler_window:]
         if len(window) < s.straggler_window:
             return []

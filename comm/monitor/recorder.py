@@ -24,7 +24,6 @@ COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_sca
                "all_to_all", "broadcast", "reduce", "barrier", "all_gather_object", "broadcast_object_list",
                "gather", "scatter", "reduce_scatter")
 POINT_TO_POINT = ("send", "recv", "isend", "irecv")
-REDUCTIONS = ("all_reduce", "reduce_scatter_tensor", "reduce_scatter", "reduce")  # inputs checked for NaN/Inf
 
 
 class CollectiveHook:
@@ -48,7 +47,7 @@ class CollectiveEvent:
     exit: float | None = None  # None while in flight
     peer: int | None = None  # point-to-point: the other rank (global)
     step: int = 0  # the training step it was issued in
-    finite: Any = None  # reductions: a 0-d bool tensor, are the inputs finite (None: not checked)
+    finite: Any = None  # a 0-d bool tensor: is the floating-point input finite (None: not checked)
     in_checkpoint: bool = False  # issued while a checkpoint was being written
 
     @property
@@ -84,7 +83,19 @@ class _TimedWork:
         return getattr(self._work, name)
 
 
-def _first_tensor(bound: inspect.BoundArguments) -> torch.Tensor | None:
+# the argument that carries this rank's data in (the first tensor argument of several ops
+# is an output buffer, uninitialised memory)
+INPUT_ARG = {"all_gather_into_tensor": "input_tensor", "all_gather": "tensor", "reduce_scatter_tensor": "input",
+             "reduce_scatter": "input_list", "all_to_all_single": "input", "all_to_all": "input_tensor_list",
+             "scatter": "scatter_list"}
+
+
+def _first_tensor(bound: inspect.BoundArguments, op: str = "") -> torch.Tensor | None:
+    value = bound.arguments.get(INPUT_ARG.get(op, ""))
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (list, tuple)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
     for value in bound.arguments.values():
         if isinstance(value, torch.Tensor):
             return value
@@ -174,11 +185,11 @@ class CollectiveRecorder:
         if p2p:
             peer = bound.arguments.get("dst", bound.arguments.get("src"))
             group = tuple(sorted((dist.get_rank(), int(peer)))) if peer is not None else group
-        t = _first_tensor(bound)
+        t = _first_tensor(bound, name)
         nbytes = t.numel() * t.element_size() if t is not None else 0
         finite = None
-        if self.check_finite and name in REDUCTIONS and t is not None and t.is_floating_point():
-            finite = torch.isfinite(t).all()  # before the reduction spreads a bad value
+        if self.check_finite and t is not None and t.is_floating_point() and name not in ("recv", "irecv"):
+            finite = torch.isfinite(t).all()  # before the collective spreads a bad value
         with self._lock:
             key = (group, "send" if name in ("send", "isend") else "recv") if p2p else group
             seq = self._seq.get(key, 0)

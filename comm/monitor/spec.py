@@ -58,8 +58,10 @@ class FaultSpec(_Strict):
     # silence: a rank whose summaries stop for heartbeat_factor x its usual report gap
     heartbeat_factor: PositiveFloat = 10.0
     heartbeat_min_s: PositiveFloat = 2.0
-    # hangs: a collective in flight for hang_factor x the p95 duration of its (group, op)
+    # hangs: a collective in flight for hang_factor x the median duration of its (group, op),
+    # and hang_max_factor x the longest one seen in clean steps
     hang_factor: PositiveFloat = 10.0
+    hang_max_factor: PositiveFloat = 2.0
     hang_min_s: PositiveFloat = 2.0
     hang_warmup_s: PositiveFloat = 120.0  # before a baseline exists
     # stragglers: the same rank is the last to arrive in straggler_share of the last

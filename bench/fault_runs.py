@@ -1,6 +1,7 @@
-"""Running a supervised 4-rank CPU job with injected faults, and reading what it left behind:
-incidents, the injector's record of when each fault struck, the supervisor's starts, the
-metrics and the final parameters."""
+"""Running a supervised job with injected faults (`pliant train` with PLIANT_FAULT), and
+reading what it left behind: incidents, the injector's record of when each fault struck, the
+supervisor's starts, the metrics and the final parameters. Used by tests/faults and by
+`pliant bench faults`."""
 from __future__ import annotations
 
 import json
@@ -13,9 +14,7 @@ from pathlib import Path
 import torch
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-CONFIG = REPO / "tests" / "configs" / "faults-4cpu.yaml"
-DETECT_S = 10.0  # the issue's bound for hangs and crashes on 4 CPU ranks
+DETECT_S = 10.0  # the bound for detecting hangs and crashes on 4 CPU ranks
 
 
 @dataclass
@@ -44,8 +43,23 @@ class Job:
         return torch.load(self.run_dir / "final_params.pt")
 
     @property
+    def metrics(self) -> list[dict]:
+        path = self.run_dir / "metrics.jsonl"
+        return [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
+
+    @property
     def steps(self) -> list[int]:
-        return [json.loads(x)["step"] for x in (self.run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [m["step"] for m in self.metrics]
+
+    def recovery(self) -> tuple[float | None, int | None]:
+        """(seconds from the fault to the first step trained after the restart, steps of work
+        lost: trained before the fault and trained again), or (None, None) without a restart."""
+        rows = self.metrics
+        for prev, row in zip(rows, rows[1:]):
+            if row["step"] <= prev["step"]:
+                struck = min(f["wall"] for f in self.fired)
+                return row["wall"] - struck, prev["step"] - (row["step"] - 1)
+        return None, None
 
     def only_incident(self, kind: str) -> dict:
         found = [i for i in self.incidents if i["kind"] == kind]
@@ -68,8 +82,8 @@ def write_overlay(path: Path, overlay: dict) -> Path:
     return path
 
 
-def command(run_dir: Path, overlay: dict | None = None) -> list[str]:
-    configs = [str(CONFIG)]
+def command(run_dir: Path, config: Path, overlay: dict | None = None) -> list[str]:
+    configs = [str(config)]
     if overlay:
         configs.append(str(write_overlay(run_dir.parent / f"{run_dir.name}-overlay.yaml", overlay)))
     cmd = [sys.executable, "-m", "pliant.launch.cli", "train", "--run-dir", str(run_dir), "--save-params"]
@@ -86,10 +100,10 @@ def environment(faults: list[dict]) -> dict[str, str]:
     return env
 
 
-def run_job(tmp_path: Path, name: str, faults: list[dict] = (), overlay: dict | None = None,
+def run_job(tmp_path: Path, name: str, config: Path, faults: list[dict] = (), overlay: dict | None = None,
             timeout: float = 400) -> Job:
     run_dir = tmp_path / name
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(command(run_dir, overlay), capture_output=True, text=True, timeout=timeout,
+    r = subprocess.run(command(run_dir, config, overlay), capture_output=True, text=True, timeout=timeout,
                        env=environment(list(faults)))
     return Job(r.returncode, r.stdout + r.stderr, run_dir)
