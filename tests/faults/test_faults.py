@@ -141,7 +141,8 @@ def test_desync(tmp_path, clean):
     inc = job.only_incident("desync")
     assert inc["ranks"] == [1]
     sigs = inc["evidence"]["signatures"]
-    assert sigs["1"][0] == "all_reduce" and {sigs[r][0] for r in "023"} == {"broadcast_object_list"}
+    others = {r: sig for r, sig in sigs.items() if r != "1"}  # those that had reported collective k
+    assert sigs["1"][0] == "all_reduce" and others and {s[0] for s in others.values()} == {"broadcast_object_list"}
     assert job.latency(inc) < DETECT_S
     assert_recovered(job, clean, {1})
 
