@@ -36,9 +36,12 @@ def worker_args(args: argparse.Namespace, with_config: bool = True) -> list[str]
     return out
 
 
-def torchrun_command(cfg, node_rank: int, module: str, module_args: list[str]) -> list[str]:
+def torchrun_command(cfg, node_rank: int, module: str, module_args: list[str],
+                     monitor_interval_s: float | None = None) -> list[str]:
     c = cfg.cluster
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={c.devices_per_node}"]
+    if monitor_interval_s is not None:
+        cmd.append(f"--monitor-interval={monitor_interval_s:g}")
     if c.nodes == 1:
         cmd.append("--standalone")
     else:

@@ -9,9 +9,9 @@ and torchrun side by side, and the restart loop.
           torchrun fails with no incident  -> give the master a moment to name a culprit,
                                               else restart without excluding anything
     a restart uses a spare slot (cluster.spare_devices_per_node); at most faults.max_restarts
-    restarts; the master dying leaves the job running, unmonitored. (A smaller world is
-    planned for by `shrink_overlay`, but DeepSpeed loads ZeRO partitions into the same
-    data-parallel size only: without a spare the supervisor stops with a clear message.)
+    restarts; the master dying leaves the job running, unmonitored. (DeepSpeed loads ZeRO
+    partitions into the same data-parallel size only: without a spare slot the supervisor
+    stops with a clear message rather than shrink the world.)
 
 Every start is written to RUN/monitor/supervisor.json.
 """
@@ -26,10 +26,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import psutil
-import yaml
 
 from pliant.comm.monitor.master import read_incidents
-from pliant.launch.config import ConfigError, JobConfig, load_config
+from pliant.launch.config import ConfigError, JobConfig
 from pliant.planner.io import atomic_write_text
 
 POLL_S = 0.1
@@ -46,27 +45,6 @@ class Attempt:
     rc: int | None = None
     outcome: str = ""  # finished, incident, failed
     incidents: list[dict] = field(default_factory=list)
-
-
-def shrink_overlay(cfg: JobConfig, devices: int) -> dict:
-    """Config overlay for a smaller world on one node: bandwidth tables keep the group sizes
-    that still fit, and the new world size takes the entry of the next larger size."""
-    out: dict = {"cluster": {"devices_per_node": devices}}
-    bw = cfg.cluster.bandwidth
-    tables = {}
-    for name in ("all_to_all_gbps", "all_gather_gbps"):
-        table = getattr(bw, name)
-        if table is None:
-            continue
-        kept = {k: v for k, v in table.items() if k <= devices}
-        if devices > 1 and devices not in kept:
-            kept[devices] = table[min(k for k in table if k >= devices)]
-        tables[name] = dict(sorted(kept.items()))
-    if tables:
-        out["cluster"]["bandwidth"] = tables
-    if cfg.train.static_degree is not None and cfg.train.static_degree > devices:
-        out["train"] = {"static_degree": devices}
-    return out
 
 
 def kill_tree(proc: subprocess.Popen, grace_s: float) -> None:
@@ -123,21 +101,13 @@ class Supervisor:
             time.sleep(0.05)
         return proc, addr_file.read_text().strip()
 
-    def _config_for(self, attempt: int, world: int) -> tuple[JobConfig, list[str]]:
-        if world == self.devices:
-            return self.cfg, self.config_names
-        overlay = self.run_dir / "monitor" / f"shrink-a{attempt}.yaml"
-        atomic_write_text(overlay, yaml.safe_dump(shrink_overlay(self.cfg, world)))
-        names = self.config_names + [str(overlay)]
-        return load_config(names), names
-
-    def _torchrun(self, cfg: JobConfig, names: list[str], attempt: int, slots: list[int], addr: str | None,
-                  resume: bool) -> subprocess.Popen:
+    def _torchrun(self, attempt: int, slots: list[int], addr: str | None, resume: bool) -> subprocess.Popen:
         from pliant.launch.launcher import config_args, torchrun_command
 
-        args = config_args(names) + self.module_args + (["--resume"] if resume else [])
-        cmd = torchrun_command(cfg, 0, self.module, args)
-        cmd.insert(3, "--monitor-interval=0.5")  # the master names a crashed rank before torchrun stops its peers
+        cfg = self.cfg
+        args = config_args(self.config_names) + self.module_args + (["--resume"] if resume else [])
+        # a slow torchrun monitor: the master names a crashed rank before torchrun stops its peers
+        cmd = torchrun_command(cfg, 0, self.module, args, monitor_interval_s=0.5)
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
                "PLIANT_ATTEMPT": str(attempt), "PLIANT_SLOTS": ",".join(map(str, slots))}
         if addr:
@@ -180,22 +150,18 @@ class Supervisor:
         attempt = 0
         while True:
             healthy = [s for s in self.slots if s not in self.bad]
-            world = min(self.devices, len(healthy))
-            if world < self.devices:
+            world = self.devices
+            if len(healthy) < world:
                 # DeepSpeed loads ZeRO partitions into the same data-parallel size only (a smaller
                 # world needs a universal-checkpoint conversion first: not done yet)
                 return self._give_up(f"{len(healthy)} healthy slot(s) left for a world of {self.devices} (bad: "
                                      f"{self.bad}); add spare_devices_per_node to the cluster config")
             slots = healthy[:world]
-            cfg, names = self._config_for(attempt, world)
             resume = self.resume or attempt > 0
             record = Attempt(attempt, slots, world, resume, time.time())
             self.attempts.append(record)
-            if world < self.devices:
-                print(f"pliant: restarting with a smaller world: {world} ranks (slots {slots})", file=sys.stderr,
-                      flush=True)
             master, addr = self._start_master(attempt, world) if spec.enabled else (None, None)
-            job = self._torchrun(cfg, names, attempt, slots, addr, resume)
+            job = self._torchrun(attempt, slots, addr, resume)
             try:
                 outcome, incidents = self._wait(job, master, attempt)
             finally:

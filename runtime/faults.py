@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from pydantic import TypeAdapter
 
-from pliant.comm.monitor.recorder import CollectiveEvent, CollectiveHook
+from pliant.comm.monitor.recorder import SENDS, CollectiveEvent, CollectiveHook
 from pliant.comm.monitor.spec import InjectSpec
 from pliant.planner.io import atomic_write_text
 
@@ -114,7 +114,7 @@ class FaultInjector(CollectiveHook):
     def after_enter(self, event: CollectiveEvent) -> None:
         if event.peer is not None:
             for f in self._due("slow_link", every_step=True):
-                if event.op in ("send", "isend") and event.peer == f.peer:
+                if event.op in SENDS and event.peer == f.peer:
                     self._fire(f, peer=f.peer, seconds=f.seconds)
                     time.sleep(f.seconds)
             return

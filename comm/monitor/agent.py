@@ -72,13 +72,10 @@ class Agent:
             wake_w.setblocking(False)
             self._wake_w = wake_w  # keep it open
             signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-            previous = signal.getsignal(signal.SIGTERM)
-
             def on_term(signum, frame):  # the main thread got to run: same as the agent's path
                 self._terminated()
 
             signal.signal(signal.SIGTERM, on_term)
-            self._previous_term = previous
         self._send({"type": "hello"})
         self._thread.start()
         atexit.register(self.close, "exit")

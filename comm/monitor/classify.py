@@ -14,12 +14,12 @@ from collections import defaultdict, deque
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
+from .recorder import POINT_TO_POINT, SENDS
 from .spec import FaultSpec
 
 # collectives whose every member passes a tensor of the same shape (the desync check)
 SAME_SHAPE = {"all_reduce", "reduce", "broadcast", "all_gather_into_tensor", "reduce_scatter_tensor", "all_gather",
               "reduce_scatter", "barrier"}
-P2P = {"send", "recv", "isend", "irecv"}
 FATAL = {"crash", "comm_hang", "noncomm_hang", "desync"}
 
 
@@ -132,9 +132,10 @@ class JobPicture:
             self._record(r, Row.parse(raw))
 
     def _record(self, rank: int, row: Row) -> None:
-        if row.op in P2P:
-            src, dst = (rank, row.peer) if row.op in ("send", "isend") else (row.peer, rank)
-            book = self.sends if row.op in ("send", "isend") else self.recvs
+        if row.op in POINT_TO_POINT:
+            sent = row.op in SENDS
+            src, dst = (rank, row.peer) if sent else (row.peer, rank)
+            book = self.sends if sent else self.recvs
             key = (src, dst, row.seq)
             book[key] = row
             self._remember(("p2p", key))
@@ -301,7 +302,7 @@ class JobPicture:
         groups: dict[tuple[int, ...], list[tuple[int, Row]]] = defaultdict(list)
         for st in self.ranks.values():
             for g, row in st.inflight.items():
-                if row.op not in P2P:
+                if row.op not in POINT_TO_POINT:
                     groups[g].append((st.rank, row))
         waiting_anywhere = {r for g, rows in groups.items() for r, _ in rows}
         comm, noncomm = [], []

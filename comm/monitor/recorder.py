@@ -24,6 +24,7 @@ COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_sca
                "all_to_all", "broadcast", "reduce", "barrier", "all_gather_object", "broadcast_object_list",
                "gather", "scatter", "reduce_scatter")
 POINT_TO_POINT = ("send", "recv", "isend", "irecv")
+SENDS = ("send", "isend")  # point-to-point sequence numbers count sends and receives of a pair apart
 
 
 class CollectiveHook:
@@ -49,17 +50,6 @@ class CollectiveEvent:
     step: int = 0  # the training step it was issued in
     finite: Any = None  # a 0-d bool tensor: is the floating-point input finite (None: not checked)
     in_checkpoint: bool = False  # issued while a checkpoint was being written
-
-    @property
-    def direction(self) -> str:
-        """Point-to-point sequence numbers count sends and receives of a pair apart."""
-        return "send" if self.op in ("send", "isend") else "recv"
-
-    @property
-    def signature(self) -> tuple:
-        """What every member must agree on (the desync check)."""
-        return (self.op, self.dtype, self.shape if self.op not in ("all_gather_object", "broadcast_object_list")
-                else ())
 
 
 class _TimedWork:
@@ -191,7 +181,7 @@ class CollectiveRecorder:
         if self.check_finite and t is not None and t.is_floating_point() and name not in ("recv", "irecv"):
             finite = torch.isfinite(t).all()  # before the collective spreads a bad value
         with self._lock:
-            key = (group, "send" if name in ("send", "isend") else "recv") if p2p else group
+            key = (group, "send" if name in SENDS else "recv") if p2p else group
             seq = self._seq.get(key, 0)
             self._seq[key] = seq + 1
             self.step_collectives += 1
