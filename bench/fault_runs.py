@@ -53,13 +53,17 @@ class Job:
 
     def recovery(self) -> tuple[float | None, int | None]:
         """(seconds from the fault to the first step trained after the restart, steps of work
-        lost: trained before the fault and trained again), or (None, None) without a restart."""
-        rows = self.metrics
-        for prev, row in zip(rows, rows[1:]):
-            if row["step"] <= prev["step"]:
-                struck = min(f["wall"] for f in self.fired)
-                return row["wall"] - struck, prev["step"] - (row["step"] - 1)
-        return None, None
+        lost: trained before the restart and trained again), or (None, None) without a restart."""
+        attempts = self.supervisor["attempts"]
+        if len(attempts) < 2 or not self.fired:
+            return None, None
+        restarted = attempts[1]["started"]
+        before = [m["step"] for m in self.metrics if m["wall"] < restarted]
+        after = [m for m in self.metrics if m["wall"] >= restarted]
+        if not after:
+            return None, None
+        struck = min(f["wall"] for f in self.fired)
+        return after[0]["wall"] - struck, max(before, default=0) - (after[0]["step"] - 1)
 
     def only_incident(self, kind: str) -> dict:
         found = [i for i in self.incidents if i["kind"] == kind]

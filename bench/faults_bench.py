@@ -5,6 +5,9 @@ the fault struck to the master's incident), whether the culprit was named correc
 from the fault to the first step trained after the restart, and steps of work lost. Then
 the instrumentation overhead (median step time with the monitor on / off, runs interleaved)
 and false alarms over clean steps with injected compute jitter of +-50% on every rank.
+Last, torchft side by side (torchft_compare): how long a torchft job takes to notice a
+crashed and a hung replica, and whether it names the culprit, beside pliant's crash and
+non-communication hang classes.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from . import torchft_compare
 from .fault_runs import DETECT_S, Job, run_job
 
 # class -> (faults, config overlay, expected incident kind, expected culprit ranks or link)
@@ -30,6 +34,7 @@ CLASSES: dict[str, tuple[list[dict], dict, str, list[int]]] = {
     "desync": ([{"kind": "desync", "rank": 1, "step": 5}], {}, "desync", [1]),
 }
 HANG_CRASH = ("crash", "comm_hang", "noncomm_hang", "sigstop", "hold_gil")
+VS_TORCHFT = {"crash": "crash", "hang": "noncomm_hang"}  # torchft fault -> the pliant class it compares with
 
 
 def localised(job: Job, kind: str, culprit: list[int]) -> tuple[dict | None, bool]:
@@ -73,18 +78,25 @@ def step_seconds(job: Job, skip: int) -> list[float]:
     return [m["seconds"] for m in job.metrics[skip:]]
 
 
-def measure_overhead(config: Path, work: Path, repeats: int, steps: int) -> dict:
-    """Median step time with the monitor on and off, runs interleaved."""
-    on, off = [], []
+def measure_overhead(config: Path, work: Path, repeats: int, steps: int, skip: int = 3) -> dict:
+    """Step time with the monitor on and off, runs interleaved. The batches are the same in
+    both runs, so step i of one is paired with step i of the other: the ratio is the median
+    of the paired ratios (the first `skip` steps, which build process groups, left out)."""
+    on, off, paired = [], [], []
     for i in range(repeats):
-        for enabled, into in ((False, off), (True, on)):
+        times = {}
+        for enabled in (False, True):
             job = run_job(work, f"overhead-{'on' if enabled else 'off'}-{i}", config,
                           overlay={"faults": {"enabled": enabled}, "train": {"steps": steps, "checkpoint_every": steps}})
             if job.rc != 0:
                 raise RuntimeError(f"overhead run failed:\n{job.tail()}")
-            into.append(statistics.median(step_seconds(job, 2)))
+            times[enabled] = step_seconds(job, skip)
+        off.append(statistics.median(times[False]))
+        on.append(statistics.median(times[True]))
+        paired += [a / b for a, b in zip(times[True], times[False])]
     return {"step_s_off": off, "step_s_on": on, "median_off": statistics.median(off),
-            "median_on": statistics.median(on), "overhead_ratio": statistics.median(on) / statistics.median(off)}
+            "median_on": statistics.median(on), "ratio_of_medians": statistics.median(on) / statistics.median(off),
+            "paired_steps": len(paired), "overhead_ratio": statistics.median(paired)}
 
 
 def measure_false_alarms(config: Path, work: Path, steps: int, compute_s: float) -> dict:
@@ -96,7 +108,24 @@ def measure_false_alarms(config: Path, work: Path, steps: int, compute_s: float)
             "false_alarms": len(job.incidents), "incidents": [(i["kind"], i["ranks"]) for i in job.incidents]}
 
 
-def run(config: Path, out: Path, repeats: int, classes: list[str], overhead_steps: int, jitter_steps: int) -> dict:
+def side_by_side(results: list[dict], torchft: dict) -> list[dict]:
+    rows = []
+    for fault, ours in VS_TORCHFT.items():
+        mine = next((r for r in results if r["class"] == ours), None)
+        theirs = torchft.get(fault)
+        if mine is None or theirs is None:
+            continue
+        rows.append({"fault": fault, "pliant_class": ours, "pliant_detection_s": mine["detection_s"],
+                     "pliant_names_culprit": mine["localised"], "torchft_noticed_s": theirs["noticed_s"],
+                     "torchft_names_culprit": theirs["names_culprit"],
+                     "torchft_dropped_from_quorum_s": theirs["dropped_from_quorum_s"],
+                     "speedup": (theirs["noticed_s"] / mine["detection_s"]) if theirs["noticed_s"] and
+                     mine["detection_s"] else None})
+    return rows
+
+
+def run(config: Path, out: Path, repeats: int, classes: list[str], overhead_steps: int, jitter_steps: int,
+        torchft_repeats: int = 0, torchft_faults: tuple[str, ...] = torchft_compare.FAULTS) -> dict:
     work = Path(tempfile.mkdtemp(prefix="pliant-bench-faults-"))
     results = []
     for name in classes:
@@ -106,6 +135,10 @@ def run(config: Path, out: Path, repeats: int, classes: list[str], overhead_step
     overhead = measure_overhead(config, work, repeats, overhead_steps)
     print("false alarms under jitter", flush=True)
     alarms = measure_false_alarms(config, work, jitter_steps, overhead["median_off"])
+    torchft = {}
+    if torchft_repeats:
+        print("torchft side by side", flush=True)
+        torchft = torchft_compare.measure(work, torchft_repeats, torchft_faults)
     hang_crash = [r["detection_s"] for r in results if r["class"] in HANG_CRASH and r["detection_s"] is not None]
     summary = {
         "classes": len(results),
@@ -117,7 +150,7 @@ def run(config: Path, out: Path, repeats: int, classes: list[str], overhead_step
         "repeats": repeats,
     }
     body = {"config": str(config), "summary": summary, "classes": results, "overhead": overhead,
-            "false_alarm_run": alarms}
+            "false_alarm_run": alarms, "torchft": torchft, "vs_torchft": side_by_side(results, torchft)}
     out.write_text(json.dumps(body, indent=1))
     print_table(body)
     return body
@@ -139,3 +172,13 @@ def print_table(body: dict) -> None:
     print(f"overhead ratio (monitor on / off, median step time): {s['overhead_ratio']:.3f}; false alarms under "
           f"+-50% jitter: {s['false_alarms']} over {body['false_alarm_run']['steps_done']} steps; max detection "
           f"(hangs, crashes): {s['max_detection_s_hang_crash']} s")
+    if body["vs_torchft"]:
+        t = Table(title="side by side with torchft (medians)")
+        for col in ("fault", "pliant detects s", "pliant names culprit", "torchft notices s", "torchft names culprit",
+                    "torchft drops it from quorum s", "torchft / pliant"):
+            t.add_column(col)
+        for r in body["vs_torchft"]:
+            t.add_row(r["fault"], fmt(r["pliant_detection_s"]), str(r["pliant_names_culprit"]),
+                      fmt(r["torchft_noticed_s"]), str(r["torchft_names_culprit"]),
+                      fmt(r["torchft_dropped_from_quorum_s"]), fmt(r["speedup"]))
+        Console().print(t)

@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     bf.add_argument("--classes", default=None, help="comma-separated subset of the fault classes")
     bf.add_argument("--overhead-steps", type=int, default=30)
     bf.add_argument("--jitter-steps", type=int, default=40)
+    bf.add_argument("--torchft-repeats", type=int, default=None,
+                    help="repeats of the torchft side-by-side runs (default: --repeats; 0 leaves them out)")
+    bf.add_argument("--torchft-faults", default="crash,hang", help="torchft faults to run: crash, hang")
 
     t = sub.add_parser("train", help="train the config's model with adaptive sequence parallelism")
     add_config_arg(t, LOCAL_CONFIG)
@@ -201,6 +204,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 
 def cmd_bench_faults(args: argparse.Namespace) -> int:
     from pliant.bench.faults_bench import CLASSES, run
+    from pliant.bench.torchft_compare import FAULTS
     from pliant.launch.config import resolve_config_path
 
     classes = args.classes.split(",") if args.classes else list(CLASSES)
@@ -210,8 +214,12 @@ def cmd_bench_faults(args: argparse.Namespace) -> int:
                             f"--overhead-steps and --jitter-steps >= 4")
     if len(args.config) != 1:
         raise PlanningError("bench faults takes one --config")
+    torchft_faults = tuple(args.torchft_faults.split(",")) if args.torchft_faults else ()
+    if any(f not in FAULTS for f in torchft_faults):
+        raise PlanningError(f"--torchft-faults: {args.torchft_faults!r}; known: {', '.join(FAULTS)}")
+    torchft_repeats = args.repeats if args.torchft_repeats is None else args.torchft_repeats
     run(resolve_config_path(args.config[0]), Path(args.out), args.repeats, classes, args.overhead_steps,
-        args.jitter_steps)
+        args.jitter_steps, torchft_repeats, torchft_faults)
     print(f"wrote {args.out}")
     return 0
 
