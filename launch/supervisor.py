@@ -8,10 +8,10 @@ and torchrun side by side, and the restart loop.
                                               culprits' slots bad, start again with --resume
           torchrun fails with no incident  -> give the master a moment to name a culprit,
                                               else restart without excluding anything
-    a restart uses a spare slot (cluster.spare_devices_per_node); at most faults.max_restarts
-    restarts; the master dying leaves the job running, unmonitored. (DeepSpeed loads ZeRO
-    partitions into the same data-parallel size only: without a spare slot the supervisor
-    stops with a clear message rather than shrink the world.)
+    a restart uses a spare slot (cluster.spare_devices_per_node), or with none left a smaller
+    world on the healthy slots (faults.shrink, down to faults.min_world: a config overlay
+    for the new world, the checkpoint loaded through DeepSpeed's universal form); at most
+    faults.max_restarts restarts; the master dying leaves the job running, unmonitored.
 
 Every start is written to RUN/monitor/supervisor.json.
 """
@@ -26,9 +26,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import psutil
+import yaml
 
 from pliant.comm.monitor.master import read_incidents
-from pliant.launch.config import ConfigError, JobConfig
+from pliant.launch.config import ConfigError, JobConfig, load_config
 from pliant.planner.io import atomic_write_text
 
 POLL_S = 0.1
@@ -45,6 +46,27 @@ class Attempt:
     rc: int | None = None
     outcome: str = ""  # finished, incident, failed
     incidents: list[dict] = field(default_factory=list)
+
+
+def shrink_overlay(cfg: JobConfig, devices: int) -> dict:
+    """Config overlay for a smaller world on one node: bandwidth tables keep the group sizes
+    that still fit, and the new world size takes the entry of the next larger size."""
+    out: dict = {"cluster": {"devices_per_node": devices, "spare_devices_per_node": 0}}
+    bw = cfg.cluster.bandwidth
+    tables = {}
+    for name in ("all_to_all_gbps", "all_gather_gbps"):
+        table = getattr(bw, name)
+        if table is None:
+            continue
+        kept = {k: v for k, v in table.items() if k <= devices}
+        if devices > 1 and devices not in kept:
+            kept[devices] = table[min(k for k in table if k >= devices)]
+        tables[name] = dict(sorted(kept.items()))
+    if tables:
+        out["cluster"]["bandwidth"] = tables
+    if cfg.train.static_degree is not None and cfg.train.static_degree > devices:
+        out["train"] = {"static_degree": devices}
+    return out
 
 
 def kill_tree(proc: subprocess.Popen, grace_s: float) -> None:
@@ -101,11 +123,32 @@ class Supervisor:
             time.sleep(0.05)
         return proc, addr_file.read_text().strip()
 
-    def _torchrun(self, attempt: int, slots: list[int], addr: str | None, resume: bool) -> subprocess.Popen:
+    def _config_for(self, attempt: int, world: int) -> tuple[JobConfig, list[str]]:
+        if world == self.devices:
+            return self.cfg, self.config_names
+        overlay = self.run_dir / "monitor" / f"shrink-a{attempt}.yaml"
+        atomic_write_text(overlay, yaml.safe_dump(shrink_overlay(self.cfg, world)))
+        names = self.config_names + [str(overlay)]
+        return load_config(names), names
+
+    @staticmethod
+    def _too_small(cfg: JobConfig) -> str | None:
+        """Why a smaller world cannot train this job (its longest sequence no longer fits), or None."""
+        from pliant.planner.core import Planner
+
+        if cfg.train.max_len is None:
+            return None
+        longest, size = Planner.from_specs(cfg.cluster, cfg.model, cfg.cost, cfg.planner).longest_supported()
+        if longest >= cfg.train.max_len:
+            return None
+        return (f"a world of {cfg.cluster.world_size} holds sequences of at most {longest} tokens (in a group of "
+                f"{size}), but train.max_len is {cfg.train.max_len}")
+
+    def _torchrun(self, attempt: int, cfg: JobConfig, names: list[str], slots: list[int], addr: str | None,
+                  resume: bool) -> subprocess.Popen:
         from pliant.launch.launcher import config_args, torchrun_command
 
-        cfg = self.cfg
-        args = config_args(self.config_names) + self.module_args + (["--resume"] if resume else [])
+        args = config_args(names) + self.module_args + (["--resume"] if resume else [])
         # a slow torchrun monitor: the master names a crashed rank before torchrun stops its peers
         cmd = torchrun_command(cfg, 0, self.module, args, monitor_interval_s=0.5)
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
@@ -150,18 +193,25 @@ class Supervisor:
         attempt = 0
         while True:
             healthy = [s for s in self.slots if s not in self.bad]
-            world = self.devices
-            if len(healthy) < world:
-                # DeepSpeed loads ZeRO partitions into the same data-parallel size only (a smaller
-                # world needs a universal-checkpoint conversion first: not done yet)
+            world = min(self.devices, len(healthy))
+            if world < self.devices and (not spec.shrink or world < spec.min_world):
+                allowed = f"faults.min_world is {spec.min_world}" if spec.shrink else "faults.shrink is off"
                 return self._give_up(f"{len(healthy)} healthy slot(s) left for a world of {self.devices} (bad: "
-                                     f"{self.bad}); add spare_devices_per_node to the cluster config")
+                                     f"{self.bad}) and {allowed}; add spare_devices_per_node to the cluster config")
+            cfg, names = self._config_for(attempt, world)
+            if world < self.devices:
+                why = self._too_small(cfg)
+                if why:
+                    return self._give_up(f"no spare slot left and {why}; add spare_devices_per_node to the cluster "
+                                         f"config")
+                print(f"pliant: no spare slot left: restarting with a smaller world of {world} ranks (slots "
+                      f"{healthy[:world]})", file=sys.stderr, flush=True)
             slots = healthy[:world]
             resume = self.resume or attempt > 0
             record = Attempt(attempt, slots, world, resume, time.time())
             self.attempts.append(record)
             master, addr = self._start_master(attempt, world) if spec.enabled else (None, None)
-            job = self._torchrun(attempt, slots, addr, resume)
+            job = self._torchrun(attempt, cfg, names, slots, addr, resume)
             try:
                 outcome, incidents = self._wait(job, master, attempt)
             finally:

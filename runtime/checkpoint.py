@@ -7,6 +7,8 @@ Layout under RUN_DIR/checkpoints/:
         rng-rank{r}.pt        every rank's RNG states
         meta.json             step, model signature, data position, the pending batch and its plan
         COMPLETE              written last; a directory without it is never loaded
+        universal/            DeepSpeed's universal form, made on the first load by another
+                              world size (a restart without a failed rank), with its own COMPLETE
     step-00000060.tmp/        a write in progress (or interrupted): ignored, removed on the next save
 
 Writing: every rank writes into the .tmp directory, a barrier, then rank 0 writes
@@ -19,6 +21,8 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -29,6 +33,7 @@ import torch.distributed as dist
 from pliant.planner.io import atomic_write_text
 
 COMPLETE = "COMPLETE"
+UNIVERSAL = "universal"
 
 
 class CheckpointError(RuntimeError):
@@ -56,6 +61,31 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def to_universal(path: Path) -> Path:
+    """The universal form of a complete checkpoint (DeepSpeed's `ds_to_universal`: ZeRO
+    partitions merged per parameter), which loads into any data-parallel size. Converted
+    once, beside the checkpoint's files, atomically; in a child process, because the
+    converter forks workers and a training rank has threads."""
+    out = path / UNIVERSAL
+    if (out / COMPLETE).is_file():
+        return out
+    tmp = path / (UNIVERSAL + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
+           "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1",
+           "--num_merge_workers", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if r.returncode != 0:
+        raise CheckpointError(f"converting {path} to DeepSpeed's universal checkpoint failed (exit {r.returncode}):\n"
+                              + (r.stdout + r.stderr)[-3000:])
+    (path / "latest_universal").unlink(missing_ok=True)  # the converter's pointer; pliant names the tag itself
+    atomic_write_text(tmp / COMPLETE, "universal\n")
+    _fsync_dir(tmp)
+    os.replace(tmp, out)
+    _fsync_dir(path)
+    return out
 
 
 class Checkpointer:
@@ -122,14 +152,32 @@ class Checkpointer:
         for stale in self.root.glob("*.tmp"):  # interrupted writes
             shutil.rmtree(stale, ignore_errors=True)
 
-    def load(self, engine, path: Path) -> dict:
+    def load(self, engine, path: Path, resize: bool = False) -> dict:
+        """Load a complete checkpoint; `resize`: it was written by another number of ranks, and
+        is loaded through its universal form (converted by rank 0 on first use)."""
         if not (path / COMPLETE).is_file():
             raise CheckpointError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
         meta = json.loads((path / "meta.json").read_text())
-        engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                               load_lr_scheduler_states=True)
         rng_file = path / f"rng-rank{self.rank}.pt"
         if not rng_file.is_file():
-            raise CheckpointError(f"{path} has no RNG state for rank {self.rank}: it was written by a smaller world")
+            raise CheckpointError(f"{path} has no RNG state for rank {self.rank}: it was written by a smaller world "
+                                  f"({meta.get('world_size')} ranks); a restart may shrink the world, not grow it")
+        if resize:
+            self.on_stage("begin")  # the other ranks wait in the barrier: not a hang
+            try:
+                if self.rank == 0:
+                    to_universal(path)
+                dist.barrier()
+            finally:
+                self.on_stage("done")
+            engine._config.load_universal_checkpoint = True  # read at every load; this load only
+            try:
+                engine.load_checkpoint(str(path), tag=UNIVERSAL, load_optimizer_states=True,
+                                       load_lr_scheduler_states=True)
+            finally:
+                engine._config.load_universal_checkpoint = False
+        else:
+            engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                   load_lr_scheduler_states=True)
         set_rng_state(torch.load(rng_file, weights_only=False))
         return meta

@@ -249,10 +249,11 @@ class Trainer:
             raise CheckpointError(
                 f"checkpoint {path} is of a different model: " + ", ".join(
                     f"{k}={meta['model'].get(k)!r} there, {mine.get(k)!r} here" for k in diff))
-        if meta["world_size"] != self.world:
-            raise CheckpointError(f"checkpoint {path} was written by {meta['world_size']} ranks; this run has "
-                                  f"{self.world} (ZeRO partitions are per rank)")
-        checkpointer.load(self.engine, path)
+        resize = meta["world_size"] != self.world
+        if resize and self.rank == 0:
+            print(f"pliant: checkpoint {path.name} was written by {meta['world_size']} ranks; loading it into "
+                  f"{self.world} through DeepSpeed's universal checkpoint", flush=True)
+        checkpointer.load(self.engine, path, resize=resize)
         # the learning rate the scheduler had set (not every DeepSpeed load path restores the
         # optimizer's param groups)
         for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr()):
@@ -260,7 +261,10 @@ class Trainer:
         self.batcher.load_state_dict(meta["data"])
         self.step_no = int(meta["step"])
         if meta["pending_ids"] is not None:
-            plan = Plan.from_dict(meta["pending_plan"]) if self.rank == 0 else None
+            plan = None
+            if self.rank == 0:  # a plan for another world is planned again
+                plan = Plan.from_dict(meta["pending_plan"]) if not resize else self.planner.plan_for(
+                    np.array(meta["pending_lengths"], dtype=np.int64), self.fixed_degree)
             self._pending = (np.array(meta["pending_ids"], dtype=np.int64),
                              np.array(meta["pending_lengths"], dtype=np.int64), plan)
         return True

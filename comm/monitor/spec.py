@@ -79,6 +79,11 @@ class FaultSpec(_Strict):
     isolate_after_s: PositiveFloat | None = 20.0  # slow ranks/nodes persisting this long are isolated; null: never
     nan: Literal["skip", "rollback"] = "rollback"
     max_restarts: NonNegativeInt = 3
+    # no spare slot left: restart on the healthy slots with a smaller world (the checkpoint is
+    # loaded through DeepSpeed's universal form, the planner plans for the new world), down to
+    # min_world ranks; false: stop instead
+    shrink: bool = True
+    min_world: PositiveInt = 1
     master_timeout_s: PositiveFloat = 10.0  # agents warn and go on unmonitored when the master is gone this long
     stop_grace_s: PositiveFloat = 3.0  # SIGTERM, then SIGKILL, when stopping a faulty job
     inject: list[InjectSpec] = Field(default_factory=list)
