@@ -1,0 +1,194 @@
+"""Batched autoregressive generation with the runtime's model (`LM`), with a decode cache:
+keys and values of the softmax layers, and the recurrent state S of the linear layers
+(S_t = lambda S_{t-1} + k_t^T v_t, o_t = q_t S_t: the recurrence LASP-2 computes by chunks).
+
+The model is not changed for generation (it knows nothing of decoding, as it knows nothing
+of parallelism): `Decoder` walks its modules one token per sequence per step. Sequences sit
+in slots and step together; a slot that has not consumed its whole prompt is fed its next
+prompt token (prefill runs in the same steps as decoding), and a finished slot is refilled
+with a new prompt at once (continuous batching), so a long response does not hold up the
+slots of short ones.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from pliant.comm.linear_local import acc_dtype
+from pliant.runtime.model import LM, LinearAttention, SoftmaxAttention, rotary
+
+
+@dataclass
+class Request:
+    """One prompt to complete; `tag` is the caller's (returned with the completion)."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    tag: object = None
+
+
+@dataclass
+class Completion:
+    tag: object
+    prompt: list[int]
+    response: list[int]  # generated tokens, the stop token included when it was generated
+    logprobs: list[float]  # the sampling policy's log-probability of each response token
+    stopped: bool  # ended on the stop token (else on max_new_tokens)
+
+
+@dataclass
+class _Slot:
+    request: Request
+    fed: int = 0  # tokens of prompt + response consumed so far
+    response: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    next_token: int | None = None
+
+
+class Decoder:
+    """`slots` sequences decoded together, each up to `max_len` tokens (prompt + response)."""
+
+    def __init__(self, model: LM, slots: int, max_len: int, stop_token: int, temperature: float = 1.0,
+                 generator: torch.Generator | None = None):
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.model, self.n, self.max_len, self.stop = model, slots, max_len, stop_token
+        self.temperature, self.gen = temperature, generator
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.acc = acc_dtype(self.dtype)
+        self.slots: list[_Slot | None] = [None] * slots
+        self._caches: list[dict[str, torch.Tensor]] = []
+        for block in model.blocks:
+            a = block.attn
+            if isinstance(a, SoftmaxAttention):
+                shape = (slots, max_len, a.kv_heads, a.head_dim)
+                self._caches.append({"k": torch.zeros(shape, dtype=self.dtype, device=self.device),
+                                     "v": torch.zeros(shape, dtype=self.dtype, device=self.device)})
+            else:
+                self._caches.append({"S": torch.zeros((slots, a.heads, a.head_dim, a.head_dim), dtype=self.acc,
+                                                      device=self.device)})
+
+    # ----- slots -----
+    def free_slots(self) -> int:
+        return sum(s is None for s in self.slots)
+
+    def active(self) -> int:
+        return self.n - self.free_slots()
+
+    def add(self, request: Request) -> None:
+        if not request.prompt:
+            raise ValueError("generation needs a prompt of at least one token")
+        if len(request.prompt) + request.max_new_tokens > self.max_len:
+            raise ValueError(f"prompt of {len(request.prompt)} tokens + max_new_tokens {request.max_new_tokens} "
+                             f"exceeds the decoder's max_len {self.max_len}")
+        i = self.slots.index(None)
+        self.slots[i] = _Slot(request)
+        for c in self._caches:
+            if "S" in c:
+                c["S"][i].zero_()
+
+    # ----- one step -----
+    @torch.no_grad()
+    def step(self) -> list[Completion]:
+        """Every active slot consumes one token; returns the completions that ended."""
+        live = [i for i, s in enumerate(self.slots) if s is not None]
+        if not live:
+            return []
+        tokens, pos = [], []
+        for i in live:
+            s = self.slots[i]
+            p = s.request.prompt
+            tokens.append(p[s.fed] if s.fed < len(p) else s.next_token)
+            pos.append(s.fed)
+        idx = torch.tensor(live, device=self.device)
+        logits = self.forward_step(torch.tensor(tokens, device=self.device), torch.tensor(pos, device=self.device), idx)
+        logp = torch.log_softmax(logits.to(self.acc) / self.temperature, dim=-1)
+        done = []
+        for row, i in enumerate(live):
+            s = self.slots[i]
+            s.fed += 1
+            if s.fed < len(s.request.prompt):
+                continue  # still reading the prompt
+            if s.request.max_new_tokens == 0:
+                done.append(self._finish(i, stopped=False))
+                continue
+            tok = int(torch.multinomial(logp[row].exp(), 1, generator=self.gen))
+            s.response.append(tok)
+            s.logprobs.append(float(logp[row, tok]))
+            s.next_token = tok
+            if tok == self.stop or len(s.response) >= s.request.max_new_tokens:
+                done.append(self._finish(i, stopped=tok == self.stop))
+        return done
+
+    def _finish(self, i: int, stopped: bool) -> Completion:
+        s = self.slots[i]
+        self.slots[i] = None
+        return Completion(s.request.tag, s.request.prompt, s.response, s.logprobs, stopped)
+
+    def forward_step(self, tokens: torch.Tensor, pos: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Logits [B, vocab] of one token per slot `idx` at positions `pos`."""
+        m = self.model
+        x = m.embed(tokens)
+        for block, cache in zip(m.blocks, self._caches):
+            h = block.attn_norm(x)
+            a = block.attn
+            if isinstance(a, SoftmaxAttention):
+                h = self._softmax(a, h, pos, idx, cache)
+            else:
+                h = self._linear(a, h, idx, cache)
+            x = x + h
+            x = x + block.mlp(block.mlp_norm(x))
+        return m.head(m.norm(x))
+
+    def _softmax(self, a: SoftmaxAttention, x: torch.Tensor, pos: torch.Tensor, idx: torch.Tensor,
+                 cache: dict[str, torch.Tensor]) -> torch.Tensor:
+        B = x.shape[0]
+        q = rotary(a.q(x).view(B, a.heads, a.head_dim), pos)
+        k = rotary(a.k(x).view(B, a.kv_heads, a.head_dim), pos)
+        v = a.v(x).view(B, a.kv_heads, a.head_dim)
+        cache["k"][idx, pos] = k
+        cache["v"][idx, pos] = v
+        span = int(pos.max()) + 1
+        keys, vals = cache["k"][idx, :span], cache["v"][idx, :span]  # [B, span, Hkv, d]
+        if a.kv_heads != a.heads:
+            keys = keys.repeat_interleave(a.heads // a.kv_heads, dim=2)
+            vals = vals.repeat_interleave(a.heads // a.kv_heads, dim=2)
+        mask = torch.arange(span, device=x.device)[None, :] <= pos[:, None]  # [B, span]
+        out = F.scaled_dot_product_attention(q.unsqueeze(2), keys.transpose(1, 2), vals.transpose(1, 2),
+                                             attn_mask=mask[:, None, None, :], scale=1.0 / math.sqrt(a.head_dim))
+        return a.o(out.reshape(B, -1))
+
+    def _linear(self, a: LinearAttention, x: torch.Tensor, idx: torch.Tensor,
+                cache: dict[str, torch.Tensor]) -> torch.Tensor:
+        B = x.shape[0]
+        q = F.silu(a.q(x)).view(B, a.heads, a.head_dim).to(self.acc)
+        k = F.silu(a.k(x)).view(B, a.heads, a.head_dim).to(self.acc)
+        v = a.v(x).view(B, a.heads, a.head_dim).to(self.acc)
+        S = cache["S"][idx]
+        if a.decay_rates is not None:
+            S = S * torch.exp(-a.decay_rates.to(device=x.device, dtype=self.acc)).view(1, -1, 1, 1)
+        S = S + torch.einsum("bhd,bhe->bhde", k, v)
+        cache["S"][idx] = S
+        o = torch.einsum("bhd,bhde->bhe", q, S).to(x.dtype)
+        o = a.norm(o).reshape(B, -1) * torch.sigmoid(a.gate(x))
+        return a.o(o)
+
+
+def generate(model: LM, requests: list[Request], slots: int, stop_token: int, temperature: float = 1.0,
+             generator: torch.Generator | None = None) -> list[Completion]:
+    """Complete every request with continuous batching over `slots` slots; completions come
+    back in the order they finished."""
+    if not requests:
+        return []
+    max_len = max(len(r.prompt) + r.max_new_tokens for r in requests)
+    dec = Decoder(model, min(slots, len(requests)), max_len, stop_token, temperature, generator)
+    pending, out = list(requests), []
+    while pending or dec.active():
+        while pending and dec.free_slots():
+            dec.add(pending.pop(0))
+        out += dec.step()
+    return out
