@@ -1,0 +1,343 @@
+"""TransferQueue: the streaming data store between the RL tasks (AsyncFlow, 2025).
+
+A controller holds the metadata only: per sample, which fields are written and which tasks
+have consumed it; storage units hold the data, sharded by sample (id mod units). Producers
+write fields straight into the units and then tell the controller which fields are ready;
+consumers ask the controller for samples whose required fields are all ready and that this
+task has not consumed yet, then read the data straight from the units: tensors never pass
+through the controller.
+
+    allocate(n)      ids for n new samples (blocks while the queue holds `capacity`
+                     samples: backpressure on producers)
+    put(ids, ...)    write fields of samples (any task, any order)
+    get(task, ...)   a micro-batch of ready, unconsumed samples as soon as `min_n` are ready
+                     (streaming: not when the whole global batch is), exactly once per task;
+                     `whole_groups`: only groups whose every sample is ready (GRPO needs the
+                     group to normalise advantages)
+    clear            a sample consumed by every registered task is dropped from its unit and
+                     frees its capacity; a partition (e.g. a global step) can be cleared whole
+
+`QueueIndex` is the controller's bookkeeping, plain Python (tested without Ray);
+`Controller` and `StorageUnit` are the Ray actors; `TransferQueue` is the client any actor
+or the driver uses.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import ray
+
+
+class QueueClosed(RuntimeError):
+    pass
+
+
+@dataclass
+class SampleMeta:
+    id: int
+    partition: int
+    group: int
+    group_size: int
+    fields: set[str] = field(default_factory=set)
+    consumed: set[str] = field(default_factory=set)
+    reading: int = 0  # consumers that claimed it and are still reading its data
+
+
+class QueueIndex:
+    """Which samples exist, which of their fields are written, who consumed them."""
+
+    def __init__(self, capacity: int, tasks: Iterable[str]):
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity, self.tasks = capacity, frozenset(tasks)
+        if not self.tasks:
+            raise ValueError("a TransferQueue needs at least one consuming task")
+        self.samples: dict[int, SampleMeta] = {}
+        self.groups: dict[int, list[int]] = defaultdict(list)
+        self.next_id = 0
+        self.next_group = 0
+        self.cleared = 0
+
+    def free(self) -> int:
+        return self.capacity - len(self.samples)
+
+    def allocate(self, n: int, partition: int, group_size: int | None = None) -> list[int] | None:
+        """Ids for n samples forming groups of `group_size` (default: one group of n), or None
+        when the queue has no room for them yet."""
+        group_size = group_size or n
+        if n < 1 or n % group_size:
+            raise ValueError(f"allocate: {n} samples do not split into groups of {group_size}")
+        if n > self.capacity:
+            raise ValueError(f"allocate: {n} samples exceed the queue's capacity {self.capacity}")
+        if n > self.free():
+            return None
+        ids = list(range(self.next_id, self.next_id + n))
+        self.next_id += n
+        for j in range(0, n, group_size):
+            g = self.next_group
+            self.next_group += 1
+            for i in ids[j:j + group_size]:
+                self.samples[i] = SampleMeta(i, partition, g, group_size)
+                self.groups[g].append(i)
+        return ids
+
+    def mark_ready(self, ids: Iterable[int], fields: Iterable[str]) -> None:
+        fields = set(fields)
+        for i in ids:
+            meta = self.samples.get(i)
+            if meta is None:
+                raise KeyError(f"sample {i} is not in the queue (never allocated, or cleared)")
+            meta.fields |= fields
+
+    def _ready(self, meta: SampleMeta, task: str, needed: set[str]) -> bool:
+        return task not in meta.consumed and needed <= meta.fields
+
+    def claim(self, task: str, fields: Iterable[str], max_n: int, whole_groups: bool = False,
+              partition: int | None = None) -> list[int]:
+        """Up to max_n ready samples not yet consumed by `task`, oldest first, now marked
+        consumed by it (whole groups only: a group that does not fit in max_n waits)."""
+        if task not in self.tasks:
+            raise KeyError(f"task {task!r} is not registered with the queue (tasks: {sorted(self.tasks)})")
+        needed = set(fields)
+        out: list[int] = []
+        if whole_groups:
+            seen: set[int] = set()
+            for meta in self.samples.values():
+                if meta.group in seen or (partition is not None and meta.partition != partition):
+                    continue
+                seen.add(meta.group)
+                members = self.groups[meta.group]
+                if len(members) == meta.group_size and len(out) + len(members) <= max_n and all(
+                        self._ready(self.samples[i], task, needed) for i in members):
+                    out += members
+        else:
+            for meta in self.samples.values():
+                if len(out) >= max_n:
+                    break
+                if (partition is None or meta.partition == partition) and self._ready(meta, task, needed):
+                    out.append(meta.id)
+        for i in out:
+            self.samples[i].consumed.add(task)
+            self.samples[i].reading += 1
+        return out
+
+    def done_reading(self, ids: Iterable[int]) -> None:
+        for i in ids:
+            if i in self.samples:
+                self.samples[i].reading -= 1
+
+    def release(self) -> list[int]:
+        """Drop samples every task has consumed and read; returns their ids (the units drop
+        the data)."""
+        done = [i for i, m in self.samples.items() if m.consumed >= self.tasks and m.reading == 0]
+        self._drop(done)
+        return done
+
+    def clear_partition(self, partition: int) -> list[int]:
+        ids = [i for i, m in self.samples.items() if m.partition == partition]
+        self._drop(ids)
+        return ids
+
+    def _drop(self, ids: list[int]) -> None:
+        for i in ids:
+            meta = self.samples.pop(i)
+            members = self.groups.get(meta.group)
+            if members is not None and all(j not in self.samples for j in members):
+                del self.groups[meta.group]
+        self.cleared += len(ids)
+
+    def stats(self) -> dict[str, Any]:
+        pending = defaultdict(int)
+        for m in self.samples.values():
+            for t in self.tasks - m.consumed:
+                pending[t] += 1
+        return {"held": len(self.samples), "capacity": self.capacity, "allocated": self.next_id,
+                "cleared": self.cleared, "unconsumed": dict(pending)}
+
+
+@ray.remote(num_cpus=0)
+class StorageUnit:
+    """Holds the fields of the samples whose id falls to it."""
+
+    def __init__(self):
+        self.data: dict[int, dict[str, Any]] = {}
+
+    def put(self, ids: list[int], fields: dict[str, list]) -> None:
+        for j, i in enumerate(ids):
+            row = self.data.setdefault(i, {})
+            for name, values in fields.items():
+                row[name] = values[j]
+
+    def get(self, ids: list[int], fields: list[str]) -> dict[str, list]:
+        return {name: [self.data[i][name] for i in ids] for name in fields}
+
+    def drop(self, ids: list[int]) -> None:
+        for i in ids:
+            self.data.pop(i, None)
+
+    def size(self) -> int:
+        return len(self.data)
+
+
+@ray.remote(num_cpus=0)
+class Controller:
+    """The metadata side: an asyncio actor, so waiting producers and consumers do not block
+    each other."""
+
+    def __init__(self, capacity: int, tasks: list[str], units: list):
+        self.index = QueueIndex(capacity, tasks)
+        self.units = units
+        self.changed = asyncio.Condition()
+        self.closed = False
+
+    async def _wait(self, ready, timeout: float | None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        async with self.changed:
+            while not ready():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                try:
+                    await asyncio.wait_for(self.changed.wait(), left)
+                except asyncio.TimeoutError:
+                    return ready()
+        return True
+
+    async def _notify(self) -> None:
+        async with self.changed:
+            self.changed.notify_all()
+
+    async def allocate(self, n: int, partition: int, group_size: int | None = None,
+                       timeout: float | None = None) -> list[int] | None:
+        out: list[int] | None = None
+
+        def room() -> bool:
+            nonlocal out
+            if self.closed:
+                raise QueueClosed("the queue is closed")
+            out = self.index.allocate(n, partition, group_size)
+            return out is not None
+
+        await self._wait(room, timeout)
+        return out
+
+    async def mark_ready(self, ids: list[int], fields: list[str]) -> None:
+        self.index.mark_ready(ids, fields)
+        await self._notify()
+
+    async def claim(self, task: str, fields: list[str], min_n: int, max_n: int, timeout: float | None = None,
+                    whole_groups: bool = False, partition: int | None = None) -> list[int]:
+        """Wait until min_n samples are ready for `task` (or the queue is closed, or the
+        timeout), then claim up to max_n of them; [] on timeout with none ready."""
+        needed = set(fields)
+
+        def enough() -> bool:
+            ready = sum(1 for m in self.index.samples.values() if self.index._ready(m, task, needed)
+                        and (partition is None or m.partition == partition))
+            return ready >= min_n or (self.closed and ready > 0) or self.closed
+
+        await self._wait(enough, timeout)
+        return self.index.claim(task, fields, max_n, whole_groups, partition)
+
+    async def done_reading(self, ids: list[int]) -> None:
+        """A consumer has read the samples it claimed: those every task has consumed go."""
+        self.index.done_reading(ids)
+        released = self.index.release()
+        if released:
+            await self._drop(released)
+            await self._notify()  # room for producers
+
+    async def clear_partition(self, partition: int) -> int:
+        ids = self.index.clear_partition(partition)
+        await self._drop(ids)
+        await self._notify()
+        return len(ids)
+
+    async def _drop(self, ids: list[int]) -> None:
+        by_unit = defaultdict(list)
+        for i in ids:
+            by_unit[i % len(self.units)].append(i)
+        await asyncio.gather(*(self.units[u].drop.remote(v) for u, v in by_unit.items()))
+
+    async def close(self) -> None:
+        self.closed = True
+        await self._notify()
+
+    def is_closed(self) -> bool:
+        return self.closed
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.index.stats(), "closed": self.closed}
+
+
+@dataclass
+class Batch:
+    ids: list[int]
+    data: dict[str, list]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class TransferQueue:
+    """The client: create once (`TransferQueue.create`), pass to actors (it pickles as
+    handles)."""
+
+    def __init__(self, controller, units: list):
+        self.controller, self.units = controller, units
+
+    @classmethod
+    def create(cls, capacity: int, tasks: list[str], units: int = 2) -> "TransferQueue":
+        if units < 1:
+            raise ValueError(f"a TransferQueue needs at least one storage unit, got {units}")
+        handles = [StorageUnit.remote() for _ in range(units)]
+        return cls(Controller.remote(capacity, list(tasks), handles), handles)
+
+    def _by_unit(self, ids: list[int]) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = defaultdict(list)
+        for i in ids:
+            out[i % len(self.units)].append(i)
+        return out
+
+    def allocate(self, n: int, partition: int = 0, group_size: int | None = None,
+                 timeout: float | None = None) -> list[int] | None:
+        return ray.get(self.controller.allocate.remote(n, partition, group_size, timeout))
+
+    def put(self, ids: list[int], fields: dict[str, list]) -> None:
+        """Write fields of samples into their units, then mark them ready."""
+        for name, values in fields.items():
+            if len(values) != len(ids):
+                raise ValueError(f"put: field {name!r} has {len(values)} values for {len(ids)} samples")
+        pos = {i: j for j, i in enumerate(ids)}
+        writes = [self.units[u].put.remote(sub, {k: [v[pos[i]] for i in sub] for k, v in fields.items()})
+                  for u, sub in self._by_unit(ids).items()]
+        ray.get(writes)
+        ray.get(self.controller.mark_ready.remote(list(ids), list(fields)))
+
+    def get(self, task: str, fields: list[str], min_n: int = 1, max_n: int | None = None,
+            timeout: float | None = None, whole_groups: bool = False, partition: int | None = None) -> Batch:
+        ids = ray.get(self.controller.claim.remote(task, list(fields), min_n, max_n or min_n, timeout, whole_groups,
+                                                   partition))
+        if not ids:
+            return Batch([], {f: [] for f in fields})
+        parts = {u: self.units[u].get.remote(sub, list(fields)) for u, sub in self._by_unit(ids).items()}
+        got = {u: ray.get(ref) for u, ref in parts.items()}
+        self.controller.done_reading.remote(ids)
+        where = {}
+        for u, sub in self._by_unit(ids).items():
+            for j, i in enumerate(sub):
+                where[i] = (u, j)
+        return Batch(ids, {f: [got[where[i][0]][f][where[i][1]] for i in ids] for f in fields})
+
+    def clear_partition(self, partition: int) -> int:
+        return ray.get(self.controller.clear_partition.remote(partition))
+
+    def close(self) -> None:
+        ray.get(self.controller.close.remote())
+
+    def stats(self) -> dict[str, Any]:
+        return ray.get(self.controller.stats.remote())
