@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pliant.comm.monitor.spec import FaultSpec
 from pliant.planner.spec import ClusterSpec, CostSpec, ModelSpec, PlannerSpec
+from pliant.rl.spec import ResourcesSpec, RLSpec, TaskSpec
 from pliant.runtime.spec import DataSpec, TrainSpec
 
 
@@ -46,6 +47,18 @@ class JobConfig(BaseModel):
     train: TrainSpec = Field(default_factory=TrainSpec)
     data: DataSpec = Field(default_factory=DataSpec)
     faults: FaultSpec = Field(default_factory=FaultSpec)
+
+
+class RLJobConfig(BaseModel):
+    """An RL post-training job (`pliant rl`): the policy model, the task, the algorithm and
+    dataflow, and the Ray resources."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    model: ModelSpec
+    task: TaskSpec = Field(default_factory=TaskSpec)
+    rl: RLSpec = Field(default_factory=RLSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
 
 
 def resolve_config_path(name: str | Path) -> Path:
@@ -84,12 +97,14 @@ def format_validation_error(source: str, err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def parse_config(data: Any, source: str = "config") -> JobConfig:
+def parse_config(data: Any, source: str = "config", schema: type[BaseModel] | None = None) -> Any:
+    """Validate a config mapping against `schema` (default: the training job's, JobConfig)."""
+    schema = schema or JobConfig
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping of sections (cluster, model, cost, planner, train, data, faults), "
+        raise ConfigError(f"{source}: expected a mapping of sections ({', '.join(schema.model_fields)}), "
                           f"got {type(data).__name__}")
     try:
-        return JobConfig.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as e:
         raise ConfigError(format_validation_error(source, e)) from None
 
@@ -113,7 +128,7 @@ def merge_config(base: dict, overlay: dict) -> dict:
     return out
 
 
-def load_config(names: str | Path | Sequence[str | Path]) -> JobConfig:
+def load_config(names: str | Path | Sequence[str | Path], schema: type[BaseModel] | None = None) -> Any:
     """One config file, or several merged in order (later files override earlier ones key by
     key, e.g. a base config and the coefficients `pliant profile` wrote)."""
     names = [names] if isinstance(names, (str, Path)) else list(names)
@@ -131,7 +146,7 @@ def load_config(names: str | Path | Sequence[str | Path]) -> JobConfig:
                               f"{type(layer).__name__}")
         else:
             data = merge_config(data, layer)
-    return parse_config(data, " + ".join(sources))
+    return parse_config(data, " + ".join(sources), schema)
 
 
 def with_overrides(cfg: JobConfig, section: str, **values: Any) -> JobConfig:
