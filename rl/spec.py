@@ -52,6 +52,7 @@ class RLSpec(_Strict):
     sft_steps: NonNegativeInt = 300  # supervised warm start before RL
     sft_batch: PositiveInt = 16
     sft_lr: PositiveFloat = 3e-3
+    reward_fn: str = "pliant.rl.task:reward"  # module:function(prompt, response) -> float
     queue_capacity: PositiveInt | None = None  # default: (staleness + 2) x the step's samples
     seed: NonNegativeInt = 0
 

@@ -1,0 +1,93 @@
+"""Admission control and versioned weights: the two small actors every RL worker talks to.
+
+`Dispatcher` hands out prompt groups in order. Group g belongs to step b = g // prompts_per_step
+and is trained at policy version b; a rollout worker holding weights of version v may start
+it only when b - v <= staleness (so no sample is more than k versions old when trained;
+k = 0: every sample of step b comes from version b). It remembers which groups each worker
+holds, so the groups of a worker that died are handed out again, and counts each group
+written once.
+
+`WeightStore` keeps the newest published weights (a Ray object reference) with their
+version; rollout workers poll it between decode steps and wait on it when admission says
+their weights are too old.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any
+
+import ray
+
+from .task import CopyTask, Prompt
+
+
+@ray.remote(num_cpus=0)
+class Dispatcher:
+    def __init__(self, task: CopyTask, prompts_per_step: int, steps: int, staleness: int):
+        self.task, self.per_step, self.steps, self.k = task, prompts_per_step, steps, staleness
+        self.next_group = 0
+        self.prompts: dict[int, Prompt] = {}
+        self.held: dict[int, dict[int, int]] = {}  # worker -> {group: step}
+        self.again: deque[tuple[int, int]] = deque()  # (group, step) of dead workers, first out
+        self.written: dict[int, int] = {}  # group -> times written (must end at 1)
+
+    def next(self, worker: int, version: int) -> dict[str, Any]:
+        """{"group", "step", "prompt"} to start, {"wait": v} (weights of version v needed), or
+        {"done": True}."""
+        if self.again:
+            group, step = self.again[0]
+            if step - version > self.k:
+                return {"wait": step - self.k}
+            self.again.popleft()
+            return self._give(worker, group, step)
+        group = self.next_group
+        step = group // self.per_step
+        if step >= self.steps:
+            return {"done": True}
+        if step - version > self.k:
+            return {"wait": step - self.k}
+        self.next_group += 1
+        self.prompts[group] = self.task.prompts(1)[0]
+        return self._give(worker, group, step)
+
+    def _give(self, worker: int, group: int, step: int) -> dict[str, Any]:
+        self.held.setdefault(worker, {})[group] = step
+        return {"group": group, "step": step, "prompt": self.prompts[group]}
+
+    def written_group(self, worker: int, group: int) -> None:
+        self.held.get(worker, {}).pop(group, None)
+        self.written[group] = self.written.get(group, 0) + 1
+
+    def worker_lost(self, worker: int) -> list[int]:
+        """Hand the groups a dead worker held out again (before any new group)."""
+        lost = sorted(self.held.pop(worker, {}).items())
+        self.again.extendleft(reversed(lost))
+        return [g for g, _ in lost]
+
+    def counts(self) -> dict[str, Any]:
+        return {"handed_out": self.next_group, "written": dict(self.written),
+                "held": {w: sorted(h) for w, h in self.held.items()}, "again": list(self.again)}
+
+
+@ray.remote(num_cpus=0)
+class WeightStore:
+    def __init__(self):
+        self.version = -1
+        self.ref: list = []  # [ObjectRef] (wrapped, so Ray hands the reference, not the value)
+        self.changed = asyncio.Condition()
+
+    async def publish(self, version: int, wrapped: list) -> None:
+        async with self.changed:
+            self.version, self.ref = version, wrapped
+            self.changed.notify_all()
+
+    async def latest(self, newer_than: int = -1, timeout: float | None = None) -> tuple[int, list]:
+        """(version, [ref]) once a version above `newer_than` exists (or at the timeout:
+        whatever is there)."""
+        async with self.changed:
+            try:
+                await asyncio.wait_for(self.changed.wait_for(lambda: self.version > newer_than), timeout)
+            except asyncio.TimeoutError:
+                pass
+            return self.version, self.ref
