@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     bf.add_argument("--classes", default=None, help="comma-separated subset of the fault classes")
     bf.add_argument("--overhead-steps", type=int, default=30)
     bf.add_argument("--jitter-steps", type=int, default=40)
+    bf.add_argument("--overhead-repeats", type=int, default=None, help="monitor on/off run pairs (default: "
+                                                                          "max(--repeats, 5))")
     bf.add_argument("--torchft-repeats", type=int, default=None,
                     help="repeats of the torchft side-by-side runs (default: --repeats; 0 leaves them out)")
     bf.add_argument("--torchft-faults", default="crash,hang", help="torchft faults to run: crash, hang")
@@ -209,9 +211,10 @@ def cmd_bench_faults(args: argparse.Namespace) -> int:
 
     classes = args.classes.split(",") if args.classes else list(CLASSES)
     unknown = [c for c in classes if c not in CLASSES]
-    if unknown or args.repeats < 1 or args.overhead_steps < 4 or args.jitter_steps < 4:
-        raise PlanningError(f"--classes: unknown {unknown} (known: {', '.join(CLASSES)}); --repeats >= 1, "
-                            f"--overhead-steps and --jitter-steps >= 4")
+    if unknown or args.repeats < 1 or args.overhead_steps < 4 or args.jitter_steps < 4 or \
+            (args.overhead_repeats is not None and args.overhead_repeats < 1):
+        raise PlanningError(f"--classes: unknown {unknown} (known: {', '.join(CLASSES)}); --repeats and "
+                            f"--overhead-repeats >= 1, --overhead-steps and --jitter-steps >= 4")
     if len(args.config) != 1:
         raise PlanningError("bench faults takes one --config")
     torchft_faults = tuple(args.torchft_faults.split(",")) if args.torchft_faults else ()
@@ -219,7 +222,7 @@ def cmd_bench_faults(args: argparse.Namespace) -> int:
         raise PlanningError(f"--torchft-faults: {args.torchft_faults!r}; known: {', '.join(FAULTS)}")
     torchft_repeats = args.repeats if args.torchft_repeats is None else args.torchft_repeats
     run(resolve_config_path(args.config[0]), Path(args.out), args.repeats, classes, args.overhead_steps,
-        args.jitter_steps, torchft_repeats, torchft_faults)
+        args.jitter_steps, torchft_repeats, torchft_faults, args.overhead_repeats)
     print(f"wrote {args.out}")
     return 0
 

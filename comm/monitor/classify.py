@@ -8,6 +8,7 @@ left out of the baselines and never raise an alarm.
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections import defaultdict, deque
@@ -71,6 +72,14 @@ class Incident:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "detection_s": round(self.detection_s, 4)}
+
+
+def by_chance(last: int, steps: int, world: int) -> float:
+    """The chance that, arrival order being random, some rank is the last to arrive in at
+    least `last` of `steps` steps (binomial tail with p = 1/world, times world ranks)."""
+    p = 1.0 / world
+    tail = sum(math.comb(steps, j) * p ** j * (1 - p) ** (steps - j) for j in range(last, steps + 1))
+    return min(1.0, world * tail)
 
 
 @dataclass
@@ -380,12 +389,14 @@ class JobPicture:
         others = [statistics.mean(self.step_delay[step].get(r, 0.0) for step in window)
                   for r in range(self.world) if r != rank]
         rest = max(others) if others else 0.0
-        if share < s.straggler_share or mine < s.straggler_min_s or mine < s.straggler_factor * rest:
+        chance = by_chance(tops.count(rank), len(tops), self.world)
+        if share < s.straggler_share or mine < s.straggler_min_s or mine < s.straggler_factor * rest or \
+                chance > s.straggler_p:
             self.flagged_since.pop(("straggler", rank), None)
             return []
         inc = Incident("straggler", [rank], "report", {
             "steps": window, "last_to_arrive": tops, "share": round(share, 3), "mean_delay_s": round(mine, 4),
-            "others_max_mean_delay_s": round(rest, 4)}, fault_time=now, detected=now, step=window[-1])
+            "others_max_mean_delay_s": round(rest, 4), "chance": chance}, fault_time=now, detected=now, step=window[-1])
         inc = self._persist(("straggler", rank), now, inc)
         return [inc]
 

@@ -65,9 +65,13 @@ class FaultSpec(_Strict):
     hang_min_s: PositiveFloat = 2.0
     hang_warmup_s: PositiveFloat = 120.0  # before a baseline exists
     # stragglers: the same rank is the last to arrive in straggler_share of the last
-    # straggler_window steps, and its mean delay is straggler_factor x the others' mean
+    # straggler_window steps, and its mean delay is straggler_factor x the others' mean; and
+    # the chance that random arrival order (noise) makes some rank last that often is below
+    # straggler_p (a binomial tail, over all ranks): with 4 ranks and a window of 6, only a
+    # rank last in all 6 steps qualifies
     straggler_window: PositiveInt = 6
     straggler_share: float = Field(default=0.8, gt=0.5, le=1.0)
+    straggler_p: float = Field(default=1e-3, gt=0.0, le=1.0)
     straggler_factor: PositiveFloat = 3.0
     straggler_min_s: PositiveFloat = 0.02
     # slow links: a (src, dst) cell of the point-to-point latency matrix above

@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 def test_bench_faults_writes_summary_and_torchft_side_by_side(tmp_path: Path) -> None:
     out = tmp_path / "faults.json"
     cmd = [sys.executable, "-m", "pliant.launch.cli", "bench", "faults", "--classes", "crash", "--repeats", "1",
-           "--overhead-steps", "6", "--jitter-steps", "6", "--torchft-faults", "crash", "--out", str(out)]
+           "--overhead-steps", "6", "--overhead-repeats", "1", "--jitter-steps", "6", "--torchft-faults", "crash", "--out", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=560, env=environment([]))
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     body = json.loads(out.read_text())

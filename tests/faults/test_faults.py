@@ -100,8 +100,9 @@ def test_frozen_rank(tmp_path, clean, kind, state):
 
 
 def test_straggler_reported_then_isolated(tmp_path, clean):
+    # a short job: a window of 3 steps, and a noise chance allowed up to 0.1 (defaults: 6 and 1e-3)
     job = run_job(tmp_path, "slow", [{"kind": "slow", "rank": 2, "step": 2, "seconds": 0.4}],
-                  overlay={"faults": {"straggler_window": 3, "isolate_after_s": 0.5}})
+                  overlay={"faults": {"straggler_window": 3, "straggler_p": 0.1, "isolate_after_s": 0.5}})
     kinds = [(i["kind"], i["ranks"], i["action"]) for i in job.incidents]
     assert ("straggler", [2], "report") in kinds and ("straggler", [2], "restart") in kinds, kinds
     assert {k for k, _, _ in kinds} == {"straggler"}
