@@ -1,0 +1,100 @@
+"""RL runs on a local Ray cluster (2 CPUs), small: the staleness bound holds on every trained
+sample, importance weights are exactly 1 when k = 0, a rollout worker killed mid-run is
+restarted with no sample lost or trained twice, and bad input (a reward function that
+raises, resources the cluster lacks) gives logged skips or a clear error."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import ray
+
+from pliant.launch.config import RLJobConfig, load_config, merge_config, parse_config
+from pliant.rl import runner
+
+pytestmark = pytest.mark.timeout(300)
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "rl-local.yaml"
+SMALL = {"rl": {"steps": 4, "prompts_per_step": 4, "group_size": 4, "micro_batch_groups": 1, "rollout_slots": 8,
+                "sft_steps": 10}, "task": {"max_digits": 12}}
+
+
+def config(**overlay) -> RLJobConfig:
+    base = load_config([CONFIG], RLJobConfig).model_dump(mode="json")
+    return parse_config(merge_config(merge_config(base, SMALL), overlay), "test", RLJobConfig)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    # the workers import this module's reward function
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parent)}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def sft(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("sft") / "sft.pt"
+
+
+def every_group_trained_once(r: runner.RunResult, cfg: RLJobConfig) -> None:
+    groups = cfg.rl.steps * cfg.rl.prompts_per_step
+    assert sorted(r.trainer["trained_groups"]) == list(range(groups))
+    assert r.samples == groups * cfg.rl.group_size
+    per_step = [s["samples"] for s in r.steps]
+    assert per_step == [cfg.rl.samples_per_step] * cfg.rl.steps
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_staleness_never_exceeds_k(ray_cluster, sft, tmp_path, k):
+    cfg = config()
+    r = runner.run(cfg, tmp_path, mode="async", staleness=k, sft_cache=sft)
+    every_group_trained_once(r, cfg)
+    staleness = [x for s in r.steps for x in s["staleness"]]
+    assert len(staleness) == r.samples and max(staleness) <= k and min(staleness) >= 0
+
+
+def test_k0_trains_on_policy_with_importance_weights_of_one(ray_cluster, sft, tmp_path):
+    cfg = config()
+    r = runner.run(cfg, tmp_path, mode="async", staleness=0, sft_cache=sft)
+    every_group_trained_once(r, cfg)
+    assert all(s["max_staleness"] == 0 for s in r.steps)
+    assert all(s["is_weight_min"] == 1.0 and s["is_weight_max"] == 1.0 for s in r.steps)
+
+
+def test_sync_mode_is_on_policy(ray_cluster, sft, tmp_path):
+    cfg = config()
+    r = runner.run(cfg, tmp_path, mode="sync", sft_cache=sft)
+    every_group_trained_once(r, cfg)
+    assert all(s["max_staleness"] == 0 and s["is_weight_max"] == 1.0 for s in r.steps)
+
+
+def test_a_killed_rollout_worker_is_restarted_and_nothing_is_lost_or_trained_twice(ray_cluster, sft, tmp_path):
+    cfg = config(rl={"steps": 6})
+    r = runner.run(cfg, tmp_path, mode="async", staleness=1, sft_cache=sft, kill_rollout_at_step=2)
+    assert r.restarts == 1
+    every_group_trained_once(r, cfg)
+    assert all(n >= 1 for n in r.dispatcher["written"].values())
+    assert not r.dispatcher["held"] or all(not v for v in r.dispatcher["held"].values())
+
+
+def flaky_reward(prompt, response):
+    if prompt.uid % 5 == 0:
+        raise RuntimeError(f"verifier unavailable for prompt {prompt.uid}")
+    return 1.0 if list(response) == prompt.answer else 0.0
+
+
+def test_a_reward_function_that_raises_is_logged_and_its_samples_skipped(ray_cluster, sft, tmp_path):
+    cfg = config(rl={"reward_fn": "test_rl_run:flaky_reward"})
+    r = runner.run(cfg, tmp_path, mode="async", staleness=1, sft_cache=sft)
+    skipped = r.reward_worker["skipped"]
+    assert skipped and all("verifier unavailable" in s["error"] for s in skipped)
+    assert all(s["prompt"] % 5 == 0 for s in skipped)
+    assert sorted(r.trainer["trained_groups"]) == list(range(cfg.rl.steps * cfg.rl.prompts_per_step))
+    assert r.samples == cfg.rl.steps * cfg.rl.samples_per_step - len(skipped)
+
+
+def test_more_resources_than_the_cluster_has_is_a_clear_error(ray_cluster, sft, tmp_path):
+    cfg = config(resources={"rollout_workers": 3})
+    with pytest.raises(runner.RLResourceError, match=r"ask for 4 CPU .* the Ray cluster has 2"):
+        runner.run(cfg, tmp_path, sft_cache=sft)
