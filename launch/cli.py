@@ -85,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="repeats of the torchft side-by-side runs (default: --repeats; 0 leaves them out)")
     bf.add_argument("--torchft-faults", default="crash,hang", help="torchft faults to run: crash, hang")
 
+    r = sub.add_parser("rl", help="RL post-training (GRPO) on Ray: sync, or async streaming with a staleness bound")
+    from pliant.launch.rl import RL_CONFIG, add_rl_args
+
+    add_config_arg(r, RL_CONFIG)
+    add_rl_args(r)
+    r.add_argument("--run-dir", default="runs/rl", help="metrics, summary and the warm-start weights go here")
+
     t = sub.add_parser("train", help="train the config's model with adaptive sequence parallelism")
     add_config_arg(t, LOCAL_CONFIG)
     t.add_argument("--steps", type=int, default=None, help="override train.steps")
@@ -241,6 +248,7 @@ def cmd_dists(_: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from pliant.launch.config import ConfigError
+    from pliant.rl.spec import RLResourceError
 
     args = build_parser().parse_args(argv)
     if hasattr(args, "config_default"):
@@ -261,6 +269,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(args)
         if args.command == "profile":
             return cmd_profile(args)
+        if args.command == "rl":
+            from pliant.launch.rl import cmd_rl
+
+            return cmd_rl(args)
         if args.command == "bench" and args.bench == "planner":
             return cmd_bench_planner(args)
         if args.command == "bench" and args.bench == "train":
@@ -269,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_bench_faults(args)
         if args.command == "bench" and args.bench == "comm":
             return cmd_bench_comm(args)
-    except (ConfigError, PlanningError) as e:
+    except (ConfigError, PlanningError, RLResourceError) as e:
         print(f"pliant: error: {e}", file=sys.stderr)
         return 2
     return 1

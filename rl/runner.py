@@ -19,15 +19,12 @@ import ray
 import torch
 
 from .dispatch import Dispatcher, WeightStore
+from .spec import RLResourceError
 from .task import VOCAB, CopyTask
 from .transfer_queue import TransferQueue
 from .workers import ReferenceWorker, RewardWorker, RolloutWorker, Trainer, log
 
 TASKS = ["reward", "reference", "trainer"]
-
-
-class RLResourceError(RuntimeError):
-    pass
 
 
 @dataclass

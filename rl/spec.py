@@ -9,6 +9,10 @@ from pydantic import BaseModel, ConfigDict, NonNegativeFloat, NonNegativeInt, Po
     model_validator
 
 
+class RLResourceError(ValueError):
+    """The workers ask for more CPUs or GPUs than the Ray cluster has."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 

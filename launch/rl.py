@@ -1,0 +1,60 @@
+"""`pliant rl --config configs/rl-local.yaml`: one RL post-training run on Ray (a local
+cluster, or the running one under `ray job submit -- pliant rl ...` with
+resources.ray_address: auto), with a progress line per step and metrics in
+RUN_DIR/metrics.jsonl, the run's summary in RUN_DIR/summary.json."""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from pliant.launch.config import RLJobConfig, load_config, merge_config, parse_config
+
+RL_CONFIG = "configs/rl-local.yaml"
+
+
+def rl_config(names: list[str], **overrides) -> RLJobConfig:
+    cfg = load_config(names, RLJobConfig)
+    rl = {k: v for k, v in overrides.items() if v is not None}
+    if not rl:
+        return cfg
+    return parse_config(merge_config(cfg.model_dump(mode="json"), {"rl": rl}), "command line", RLJobConfig)
+
+
+def add_rl_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", choices=["sync", "async"], default=None, help="override rl.mode")
+    p.add_argument("--staleness", type=int, default=None, help="override rl.staleness (async)")
+    p.add_argument("--steps", type=int, default=None, help="override rl.steps")
+    p.add_argument("--seed", type=int, default=None, help="override rl.seed")
+
+
+def cmd_rl(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from pliant.rl import runner
+
+    cfg = rl_config(args.config, mode=args.mode, staleness=args.staleness, steps=args.steps, seed=args.seed)
+    run_dir = Path(args.run_dir)
+    console = Console(stderr=True)
+    totals = {"tokens": 0, "samples": 0, "t0": None}
+
+    def on_step(row: dict) -> None:
+        if totals["t0"] is None:  # rates over the RL steps (not Ray's start or the warm start)
+            totals["t0"] = row["wall"] - row["seconds"]
+        totals["tokens"] += row["tokens"]
+        totals["samples"] += row["samples"]
+        el = max(time.time() - totals["t0"], 1e-9)
+        reward = "-" if row["reward"] is None else f"{row['reward']:.3f}"
+        console.print(f"step {row['step'] + 1:>4}/{cfg.rl.steps}  reward {reward}  "
+                      f"{totals['tokens'] / el:7.0f} tok/s  {totals['samples'] / el:6.1f} samples/s  "
+                      f"staleness <= {row['max_staleness']}  queue {row['queue_held']}  kl {row['kl']:.4f}")
+
+    result = runner.run(cfg, run_dir, sft_cache=run_dir / "warm_start.pt", on_step=on_step)
+    summary = result.summary()
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    console.print(f"{summary['mode']} (k={summary['staleness']}): {summary['tokens_per_s']:.0f} trained tokens/s, "
+                  f"{summary['samples_per_s']:.1f} samples/s, reward {summary['reward_first']:.3f} -> "
+                  f"{summary['reward_last']:.3f}; rollout idle {summary['rollout_idle_fraction']:.0%}, trainer idle "
+                  f"{summary['trainer_idle_fraction']:.0%}; wrote {run_dir / 'summary.json'}")
+    return 0
