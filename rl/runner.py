@@ -74,36 +74,27 @@ def check_resources(resources) -> None:
     """Every worker's CPUs and GPUs against what the Ray cluster has: a clear error, not a
     worker that waits forever to be scheduled."""
     have = ray.cluster_resources()
-    need = {"CPU": resources.rollout_workers * resources.rollout.num_cpus + resources.trainer.num_cpus
-            + resources.reference.num_cpus + resources.reward.num_cpus,
-            "GPU": resources.rollout_workers * resources.rollout.num_gpus + resources.trainer.num_gpus
-            + resources.reference.num_gpus + resources.reward.num_gpus}
-    for kind, n in need.items():
-        if n > have.get(kind, 0.0) + 1e-9:
-            raise RLResourceError(
-                f"resources: the workers ask for {n:g} {kind} ({resources.rollout_workers} rollout x "
-                f"{getattr(resources.rollout, 'num_' + kind.lower() + 's')}, trainer "
-                f"{getattr(resources.trainer, 'num_' + kind.lower() + 's')}, reference "
-                f"{getattr(resources.reference, 'num_' + kind.lower() + 's')}, reward "
-                f"{getattr(resources.reward, 'num_' + kind.lower() + 's')}), but the Ray cluster has "
-                f"{have.get(kind, 0.0):g}")
+    workers = [("rollout", resources.rollout_workers, resources.rollout), ("trainer", 1, resources.trainer),
+               ("reference", 1, resources.reference), ("reward", 1, resources.reward)]
+    for kind, attr in (("CPU", "num_cpus"), ("GPU", "num_gpus")):
+        need = sum(n * getattr(a, attr) for _, n, a in workers)
+        if need > have.get(kind, 0.0) + 1e-9:
+            asked = ", ".join(f"{name} {n} x {getattr(a, attr):g}" for name, n, a in workers)
+            raise RLResourceError(f"resources: the workers ask for {need:g} {kind} ({asked}), but the Ray cluster "
+                                  f"has {have.get(kind, 0.0):g}")
 
 
-def warm_start(cfg, seed: int, cache: Path | None) -> tuple[dict, list[float]]:
-    """The supervised warm start, cached by path (every mode of a seed starts from it)."""
-    if cache is not None and cache.is_file():
-        return torch.load(cache), []
-    task = CopyTask.from_spec(cfg.task, seed=10_000 + seed)
-    trainer = Trainer.options(num_cpus=cfg.resources.trainer.num_cpus).remote(
-        cfg.model, cfg.rl, task, cfg.resources.trainer.threads, seed)
-    state, losses = ray.get(trainer.warm_start.remote())
-    ray.kill(trainer)
-    if cache is not None:
+def warm_start(trainer, cache: Path | None) -> list[float]:
+    """The supervised warm start in the run's trainer, or the cached one (every mode of a
+    seed starts from the same policy); returns the supervised losses ([] from the cache)."""
+    cached = torch.load(cache) if cache is not None and cache.is_file() else None
+    state, losses = ray.get(trainer.warm_start.remote(cached))
+    if cached is None and cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")
         torch.save(state, tmp)
         tmp.replace(cache)
-    return state, losses
+    return losses
 
 
 def run(cfg, run_dir: Path, mode: str | None = None, staleness: int | None = None, seed: int | None = None,
@@ -118,18 +109,16 @@ def run(cfg, run_dir: Path, mode: str | None = None, staleness: int | None = Non
     ensure_ray(res)
     check_resources(res)
     run_dir.mkdir(parents=True, exist_ok=True)
-    state, sft_losses = warm_start(cfg, seed, sft_cache)
-    if sft_losses:
-        log(f"warm start: {len(sft_losses)} supervised steps, loss {sft_losses[0]:.3f} -> {sft_losses[-1]:.3f}")
-
     task = CopyTask.from_spec(cfg.task, seed=seed)
     capacity = rl.queue_capacity or (k + 2) * rl.samples_per_step
     tq = TransferQueue.create(capacity, TASKS, units=2)
     dispatcher = Dispatcher.remote(task, rl.prompts_per_step, rl.steps, k)
     store = WeightStore.remote()
     trainer = Trainer.options(num_cpus=res.trainer.num_cpus, num_gpus=res.trainer.num_gpus).remote(
-        cfg.model, rl, task, res.trainer.threads, seed)
-    ray.get(trainer.warm_start.remote(state))
+        cfg.model, rl, CopyTask.from_spec(cfg.task, seed=10_000 + seed), res.trainer.threads, seed)
+    sft_losses = warm_start(trainer, sft_cache)
+    if sft_losses:
+        log(f"warm start: {len(sft_losses)} supervised steps, loss {sft_losses[0]:.3f} -> {sft_losses[-1]:.3f}")
 
     def rollout(w: int):
         return RolloutWorker.options(num_cpus=res.rollout.num_cpus, num_gpus=res.rollout.num_gpus).remote(

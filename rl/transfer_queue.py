@@ -36,6 +36,14 @@ class QueueClosed(RuntimeError):
     pass
 
 
+def shard(ids: Iterable[int], units: int) -> dict[int, list[int]]:
+    """The samples of each storage unit (sample i lives in unit i mod units), in order."""
+    out: dict[int, list[int]] = defaultdict(list)
+    for i in ids:
+        out[i % units].append(i)
+    return out
+
+
 @dataclass
 class SampleMeta:
     id: int
@@ -258,10 +266,7 @@ class Controller:
         return len(ids)
 
     async def _drop(self, ids: list[int]) -> None:
-        by_unit = defaultdict(list)
-        for i in ids:
-            by_unit[i % len(self.units)].append(i)
-        await asyncio.gather(*(self.units[u].drop.remote(v) for u, v in by_unit.items()))
+        await asyncio.gather(*(self.units[u].drop.remote(v) for u, v in shard(ids, len(self.units)).items()))
 
     async def close(self) -> None:
         self.closed = True
@@ -297,12 +302,6 @@ class TransferQueue:
         handles = [StorageUnit.remote() for _ in range(units)]
         return cls(Controller.remote(capacity, list(tasks), handles), handles)
 
-    def _by_unit(self, ids: list[int]) -> dict[int, list[int]]:
-        out: dict[int, list[int]] = defaultdict(list)
-        for i in ids:
-            out[i % len(self.units)].append(i)
-        return out
-
     def allocate(self, n: int, partition: int = 0, group_size: int | None = None,
                  timeout: float | None = None) -> list[int] | None:
         return ray.get(self.controller.allocate.remote(n, partition, group_size, timeout))
@@ -314,7 +313,7 @@ class TransferQueue:
                 raise ValueError(f"put: field {name!r} has {len(values)} values for {len(ids)} samples")
         pos = {i: j for j, i in enumerate(ids)}
         writes = [self.units[u].put.remote(sub, {k: [v[pos[i]] for i in sub] for k, v in fields.items()})
-                  for u, sub in self._by_unit(ids).items()]
+                  for u, sub in shard(ids, len(self.units)).items()]
         ray.get(writes)
         ray.get(self.controller.mark_ready.remote(list(ids), list(fields)))
 
@@ -324,13 +323,11 @@ class TransferQueue:
                                                    partition))
         if not ids:
             return Batch([], {f: [] for f in fields})
-        parts = {u: self.units[u].get.remote(sub, list(fields)) for u, sub in self._by_unit(ids).items()}
+        units = shard(ids, len(self.units))
+        parts = {u: self.units[u].get.remote(sub, list(fields)) for u, sub in units.items()}
         got = {u: ray.get(ref) for u, ref in parts.items()}
         self.controller.done_reading.remote(ids)
-        where = {}
-        for u, sub in self._by_unit(ids).items():
-            for j, i in enumerate(sub):
-                where[i] = (u, j)
+        where = {i: (u, j) for u, sub in units.items() for j, i in enumerate(sub)}
         return Batch(ids, {f: [got[where[i][0]][f][where[i][1]] for i in ids] for f in fields})
 
     def clear_partition(self, partition: int) -> int:
@@ -338,6 +335,9 @@ class TransferQueue:
 
     def close(self) -> None:
         ray.get(self.controller.close.remote())
+
+    def is_closed(self) -> bool:
+        return ray.get(self.controller.is_closed.remote())
 
     def stats(self) -> dict[str, Any]:
         return ray.get(self.controller.stats.remote())

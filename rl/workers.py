@@ -66,6 +66,17 @@ class _Timed:
         return {"wall_s": wall, "idle_s": self.idle, "idle_fraction": self.idle / wall if wall else 0.0}
 
 
+def consume(tq: TransferQueue, task: str, fields: list[str], max_n: int, timer: _Timed):
+    """Batches of up to max_n samples for `task` as they become ready, until the queue is
+    closed and nothing is left (waiting counts as idle)."""
+    while True:
+        batch = timer.wait(tq.get, task, fields, 1, max_n, 0.5)
+        if batch.ids:
+            yield batch
+        elif tq.is_closed():
+            return
+
+
 @ray.remote
 class RolloutWorker:
     def __init__(self, worker: int, model_spec, rl: RLSpec, max_prompt: int, max_response: int, threads: int,
@@ -149,12 +160,7 @@ class RewardWorker:
 
     def run(self, tq: TransferQueue) -> dict[str, Any]:
         timer, n = _Timed(), 0
-        while True:
-            batch = timer.wait(tq.get, "reward", ["prompt", "response"], 1, 256, 0.5)
-            if not batch.ids:
-                if ray.get(tq.controller.is_closed.remote()):
-                    break
-                continue
+        for batch in consume(tq, "reward", ["prompt", "response"], 256, timer):
             tq.put(batch.ids, {"reward": [self.score(p, r) for p, r in zip(batch.data["prompt"],
                                                                             batch.data["response"])]})
             n += len(batch)
@@ -173,12 +179,7 @@ class ReferenceWorker:
         timer, n = _Timed(), 0
         _, wrapped = timer.wait(ray.get, store.latest.remote(-1, None))  # version 0: the initial policy
         self.model.load_state_dict(ray.get(wrapped[0]))
-        while True:
-            batch = timer.wait(tq.get, "reference", ["prompt", "response"], 1, 64, 0.5)
-            if not batch.ids:
-                if ray.get(tq.controller.is_closed.remote()):
-                    break
-                continue
+        for batch in consume(tq, "reference", ["prompt", "response"], 64, timer):
             prompts, responses = batch.data["prompt"], batch.data["response"]
             out: list = [None] * len(batch)
             keep = [i for i, r in enumerate(responses) if r]
@@ -194,9 +195,10 @@ class ReferenceWorker:
 
 @ray.remote(max_concurrency=2)  # run() and progress() side by side
 class Trainer:
-    def __init__(self, model_spec, rl: RLSpec, task: CopyTask, threads: int, seed: int):
+    def __init__(self, model_spec, rl: RLSpec, sft_task: CopyTask, threads: int, seed: int):
+        """`sft_task`: the supervised examples' stream (its own seed, apart from the RL prompts)."""
         torch.set_num_threads(threads)
-        self.rl, self.task = rl, task
+        self.rl, self.sft_task = rl, sft_task
         self.model = build_model(model_spec, seed)
         self.version = 0
         self.steps: list[dict[str, Any]] = []
@@ -213,7 +215,7 @@ class Trainer:
             return state, losses
         opt = torch.optim.AdamW(self.model.parameters(), lr=self.rl.sft_lr)
         for _ in range(self.rl.sft_steps):
-            seqs, plens = sft_batch(self.task, self.rl.sft_batch)
+            seqs, plens = sft_batch(self.sft_task, self.rl.sft_batch)
             prompts = [s[:p].tolist() for s, p in zip(seqs, plens)]
             answers = [s[p:].tolist() for s, p in zip(seqs, plens)]
             lps = response_logprobs(self.model, prompts, answers)

@@ -129,7 +129,7 @@ def consume(tq: TransferQueue, task: str) -> list[int]:
     while True:
         batch = tq.get(task, ["payload"], min_n=1, max_n=3, timeout=2.0)
         if not batch.ids:
-            if ray.get(tq.controller.is_closed.remote()):
+            if tq.is_closed():
                 return got
             continue
         got += batch.ids
