@@ -85,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="repeats of the torchft side-by-side runs (default: --repeats; 0 leaves them out)")
     bf.add_argument("--torchft-faults", default="crash,hang", help="torchft faults to run: crash, hang")
 
+    br = bsub.add_parser("rl", help="sync vs async RL (k = 1, 2) at the same resources: throughput, idle, "
+                                    "staleness, reward")
+    add_config_arg(br, "configs/rl-local.yaml")
+    br.add_argument("--out", default="rl.json")
+    br.add_argument("--seeds", type=int, default=3)
+    br.add_argument("--modes", default="sync,async_k1,async_k2")
+    br.add_argument("--steps", type=int, default=None, help="override rl.steps")
+
     r = sub.add_parser("rl", help="RL post-training (GRPO) on Ray: sync, or async streaming with a staleness bound")
     from pliant.launch.rl import RL_CONFIG, add_rl_args
 
@@ -111,9 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--quick", action="store_true", help="short sequences and one repeat (a smoke test)")
     pf.add_argument("--print-commands", action="store_true", help="print the torchrun command for every node")
 
-    rp = sub.add_parser("report", help="PNG plots of a training run (loss, step time, group sizes)")
-    rp.add_argument("run_dir")
-    rp.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/report.png)")
+    rp = sub.add_parser("report", help="PNG plots of a training run (loss, step time, group sizes), or the reward "
+                                       "of RL runs against wall time and samples")
+    rp.add_argument("run_dir", nargs="+", help="a run directory; several for RL runs (e.g. sync and async)")
+    rp.add_argument("--out", default=None, help="PNG path (default: the first RUN_DIR/report.png)")
 
     sub.add_parser("dists", help="list the named length distributions")
     return parser
@@ -234,6 +243,19 @@ def cmd_bench_faults(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_rl(args: argparse.Namespace) -> int:
+    from pliant.bench.rl_bench import MODES, run
+    from pliant.launch.rl import rl_config
+
+    modes = args.modes.split(",")
+    if args.seeds < 1 or not modes or any(m not in MODES for m in modes) or "sync" not in modes:
+        raise PlanningError(f"--seeds {args.seeds} must be >= 1; --modes {args.modes!r} must include sync, from "
+                            f"{', '.join(MODES)}")
+    run(rl_config(args.config, steps=args.steps), Path(args.out), args.seeds, modes)
+    print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_dists(_: argparse.Namespace) -> int:
     import numpy as np
 
@@ -248,7 +270,7 @@ def cmd_dists(_: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from pliant.launch.config import ConfigError
-    from pliant.rl.spec import RLResourceError
+    from pliant.rl.spec import RLConfigError
 
     args = build_parser().parse_args(argv)
     if hasattr(args, "config_default"):
@@ -259,9 +281,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "dists":
             return cmd_dists(args)
         if args.command == "report":
-            from pliant.launch.report import render
+            from pliant.launch.report import render_any
 
-            print(f"wrote {render(Path(args.run_dir), args.out)}")
+            print(f"wrote {render_any([Path(d) for d in args.run_dir], args.out)}")
             return 0
         if args.command == "train":
             from pliant.launch.launcher import cmd_train
@@ -279,9 +301,11 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_bench_train(args)
         if args.command == "bench" and args.bench == "faults":
             return cmd_bench_faults(args)
+        if args.command == "bench" and args.bench == "rl":
+            return cmd_bench_rl(args)
         if args.command == "bench" and args.bench == "comm":
             return cmd_bench_comm(args)
-    except (ConfigError, PlanningError, RLResourceError) as e:
+    except (ConfigError, PlanningError, RLConfigError) as e:
         print(f"pliant: error: {e}", file=sys.stderr)
         return 2
     return 1

@@ -64,3 +64,69 @@ def render(run_dir: Path, out: Path | None = None) -> Path:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def is_rl(rows: list[dict]) -> bool:
+    return "staleness_bound" in rows[0]
+
+
+def rl_label(row: dict) -> str:
+    return "sync" if row["mode"] == "sync" else f"async k={row['staleness_bound']}"
+
+
+def render_rl(run_dirs: list[Path], out: Path) -> Path:
+    """RL runs (`pliant rl`, `pliant bench rl`): the training reward per step against wall
+    time and against samples trained, one colour per mode, one line per run (mean of the
+    last 3 steps)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
+    colours: dict[str, str] = {}
+    for run_dir in run_dirs:
+        every = load_metrics(run_dir)
+        if not is_rl(every):
+            raise PlanningError(f"{run_dir}: not an RL run (its metrics have no staleness_bound)")
+        t0 = every[0]["wall"] - every[0]["seconds"]
+        samples, total = [], 0
+        for r in every:
+            total += r["samples"]
+            samples.append(total)
+        keep = [i for i, r in enumerate(every) if r["reward"] is not None]
+        rows, samples = [every[i] for i in keep], [samples[i] for i in keep]
+        if not rows:
+            continue
+        label = rl_label(rows[0])
+        new = label not in colours
+        colours.setdefault(label, f"C{len(colours)}")
+        smooth = [sum(r["reward"] for r in rows[max(0, i - 2):i + 1]) / len(rows[max(0, i - 2):i + 1])
+                  for i in range(len(rows))]
+        kw = {"color": colours[label], "lw": 1.3, "alpha": 0.8, "label": label if new else None}
+        ax1.plot([r["wall"] - t0 for r in rows], smooth, **kw)
+        ax2.plot(samples, smooth, **kw)
+    ax1.set_xlabel("wall time (s)")
+    ax2.set_xlabel("samples trained")
+    ax1.set_ylabel("training reward (mean of 3 steps)")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    ax1.set_title("reward against wall time")
+    ax2.set_title("reward against samples")
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def render_any(run_dirs: list[Path], out: Path | None = None) -> Path:
+    """`pliant report`: a training run's plots, or the reward curves of one or more RL runs."""
+    first = load_metrics(run_dirs[0])
+    if is_rl(first):
+        return render_rl(run_dirs, Path(out) if out else Path(run_dirs[0]) / "report.png")
+    if len(run_dirs) > 1:
+        raise PlanningError("pliant report takes several run directories only for RL runs")
+    return render(run_dirs[0], out)

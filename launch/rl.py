@@ -29,6 +29,14 @@ def add_rl_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="override rl.seed")
 
 
+def fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def held_out(summary: dict) -> str:
+    return f"{fmt(summary['eval_reward_before'])} -> {fmt(summary['eval_reward_after'])}"
+
+
 def cmd_rl(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -45,7 +53,7 @@ def cmd_rl(args: argparse.Namespace) -> int:
         totals["tokens"] += row["tokens"]
         totals["samples"] += row["samples"]
         el = max(time.time() - totals["t0"], 1e-9)
-        reward = "-" if row["reward"] is None else f"{row['reward']:.3f}"
+        reward = fmt(row["reward"])
         console.print(f"step {row['step'] + 1:>4}/{cfg.rl.steps}  reward {reward}  "
                       f"{totals['tokens'] / el:7.0f} tok/s  {totals['samples'] / el:6.1f} samples/s  "
                       f"staleness <= {row['max_staleness']}  queue {row['queue_held']}  kl {row['kl']:.4f}")
@@ -54,7 +62,7 @@ def cmd_rl(args: argparse.Namespace) -> int:
     summary = result.summary()
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     console.print(f"{summary['mode']} (k={summary['staleness']}): {summary['tokens_per_s']:.0f} trained tokens/s, "
-                  f"{summary['samples_per_s']:.1f} samples/s, reward {summary['reward_first']:.3f} -> "
-                  f"{summary['reward_last']:.3f}; rollout idle {summary['rollout_idle_fraction']:.0%}, trainer idle "
-                  f"{summary['trainer_idle_fraction']:.0%}; wrote {run_dir / 'summary.json'}")
+                  f"{summary['samples_per_s']:.1f} samples/s, training reward {fmt(summary['reward_first'])} -> "
+                  f"{fmt(summary['reward_last'])}, held-out reward {held_out(summary)}; rollout idle "
+                  f"{summary['rollout_idle_fraction']:.0%}, trainer idle {summary['trainer_idle_fraction']:.0%}; wrote {run_dir / 'summary.json'}")
     return 0

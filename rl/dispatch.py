@@ -28,11 +28,11 @@ class Dispatcher:
         self.task, self.per_step, self.steps, self.k = task, prompts_per_step, steps, staleness
         self.next_group = 0
         self.prompts: dict[int, Prompt] = {}
-        self.held: dict[int, dict[int, int]] = {}  # worker -> {group: step}
+        self.held: dict[Any, dict[int, int]] = {}  # worker (index, incarnation) -> {group: step}
         self.again: deque[tuple[int, int]] = deque()  # (group, step) of dead workers, first out
         self.written: dict[int, int] = {}  # group -> times written (must end at 1)
 
-    def next(self, worker: int, version: int) -> dict[str, Any]:
+    def next(self, worker: Any, version: int) -> dict[str, Any]:
         """{"group", "step", "prompt"} to start, {"wait": v} (weights of version v needed), or
         {"done": True}."""
         if self.again:
@@ -51,15 +51,15 @@ class Dispatcher:
         self.prompts[group] = self.task.prompts(1)[0]
         return self._give(worker, group, step)
 
-    def _give(self, worker: int, group: int, step: int) -> dict[str, Any]:
+    def _give(self, worker: Any, group: int, step: int) -> dict[str, Any]:
         self.held.setdefault(worker, {})[group] = step
         return {"group": group, "step": step, "prompt": self.prompts[group]}
 
-    def written_group(self, worker: int, group: int) -> None:
+    def written_group(self, worker: Any, group: int) -> None:
         self.held.get(worker, {}).pop(group, None)
         self.written[group] = self.written.get(group, 0) + 1
 
-    def worker_lost(self, worker: int) -> list[int]:
+    def worker_lost(self, worker: Any) -> list[int]:
         """Hand the groups a dead worker held out again (before any new group)."""
         lost = sorted(self.held.pop(worker, {}).items())
         self.again.extendleft(reversed(lost))

@@ -10,6 +10,11 @@ AReaL):
     loss_t   = -w_t * min(ratio_t A, clip(ratio_t, 1 - eps, 1 + eps) A) + kl_coef * KL_t
     KL_t     = exp(ref - logp) - (ref - logp) - 1   (the k3 estimator, >= 0)
 
+With one optimizer update per step (as here), pi_prox is the policy the gradient is taken
+at, so the ratio is 1 and the clip only shapes the gradient once several updates reuse a
+batch; staleness is corrected by w, which uses the log-probs the rollout actually sampled
+with (a group whose weights changed mid-generation records them token by token).
+
 A sample's loss is its token mean; the step's loss is the mean over its samples, so that
 micro-batches streamed in one at a time add up to the whole batch's gradient.
 """

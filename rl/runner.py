@@ -19,12 +19,13 @@ import ray
 import torch
 
 from .dispatch import Dispatcher, WeightStore
-from .spec import RLResourceError
+from .spec import RLConfigError, RLResourceError
 from .task import VOCAB, CopyTask
 from .transfer_queue import TransferQueue
 from .workers import ReferenceWorker, RewardWorker, RolloutWorker, Trainer, log
 
 TASKS = ["reward", "reference", "trainer"]
+EVAL_SEED = 99_991  # the held-out prompts: one set for every mode and seed
 
 
 @dataclass
@@ -41,24 +42,36 @@ class RunResult:
     reward_worker: dict[str, Any]
     restarts: int
     dispatcher: dict[str, Any] = field(default_factory=dict)
+    eval_reward: dict[str, float] = field(default_factory=dict)  # held-out reward "before" and "after" RL
+
+    def _steady(self) -> tuple[list[dict[str, Any]], float]:
+        """The steps after the first (the first warms every worker up: Ray's first calls,
+        torch's first kernels) and the wall time they took, by the trainer's clock."""
+        if len(self.steps) < 2:
+            return self.steps, self.wall_s
+        return self.steps[1:], self.steps[-1]["wall"] - self.steps[0]["wall"]
 
     @property
     def tokens_per_s(self) -> float:
-        return self.tokens / self.wall_s
+        steps, wall = self._steady()
+        return sum(s["tokens"] for s in steps) / wall
 
     @property
     def samples_per_s(self) -> float:
-        return self.samples / self.wall_s
+        steps, wall = self._steady()
+        return sum(s["samples"] for s in steps) / wall
 
     def summary(self) -> dict[str, Any]:
-        roll_idle = [r["idle_fraction"] for r in self.rollout]
+        # a rollout worker that finished before the trainer's last step was idle till then
+        roll_idle = [(r["idle_s"] + max(0.0, self.wall_s - r["wall_s"])) / self.wall_s for r in self.rollout]
         return {"mode": self.mode, "staleness": self.staleness, "seed": self.seed, "wall_s": self.wall_s,
                 "tokens": self.tokens, "samples": self.samples, "tokens_per_s": self.tokens_per_s,
                 "samples_per_s": self.samples_per_s,
                 "max_staleness": max((s["max_staleness"] for s in self.steps), default=0),
                 "rollout_idle_fraction": sum(roll_idle) / len(roll_idle) if roll_idle else None,
                 "trainer_idle_fraction": self.trainer["idle_fraction"], "restarts": self.restarts,
-                "reward_first": self.steps[0]["reward"], "reward_last": self.steps[-1]["reward"]}
+                "reward_first": self.steps[0]["reward"], "reward_last": self.steps[-1]["reward"],
+                "eval_reward_before": self.eval_reward.get("before"), "eval_reward_after": self.eval_reward.get("after")}
 
 
 def ensure_ray(resources) -> None:
@@ -82,6 +95,19 @@ def check_resources(resources) -> None:
             asked = ", ".join(f"{name} {n} x {getattr(a, attr):g}" for name, n, a in workers)
             raise RLResourceError(f"resources: the workers ask for {need:g} {kind} ({asked}), but the Ray cluster "
                                   f"has {have.get(kind, 0.0):g}")
+
+
+def check_side_workers(side: dict, trainer_done: list) -> None:
+    """The reward and reference workers run until the queue closes (after the last step): one
+    that ends before, or fails, would stall the trainer; stop the run with its error."""
+    ready, _ = ray.wait(list(side.values()), num_returns=len(side), timeout=0)
+    for name, ref in side.items():
+        if ref in ready and not trainer_done:
+            try:
+                ray.get(ref)
+            except Exception as e:
+                raise RuntimeError(f"the {name} worker failed: {e}") from e
+            raise RuntimeError(f"the {name} worker stopped before the last step")
 
 
 def warm_start(trainer, cache: Path | None) -> list[float]:
@@ -111,7 +137,11 @@ def run(cfg, run_dir: Path, mode: str | None = None, staleness: int | None = Non
     run_dir.mkdir(parents=True, exist_ok=True)
     task = CopyTask.from_spec(cfg.task, seed=seed)
     capacity = rl.queue_capacity or (k + 2) * rl.samples_per_step
-    tq = TransferQueue.create(capacity, TASKS, units=2)
+    if capacity < (k + 1) * rl.samples_per_step:  # steps b..b+k may all be in flight at once
+        raise RLConfigError(f"rl.queue_capacity={capacity} cannot hold the {k + 1} steps of {rl.samples_per_step} "
+                            f"samples that staleness {k} lets run at once; give at least "
+                            f"{(k + 1) * rl.samples_per_step}")
+    tq = TransferQueue.create(capacity, TASKS, units=rl.storage_units)
     dispatcher = Dispatcher.remote(task, rl.prompts_per_step, rl.steps, k)
     store = WeightStore.remote()
     trainer = Trainer.options(num_cpus=res.trainer.num_cpus, num_gpus=res.trainer.num_gpus).remote(
@@ -119,25 +149,42 @@ def run(cfg, run_dir: Path, mode: str | None = None, staleness: int | None = Non
     sft_losses = warm_start(trainer, sft_cache)
     if sft_losses:
         log(f"warm start: {len(sft_losses)} supervised steps, loss {sft_losses[0]:.3f} -> {sft_losses[-1]:.3f}")
+    held_out = CopyTask.from_spec(cfg.task, seed=EVAL_SEED).prompts(rl.eval_prompts)
 
-    def rollout(w: int):
+    def evaluate(when: str) -> None:
+        if held_out:
+            scores[when] = ray.get(trainer.evaluate.remote(held_out, task.max_response(), rl.rollout_slots,
+                                                           EVAL_SEED))
+            log(f"held-out reward {when} RL: {scores[when]:.3f} ({len(held_out)} prompts)")
+
+    scores: dict[str, float] = {}
+    evaluate("before")
+
+    def rollout(w: int, incarnation: int = 0):
         return RolloutWorker.options(num_cpus=res.rollout.num_cpus, num_gpus=res.rollout.num_gpus).remote(
-            w, cfg.model, rl, task.max_prompt(), task.max_response(), res.rollout.threads, seed)
+            w, cfg.model, rl, task.max_prompt(), task.max_response(), res.rollout.threads, seed, incarnation)
 
     reward = RewardWorker.options(num_cpus=res.reward.num_cpus).remote(rl.reward_fn, res.reward.threads)
     reference = ReferenceWorker.options(num_cpus=res.reference.num_cpus, num_gpus=res.reference.num_gpus).remote(
-        cfg.model, res.reference.threads, seed)
-    t0 = time.time()
-    train_ref = trainer.run.remote(tq, store, mode == "sync")
+        cfg.model, res.reference.threads, seed, rl.temperature)
     workers = {w: rollout(w) for w in range(res.rollout_workers)}
+    ray.get([a.__ray_ready__.remote() for a in [reward, reference, *workers.values()]])  # started: the clock begins
+    train_ref = trainer.run.remote(tq, store, mode == "sync")
     runs = {w: a.run.remote(tq, dispatcher, store) for w, a in workers.items()}
-    side = [reward.run.remote(tq), reference.run.remote(tq, store)]
-    metrics = (run_dir / "metrics.jsonl").open("a")
-    shown, restarts, results = 0, 0, {}
+    side = {"reward": reward.run.remote(tq), "reference": reference.run.remote(tq, store)}
+    metrics = (run_dir / "metrics.jsonl").open("w")  # a run directory holds one run
+    shown, restarts, results, last_progress = 0, 0, {}, time.monotonic()
+    incarnations = {w: 0 for w in workers}
     try:
         while True:
             done, _ = ray.wait([train_ref], timeout=0.5)
             steps = ray.get(trainer.progress.remote())
+            if len(steps) > shown:
+                last_progress = time.monotonic()
+            check_side_workers(side, done)
+            if not done and time.monotonic() - last_progress > rl.stall_timeout_s:
+                raise RuntimeError(f"no step trained for {rl.stall_timeout_s:g} s (rl.stall_timeout_s) after step "
+                                   f"{len(steps)}: queue {tq.stats()}, dispatcher {ray.get(dispatcher.counts.remote())}")
             for s in steps[shown:]:
                 row = {"mode": mode, "staleness_bound": k, "seed": seed, **{x: y for x, y in s.items()
                                                                               if x != "staleness"}}
@@ -158,20 +205,22 @@ def run(cfg, run_dir: Path, mode: str | None = None, staleness: int | None = Non
                     results[w] = ray.get(ref)
                     del runs[w]
                 except ray.exceptions.RayActorError as e:
-                    lost = ray.get(dispatcher.worker_lost.remote(w))
+                    lost = ray.get(dispatcher.worker_lost.remote((w, incarnations[w])))
                     restarts += 1
+                    incarnations[w] += 1
                     log(f"rollout worker {w} died ({type(e).__name__}); restarting it, its groups {lost} go out "
                         f"again")
-                    workers[w] = rollout(w)
+                    workers[w] = rollout(w, incarnations[w])
                     runs[w] = workers[w].run.remote(tq, dispatcher, store)
             if done:
                 break
         trained = ray.get(train_ref)
-        wall = time.time() - t0
+        wall = trained["wall_s"]  # the trainer's clock: from its start to its last step
+        evaluate("after")
         tq.close()
         for w, ref in runs.items():
             results[w] = ray.get(ref)
-        reward_out, _ = ray.get(side)
+        reward_out, _ = ray.get(list(side.values()))
         counts = ray.get(dispatcher.counts.remote())
     finally:
         metrics.close()
@@ -180,4 +229,4 @@ def run(cfg, run_dir: Path, mode: str | None = None, staleness: int | None = Non
     steps = trained["steps"]
     return RunResult(mode, k, seed, steps, wall, sum(s["tokens"] for s in steps), sum(s["samples"] for s in steps),
                      [results[w] for w in sorted(results)], {x: trained[x] for x in trained if x != "steps"},
-                     reward_out, restarts, counts)
+                     reward_out, restarts, counts, scores)

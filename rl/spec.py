@@ -9,7 +9,11 @@ from pydantic import BaseModel, ConfigDict, NonNegativeFloat, NonNegativeInt, Po
     model_validator
 
 
-class RLResourceError(ValueError):
+class RLConfigError(ValueError):
+    """An RL job that cannot run as configured (the command line reports it as an error)."""
+
+
+class RLResourceError(RLConfigError):
     """The workers ask for more CPUs or GPUs than the Ray cluster has."""
 
 
@@ -57,7 +61,10 @@ class RLSpec(_Strict):
     sft_batch: PositiveInt = 16
     sft_lr: PositiveFloat = 3e-3
     reward_fn: str = "pliant.rl.task:reward"  # module:function(prompt, response) -> float
+    eval_prompts: NonNegativeInt = 256  # held-out prompts scored before and after RL (0: none)
     queue_capacity: PositiveInt | None = None  # default: (staleness + 2) x the step's samples
+    storage_units: PositiveInt = 2  # TransferQueue storage actors (samples sharded over them)
+    stall_timeout_s: PositiveFloat = 300.0  # no step trained for this long: the run stops with its state
     seed: NonNegativeInt = 0
 
     @property

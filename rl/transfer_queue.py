@@ -69,18 +69,22 @@ class QueueIndex:
         self.next_id = 0
         self.next_group = 0
         self.cleared = 0
+        self.cleared_partitions: set[int] = set()
 
     def free(self) -> int:
         return self.capacity - len(self.samples)
 
     def allocate(self, n: int, partition: int, group_size: int | None = None) -> list[int] | None:
-        """Ids for n samples forming groups of `group_size` (default: one group of n), or None
-        when the queue has no room for them yet."""
+        """Ids for n samples forming groups of `group_size` (default: one group of n), None
+        when the queue has no room for them yet, [] when the partition is already cleared (a
+        late duplicate: nobody would consume it)."""
         group_size = group_size or n
         if n < 1 or n % group_size:
             raise ValueError(f"allocate: {n} samples do not split into groups of {group_size}")
         if n > self.capacity:
             raise ValueError(f"allocate: {n} samples exceed the queue's capacity {self.capacity}")
+        if partition in self.cleared_partitions:
+            return []
         if n > self.free():
             return None
         ids = list(range(self.next_id, self.next_id + n))
@@ -93,13 +97,19 @@ class QueueIndex:
                 self.groups[g].append(i)
         return ids
 
-    def mark_ready(self, ids: Iterable[int], fields: Iterable[str]) -> None:
-        fields = set(fields)
+    def mark_ready(self, ids: Iterable[int], fields: Iterable[str]) -> list[int]:
+        """Mark fields written; returns the ids that were cleared meanwhile (their data is
+        dropped by the caller)."""
+        fields, gone = set(fields), []
         for i in ids:
             meta = self.samples.get(i)
             if meta is None:
-                raise KeyError(f"sample {i} is not in the queue (never allocated, or cleared)")
+                if i >= self.next_id:
+                    raise KeyError(f"sample {i} was never allocated")
+                gone.append(i)  # cleared (e.g. its step is trained): a late write is dropped
+                continue
             meta.fields |= fields
+        return gone
 
     def _ready(self, meta: SampleMeta, task: str, needed: set[str]) -> bool:
         return task not in meta.consumed and needed <= meta.fields
@@ -147,6 +157,7 @@ class QueueIndex:
 
     def clear_partition(self, partition: int) -> list[int]:
         ids = [i for i, m in self.samples.items() if m.partition == partition]
+        self.cleared_partitions.add(partition)
         self._drop(ids)
         return ids
 
@@ -233,14 +244,22 @@ class Controller:
         await self._wait(room, timeout)
         return out
 
-    async def mark_ready(self, ids: list[int], fields: list[str]) -> None:
-        self.index.mark_ready(ids, fields)
+    async def mark_ready(self, ids: list[int], fields: list[str], writes: list | None = None) -> list[int]:
+        """Mark fields written, once the units' `writes` (object refs of their puts) are done;
+        the data of samples cleared meanwhile is dropped again."""
+        if writes:
+            await asyncio.gather(*writes)
+        gone = self.index.mark_ready(ids, fields)
+        if gone:
+            await self._drop(gone)
         await self._notify()
+        return gone
 
     async def claim(self, task: str, fields: list[str], min_n: int, max_n: int, timeout: float | None = None,
                     whole_groups: bool = False, partition: int | None = None) -> list[int]:
-        """Wait until min_n samples are ready for `task` (or the queue is closed, or the
-        timeout), then claim up to max_n of them; [] on timeout with none ready."""
+        """Wait until min_n samples are ready for `task` (or the queue is closed), then claim
+        up to max_n of them; [] when the timeout passes with fewer than min_n ready (a sync
+        consumer asking for the whole batch never gets part of it)."""
         needed = set(fields)
 
         def enough() -> bool:
@@ -248,7 +267,8 @@ class Controller:
                         and (partition is None or m.partition == partition))
             return ready >= min_n or (self.closed and ready > 0) or self.closed
 
-        await self._wait(enough, timeout)
+        if not await self._wait(enough, timeout):
+            return []
         return self.index.claim(task, fields, max_n, whole_groups, partition)
 
     async def done_reading(self, ids: list[int]) -> None:
@@ -306,16 +326,21 @@ class TransferQueue:
                  timeout: float | None = None) -> list[int] | None:
         return ray.get(self.controller.allocate.remote(n, partition, group_size, timeout))
 
-    def put(self, ids: list[int], fields: dict[str, list]) -> None:
-        """Write fields of samples into their units, then mark them ready."""
+    def put(self, ids: list[int], fields: dict[str, list], wait: bool = True):
+        """Write fields of samples into their units, then mark them ready. `wait=False`
+        returns at once (a producer goes on while the data travels; the controller marks
+        the fields ready when the units have them) with a reference to wait on or check."""
         for name, values in fields.items():
             if len(values) != len(ids):
                 raise ValueError(f"put: field {name!r} has {len(values)} values for {len(ids)} samples")
         pos = {i: j for j, i in enumerate(ids)}
         writes = [self.units[u].put.remote(sub, {k: [v[pos[i]] for i in sub] for k, v in fields.items()})
                   for u, sub in shard(ids, len(self.units)).items()]
-        ray.get(writes)
-        ray.get(self.controller.mark_ready.remote(list(ids), list(fields)))
+        done = self.controller.mark_ready.remote(list(ids), list(fields), writes)
+        if wait:
+            ray.get(done)
+            return None
+        return done
 
     def get(self, task: str, fields: list[str], min_n: int = 1, max_n: int | None = None,
             timeout: float | None = None, whole_groups: bool = False, partition: int | None = None) -> Batch:

@@ -2,7 +2,8 @@
 TransferQueue (rl/transfer_queue.py). Each pins its torch threads.
 
 Sample fields in the queue:
-    prompt, response, behav_logp, version, group     written by rollout (a whole group at a time)
+    prompt, response, behav_logp, version, group,    written by rollout (a whole group at a time)
+    written_at
     reward                                           written by reward (None: skipped, logged)
     ref_logp                                         written by reference
 """
@@ -17,15 +18,15 @@ from typing import Any, Callable
 import ray
 import torch
 
-from pliant.runtime.generate import Decoder, Request
+from pliant.runtime.generate import Decoder, Request, generate
 from pliant.runtime.model import LM
 
 from .grpo import group_advantages, policy_loss, response_logprobs
 from .spec import RLSpec
-from .task import EOS, CopyTask, Prompt, sft_batch
+from .task import EOS, CopyTask, Prompt, reward, sft_batch
 from .transfer_queue import TransferQueue
 
-ROLLOUT_FIELDS = ["prompt", "response", "behav_logp", "version", "group"]
+ROLLOUT_FIELDS = ["prompt", "response", "behav_logp", "version", "group", "written_at"]
 TRAIN_FIELDS = ROLLOUT_FIELDS + ["reward", "ref_logp"]
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -80,40 +81,53 @@ def consume(tq: TransferQueue, task: str, fields: list[str], max_n: int, timer: 
 @ray.remote
 class RolloutWorker:
     def __init__(self, worker: int, model_spec, rl: RLSpec, max_prompt: int, max_response: int, threads: int,
-                 seed: int):
+                 seed: int, incarnation: int = 0):
         torch.set_num_threads(threads)
         self.worker, self.rl = worker, rl
+        self.key = (worker, incarnation)  # the dispatcher's name for this worker (a restart is a new one)
         self.model = build_model(model_spec, seed).eval()
         self.max_prompt, self.max_response = max_prompt, max_response
         self.gen = torch.Generator().manual_seed(seed * 1000 + worker)
         self.version = -1
-        self.timer = _Timed()
         self.samples = 0
 
-    def _load(self, store, newer_than: int, timeout: float | None) -> None:
-        version, wrapped = ray.get(store.latest.remote(newer_than, timeout))
+    def _load(self, reply) -> None:
+        version, wrapped = ray.get(reply)
         if version > self.version:
             self.model.load_state_dict(ray.get(wrapped[0]))
             self.version = version
 
     def run(self, tq: TransferQueue, dispatcher, store) -> dict[str, Any]:
         rl = self.rl
-        self.timer.wait(self._load, store, -1, None)
+        self.timer = _Timed()  # busy and idle from the run's start
+        self.split = {"decode_s": 0.0, "dispatch_s": 0.0, "write_s": 0.0}  # where the busy time goes
+        self.pending: list = []  # writes in flight
+        self.timer.wait(self._load, store.latest.remote(-1, None))
         dec = Decoder(self.model, rl.rollout_slots, self.max_prompt + self.max_response, EOS, rl.temperature,
                       self.gen)
         groups: dict[int, dict[str, Any]] = {}
-        done, steps = False, 0
+        done, wait_for = False, -1  # wait_for: the version admission asked for (no asking again before)
+        newer = store.latest.remote(self.version, None)  # a long poll: answered when the trainer publishes
+        arrived = newer.future()  # checked without a call into Ray on every decode step
         while True:
-            if steps % 4 == 0:
-                self._load(store, self.version, 0)  # newer weights, between decode steps
-            while not done and dec.free_slots() >= rl.group_size:
-                r = ray.get(dispatcher.next.remote(self.worker, self.version))
+            if arrived.done():  # newer weights, taken between decode steps
+                self._load(newer)
+                newer = store.latest.remote(self.version, None)
+                arrived = newer.future()
+            while not done and dec.free_slots() >= rl.group_size and self.version >= wait_for:
+                t = time.perf_counter()
+                r = ray.get(dispatcher.next.remote(self.key, self.version))
+                self.split["dispatch_s"] += time.perf_counter() - t
                 if r.get("done"):
                     done = True
                 elif "wait" in r:
                     if dec.active():
-                        break  # keep decoding; ask again later
-                    self.timer.wait(self._load, store, r["wait"] - 1, None)  # nothing to do until then
+                        wait_for = r["wait"]
+                        break  # keep decoding; ask again once the weights are new enough
+                    while self.version < r["wait"]:  # nothing to do until then
+                        self.timer.wait(self._load, newer)
+                        newer = store.latest.remote(self.version, None)
+                        arrived = newer.future()
                 else:
                     g, p = r["group"], r["prompt"]
                     groups[g] = {"step": r["step"], "prompt": p, "version": self.version, "done": []}
@@ -122,24 +136,42 @@ class RolloutWorker:
             if not dec.active():
                 if done:
                     break
+                if self.version < wait_for:  # nothing to decode until newer weights come: wait for them
+                    self.timer.wait(self._load, newer)
+                    newer = store.latest.remote(self.version, None)
+                    arrived = newer.future()
                 continue
-            steps += 1
-            for c in dec.step():
+            t = time.perf_counter()
+            finished = dec.step()
+            t1 = time.perf_counter()
+            self.split["decode_s"] += t1 - t
+            for c in finished:
                 grp = groups[c.tag]
                 grp["done"].append(c)
                 if len(grp["done"]) == rl.group_size:
                     self._write(tq, dispatcher, c.tag, groups.pop(c.tag))
-        return {"worker": self.worker, "samples": self.samples, **self.timer.report()}
+            self.split["write_s"] += time.perf_counter() - t1
+        ray.get(self.pending)
+        return {"worker": self.worker, "samples": self.samples, **self.timer.report(),
+                **{k: round(v, 4) for k, v in self.split.items()}}
 
     def _write(self, tq: TransferQueue, dispatcher, group: int, grp: dict[str, Any]) -> None:
         n = self.rl.group_size
         ids = self.timer.wait(tq.allocate, n, partition=grp["step"], group_size=n)
+        if not ids:  # its step is trained already: a duplicate of a group handed out again
+            log(f"rollout worker {self.worker}: group {group} of step {grp['step']} came too late; dropped")
+            return
         cs = grp["done"]
-        tq.put(ids, {"prompt": [grp["prompt"]] * n, "response": [c.response for c in cs],
-                     "behav_logp": [torch.tensor(c.logprobs, dtype=torch.float64) for c in cs],
-                     "version": [grp["version"]] * n, "group": [group] * n})
-        dispatcher.written_group.remote(self.worker, group)
+        # the write and its report travel while decoding goes on (checked for errors later)
+        self.pending.append(tq.put(ids, {"prompt": [grp["prompt"]] * n, "response": [c.response for c in cs],
+                                         "behav_logp": [torch.tensor(c.logprobs, dtype=torch.float64) for c in cs],
+                                         "version": [grp["version"]] * n, "group": [group] * n,
+                                         "written_at": [time.time()] * n}, wait=False))
+        self.pending.append(dispatcher.written_group.remote(self.key, group))
         self.samples += n
+        if len(self.pending) > 64:
+            done, self.pending = ray.wait(self.pending, num_returns=len(self.pending), timeout=0)
+            ray.get(done)  # raises if a write failed
 
 
 @ray.remote
@@ -171,9 +203,10 @@ class RewardWorker:
 class ReferenceWorker:
     """Log-probs of the frozen initial policy (the warm-started one), for the KL term."""
 
-    def __init__(self, model_spec, threads: int, seed: int):
+    def __init__(self, model_spec, threads: int, seed: int, temperature: float = 1.0):
         torch.set_num_threads(threads)
         self.model = build_model(model_spec, seed).eval()
+        self.temperature = temperature
 
     def run(self, tq: TransferQueue, store) -> dict[str, Any]:
         timer, n = _Timed(), 0
@@ -185,7 +218,8 @@ class ReferenceWorker:
             keep = [i for i, r in enumerate(responses) if r]
             if keep:
                 with torch.no_grad():
-                    lps = response_logprobs(self.model, [prompts[i].tokens for i in keep], [responses[i] for i in keep])
+                    lps = response_logprobs(self.model, [prompts[i].tokens for i in keep], [responses[i] for i in keep],
+                                            self.temperature)
                 for i, lp in zip(keep, lps):
                     out[i] = lp.to(torch.float64)
             tq.put(batch.ids, {"ref_logp": out})
@@ -226,6 +260,17 @@ class Trainer:
             losses.append(float(loss.detach()))
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}, losses
 
+    def evaluate(self, prompts: list[Prompt], max_response: int, slots: int, seed: int) -> float:
+        """The policy's mean exact-match reward on held-out prompts (one sample each, at the
+        rollout temperature, seeded): the learning measure that does not depend on the mode."""
+        self.model.eval()
+        try:
+            out = generate(self.model, [Request(p.tokens, max_response, tag=p) for p in prompts], slots, EOS,
+                           self.rl.temperature, torch.Generator().manual_seed(seed))
+        finally:
+            self.model.train()
+        return sum(reward(c.tag, c.response) for c in out) / len(out)
+
     def publish(self, store) -> None:
         state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         ray.get(store.publish.remote(self.version, [ray.put(state)]))
@@ -237,11 +282,11 @@ class Trainer:
         timer = _Timed()
         self.publish(store)
         per_step = rl.samples_per_step
-        take = per_step if sync else rl.micro_batch_groups * rl.group_size
+        take = per_step if sync else rl.micro_batch_groups * rl.group_size  # sync: the whole step's batch
         for step in range(rl.steps):
             t0 = time.perf_counter()
             seen_groups: set[int] = set()
-            rewards, staleness, weights, tokens, kls, trained = [], [], [], 0, [], 0
+            rewards, staleness, weights, tokens, kls, trained, latency = [], [], [], 0, [], 0, []
             opt.zero_grad()
             while len(seen_groups) < rl.prompts_per_step:
                 want = min(take, (rl.prompts_per_step - len(seen_groups)) * rl.group_size)
@@ -249,22 +294,27 @@ class Trainer:
                 if not batch.ids:
                     continue
                 d = batch.data
+                latency.append(time.time() - d["written_at"][0])  # rollout's write -> trainer's claim
                 fresh = [i for i in range(len(batch)) if d["group"][i] not in self.trained_groups]
                 dup_groups = {d["group"][i] for i in range(len(batch))} - {d["group"][i] for i in fresh}
                 self.duplicates += len(batch) - len(fresh)
                 seen_groups |= dup_groups
-                for g in {d["group"][i] for i in fresh}:
-                    members = [i for i in fresh if d["group"][i] == g]
-                    seen_groups.add(g)
-                    self.trained_groups[g] = step
-                    stats = self._train_group(d, members, step, per_step)
+                fresh_groups = list(dict.fromkeys(d["group"][i] for i in fresh))
+                seen_groups.update(fresh_groups)
+                for j in range(0, len(fresh_groups), rl.micro_batch_groups):  # one forward per micro-batch
+                    chunk = fresh_groups[j:j + rl.micro_batch_groups]
+                    for g in chunk:
+                        self.trained_groups[g] = step
+                    members = [[i for i in fresh if d["group"][i] == g] for g in chunk]
+                    self.duplicates += sum(max(0, len(m) - rl.group_size) for m in members)
+                    stats = self._train_micro_batch(d, [m[:rl.group_size] for m in members], step, per_step)
                     if stats is None:
                         continue
                     rewards += stats["rewards"]
                     staleness += stats["staleness"]
                     weights += stats["is_weights"]
                     tokens += stats["tokens"]
-                    kls.append(stats["kl"])
+                    kls += stats["kl"]
                     trained += len(stats["rewards"])
             if rl.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), rl.grad_clip)
@@ -279,11 +329,14 @@ class Trainer:
                                "max_staleness": max(staleness) if staleness else 0, "staleness": staleness,
                                "is_weight_min": min(weights) if weights else None,
                                "is_weight_max": max(weights) if weights else None,
-                               "kl": sum(kls) / len(kls) if kls else 0.0, "queue_held": q["held"]})
+                               "kl": sum(kls) / len(kls) if kls else 0.0, "queue_held": q["held"],
+                               "queue_latency_s": max(latency) if latency else None})
         return {"steps": self.steps, "trained_groups": self.trained_groups, "duplicates": self.duplicates,
                 "skipped": self.skipped, **timer.report()}
 
-    def _train_group(self, d: dict[str, list], members: list[int], step: int, per_step: int) -> dict | None:
+    def _usable(self, d: dict[str, list], members: list[int]) -> list[int]:
+        """The samples of a group that can be trained (logged skips: an empty response, no reward);
+        a group needs two to have an advantage."""
         ok = []
         for i in members:
             if not d["response"][i]:
@@ -293,18 +346,28 @@ class Trainer:
                 self.skipped.append({"group": d["group"][i], "why": "no reward"})
             else:
                 ok.append(i)
-        if len(ok) < 2:
+        return ok if len(ok) >= 2 else []
+
+    def _train_micro_batch(self, d: dict[str, list], groups: list[list[int]], step: int,
+                           per_step: int) -> dict | None:
+        """Forward and backward of a micro-batch of whole groups in one packed sequence;
+        gradients add up over the step."""
+        usable = [ok for ok in (self._usable(d, members) for members in groups) if ok]
+        if not usable:
             return None
+        ok = [i for members in usable for i in members]
         rewards = torch.tensor([d["reward"][i] for i in ok], dtype=torch.float64)
-        adv = group_advantages(rewards, len(ok))
-        lps = response_logprobs(self.model, [d["prompt"][i].tokens for i in ok], [d["response"][i] for i in ok])
+        adv = torch.cat([group_advantages(torch.tensor([d["reward"][i] for i in members], dtype=torch.float64),
+                                          len(members)) for members in usable])
+        lps = response_logprobs(self.model, [d["prompt"][i].tokens for i in ok], [d["response"][i] for i in ok],
+                                self.rl.temperature)  # the sampling distribution's log-probs
         lps = [lp.to(torch.float64) for lp in lps]
         versions = [d["version"][i] for i in ok]
         loss, stats = policy_loss(lps, [d["behav_logp"][i] for i in ok], [d["ref_logp"][i] for i in ok], adv,
                                   versions, step, per_step, self.rl.clip_eps, self.rl.kl_coef, self.rl.is_cap)
         loss.backward()
         return {"rewards": rewards.tolist(), "staleness": [step - v for v in versions],
-                "is_weights": stats.is_weights, "kl": stats.kl,
+                "is_weights": stats.is_weights, "kl": [stats.kl] * len(ok),
                 "tokens": sum(len(d["prompt"][i].tokens) + len(d["response"][i]) for i in ok)}
 
     def progress(self) -> list[dict[str, Any]]:

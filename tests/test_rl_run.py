@@ -15,7 +15,7 @@ from pliant.rl import runner
 pytestmark = pytest.mark.timeout(300)
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "rl-local.yaml"
 SMALL = {"rl": {"steps": 4, "prompts_per_step": 4, "group_size": 4, "micro_batch_groups": 1, "rollout_slots": 8,
-                "sft_steps": 10}, "task": {"max_digits": 12}}
+                "sft_steps": 10, "eval_prompts": 16}, "task": {"max_digits": 12}}
 
 
 def config(**overlay) -> RLJobConfig:
@@ -67,6 +67,7 @@ def test_sync_mode_is_on_policy(ray_cluster, sft, tmp_path):
     r = runner.run(cfg, tmp_path, mode="sync", sft_cache=sft)
     every_group_trained_once(r, cfg)
     assert all(s["max_staleness"] == 0 and s["is_weight_max"] == 1.0 for s in r.steps)
+    assert set(r.eval_reward) == {"before", "after"} and all(0.0 <= v <= 1.0 for v in r.eval_reward.values())
 
 
 def test_a_killed_rollout_worker_is_restarted_and_nothing_is_lost_or_trained_twice(ray_cluster, sft, tmp_path):
@@ -98,3 +99,58 @@ def test_more_resources_than_the_cluster_has_is_a_clear_error(ray_cluster, sft, 
     cfg = config(resources={"rollout_workers": 3})
     with pytest.raises(runner.RLResourceError, match=r"ask for 4 CPU .* the Ray cluster has 2"):
         runner.run(cfg, tmp_path, sft_cache=sft)
+
+
+def test_samples_with_empty_responses_are_logged_and_skipped_without_a_stall(ray_cluster, tmp_path):
+    """Two groups of step 0 written straight into the queue: one with an empty response
+    (trained on its other three samples), one with three (too few left for an advantage:
+    skipped whole); the step still completes."""
+    import torch
+
+    from pliant.rl.dispatch import WeightStore
+    from pliant.rl.task import CopyTask
+    from pliant.rl.transfer_queue import TransferQueue
+    from pliant.rl.workers import Trainer
+
+    cfg = config(rl={"steps": 1, "prompts_per_step": 2, "micro_batch_groups": 2})
+    task = CopyTask.from_spec(cfg.task, seed=0)
+    tq = TransferQueue.create(64, runner.TASKS, units=2)
+    store = WeightStore.remote()
+    trainer = Trainer.remote(cfg.model, cfg.rl, task, 1, 0)
+    prompts = task.prompts(2)
+    for g, empty in ((0, {1}), (1, {0, 2, 3})):
+        p = prompts[g]
+        ids = tq.allocate(4, partition=0, group_size=4)
+        responses = [[] if j in empty else (p.answer if j % 2 else [3, 12]) for j in range(4)]
+        logp = [torch.full((len(r),), -1.0, dtype=torch.float64) for r in responses]
+        tq.put(ids, {"prompt": [p] * 4, "response": responses, "behav_logp": logp, "version": [0] * 4,
+                     "group": [g] * 4, "written_at": [0.0] * 4, "reward": [float(r == p.answer) for r in responses],
+                     "ref_logp": [None if not r else lp for r, lp in zip(responses, logp)]})
+    out = ray.get(trainer.run.remote(tq, store, False), timeout=60)
+    (step,) = out["steps"]
+    assert step["samples"] == 3
+    assert sorted(s["group"] for s in out["skipped"]) == [0, 1, 1, 1]
+    assert {s["why"] for s in out["skipped"]} == {"empty response"}
+    assert sorted(out["trained_groups"]) == [0, 1]
+    for a in (trainer, store, tq.controller, *tq.units):
+        ray.kill(a)
+
+
+def test_a_queue_too_small_for_the_staleness_bound_is_a_clear_error(ray_cluster, sft, tmp_path):
+    cfg = config(rl={"queue_capacity": 32})
+    with pytest.raises(runner.RLConfigError, match=r"rl.queue_capacity=32 cannot hold the 3 steps .* at least 48"):
+        runner.run(cfg, tmp_path, mode="async", staleness=2, sft_cache=sft)
+
+
+def dying_reward(prompt, response):
+    import os
+
+    if prompt.uid == 6:
+        os._exit(3)  # the reward worker's process dies
+    return 0.0
+
+
+def test_a_dead_reward_worker_stops_the_run_with_its_error(ray_cluster, sft, tmp_path):
+    cfg = config(rl={"reward_fn": "test_rl_run:dying_reward"})
+    with pytest.raises(RuntimeError, match="the reward worker failed"):
+        runner.run(cfg, tmp_path, mode="async", staleness=1, sft_cache=sft)

@@ -79,8 +79,17 @@ def test_bad_calls_name_the_problem():
         q.allocate(6, 0, 2)
     with pytest.raises(ValueError, match="do not split into groups of 2"):
         q.allocate(3, 0, 2)
-    with pytest.raises(KeyError, match="sample 99 is not in the queue"):
+    with pytest.raises(KeyError, match="sample 99 was never allocated"):
         q.mark_ready([99], ["f"])
+
+
+def test_a_cleared_partition_takes_no_late_writes():
+    q = QueueIndex(8, ["t"])
+    ids = q.allocate(2, partition=0, group_size=2)
+    q.clear_partition(0)
+    assert q.mark_ready(ids, ["f"]) == ids  # cleared meanwhile: dropped, not an error
+    assert q.allocate(2, partition=0, group_size=2) == []  # a late duplicate of a trained step
+    assert q.allocate(2, partition=1, group_size=2) == [2, 3] and q.stats()["held"] == 2
     with pytest.raises(ValueError, match="capacity must be >= 1"):
         QueueIndex(0, ["t"])
 

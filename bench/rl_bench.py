@@ -1,0 +1,125 @@
+"""`pliant bench rl`: synchronous RL against asynchronous streaming RL with staleness bounds
+k = 1 and 2, on the same task, model and Ray resources (the config's: on the local default,
+the machine's 2 CPUs, one for rollout and one for the trainer, torch threads pinned per
+actor), over several seeds.
+
+Every seed's modes start from the same warm-started policy (cached per seed) and train the
+same number of steps on the same number of samples; the order of the modes rotates from seed
+to seed so that a noisy machine slows them alike. Per run: trained tokens and samples per
+second (wall time from the workers' start to the last step), idle fractions of rollout and
+trainer, the largest staleness of any trained sample, and the held-out reward before and
+after RL. Medians over seeds, async / sync ratios, JSON, a table, and the reward curves
+against wall time and against samples (`pliant report` on the runs' directories).
+"""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+from pathlib import Path
+from typing import Any
+
+MODES: dict[str, tuple[str, int]] = {"sync": ("sync", 0), "async_k1": ("async", 1), "async_k2": ("async", 2)}
+
+
+def _median(runs: list[dict], key: str) -> float | None:
+    vals = [r[key] for r in runs if r.get(key) is not None]
+    return statistics.median(vals) if vals else None
+
+
+def summarize(records: list[dict]) -> dict[str, Any]:
+    """Medians per mode and the summary (async / sync ratios of the medians; per-seed ratios
+    beside them)."""
+    modes: dict[str, dict] = {}
+    for name in MODES:
+        runs = [r for r in records if r["name"] == name]
+        if not runs:
+            continue
+        modes[name] = {key: _median(runs, key) for key in
+                       ("tokens_per_s", "samples_per_s", "wall_s", "rollout_idle_fraction", "trainer_idle_fraction",
+                        "eval_reward_before", "eval_reward_after", "train_reward_last")}
+        modes[name].update(seeds=len(runs), max_staleness=max(r["max_staleness"] for r in runs),
+                           samples=runs[0]["samples"])
+    if "sync" not in modes:
+        raise ValueError(f"bench rl needs the sync baseline, got modes {sorted(modes)}")
+    sync = modes["sync"]
+    summary: dict[str, Any] = {"seeds": sync["seeds"], "samples_per_run": sync["samples"],
+                               "max_staleness_observed": {n: m["max_staleness"] for n, m in modes.items()},
+                               "reward_before": sync["eval_reward_before"], "reward_sync": sync["eval_reward_after"],
+                               "train_reward_last_sync": sync["train_reward_last"]}
+    by_seed = {(r["name"], r["seed"]): r for r in records}
+    for name in ("async_k1", "async_k2"):
+        if name not in modes:
+            continue
+        k = name[-2:]
+        m = modes[name]
+        summary[f"throughput_ratio_{k}"] = m["tokens_per_s"] / sync["tokens_per_s"]
+        summary[f"samples_ratio_{k}"] = m["samples_per_s"] / sync["samples_per_s"]
+        summary[f"throughput_ratio_{k}_per_seed"] = [
+            by_seed[(name, s)]["tokens_per_s"] / by_seed[("sync", s)]["tokens_per_s"]
+            for s in sorted({r["seed"] for r in records}) if (name, s) in by_seed and ("sync", s) in by_seed]
+        summary[f"reward_async_{k}"] = m["eval_reward_after"]
+        summary[f"train_reward_last_async_{k}"] = m["train_reward_last"]
+    return {"modes": modes, "summary": summary}
+
+
+def run(cfg, out: Path, seeds: int, modes: list[str], last: int = 5) -> dict[str, Any]:
+    """`last`: steps whose training reward is averaged into `train_reward_last`."""
+    import ray
+
+    from pliant.launch.report import render_rl
+    from pliant.rl import runner
+
+    runs_dir = out.parent / f"{out.stem}-runs"
+    runner.ensure_ray(cfg.resources)
+    records = []
+    try:
+        for seed in range(seeds):
+            order = modes[seed % len(modes):] + modes[:seed % len(modes)]
+            for name in order:
+                mode, k = MODES[name]
+                run_dir = runs_dir / f"{name}-seed{seed}"
+                (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+                r = runner.run(cfg, run_dir, mode=mode, staleness=k, seed=seed,
+                               sft_cache=runs_dir / f"warm-start-seed{seed}.pt")
+                rewards = [s["reward"] for s in r.steps[-last:] if s["reward"] is not None]
+                rec = {"name": name, **r.summary(), "run_dir": str(run_dir),
+                       "train_reward_last": sum(rewards) / len(rewards) if rewards else None,
+                       "rollout": r.rollout, "reward_curve": [s["reward"] for s in r.steps],
+                       "skipped": len(r.trainer["skipped"]) + len(r.reward_worker["skipped"])}
+                records.append(rec)
+                print(f"  seed {seed} {name:9s} {rec['tokens_per_s']:7.0f} tok/s {rec['samples_per_s']:6.1f} "
+                      f"samples/s  idle rollout {rec['rollout_idle_fraction']:.0%} trainer "
+                      f"{rec['trainer_idle_fraction']:.0%}  staleness <= {rec['max_staleness']}  held-out reward "
+                      f"{rec['eval_reward_before']} -> {rec['eval_reward_after']}", flush=True)
+    finally:
+        ray.shutdown()
+    body = {"config": cfg.model_dump(mode="json"), "host": {"machine": platform.machine(),
+                                                             "python": platform.python_version()},
+            "modes_run": modes, **summarize(records), "runs": records}
+    plot = out.with_suffix(".png")
+    render_rl([Path(r["run_dir"]) for r in records], plot)
+    body["plot"] = str(plot)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(body, indent=1))
+    print_table(body)
+    return body
+
+
+def print_table(body: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    fmt = lambda v, spec=".2f": "-" if v is None else format(v, spec)  # noqa: E731
+    t = Table(title=f"RL: sync vs async (medians over {body['summary']['seeds']} seeds, "
+                    f"{body['summary']['samples_per_run']} samples per run)")
+    for col in ("mode", "trained tok/s", "samples/s", "x sync", "rollout idle", "trainer idle", "max staleness",
+                "held-out reward before", "after", "train reward (last steps)"):
+        t.add_column(col)
+    sync = body["modes"]["sync"]
+    for name, m in body["modes"].items():
+        t.add_row(name, fmt(m["tokens_per_s"], ".0f"), fmt(m["samples_per_s"], ".1f"),
+                  fmt(m["tokens_per_s"] / sync["tokens_per_s"]), fmt(m["rollout_idle_fraction"], ".0%"),
+                  fmt(m["trainer_idle_fraction"], ".0%"), str(m["max_staleness"]), fmt(m["eval_reward_before"], ".3f"),
+                  fmt(m["eval_reward_after"], ".3f"), fmt(m["train_reward_last"], ".3f"))
+    Console().print(t)

@@ -1,0 +1,65 @@
+"""`pliant rl`, `pliant bench rl` and `pliant report` on RL runs, end to end in subprocesses
+(each starts its own local Ray cluster of 2 CPUs)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from test_cli import pliant
+
+pytestmark = pytest.mark.timeout(600)
+SMALL = {"rl": {"steps": 3, "prompts_per_step": 4, "micro_batch_groups": 2, "rollout_slots": 8, "sft_steps": 10,
+                "eval_prompts": 16}, "task": {"max_digits": 12}}
+
+
+@pytest.fixture
+def overlay(tmp_path):
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump(SMALL))
+    return str(path)
+
+
+def test_pliant_rl_runs_and_reports(tmp_path, overlay):
+    run_dir = tmp_path / "run"
+    r = pliant("rl", "--config", "configs/rl-local.yaml", "--config", overlay, "--mode", "async", "--staleness", "2",
+               "--run-dir", str(run_dir))
+    assert r.returncode == 0, r.stderr
+    assert "step    3/3" in r.stderr and "tok/s" in r.stderr and "staleness <=" in r.stderr and "queue" in r.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["mode"] == "async" and summary["staleness"] == 2 and summary["samples"] == 3 * 16
+    assert summary["max_staleness"] <= 2 and 0.0 <= summary["eval_reward_after"] <= 1.0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [0, 1, 2] and all(row["staleness_bound"] == 2 for row in rows)
+    r = pliant("report", str(run_dir))
+    assert r.returncode == 0, r.stderr
+    assert (run_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pliant_rl_errors_are_clear(tmp_path, overlay):
+    r = pliant("rl", "--config", "configs/rl-local.yaml", "--config", overlay, "--staleness", "-1",
+               "--run-dir", str(tmp_path))
+    assert r.returncode == 2 and "rl.staleness" in r.stderr and "Traceback" not in r.stderr
+    big = tmp_path / "big.yaml"
+    big.write_text(yaml.safe_dump({"resources": {"rollout_workers": 4}}))
+    r = pliant("rl", "--config", "configs/rl-local.yaml", "--config", overlay, "--config", str(big),
+               "--run-dir", str(tmp_path))
+    assert r.returncode == 2 and "the Ray cluster has 2" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_rl_writes_the_summary_and_the_plot(tmp_path, overlay):
+    out = tmp_path / "rl.json"
+    r = pliant("bench", "rl", "--config", "configs/rl-local.yaml", "--config", overlay, "--seeds", "1",
+               "--modes", "sync,async_k1", "--steps", "2", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    body = json.loads(out.read_text())
+    s = body["summary"]
+    assert s["throughput_ratio_k1"] > 0 and s["samples_ratio_k1"] > 0 and s["seeds"] == 1
+    assert s["max_staleness_observed"]["sync"] == 0 and s["max_staleness_observed"]["async_k1"] <= 1
+    assert 0.0 <= s["reward_sync"] <= 1.0 and 0.0 <= s["reward_async_k1"] <= 1.0
+    assert [run["name"] for run in body["runs"]] == ["sync", "async_k1"]
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "async_k1" in r.stdout and "samples/s" in r.stdout
+    r = pliant("bench", "rl", "--modes", "async_k1", "--out", str(out))
+    assert r.returncode == 2 and "must include sync" in r.stderr
