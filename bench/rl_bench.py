@@ -114,7 +114,7 @@ def print_table(body: dict) -> None:
     t = Table(title=f"RL: sync vs async (medians over {body['summary']['seeds']} seeds, "
                     f"{body['summary']['samples_per_run']} samples per run)")
     for col in ("mode", "trained tok/s", "samples/s", "x sync", "rollout idle", "trainer idle", "max staleness",
-                "held-out reward before", "after", "train reward (last steps)"):
+                "held-out reward before", "after", "train reward, last 5 steps"):
         t.add_column(col)
     sync = body["modes"]["sync"]
     for name, m in body["modes"].items():
@@ -122,4 +122,4 @@ def print_table(body: dict) -> None:
                   fmt(m["tokens_per_s"] / sync["tokens_per_s"]), fmt(m["rollout_idle_fraction"], ".0%"),
                   fmt(m["trainer_idle_fraction"], ".0%"), str(m["max_staleness"]), fmt(m["eval_reward_before"], ".3f"),
                   fmt(m["eval_reward_after"], ".3f"), fmt(m["train_reward_last"], ".3f"))
-    Console().print(t)
+    Console(width=180).print(t)
