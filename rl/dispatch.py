@@ -55,7 +55,9 @@ class Dispatcher:
         self.held.setdefault(worker, {})[group] = step
         return {"group": group, "step": step, "prompt": self.prompts[group]}
 
-    def written_group(self, worker: Any, group: int) -> None:
+    def written_group(self, worker: Any, group: int, landed: Any = None) -> None:
+        """`landed`: the queue's answer to the write (passed as a reference, so this runs
+        only after the data is in the queue)."""
         self.held.get(worker, {}).pop(group, None)
         self.written[group] = self.written.get(group, 0) + 1
 

@@ -97,6 +97,21 @@ class RolloutWorker:
             self.model.load_state_dict(ray.get(wrapped[0]))
             self.version = version
 
+    def _poll_weights(self, store) -> None:
+        """A long poll for weights newer than ours, answered when the trainer publishes;
+        `self.arrived` is checked without a call into Ray on every decode step."""
+        self.newer = store.latest.remote(self.version, None)
+        self.arrived = self.newer.future()
+
+    def _take_weights(self, store, waiting: bool) -> None:
+        """Load the polled weights (`waiting`: they have not come yet, the wait counts as
+        idle) and poll again."""
+        if waiting:
+            self.timer.wait(self._load, self.newer)
+        else:
+            self._load(self.newer)
+        self._poll_weights(store)
+
     def run(self, tq: TransferQueue, dispatcher, store) -> dict[str, Any]:
         rl = self.rl
         self.timer = _Timed()  # busy and idle from the run's start
@@ -107,13 +122,10 @@ class RolloutWorker:
                       self.gen)
         groups: dict[int, dict[str, Any]] = {}
         done, wait_for = False, -1  # wait_for: the version admission asked for (no asking again before)
-        newer = store.latest.remote(self.version, None)  # a long poll: answered when the trainer publishes
-        arrived = newer.future()  # checked without a call into Ray on every decode step
+        self._poll_weights(store)
         while True:
-            if arrived.done():  # newer weights, taken between decode steps
-                self._load(newer)
-                newer = store.latest.remote(self.version, None)
-                arrived = newer.future()
+            if self.arrived.done():  # newer weights, taken between decode steps
+                self._take_weights(store, waiting=False)
             while not done and dec.free_slots() >= rl.group_size and self.version >= wait_for:
                 t = time.perf_counter()
                 r = ray.get(dispatcher.next.remote(self.key, self.version))
@@ -125,9 +137,7 @@ class RolloutWorker:
                         wait_for = r["wait"]
                         break  # keep decoding; ask again once the weights are new enough
                     while self.version < r["wait"]:  # nothing to do until then
-                        self.timer.wait(self._load, newer)
-                        newer = store.latest.remote(self.version, None)
-                        arrived = newer.future()
+                        self._take_weights(store, waiting=True)
                 else:
                     g, p = r["group"], r["prompt"]
                     groups[g] = {"step": r["step"], "prompt": p, "version": self.version, "done": []}
@@ -137,9 +147,7 @@ class RolloutWorker:
                 if done:
                     break
                 if self.version < wait_for:  # nothing to decode until newer weights come: wait for them
-                    self.timer.wait(self._load, newer)
-                    newer = store.latest.remote(self.version, None)
-                    arrived = newer.future()
+                    self._take_weights(store, waiting=True)
                 continue
             t = time.perf_counter()
             finished = dec.step()
@@ -162,14 +170,16 @@ class RolloutWorker:
             log(f"rollout worker {self.worker}: group {group} of step {grp['step']} came too late; dropped")
             return
         cs = grp["done"]
-        # the write and its report travel while decoding goes on (checked for errors later)
-        self.pending.append(tq.put(ids, {"prompt": [grp["prompt"]] * n, "response": [c.response for c in cs],
-                                         "behav_logp": [torch.tensor(c.logprobs, dtype=torch.float64) for c in cs],
-                                         "version": [grp["version"]] * n, "group": [group] * n,
-                                         "written_at": [time.time()] * n}, wait=False))
-        self.pending.append(dispatcher.written_group.remote(self.key, group))
+        # the write travels while decoding goes on; it is reported written only once it has
+        # landed (Ray resolves `landed` before the dispatcher runs the report), so a worker
+        # killed mid-write leaves its group to be handed out again
+        landed = tq.put(ids, {"prompt": [grp["prompt"]] * n, "response": [c.response for c in cs],
+                              "behav_logp": [torch.tensor(c.logprobs, dtype=torch.float64) for c in cs],
+                              "version": [grp["version"]] * n, "group": [group] * n,
+                              "written_at": [time.time()] * n}, wait=False)
+        self.pending.append(dispatcher.written_group.remote(self.key, group, landed))
         self.samples += n
-        if len(self.pending) > 64:
+        if len(self.pending) > 32:
             done, self.pending = ray.wait(self.pending, num_returns=len(self.pending), timeout=0)
             ray.get(done)  # raises if a write failed
 
