@@ -79,7 +79,6 @@ def run(cfg, out: Path, seeds: int, modes: list[str], last: int = 5) -> dict[str
             for name in order:
                 mode, k = MODES[name]
                 run_dir = runs_dir / f"{name}-seed{seed}"
-                (run_dir / "metrics.jsonl").unlink(missing_ok=True)
                 r = runner.run(cfg, run_dir, mode=mode, staleness=k, seed=seed,
                                sft_cache=runs_dir / f"warm-start-seed{seed}.pt")
                 rewards = [s["reward"] for s in r.steps[-last:] if s["reward"] is not None]

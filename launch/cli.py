@@ -85,17 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="repeats of the torchft side-by-side runs (default: --repeats; 0 leaves them out)")
     bf.add_argument("--torchft-faults", default="crash,hang", help="torchft faults to run: crash, hang")
 
+    from pliant.launch.rl import RL_CONFIG, add_rl_args
+
     br = bsub.add_parser("rl", help="sync vs async RL (k = 1, 2) at the same resources: throughput, idle, "
                                     "staleness, reward")
-    add_config_arg(br, "configs/rl-local.yaml")
+    add_config_arg(br, RL_CONFIG)
     br.add_argument("--out", default="rl.json")
     br.add_argument("--seeds", type=int, default=3)
     br.add_argument("--modes", default="sync,async_k1,async_k2")
     br.add_argument("--steps", type=int, default=None, help="override rl.steps")
 
     r = sub.add_parser("rl", help="RL post-training (GRPO) on Ray: sync, or async streaming with a staleness bound")
-    from pliant.launch.rl import RL_CONFIG, add_rl_args
-
     add_config_arg(r, RL_CONFIG)
     add_rl_args(r)
     r.add_argument("--run-dir", default="runs/rl", help="metrics, summary and the warm-start weights go here")

@@ -150,6 +150,7 @@ def run(cfg, run_dir: Path, mode: str | None = None, staleness: int | None = Non
     if sft_losses:
         log(f"warm start: {len(sft_losses)} supervised steps, loss {sft_losses[0]:.3f} -> {sft_losses[-1]:.3f}")
     held_out = CopyTask.from_spec(cfg.task, seed=EVAL_SEED).prompts(rl.eval_prompts)
+    scores: dict[str, float] = {}
 
     def evaluate(when: str) -> None:
         if held_out:
@@ -157,7 +158,6 @@ def run(cfg, run_dir: Path, mode: str | None = None, staleness: int | None = Non
                                                            EVAL_SEED))
             log(f"held-out reward {when} RL: {scores[when]:.3f} ({len(held_out)} prompts)")
 
-    scores: dict[str, float] = {}
     evaluate("before")
 
     def rollout(w: int, incarnation: int = 0):

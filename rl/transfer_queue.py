@@ -265,7 +265,7 @@ class Controller:
         def enough() -> bool:
             ready = sum(1 for m in self.index.samples.values() if self.index._ready(m, task, needed)
                         and (partition is None or m.partition == partition))
-            return ready >= min_n or (self.closed and ready > 0) or self.closed
+            return ready >= min_n or self.closed
 
         if not await self._wait(enough, timeout):
             return []
