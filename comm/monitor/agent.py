@@ -4,7 +4,8 @@ that is frozen or holds the GIL sends nothing, and silence is the signal.
 
 The socket is a DEALER: the master acknowledges each summary with its own clock, which
 gives the offset between this rank's monotonic clock and the master's (NTP style, the
-sample with the shortest round trip wins). With no acknowledgement for
+sample with the shortest round trip of the last 64 wins; acknowledgements are read the
+moment they arrive, so the round trip is the network's, not the report interval's). With no acknowledgement for
 `master_timeout_s` the agent warns once that the master is gone and training goes on
 unmonitored: losing the monitor never stops or hangs the job.
 
@@ -17,12 +18,12 @@ from __future__ import annotations
 
 import atexit
 import os
-import select
 import signal
 import socket
 import sys
 import threading
 import time
+from collections import deque
 from typing import Any
 
 import zmq
@@ -48,7 +49,7 @@ class Agent:
         self.slot, self.attempt = slot, attempt
         self.host, self.pid = socket.gethostname(), os.getpid()
         self.offset = 0.0  # master clock - my clock
-        self._best_rtt = float("inf")
+        self._clock: deque[tuple[float, float]] = deque(maxlen=64)  # (round trip, offset) samples
         self._sent_at: dict[int, float] = {}
         self._msg = 0
         self._since = float("-inf")
@@ -72,7 +73,11 @@ class Agent:
             wake_w.setblocking(False)
             self._wake_w = wake_w  # keep it open
             signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-            def on_term(signum, frame):  # the main thread got to run: same as the agent's path
+            def on_term(signum, frame):
+                # the agent thread, woken by the same signal, says goodbye and exits the process;
+                # it owns the socket. Only if it is gone does the main thread do it.
+                if self._thread.is_alive():
+                    self._thread.join(timeout=2.0)
                 self._terminated()
 
             signal.signal(signal.SIGTERM, on_term)
@@ -90,13 +95,22 @@ class Agent:
             os._exit(128 + signal.SIGTERM)
 
     def _sleep(self, seconds: float) -> None:
-        """Wait for the next report, or for SIGTERM."""
-        if self._wake_r is None:
-            self._stop.wait(seconds)
-            return
-        ready, _, _ = select.select([self._wake_r], [], [], seconds)
-        if ready and signal.SIGTERM in self._wake_r.recv(64):
-            self._terminated()
+        """Wait for the next report, taking acknowledgements the moment they arrive (their round
+        trip sets the clock offset, so a late read would skew it), or for SIGTERM."""
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        if self._wake_r is not None:
+            poller.register(self._wake_r, zmq.POLLIN)
+        deadline = time.monotonic() + seconds
+        while not self._stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            ready = dict(poller.poll(timeout=min(left, 0.05) * 1000))
+            if self._sock in ready:
+                self._drain_acks()
+            if self._wake_r is not None and self._wake_r in ready and signal.SIGTERM in self._wake_r.recv(64):
+                self._terminated()
 
     # ----- messages -----
     def _send(self, body: dict[str, Any]) -> None:
@@ -125,7 +139,8 @@ class Agent:
     def _drain_acks(self) -> None:
         while True:
             try:
-                ack = self._sock.recv_json(flags=zmq.NOBLOCK)
+                with self._lock:
+                    ack = self._sock.recv_json(flags=zmq.NOBLOCK)
             except zmq.Again:
                 return
             now = time.monotonic()
@@ -135,9 +150,9 @@ class Agent:
                 self.master_lost = False
                 print(f"pliant: rank {self.rank}: fault monitor master at {self.addr} is back", file=sys.stderr,
                       flush=True)
-            if sent is not None and now - sent < self._best_rtt:
-                self._best_rtt = now - sent
-                self.offset = ack["t"] - (sent + now) / 2
+            if sent is not None:  # the shortest round trip of the recent ones: tracks drift, skips delays
+                self._clock.append((now - sent, ack["t"] - (sent + now) / 2))
+                self.offset = min(self._clock)[1]
 
     def _run(self) -> None:
         while True:
@@ -145,7 +160,6 @@ class Agent:
             if self._stop.is_set():
                 return
             self._send(self.summary())
-            self._drain_acks()
             if not self.master_lost and time.monotonic() - self._last_ack > self.spec.master_timeout_s:
                 self.master_lost = True
                 print(f"pliant: rank {self.rank}: no answer from the fault monitor master at {self.addr} for "
