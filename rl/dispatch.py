@@ -22,7 +22,7 @@ import ray
 from .task import CopyTask, Prompt
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, enable_task_events=False)
 class Dispatcher:
     def __init__(self, task: CopyTask, prompts_per_step: int, steps: int, staleness: int):
         self.task, self.per_step, self.steps, self.k = task, prompts_per_step, steps, staleness
@@ -72,7 +72,7 @@ class Dispatcher:
                 "held": {w: sorted(h) for w, h in self.held.items()}, "again": list(self.again)}
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, enable_task_events=False)
 class WeightStore:
     def __init__(self):
         self.version = -1

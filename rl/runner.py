@@ -164,9 +164,9 @@ def run(cfg, run_dir: Path, mode: str | None = None, staleness: int | None = Non
         return RolloutWorker.options(num_cpus=res.rollout.num_cpus, num_gpus=res.rollout.num_gpus).remote(
             w, cfg.model, rl, task.max_prompt(), task.max_response(), res.rollout.threads, seed, incarnation)
 
-    reward = RewardWorker.options(num_cpus=res.reward.num_cpus).remote(rl.reward_fn, res.reward.threads)
+    reward = RewardWorker.options(num_cpus=res.reward.num_cpus).remote(rl, res.reward.threads)
     reference = ReferenceWorker.options(num_cpus=res.reference.num_cpus, num_gpus=res.reference.num_gpus).remote(
-        cfg.model, res.reference.threads, seed, rl.temperature)
+        cfg.model, rl, res.reference.threads, seed)
     workers = {w: rollout(w) for w in range(res.rollout_workers)}
     ray.get([a.__ray_ready__.remote() for a in [reward, reference, *workers.values()]])  # started: the clock begins
     train_ref = trainer.run.remote(tq, store, mode == "sync")

@@ -50,6 +50,11 @@ class RLSpec(_Strict):
     group_size: PositiveInt = 4  # responses per prompt (GRPO group)
     micro_batch_groups: PositiveInt = 2  # groups the trainer takes from the queue at a time
     rollout_slots: PositiveInt = 16  # sequences a rollout worker decodes together
+    # the reference and reward workers take up to score_batch_groups groups per queue call,
+    # waiting up to score_linger_s for them once one is ready (fewer calls per sample: each
+    # costs about a millisecond of CPU on each side; 0: take what is ready)
+    score_batch_groups: PositiveInt = 4
+    score_linger_s: NonNegativeFloat = 0.1
     temperature: PositiveFloat = 1.0
     lr: PositiveFloat = 1e-3
     weight_decay: NonNegativeFloat = 0.0

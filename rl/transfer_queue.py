@@ -256,19 +256,21 @@ class Controller:
         return gone
 
     async def claim(self, task: str, fields: list[str], min_n: int, max_n: int, timeout: float | None = None,
-                    whole_groups: bool = False, partition: int | None = None) -> list[int]:
-        """Wait until min_n samples are ready for `task` (or the queue is closed), then claim
-        up to max_n of them; [] when the timeout passes with fewer than min_n ready (a sync
-        consumer asking for the whole batch never gets part of it)."""
+                    whole_groups: bool = False, partition: int | None = None, linger_s: float = 0.0) -> list[int]:
+        """Wait until min_n samples are ready for `task` (or the queue is closed), then (up to
+        `linger_s` more) for max_n, and claim up to max_n of them; [] when the timeout passes
+        with fewer than min_n ready (a sync consumer asking for the whole batch never gets part
+        of it)."""
         needed = set(fields)
 
-        def enough() -> bool:
-            ready = sum(1 for m in self.index.samples.values() if self.index._ready(m, task, needed)
-                        and (partition is None or m.partition == partition))
-            return ready >= min_n or self.closed
+        def ready() -> int:
+            return sum(1 for m in self.index.samples.values() if self.index._ready(m, task, needed)
+                       and (partition is None or m.partition == partition))
 
-        if not await self._wait(enough, timeout):
+        if not await self._wait(lambda: self.closed or ready() >= min_n, timeout):
             return []
+        if linger_s > 0 and not self.closed and ready() < max_n:  # batch up: fewer, larger calls
+            await self._wait(lambda: self.closed or ready() >= max_n, linger_s)
         return self.index.claim(task, fields, max_n, whole_groups, partition)
 
     async def done_reading(self, ids: list[int]) -> None:
@@ -343,9 +345,12 @@ class TransferQueue:
         return done
 
     def get(self, task: str, fields: list[str], min_n: int = 1, max_n: int | None = None,
-            timeout: float | None = None, whole_groups: bool = False, partition: int | None = None) -> Batch:
+            timeout: float | None = None, whole_groups: bool = False, partition: int | None = None,
+            linger_s: float = 0.0) -> Batch:
+        """`linger_s`: once min_n are ready, wait up to this long for max_n (fewer calls per
+        sample for a consumer that keeps up, at that much added latency)."""
         ids = ray.get(self.controller.claim.remote(task, list(fields), min_n, max_n or min_n, timeout, whole_groups,
-                                                   partition))
+                                                   partition, linger_s))
         if not ids:
             return Batch([], {f: [] for f in fields})
         units = shard(ids, len(self.units))

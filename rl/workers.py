@@ -6,6 +6,9 @@ Sample fields in the queue:
     written_at
     reward                                           written by reward (None: skipped, logged)
     ref_logp                                         written by reference
+
+Log-probs travel as lists of float (exact float64 values): a list pickles in microseconds, a
+torch tensor in a hundred, and every field is pickled at each hop through a storage unit.
 """
 from __future__ import annotations
 
@@ -67,11 +70,11 @@ class _Timed:
         return {"wall_s": wall, "idle_s": self.idle, "idle_fraction": self.idle / wall if wall else 0.0}
 
 
-def consume(tq: TransferQueue, task: str, fields: list[str], max_n: int, timer: _Timed):
+def consume(tq: TransferQueue, task: str, fields: list[str], max_n: int, timer: _Timed, linger_s: float = 0.0):
     """Batches of up to max_n samples for `task` as they become ready, until the queue is
     closed and nothing is left (waiting counts as idle)."""
     while True:
-        batch = timer.wait(tq.get, task, fields, 1, max_n, 0.5)
+        batch = timer.wait(tq.get, task, fields, 1, max_n, 0.5, linger_s=linger_s)
         if batch.ids:
             yield batch
         elif tq.is_closed():
@@ -174,7 +177,7 @@ class RolloutWorker:
         # landed (Ray resolves `landed` before the dispatcher runs the report), so a worker
         # killed mid-write leaves its group to be handed out again
         landed = tq.put(ids, {"prompt": [grp["prompt"]] * n, "response": [c.response for c in cs],
-                              "behav_logp": [torch.tensor(c.logprobs, dtype=torch.float64) for c in cs],
+                              "behav_logp": [list(c.logprobs) for c in cs],
                               "version": [grp["version"]] * n, "group": [group] * n,
                               "written_at": [time.time()] * n}, wait=False)
         self.pending.append(dispatcher.written_group.remote(self.key, group, landed))
@@ -186,9 +189,10 @@ class RolloutWorker:
 
 @ray.remote
 class RewardWorker:
-    def __init__(self, reward_fn: str, threads: int):
+    def __init__(self, rl: RLSpec, threads: int):
         torch.set_num_threads(threads)
-        self.fn = load_reward_fn(reward_fn)
+        self.fn = load_reward_fn(rl.reward_fn)
+        self.batch, self.linger_s = rl.score_batch_groups * rl.group_size, rl.score_linger_s
         self.skipped: list[dict] = []
 
     def score(self, prompt: Prompt, response: list[int]) -> float | None:
@@ -202,7 +206,7 @@ class RewardWorker:
 
     def run(self, tq: TransferQueue) -> dict[str, Any]:
         timer, n = _Timed(), 0
-        for batch in consume(tq, "reward", ["prompt", "response"], 256, timer):
+        for batch in consume(tq, "reward", ["prompt", "response"], self.batch, timer, self.linger_s):
             tq.put(batch.ids, {"reward": [self.score(p, r) for p, r in zip(batch.data["prompt"],
                                                                             batch.data["response"])]})
             n += len(batch)
@@ -213,16 +217,17 @@ class RewardWorker:
 class ReferenceWorker:
     """Log-probs of the frozen initial policy (the warm-started one), for the KL term."""
 
-    def __init__(self, model_spec, threads: int, seed: int, temperature: float = 1.0):
+    def __init__(self, model_spec, rl: RLSpec, threads: int, seed: int):
         torch.set_num_threads(threads)
         self.model = build_model(model_spec, seed).eval()
-        self.temperature = temperature
+        self.temperature = rl.temperature
+        self.batch, self.linger_s = rl.score_batch_groups * rl.group_size, rl.score_linger_s
 
     def run(self, tq: TransferQueue, store) -> dict[str, Any]:
         timer, n = _Timed(), 0
         _, wrapped = timer.wait(ray.get, store.latest.remote(-1, None))  # version 0: the initial policy
         self.model.load_state_dict(ray.get(wrapped[0]))
-        for batch in consume(tq, "reference", ["prompt", "response"], 64, timer):
+        for batch in consume(tq, "reference", ["prompt", "response"], self.batch, timer, self.linger_s):
             prompts, responses = batch.data["prompt"], batch.data["response"]
             out: list = [None] * len(batch)
             keep = [i for i, r in enumerate(responses) if r]
@@ -231,7 +236,7 @@ class ReferenceWorker:
                     lps = response_logprobs(self.model, [prompts[i].tokens for i in keep], [responses[i] for i in keep],
                                             self.temperature)
                 for i, lp in zip(keep, lps):
-                    out[i] = lp.to(torch.float64)
+                    out[i] = lp.tolist()
             tq.put(batch.ids, {"ref_logp": out})
             n += len(batch)
         return {"scored": n, **timer.report()}
@@ -373,7 +378,9 @@ class Trainer:
                                 self.rl.temperature)  # the sampling distribution's log-probs
         lps = [lp.to(torch.float64) for lp in lps]
         versions = [d["version"][i] for i in ok]
-        loss, stats = policy_loss(lps, [d["behav_logp"][i] for i in ok], [d["ref_logp"][i] for i in ok], adv,
+        f64 = torch.float64
+        loss, stats = policy_loss(lps, [torch.tensor(d["behav_logp"][i], dtype=f64) for i in ok],
+                                  [torch.tensor(d["ref_logp"][i], dtype=f64) for i in ok], adv,
                                   versions, step, per_step, self.rl.clip_eps, self.rl.kl_coef, self.rl.is_cap)
         loss.backward()
         return {"rewards": rewards.tolist(), "staleness": [step - v for v in versions],

@@ -105,7 +105,6 @@ def test_samples_with_empty_responses_are_logged_and_skipped_without_a_stall(ray
     """Two groups of step 0 written straight into the queue: one with an empty response
     (trained on its other three samples), one with three (too few left for an advantage:
     skipped whole); the step still completes."""
-    import torch
 
     from pliant.rl.dispatch import WeightStore
     from pliant.rl.task import CopyTask
@@ -122,7 +121,7 @@ def test_samples_with_empty_responses_are_logged_and_skipped_without_a_stall(ray
         p = prompts[g]
         ids = tq.allocate(4, partition=0, group_size=4)
         responses = [[] if j in empty else (p.answer if j % 2 else [3, 12]) for j in range(4)]
-        logp = [torch.full((len(r),), -1.0, dtype=torch.float64) for r in responses]
+        logp = [[-1.0] * len(r) for r in responses]
         tq.put(ids, {"prompt": [p] * 4, "response": responses, "behav_logp": logp, "version": [0] * 4,
                      "group": [g] * 4, "written_at": [0.0] * 4, "reward": [float(r == p.answer) for r in responses],
                      "ref_logp": [None if not r else lp for r, lp in zip(responses, logp)]})

@@ -184,3 +184,24 @@ def test_clear_partition_drops_the_data(ray_cluster):
     assert tq.clear_partition(7) == 4
     assert sum(ray.get([u.size.remote() for u in tq.units])) == 0
     assert tq.stats()["held"] == 0
+
+
+def test_linger_batches_up_to_max_n_without_waiting_longer(ray_cluster):
+    tq = TransferQueue.create(capacity=8, tasks=["reward"])
+    ids = tq.allocate(4, group_size=1)
+    tq.put(ids[:1], {"x": [0]})
+    assert tq.get("reward", ["x"], min_n=1, max_n=4, timeout=5).ids == ids[:1]  # no linger: what is ready
+    tq.put(ids[1:2], {"x": [1]})
+    later = threading.Timer(0.3, lambda: tq.put(ids[2:], {"x": [2, 3]}))
+    later.start()
+    t = time.monotonic()
+    batch = tq.get("reward", ["x"], min_n=1, max_n=3, timeout=5, linger_s=5.0)
+    waited = time.monotonic() - t
+    later.join()
+    assert batch.ids == ids[1:4]  # the late ones joined the batch
+    assert 0.2 < waited < 4.0, f"waited {waited:.2f} s: it must return once max_n are ready, not at the linger"
+    ids = tq.allocate(2, group_size=1)
+    tq.put(ids[:1], {"x": [4]})
+    t = time.monotonic()
+    assert tq.get("reward", ["x"], min_n=1, max_n=2, timeout=5, linger_s=0.3).ids == ids[:1]  # linger ran out
+    assert time.monotonic() - t >= 0.3
