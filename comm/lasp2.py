@@ -20,8 +20,8 @@ import torch
 
 from .collectives import all_gather
 from .groups import SPGroup
-from .linear_local import (acc_dtype, chunk_decay, chunk_forward, load_linear, pack_outputs, pack_states,
-                           prepare_linear, recompute_local, save_linear, split_pack)
+from .linear_local import (acc_dtype, chunk_decay, chunk_forward, dense_fits, dense_pack, load_linear, pack_outputs,
+                           pack_states, prepare_linear, recompute_local, save_linear, split_pack)
 from .pack import PackLayout
 
 
@@ -96,4 +96,6 @@ def lasp2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: P
     learned), or None for no decay. Returns [local_tokens, heads, dv].
     """
     rates = prepare_linear("lasp2_attention", q, k, v, layout, group, decay_rates, cu_seqlens)
+    if dense_fits(layout, group, q):  # one rank, a short pack: no states to pass
+        return dense_pack(q, k, v, layout.lengths, rates)
     return _Lasp2.apply(q, k, v, rates, layout, group, block)

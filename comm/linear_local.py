@@ -108,6 +108,35 @@ def check_inputs(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rat
 
 
 
+# ----- one rank holding whole sequences: a short pack in one masked product -----
+
+DENSE_MAX_ELEMENTS = 1 << 22  # tokens^2 x heads of the score tensor (16 MiB in float32)
+
+
+def dense_pack(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: tuple[int, ...],
+               rates: torch.Tensor | None) -> torch.Tensor:
+    """Every sequence of a pack attending to itself, as one [T, T, H] product masked to each
+    sequence's causal block (the quadratic form of the same sum, differentiated by autograd).
+    For a rank that holds whole sequences (no SP) and a pack short enough that T^2 H fits
+    DENSE_MAX_ELEMENTS: one fused product instead of a few small ops per sequence, which is
+    what many short sequences (RL responses, decoding prompts) are made of."""
+    T, H, _ = q.shape
+    dtype = acc_dtype(q.dtype)
+    dev = q.device
+    idx = torch.arange(T, device=dev)
+    seq = torch.repeat_interleave(torch.arange(len(lengths), device=dev), torch.tensor(lengths, device=dev))
+    rel = idx[:, None] - idx[None, :]  # positions within a sequence are contiguous in the pack
+    keep = (rel >= 0) & (seq[:, None] == seq[None, :])
+    decay = _powers(rates, rel.clamp(min=0), H, dtype) * keep.unsqueeze(-1).to(dtype)
+    scores = torch.einsum("thd,shd->tsh", q.to(dtype), k.to(dtype)) * decay
+    return torch.einsum("tsh,she->the", scores, v.to(dtype)).to(q.dtype)
+
+
+def dense_fits(layout, group, q: torch.Tensor) -> bool:
+    """A single-rank group and a pack short enough for dense_pack."""
+    return group.size == 1 and q.shape[0] ** 2 * q.shape[1] <= DENSE_MAX_ELEMENTS
+
+
 # ----- a rank's chunks of a whole pack (shared by LASP-2 and the ring) -----
 
 def split_pack(x: torch.Tensor, cu: list[int]) -> list[torch.Tensor]:

@@ -10,8 +10,8 @@ import torch
 
 from .collectives import recv, send
 from .groups import SPGroup
-from .linear_local import (acc_dtype, chunk_decay, chunk_forward, load_linear, pack_outputs, pack_states,
-                           prepare_linear, recompute_local, save_linear, split_pack)
+from .linear_local import (acc_dtype, chunk_decay, chunk_forward, dense_fits, dense_pack, load_linear, pack_outputs,
+                           pack_states, prepare_linear, recompute_local, save_linear, split_pack)
 from .pack import PackLayout
 
 
@@ -58,4 +58,6 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Pa
                    block: int = 256) -> torch.Tensor:
     """Causal linear attention over an SP group with the LASP-1 ring; same contract as lasp2_attention."""
     rates = prepare_linear("ring_attention", q, k, v, layout, group, decay_rates, cu_seqlens)
+    if dense_fits(layout, group, q):  # one rank, a short pack: no states to pass
+        return dense_pack(q, k, v, layout.lengths, rates)
     return _Ring.apply(q, k, v, rates, layout, group, block)

@@ -4,10 +4,12 @@ keys and values of the softmax layers, and the recurrent state S of the linear l
 
 The model is not changed for generation (it knows nothing of decoding, as it knows nothing
 of parallelism): `Decoder` walks its modules one token per sequence per step. Sequences sit
-in slots and step together; a slot that has not consumed its whole prompt is fed its next
-prompt token (prefill runs in the same steps as decoding), and a finished slot is refilled
-with a new prompt at once (continuous batching), so a long response does not hold up the
-slots of short ones.
+in slots and step together; a finished slot is refilled with a new prompt at once
+(continuous batching), so a long response does not hold up the slots of short ones. The
+prompts of newly filled slots are prefilled together in one packed forward of the model's
+own layers (all but their last token, which the next step feeds), which fills their
+caches: the softmax layers' keys and values, and each linear layer's state, the chunk state
+sum_i lambda^(L-1-i) k_i^T v_i of the prompt.
 """
 from __future__ import annotations
 
@@ -17,8 +19,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from pliant.comm.linear_local import acc_dtype
-from pliant.runtime.model import LM, LinearAttention, SoftmaxAttention, rotary
+from pliant.comm.groups import SPGroup
+from pliant.comm.linear_local import acc_dtype, pack_states, split_pack
+from pliant.runtime.model import LM, LinearAttention, SeqContext, SoftmaxAttention, rotary
+
+SOLO = SPGroup(0, 1, 0, None)
 
 
 @dataclass
@@ -95,6 +100,9 @@ class Decoder:
     @torch.no_grad()
     def step(self) -> list[Completion]:
         """Every active slot consumes one token; returns the completions that ended."""
+        fresh = [i for i, s in enumerate(self.slots) if s is not None and s.fed == 0 and len(s.request.prompt) > 1]
+        if fresh:
+            self.prefill(fresh)
         live = [i for i, s in enumerate(self.slots) if s is not None]
         if not live:
             return []
@@ -106,8 +114,7 @@ class Decoder:
             pos.append(s.fed)
         idx = torch.tensor(live, device=self.device)
         logits = self.forward_step(torch.tensor(tokens, device=self.device), torch.tensor(pos, device=self.device), idx)
-        logp = torch.log_softmax(logits.to(self.acc) / self.temperature, dim=-1)
-        done = []
+        done, rows = [], []
         for row, i in enumerate(live):
             s = self.slots[i]
             s.fed += 1
@@ -116,13 +123,54 @@ class Decoder:
             if s.request.max_new_tokens == 0:
                 done.append(self._finish(i, stopped=False))
                 continue
-            tok = int(torch.multinomial(logp[row].exp(), 1, generator=self.gen))
+            rows.append(row)
+        if not rows:
+            return done
+        logp = torch.log_softmax(logits[rows].to(self.acc) / self.temperature, dim=-1)
+        picked = torch.multinomial(logp.exp(), 1, generator=self.gen)  # one draw per row, together
+        toks, lps = picked.squeeze(1).tolist(), logp.gather(1, picked).squeeze(1).tolist()
+        for row, tok, lp in zip(rows, toks, lps):
+            i = live[row]
+            s = self.slots[i]
             s.response.append(tok)
-            s.logprobs.append(float(logp[row, tok]))
+            s.logprobs.append(lp)
             s.next_token = tok
             if tok == self.stop or len(s.response) >= s.request.max_new_tokens:
                 done.append(self._finish(i, stopped=tok == self.stop))
         return done
+
+    @torch.no_grad()
+    def prefill(self, slots: list[int]) -> None:
+        """Feed the prompts of `slots` (freshly added) but their last token, in one packed
+        forward through the model's own layers, filling the caches as step-by-step feeding would."""
+        m = self.model
+        prompts = [self.slots[i].request.prompt[:-1] for i in slots]
+        lengths = [len(p) for p in prompts]
+        ctx = SeqContext.build(SOLO, lengths, self.device)
+        x = m.embed(torch.tensor([t for p in prompts for t in p], device=self.device))
+        cu = [0]
+        for n in lengths:
+            cu.append(cu[-1] + n)
+        for block, cache in zip(m.blocks, self._caches):
+            h = block.attn_norm(x)
+            a = block.attn
+            if isinstance(a, SoftmaxAttention):
+                T = h.shape[0]
+                k = rotary(a.k(h).view(T, a.kv_heads, a.head_dim), ctx.positions)
+                v = a.v(h).view(T, a.kv_heads, a.head_dim)
+                for j, i in enumerate(slots):
+                    cache["k"][i, :lengths[j]] = k[cu[j]:cu[j + 1]]
+                    cache["v"][i, :lengths[j]] = v[cu[j]:cu[j + 1]]
+            else:
+                T = h.shape[0]
+                k = F.silu(a.k(h)).view(T, a.heads, a.head_dim).to(self.acc)
+                v = a.v(h).view(T, a.heads, a.head_dim).to(self.acc)
+                cache["S"][torch.tensor(slots, device=self.device)] = pack_states(
+                    split_pack(k, cu), split_pack(v, cu), a.decay_rates)
+            x = x + a(h, ctx)  # the layer's own forward on the pack
+            x = x + block.mlp(block.mlp_norm(x))
+        for i, n in zip(slots, lengths):
+            self.slots[i].fed = n
 
     def _finish(self, i: int, stopped: bool) -> Completion:
         s = self.slots[i]

@@ -78,3 +78,25 @@ def test_bad_requests_are_refused_with_the_limit():
         dec.add(Request([1, 2, 3], 6))
     with pytest.raises(ValueError, match="temperature"):
         Decoder(model, 1, 8, 0, temperature=0.0)
+
+
+@pytest.mark.parametrize("kw", list(SPECS.values()), ids=list(SPECS))
+def test_prefill_fills_the_caches_as_token_by_token_feeding(kw):
+    """Prompts prefilled together in one packed forward, into slots that held longer
+    sequences before: the next token's logits equal the full forward's."""
+    model = model_for(kw)
+    g = torch.Generator().manual_seed(4)
+    dec = Decoder(model, slots=3, max_len=16, stop_token=0)
+    for n in (9, 12, 5):  # dirty every slot's cache first
+        dec.add(Request(torch.randint(1, 50, (n,), generator=g).tolist(), 3))
+    while dec.active():
+        dec.step()
+    prompts = [torch.randint(1, 50, (n,), generator=g).tolist() for n in (6, 2, 11)]
+    for p in prompts:
+        dec.add(Request(p, 3))
+    dec.prefill([0, 1, 2])
+    assert [s.fed for s in dec.slots] == [5, 1, 10]
+    logits = dec.forward_step(torch.tensor([p[-1] for p in prompts]), torch.tensor([len(p) - 1 for p in prompts]),
+                              torch.tensor([0, 1, 2]))
+    for row, p in enumerate(prompts):
+        torch.testing.assert_close(logits[row], full_logits(model, p)[-1], rtol=1e-10, atol=1e-10)
