@@ -71,7 +71,9 @@ def test_sync_mode_is_on_policy(ray_cluster, sft, tmp_path):
 
 
 def test_a_killed_rollout_worker_is_restarted_and_nothing_is_lost_or_trained_twice(ray_cluster, sft, tmp_path):
-    cfg = config(rl={"steps": 6})
+    # enough steps after the kill that the worker is still mid-run when the driver (polling
+    # every 0.5 s) gets to it: at k=1 it is at most one step ahead of the trainer
+    cfg = config(rl={"steps": 12})
     r = runner.run(cfg, tmp_path, mode="async", staleness=1, sft_cache=sft, kill_rollout_at_step=2)
     assert r.restarts == 1
     every_group_trained_once(r, cfg)
