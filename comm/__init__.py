@@ -10,7 +10,7 @@ group (`GroupRegistry.get`), and are differentiable:
 """
 from .collectives import CollectiveMismatchError, set_metadata_check
 from .counters import COUNTERS, CommCounters
-from .groups import GroupRegistry, NotInGroupError, SPGroup, UnknownGroupError, contiguous_layouts
+from .groups import SOLO, GroupRegistry, NotInGroupError, SPGroup, UnknownGroupError, contiguous_layouts
 from .lasp2 import lasp2_attention
 from .lasp2h import lasp2h_attention
 from .ring import ring_attention
@@ -20,6 +20,6 @@ from .pack import PackLayout, PackLayoutError
 
 __all__ = [
     "COUNTERS", "CollectiveMismatchError", "CommCounters", "GroupRegistry", "NotInGroupError", "PackLayout",
-    "PackLayoutError", "SPGroup", "UnknownGroupError", "contiguous_layouts", "default_decay_rates",
+    "PackLayoutError", "SOLO", "SPGroup", "UnknownGroupError", "contiguous_layouts", "default_decay_rates",
     "lasp2_attention", "lasp2h_attention", "ring_attention", "set_metadata_check", "ulysses_attention",
 ]

@@ -49,6 +49,9 @@ class SPGroup:
         return self.start + index
 
 
+SOLO = SPGroup(0, 1, 0, None)  # a rank on its own: whole sequences, no communication
+
+
 def contiguous_layouts(world: int, per_node: int | None = None, sizes: Iterable[int] | None = None
                        ) -> list[tuple[int, int]]:
     """Every (start, size) a plan may name: groups up to a node inside one node, larger

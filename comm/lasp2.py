@@ -96,6 +96,6 @@ def lasp2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: P
     learned), or None for no decay. Returns [local_tokens, heads, dv].
     """
     rates = prepare_linear("lasp2_attention", q, k, v, layout, group, decay_rates, cu_seqlens)
-    if dense_fits(layout, group, q):  # one rank, a short pack: no states to pass
+    if dense_fits(group, q):  # one rank, a short pack: no states to pass
         return dense_pack(q, k, v, layout.lengths, rates)
     return _Lasp2.apply(q, k, v, rates, layout, group, block)

@@ -132,7 +132,7 @@ def dense_pack(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: tuple
     return torch.einsum("tsh,she->the", scores, v.to(dtype)).to(q.dtype)
 
 
-def dense_fits(layout, group, q: torch.Tensor) -> bool:
+def dense_fits(group, q: torch.Tensor) -> bool:
     """A single-rank group and a pack short enough for dense_pack."""
     return group.size == 1 and q.shape[0] ** 2 * q.shape[1] <= DENSE_MAX_ELEMENTS
 

@@ -58,6 +58,6 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Pa
                    block: int = 256) -> torch.Tensor:
     """Causal linear attention over an SP group with the LASP-1 ring; same contract as lasp2_attention."""
     rates = prepare_linear("ring_attention", q, k, v, layout, group, decay_rates, cu_seqlens)
-    if dense_fits(layout, group, q):  # one rank, a short pack: no states to pass
+    if dense_fits(group, q):  # one rank, a short pack: no states to pass
         return dense_pack(q, k, v, layout.lengths, rates)
     return _Ring.apply(q, k, v, rates, layout, group, block)

@@ -24,10 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from pliant.comm import SPGroup
+from pliant.comm import SOLO
 from pliant.runtime.model import LM, SeqContext
 
-SOLO = SPGroup(0, 1, 0, None)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:

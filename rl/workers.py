@@ -70,11 +70,13 @@ class _Timed:
         return {"wall_s": wall, "idle_s": self.idle, "idle_fraction": self.idle / wall if wall else 0.0}
 
 
-def consume(tq: TransferQueue, task: str, fields: list[str], max_n: int, timer: _Timed, linger_s: float = 0.0):
-    """Batches of up to max_n samples for `task` as they become ready, until the queue is
-    closed and nothing is left (waiting counts as idle)."""
+def consume(tq: TransferQueue, task: str, fields: list[str], rl: RLSpec, timer: _Timed):
+    """Batches of up to rl.score_batch_groups groups' samples for `task` as they become ready
+    (lingering up to rl.score_linger_s for a full one), until the queue is closed and nothing
+    is left (waiting counts as idle)."""
     while True:
-        batch = timer.wait(tq.get, task, fields, 1, max_n, 0.5, linger_s=linger_s)
+        batch = timer.wait(tq.get, task, fields, 1, rl.score_batch_groups * rl.group_size, 0.5,
+                           linger_s=rl.score_linger_s)
         if batch.ids:
             yield batch
         elif tq.is_closed():
@@ -191,8 +193,7 @@ class RolloutWorker:
 class RewardWorker:
     def __init__(self, rl: RLSpec, threads: int):
         torch.set_num_threads(threads)
-        self.fn = load_reward_fn(rl.reward_fn)
-        self.batch, self.linger_s = rl.score_batch_groups * rl.group_size, rl.score_linger_s
+        self.rl, self.fn = rl, load_reward_fn(rl.reward_fn)
         self.skipped: list[dict] = []
 
     def score(self, prompt: Prompt, response: list[int]) -> float | None:
@@ -206,7 +207,7 @@ class RewardWorker:
 
     def run(self, tq: TransferQueue) -> dict[str, Any]:
         timer, n = _Timed(), 0
-        for batch in consume(tq, "reward", ["prompt", "response"], self.batch, timer, self.linger_s):
+        for batch in consume(tq, "reward", ["prompt", "response"], self.rl, timer):
             tq.put(batch.ids, {"reward": [self.score(p, r) for p, r in zip(batch.data["prompt"],
                                                                             batch.data["response"])]})
             n += len(batch)
@@ -220,21 +221,20 @@ class ReferenceWorker:
     def __init__(self, model_spec, rl: RLSpec, threads: int, seed: int):
         torch.set_num_threads(threads)
         self.model = build_model(model_spec, seed).eval()
-        self.temperature = rl.temperature
-        self.batch, self.linger_s = rl.score_batch_groups * rl.group_size, rl.score_linger_s
+        self.rl = rl
 
     def run(self, tq: TransferQueue, store) -> dict[str, Any]:
         timer, n = _Timed(), 0
         _, wrapped = timer.wait(ray.get, store.latest.remote(-1, None))  # version 0: the initial policy
         self.model.load_state_dict(ray.get(wrapped[0]))
-        for batch in consume(tq, "reference", ["prompt", "response"], self.batch, timer, self.linger_s):
+        for batch in consume(tq, "reference", ["prompt", "response"], self.rl, timer):
             prompts, responses = batch.data["prompt"], batch.data["response"]
             out: list = [None] * len(batch)
             keep = [i for i, r in enumerate(responses) if r]
             if keep:
                 with torch.no_grad():
                     lps = response_logprobs(self.model, [prompts[i].tokens for i in keep], [responses[i] for i in keep],
-                                            self.temperature)
+                                            self.rl.temperature)
                 for i, lp in zip(keep, lps):
                     out[i] = lp.tolist()
             tq.put(batch.ids, {"ref_logp": out})

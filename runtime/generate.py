@@ -19,11 +19,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from pliant.comm.groups import SPGroup
+from pliant.comm.groups import SOLO
 from pliant.comm.linear_local import acc_dtype, pack_states, split_pack
 from pliant.runtime.model import LM, LinearAttention, SeqContext, SoftmaxAttention, rotary
-
-SOLO = SPGroup(0, 1, 0, None)
 
 
 @dataclass
@@ -117,9 +115,7 @@ class Decoder:
         done, rows = [], []
         for row, i in enumerate(live):
             s = self.slots[i]
-            s.fed += 1
-            if s.fed < len(s.request.prompt):
-                continue  # still reading the prompt
+            s.fed += 1  # prefill left every slot at its prompt's last token: this step samples
             if s.request.max_new_tokens == 0:
                 done.append(self._finish(i, stopped=False))
                 continue
@@ -148,21 +144,18 @@ class Decoder:
         lengths = [len(p) for p in prompts]
         ctx = SeqContext.build(SOLO, lengths, self.device)
         x = m.embed(torch.tensor([t for p in prompts for t in p], device=self.device))
-        cu = [0]
-        for n in lengths:
-            cu.append(cu[-1] + n)
+        cu = ctx.layout.cu_seqlens().tolist()
+        T = x.shape[0]
         for block, cache in zip(m.blocks, self._caches):
             h = block.attn_norm(x)
             a = block.attn
             if isinstance(a, SoftmaxAttention):
-                T = h.shape[0]
                 k = rotary(a.k(h).view(T, a.kv_heads, a.head_dim), ctx.positions)
                 v = a.v(h).view(T, a.kv_heads, a.head_dim)
                 for j, i in enumerate(slots):
                     cache["k"][i, :lengths[j]] = k[cu[j]:cu[j + 1]]
                     cache["v"][i, :lengths[j]] = v[cu[j]:cu[j + 1]]
             else:
-                T = h.shape[0]
                 k = F.silu(a.k(h)).view(T, a.heads, a.head_dim).to(self.acc)
                 v = a.v(h).view(T, a.heads, a.head_dim).to(self.acc)
                 cache["S"][torch.tensor(slots, device=self.device)] = pack_states(

@@ -7,13 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pliant.comm import SPGroup
+from pliant.comm import SOLO
 from pliant.runtime.generate import Decoder, Request, generate
 from pliant.runtime.model import LM, SeqContext
 
 from dist_jobs import tiny_spec
 
-SOLO = SPGroup(0, 1, 0, None)
 SPECS = {"hybrid": {}, "gqa-3-1": {"heads": 3, "kv_heads": 1}, "all-linear": {"attention": ("linear",)},
          "all-softmax": {"attention": ("softmax",)}}
 

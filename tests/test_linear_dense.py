@@ -8,7 +8,7 @@ import torch
 
 from pliant.comm import lasp2 as lasp2_mod
 from pliant.comm import linear_local
-from pliant.comm.groups import SPGroup
+from pliant.comm.groups import SOLO, SPGroup
 from pliant.comm.lasp2 import lasp2_attention
 from pliant.comm.linear_local import default_decay_rates, dense_fits
 from pliant.comm.pack import PackLayout
@@ -16,7 +16,6 @@ from pliant.comm.ring import ring_attention
 
 from oracle import linear_attention_quadratic
 
-SOLO = SPGroup(0, 1, 0, None)
 
 
 def inputs(lengths, heads=3, dk=4, dv=5, dtype=torch.float64, seed=0):
@@ -42,7 +41,7 @@ def test_dense_equals_blockwise_and_reference(decay, op):
     layout = PackLayout.from_lengths(lengths, 1)
     rates = default_decay_rates(3) if decay else None
     q, k, v, w = inputs(lengths)
-    assert dense_fits(layout, SOLO, q)
+    assert dense_fits(SOLO, q)
     dense_out, dense_g = grads(lambda a, b, c: op(a, b, c, layout, SOLO, rates), q, k, v, w)
     block_out, block_g = grads(lambda a, b, c: lasp2_mod._Lasp2.apply(a, b, c, rates, layout, SOLO, 8), q, k, v, w)
 
@@ -79,7 +78,7 @@ def test_float32_accumulates_like_blockwise():
 def test_long_packs_and_groups_keep_the_blockwise_path(monkeypatch):
     lengths = (40, 40)
     q, _, _, _ = inputs(lengths)
-    assert dense_fits(PackLayout.from_lengths(lengths, 1), SOLO, q)
+    assert dense_fits(SOLO, q)
     monkeypatch.setattr(linear_local, "DENSE_MAX_ELEMENTS", 80 * 80 * 3 - 1)
-    assert not dense_fits(PackLayout.from_lengths(lengths, 1), SOLO, q)
-    assert not dense_fits(PackLayout.from_lengths(lengths, 2), SPGroup(0, 2, 0, None), q)
+    assert not dense_fits(SOLO, q)
+    assert not dense_fits(SPGroup(0, 2, 0, None), q)
