@@ -108,7 +108,10 @@ def measure_overhead(config: Path, work: Path, repeats: int, steps: int, skip: i
 def measure_false_alarms(config: Path, work: Path, steps: int, compute_s: float) -> dict:
     """Clean steps with every rank's compute stretched by uniform(0, 2c) per step: with c
     the measured compute time, a step's compute ranges over [c, 3c], +-50% around its mean."""
-    jitter = [{"kind": "jitter", "rank": r, "step": 1, "seconds": 2 * compute_s} for r in range(4)]
+    from pliant.launch.config import load_config
+
+    world = load_config(config).cluster.world_size
+    jitter = [{"kind": "jitter", "rank": r, "step": 1, "seconds": 2 * compute_s} for r in range(world)]
     job = run_job(work, "jitter", config, jitter, {"train": {"steps": steps, "checkpoint_every": max(2, steps // 4)}})
     return {"steps": steps, "jitter_s": 2 * compute_s, "rc": job.rc, "steps_done": len(job.metrics),
             "false_alarms": len(job.incidents), "incidents": [(i["kind"], i["ranks"]) for i in job.incidents]}
@@ -140,6 +143,8 @@ def run(config: Path, out: Path, repeats: int, classes: list[str], overhead_step
         results.append(measure_class(name, repeats, config, work))
     print("instrumentation overhead", flush=True)
     overhead = measure_overhead(config, work, overhead_repeats or max(repeats, 5), overhead_steps)
+    print(f"  median step {overhead['median_off']:.4f} s off, {overhead['median_on']:.4f} s on: ratio "
+          f"{overhead['overhead_ratio']:.4f} (paired {overhead['paired_ratio']:.4f})", flush=True)
     print("false alarms under jitter", flush=True)
     alarms = measure_false_alarms(config, work, jitter_steps, overhead["median_off"])
     torchft = {}

@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arg(bf, "configs/faults-cpu.yaml")
     bf.add_argument("--out", default="faults.json")
     bf.add_argument("--repeats", type=int, default=3)
-    bf.add_argument("--classes", default=None, help="comma-separated subset of the fault classes")
+    bf.add_argument("--classes", default=None, help="comma-separated subset of the fault classes; 'none': only "
+                                                    "the overhead and false-alarm runs")
     bf.add_argument("--overhead-steps", type=int, default=30)
     bf.add_argument("--jitter-steps", type=int, default=40)
     bf.add_argument("--overhead-repeats", type=int, default=None, help="monitor on/off run pairs (default: "
@@ -225,7 +226,7 @@ def cmd_bench_faults(args: argparse.Namespace) -> int:
     from pliant.bench.torchft_compare import FAULTS
     from pliant.launch.config import resolve_config_path
 
-    classes = args.classes.split(",") if args.classes else list(CLASSES)
+    classes = [] if args.classes == "none" else args.classes.split(",") if args.classes else list(CLASSES)
     unknown = [c for c in classes if c not in CLASSES]
     if unknown or args.repeats < 1 or args.overhead_steps < 4 or args.jitter_steps < 4 or \
             (args.overhead_repeats is not None and args.overhead_repeats < 1):

@@ -189,7 +189,7 @@ class Trainer:
         ids, lengths, plan = self._fetch_batch_and_plan()
         norm = real_targets(lengths)
         self.engine.train()
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)  # NCCL reduces device tensors only
         n_mb = len(plan.micro_batches)
         for m, mb in enumerate(plan.micro_batches):
             self.engine.set_gradient_accumulation_boundary(m == n_mb - 1)
@@ -201,7 +201,7 @@ class Trainer:
                 loss = lm_loss_sum(self.engine(tokens, ctx), targets) / norm
             else:  # idle in this micro-batch: still join DeepSpeed's gradient reduction
                 loss = sum(p.sum() for p in self.engine.module.parameters()) * 0.0
-            total += loss.detach().to(torch.float64).cpu()
+            total += loss.detach().to(torch.float64)
             self.engine.backward(loss * self.world)  # DeepSpeed averages gradients over ranks
         lr = self.optimizer.param_groups[0]["lr"]
         self.engine.step()

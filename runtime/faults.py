@@ -83,7 +83,8 @@ class FaultInjector(CollectiveHook):
             ctypes.PyDLL(None).sleep(100000)  # a C call that keeps the GIL: no other thread runs
         for f in self._due("desync"):
             self._fire(f)
-            dist.all_reduce(torch.zeros(3, dtype=torch.float32))  # the others issue something else
+            on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+            dist.all_reduce(torch.zeros(3, dtype=torch.float32, device=on))  # the others issue something else
 
     # ----- collectives -----
     def _counts(self, f: InjectSpec, group: tuple[int, ...]) -> bool:

@@ -6,6 +6,14 @@ It wraps the `torch.distributed` functions in place, so it sees the comm layer's
 collectives and every library that calls them through the module, DeepSpeed's gradient
 reductions included. Install it before DeepSpeed starts (DeepSpeed binds a few functions
 at initialisation). Asynchronous collectives exit when their work is waited on.
+
+On CUDA a collective call returns once it is queued, so host times would say nothing of
+when it ran: a collective on CUDA tensors is timed by CUDA events recorded around it on the
+caller's stream, read (without blocking) by the agent thread and mapped onto the host clock
+by `DeviceClock`. Such a collective has entered when its start event ran on the device (a
+rank whose device is stuck in compute has not entered the next collective, however far its
+host ran ahead) and exited when its end event ran; its finiteness flag travels to pinned
+host memory behind the start event, so reading it never waits for the device.
 """
 from __future__ import annotations
 
@@ -44,12 +52,58 @@ class CollectiveEvent:
     nbytes: int
     dtype: str
     shape: tuple[int, ...]
-    enter: float  # time.monotonic()
+    enter: float | None  # time.monotonic(); on CUDA None until the device starts it
     exit: float | None = None  # None while in flight
     peer: int | None = None  # point-to-point: the other rank (global)
     step: int = 0  # the training step it was issued in
     finite: Any = None  # a 0-d bool tensor: is the floating-point input finite (None: not checked)
     in_checkpoint: bool = False  # issued while a checkpoint was being written
+    seen: float = 0.0  # host time its enter or exit was last set: what a snapshot reports since
+    marks: "DeviceMarks | None" = None  # CUDA collectives: the events timing it on the device
+
+
+@dataclass
+class DeviceMarks:
+    start: Any  # torch.cuda.Event recorded before the collective on the caller's stream
+    end: Any = None  # recorded after it (after the wait of an async one)
+    flag: int | None = None  # slot of its finiteness flag in the recorder's pinned buffer
+
+
+class DeviceClock:
+    """Device event times on the host's time.monotonic(): an anchor event recorded while the
+    stream was idle ran at a known host time; later events are timed against it. The anchor
+    is renewed at step boundaries where the stream happens to be idle, so the two clocks never
+    drift apart for long."""
+
+    renew_s = 30.0
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._lock = threading.Lock()  # renewed by the main thread, read by the agent's
+        torch.cuda.synchronize(device)
+        self._anchor, self._host = self._record()
+        self._next: tuple[Any, float] | None = None
+
+    def _record(self) -> tuple[Any, float]:
+        ev = torch.cuda.Event(enable_timing=True)
+        host = time.monotonic()
+        ev.record(torch.cuda.current_stream(self.device))
+        return ev, host
+
+    def maybe_renew(self) -> None:
+        """Main thread, at a step boundary: a new anchor if the last is old and the stream idle."""
+        with self._lock:
+            if self._next is None and time.monotonic() - self._host > self.renew_s and \
+                    torch.cuda.current_stream(self.device).query():
+                self._next = self._record()
+
+    def time_of(self, ev: Any) -> float:
+        """The host time a completed event ran at."""
+        with self._lock:
+            if self._next is not None and self._next[0].query():
+                self._anchor, self._host = self._next
+                self._next = None
+        return self._host + self._anchor.elapsed_time(ev) / 1e3
 
 
 class _TimedWork:
@@ -110,6 +164,11 @@ class CollectiveRecorder:
         self._ranks: dict[int, tuple[int, ...]] = {}
         self._lock = threading.Lock()
         self._originals: dict[str, Callable] = {}
+        self.capacity = capacity
+        self.clock: DeviceClock | None = None  # set at the first collective on CUDA tensors
+        self.pending: deque[CollectiveEvent] = deque()  # CUDA collectives not yet seen to end
+        self._flags: torch.Tensor | None = None  # pinned ring of finiteness flags of CUDA inputs
+        self._flag_next = 0
 
     # ----- install -----
     def install(self) -> "CollectiveRecorder":
@@ -177,35 +236,89 @@ class CollectiveRecorder:
             group = tuple(sorted((dist.get_rank(), int(peer)))) if peer is not None else group
         t = _first_tensor(bound, name)
         nbytes = t.numel() * t.element_size() if t is not None else 0
+        on_device = t is not None and t.is_cuda
         finite = None
+        marks = None
         if self.check_finite and t is not None and t.is_floating_point() and name not in ("recv", "irecv"):
             finite = torch.isfinite(t).all()  # before the collective spreads a bad value
+        if on_device:
+            marks = self._start_marks(t.device, finite)
+            finite = None  # read from the pinned flag once the device has run the start event
         with self._lock:
             key = (group, "send" if name in SENDS else "recv") if p2p else group
             seq = self._seq.get(key, 0)
             self._seq[key] = seq + 1
             self.step_collectives += 1
+            now = time.monotonic()
             event = CollectiveEvent(group, seq, name, nbytes, str(t.dtype).removeprefix("torch.") if t is not None
-                                    else "", tuple(t.shape) if t is not None else (), time.monotonic(), peer=peer,
-                                    step=self.step, finite=finite, in_checkpoint=self.in_checkpoint)
+                                    else "", tuple(t.shape) if t is not None else (), None if on_device else now,
+                                    peer=peer, step=self.step, finite=finite, in_checkpoint=self.in_checkpoint,
+                                    seen=now, marks=marks)
             self.events.append(event)
-            if not p2p:
+            if on_device:
+                self.pending.append(event)
+                if len(self.pending) > self.capacity:  # the device stuck that long: forget the oldest
+                    self.pending.popleft()
+            elif not p2p:
                 self.inflight[group] = event
         return event
+
+    def _start_marks(self, device: torch.device, finite: torch.Tensor | None) -> DeviceMarks:
+        if self.clock is None:
+            self.clock = DeviceClock(device)
+        marks = DeviceMarks(torch.cuda.Event(enable_timing=True))
+        if finite is not None:
+            if self._flags is None:
+                self._flags = torch.ones(self.capacity, dtype=torch.bool, pin_memory=True)
+            marks.flag = self._flag_next
+            self._flag_next = (self._flag_next + 1) % self.capacity
+            self._flags[marks.flag].copy_(finite, non_blocking=True)
+        marks.start.record()
+        return marks
 
     def _exit(self, event: CollectiveEvent) -> None:
         if event.exit is not None:
             return
+        if event.marks is not None:
+            if event.marks.end is None:  # the device's end of it; the agent thread reads the time
+                end = torch.cuda.Event(enable_timing=True)
+                end.record()
+                event.marks.end = end
+            return
         with self._lock:
-            event.exit = time.monotonic()
+            event.exit = event.seen = time.monotonic()
             if self.inflight.get(event.group) is event:
                 del self.inflight[event.group]
+
+    def _poll_device(self) -> None:
+        """Agent thread, under the lock: the CUDA collectives the device has started or ended
+        since the last look (event queries never block)."""
+        now = time.monotonic()
+        still: deque[CollectiveEvent] = deque()
+        for e in self.pending:
+            m = e.marks
+            if e.enter is None:
+                if not m.start.query():
+                    still.append(e)
+                    continue
+                e.enter = self.clock.time_of(m.start)
+                if m.flag is not None:
+                    e.finite = bool(self._flags[m.flag])
+                e.seen = now
+            if m.end is not None and m.end.query():
+                e.exit = max(e.enter, self.clock.time_of(m.end))
+                e.seen = now
+                continue
+            still.append(e)
+        self.pending = still
 
     # ----- step boundaries -----
     def mark_step(self, step: int) -> None:
         with self._lock:
             self.step, self.step_started = step, time.monotonic()
             self.step_collectives = 0
+        if self.clock is not None:
+            self.clock.maybe_renew()
 
     def checkpointing(self, active: bool) -> None:
         """Checkpoint writes are excluded from baselines and alarms."""
@@ -215,8 +328,13 @@ class CollectiveRecorder:
         """What the agent reports: step, in-flight collectives per group, and the events that
         completed (or started) after `since`; `taken` is the `since` of the next snapshot."""
         with self._lock:
+            if self.pending:
+                self._poll_device()
             taken = time.monotonic()
-            recent = [e for e in self.events if e.enter >= since or (e.exit is not None and e.exit >= since)]
+            recent = [e for e in self.events if e.seen >= since and e.enter is not None]
             inflight = {g: e for g, e in self.inflight.items()}
+            for e in self.pending:  # started on the device, not ended: the oldest of each group
+                if e.enter is not None and e.peer is None and e.group not in inflight:
+                    inflight[e.group] = e
             return {"step": self.step, "step_started": self.step_started, "in_checkpoint": self.in_checkpoint,
                     "inflight": inflight, "events": recent, "taken": taken}
