@@ -106,7 +106,8 @@ class Agent:
             left = deadline - time.monotonic()
             if left <= 0:
                 return
-            ready = dict(poller.poll(timeout=min(left, 0.05) * 1000))
+            # no wake-ups but these: each one costs the training thread a GIL hand-over
+            ready = dict(poller.poll(timeout=left * 1000))
             if self._sock in ready:
                 self._drain_acks()
             if self._wake_r is not None and self._wake_r in ready and signal.SIGTERM in self._wake_r.recv(64):
@@ -170,6 +171,11 @@ class Agent:
         if self._stop.is_set():
             return
         self._stop.set()
+        if self._wake_r is not None:
+            try:  # wake the agent thread from its poll (any byte but SIGTERM's)
+                self._wake_w.send(b"\0")
+            except OSError:
+                pass
         if self._thread.is_alive():
             self._thread.join(timeout=2 * self.spec.report_interval_s + 1)
         body = self.summary()
