@@ -178,7 +178,7 @@ class QueueIndex:
                 "cleared": self.cleared, "unconsumed": dict(pending)}
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, enable_task_events=False)
 class StorageUnit:
     """Holds the fields of the samples whose id falls to it."""
 
@@ -202,7 +202,7 @@ class StorageUnit:
         return len(self.data)
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, enable_task_events=False)
 class Controller:
     """The metadata side: an asyncio actor, so waiting producers and consumers do not block
     each other."""
