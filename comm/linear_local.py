@@ -107,7 +107,6 @@ def check_inputs(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rat
 
 
 
-
 # ----- one rank holding whole sequences: a short pack in one masked product -----
 
 DENSE_MAX_ELEMENTS = 1 << 22  # tokens^2 x heads of the score tensor (16 MiB in float32)

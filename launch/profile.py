@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     from pliant.planner.cost import CostModel
     from pliant.planner.spec import BandwidthSpec, CostSpec
     from pliant.runtime import profiler as prof
-    from pliant.runtime.engine import DTYPES, Trainer
+    from pliant.runtime.engine import DTYPES, Trainer, rank_device
     from pliant.runtime.model import LM
 
     cfg = load_config(args.config)
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     if world != c.world_size:
         raise SystemExit(f"pliant profile: the config's cluster has {c.world_size} devices, but {world} processes "
                          f"were launched")
-    device = torch.device("cuda", torch.cuda.current_device()) if c.device == "cuda" else torch.device("cpu")
+    device = rank_device(c.device)
     planner = Planner.from_specs(c, cfg.model, cfg.cost, cfg.planner)
     registry = GroupRegistry(contiguous_layouts(world, c.devices_per_node, planner.sizes))
     torch.manual_seed(0)

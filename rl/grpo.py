@@ -28,7 +28,6 @@ from pliant.comm import SOLO
 from pliant.runtime.model import LM, SeqContext
 
 
-
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
     """rewards [n] in groups of consecutive `group_size` samples."""
     r = rewards.view(-1, group_size).to(torch.float64)

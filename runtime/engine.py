@@ -55,6 +55,11 @@ def lr_multiplier(step: int, spec: TrainSpec) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def rank_device(kind: str) -> torch.device:
+    """This rank's device for a cluster's device kind ('cuda': the one torch.cuda.set_device chose)."""
+    return torch.device("cuda", torch.cuda.current_device()) if kind == "cuda" else torch.device("cpu")
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
@@ -103,8 +108,7 @@ class Trainer:
             raise LaunchError(f"the config's cluster has {cluster.world_size} devices ({cluster.nodes} nodes x "
                               f"{cluster.devices_per_node}), but {self.world} processes were launched")
         self.cluster, self.model_spec, self.train_spec = cluster, model, train
-        self.device = torch.device("cuda", torch.cuda.current_device()) if cluster.device == "cuda" else \
-            torch.device("cpu")
+        self.device = rank_device(cluster.device)
         self.dtype = DTYPES[model.dtype]
         self.planner = Planner.from_specs(cluster, model, cost, planner)
         self.registry = registry or GroupRegistry(
