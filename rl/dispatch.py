@@ -31,10 +31,13 @@ class Dispatcher:
         self.held: dict[Any, dict[int, int]] = {}  # worker (index, incarnation) -> {group: step}
         self.again: deque[tuple[int, int]] = deque()  # (group, step) of dead workers, first out
         self.written: dict[int, int] = {}  # group -> times written (must end at 1)
+        self.late: dict[int, int] = {}  # group -> copies generated again but not written (its step was trained)
 
-    def next(self, worker: Any, version: int) -> dict[str, Any]:
+    def next(self, worker: Any, version: int, written: list[int] = (), late: list[int] = ()) -> dict[str, Any]:
         """{"group", "step", "prompt"} to start, {"wait": v} (weights of version v needed), or
-        {"done": True}."""
+        {"done": True}. `written`, `late`: this worker's reports since its last call (see
+        written_groups), sent with the next ask instead of a call of their own."""
+        self.written_groups(worker, written, late)
         if self.again:
             group, step = self.again[0]
             if step - version > self.k:
@@ -55,11 +58,17 @@ class Dispatcher:
         self.held.setdefault(worker, {})[group] = step
         return {"group": group, "step": step, "prompt": self.prompts[group]}
 
-    def written_group(self, worker: Any, group: int, landed: Any = None) -> None:
-        """`landed`: the queue's answer to the write (passed as a reference, so this runs
-        only after the data is in the queue)."""
-        self.held.get(worker, {}).pop(group, None)
-        self.written[group] = self.written.get(group, 0) + 1
+    def written_groups(self, worker: Any, groups: list[int], late: list[int] = ()) -> None:
+        """Groups whose data is in the queue (a group reported before its write landed would
+        be lost with a worker that dies mid-write), and `late` ones: handed out again after a
+        worker died, but the first worker's write had landed and been trained (not written)."""
+        held = self.held.get(worker, {})
+        for group in groups:
+            held.pop(group, None)
+            self.written[group] = self.written.get(group, 0) + 1
+        for group in late:
+            held.pop(group, None)
+            self.late[group] = self.late.get(group, 0) + 1
 
     def worker_lost(self, worker: Any) -> list[int]:
         """Hand the groups a dead worker held out again (before any new group)."""
@@ -68,7 +77,7 @@ class Dispatcher:
         return [g for g, _ in lost]
 
     def counts(self) -> dict[str, Any]:
-        return {"handed_out": self.next_group, "written": dict(self.written),
+        return {"handed_out": self.next_group, "written": dict(self.written), "late": dict(self.late),
                 "held": {w: sorted(h) for w, h in self.held.items()}, "again": list(self.again)}
 
 

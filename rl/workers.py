@@ -73,10 +73,10 @@ class _Timed:
 def consume(tq: TransferQueue, task: str, fields: list[str], rl: RLSpec, timer: _Timed):
     """Batches of up to rl.score_batch_groups groups' samples for `task` as they become ready
     (lingering up to rl.score_linger_s for a full one), until the queue is closed and nothing
-    is left (waiting counts as idle)."""
+    is left (waiting counts as idle). A batch's done_reading goes with the next claim."""
     while True:
         batch = timer.wait(tq.get, task, fields, 1, rl.score_batch_groups * rl.group_size, 0.5,
-                           linger_s=rl.score_linger_s)
+                           linger_s=rl.score_linger_s, ack_later=True)
         if batch.ids:
             yield batch
         elif tq.is_closed():
@@ -118,22 +118,34 @@ class RolloutWorker:
         self._poll_weights(store)
 
     def run(self, tq: TransferQueue, dispatcher, store) -> dict[str, Any]:
-        rl = self.rl
+        rl, n = self.rl, self.rl.group_size
         self.timer = _Timed()  # busy and idle from the run's start
         self.split = {"decode_s": 0.0, "dispatch_s": 0.0, "write_s": 0.0}  # where the busy time goes
-        self.pending: list = []  # writes in flight
+        self.landing: list[tuple[Any, int]] = []  # (the queue's answer to a write, its group), in flight
+        self.landed: list[int] = []  # groups whose write has landed, not yet reported to the dispatcher
+        self.late: list[int] = []  # groups not written (their step was trained already), not yet reported
         self.timer.wait(self._load, store.latest.remote(-1, None))
         dec = Decoder(self.model, rl.rollout_slots, self.max_prompt + self.max_response, EOS, rl.temperature,
                       self.gen)
         groups: dict[int, dict[str, Any]] = {}
         done, wait_for = False, -1  # wait_for: the version admission asked for (no asking again before)
         self._poll_weights(store)
+        # the next group is asked for ahead, while decoding goes on: (reply, version asked with);
+        # Ray runs one caller's calls to an actor in order and each blocking one costs a
+        # process switch, so nothing on the decode loop's path waits for an answer it could
+        # have asked for earlier
+        asked: tuple[Any, int] | None = None
         while True:
             if self.arrived.done():  # newer weights, taken between decode steps
                 self._take_weights(store, waiting=False)
-            while not done and dec.free_slots() >= rl.group_size and self.version >= wait_for:
+            while not done and dec.free_slots() >= n and self.version >= wait_for:
                 t = time.perf_counter()
-                r = ray.get(dispatcher.next.remote(self.key, self.version))
+                if asked is None:
+                    asked = (self._ask(dispatcher), self.version)
+                r = ray.get(asked[0])
+                if "wait" in r and asked[1] < self.version:  # an answer for older weights: ask again
+                    r = ray.get(self._ask(dispatcher))
+                asked = None
                 self.split["dispatch_s"] += time.perf_counter() - t
                 if r.get("done"):
                     done = True
@@ -145,8 +157,12 @@ class RolloutWorker:
                         self._take_weights(store, waiting=True)
                 else:
                     g, p = r["group"], r["prompt"]
-                    groups[g] = {"step": r["step"], "prompt": p, "version": self.version, "done": []}
-                    for j in range(rl.group_size):
+                    # its queue slots and the next group are asked for now; both answers
+                    # come while it decodes
+                    groups[g] = {"step": r["step"], "prompt": p, "version": self.version, "done": [],
+                                 "ids": tq.allocate(n, r["step"], n, wait=False)}
+                    asked = (self._ask(dispatcher), self.version)
+                    for j in range(n):
                         dec.add(Request(p.tokens, self.max_response, tag=g))
             if not dec.active():
                 if done:
@@ -161,32 +177,50 @@ class RolloutWorker:
             for c in finished:
                 grp = groups[c.tag]
                 grp["done"].append(c)
-                if len(grp["done"]) == rl.group_size:
-                    self._write(tq, dispatcher, c.tag, groups.pop(c.tag))
+                if len(grp["done"]) == n:
+                    self._write(tq, c.tag, groups.pop(c.tag))
+            self._check_landed()
             self.split["write_s"] += time.perf_counter() - t1
-        ray.get(self.pending)
+        self._check_landed(block=True)
+        ray.get(dispatcher.written_groups.remote(self.key, self.landed, self.late))
         return {"worker": self.worker, "samples": self.samples, **self.timer.report(),
                 **{k: round(v, 4) for k, v in self.split.items()}}
 
-    def _write(self, tq: TransferQueue, dispatcher, group: int, grp: dict[str, Any]) -> None:
+    def _ask(self, dispatcher):
+        """Ask the dispatcher for a group, telling it which writes have landed since."""
+        landed, late, self.landed, self.late = self.landed, self.late, [], []
+        return dispatcher.next.remote(self.key, self.version, landed, late)
+
+    def _write(self, tq: TransferQueue, group: int, grp: dict[str, Any]) -> None:
         n = self.rl.group_size
-        ids = self.timer.wait(tq.allocate, n, partition=grp["step"], group_size=n)
+        ids = self.timer.wait(ray.get, grp["ids"])
         if not ids:  # its step is trained already: a duplicate of a group handed out again
             log(f"rollout worker {self.worker}: group {group} of step {grp['step']} came too late; dropped")
+            self.late.append(group)
             return
         cs = grp["done"]
         # the write travels while decoding goes on; it is reported written only once it has
-        # landed (Ray resolves `landed` before the dispatcher runs the report), so a worker
-        # killed mid-write leaves its group to be handed out again
+        # landed (_check_landed), so a worker killed mid-write leaves its group to be handed
+        # out again
         landed = tq.put(ids, {"prompt": [grp["prompt"]] * n, "response": [c.response for c in cs],
                               "behav_logp": [list(c.logprobs) for c in cs],
                               "version": [grp["version"]] * n, "group": [group] * n,
                               "written_at": [time.time()] * n}, wait=False)
-        self.pending.append(dispatcher.written_group.remote(self.key, group, landed))
+        self.landing.append((landed, group))
         self.samples += n
-        if len(self.pending) > 32:
-            done, self.pending = ray.wait(self.pending, num_returns=len(self.pending), timeout=0)
-            ray.get(done)  # raises if a write failed
+
+    def _check_landed(self, block: bool = False) -> None:
+        """Move the groups whose write has landed to `self.landed` (raises if a write failed)."""
+        if not self.landing:
+            return
+        refs = [ref for ref, _ in self.landing]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=None if block else 0)
+        if not ready:
+            return
+        ready_set = set(ready)
+        ray.get(ready)
+        self.landed += [g for ref, g in self.landing if ref in ready_set]
+        self.landing = [(ref, g) for ref, g in self.landing if ref not in ready_set]
 
 
 @ray.remote
@@ -298,24 +332,36 @@ class Trainer:
         self.publish(store)
         per_step = rl.samples_per_step
         take = per_step if sync else rl.micro_batch_groups * rl.group_size  # sync: the whole step's batch
+
+        def claim(step: int, groups_left: int):
+            """The next batch of `step`, asked for ahead: its claim travels (and waits in the
+            controller) while the trainer works on the batch before."""
+            want = min(take, groups_left * rl.group_size)
+            return tq.get_async("trainer", TRAIN_FIELDS, want, want, 1.0, True, step, ack_later=True)
+
+        pending = claim(0, rl.prompts_per_step)
         for step in range(rl.steps):
             t0 = time.perf_counter()
             seen_groups: set[int] = set()
             rewards, staleness, weights, tokens, kls, trained, latency = [], [], [], 0, [], 0, []
             opt.zero_grad()
             while len(seen_groups) < rl.prompts_per_step:
-                want = min(take, (rl.prompts_per_step - len(seen_groups)) * rl.group_size)
-                batch = timer.wait(tq.get, "trainer", TRAIN_FIELDS, want, want, 1.0, True, step)
-                if not batch.ids:
+                batch = timer.wait(pending.result)
+                if not batch.ids:  # the claim timed out: ask again
+                    pending = claim(step, rl.prompts_per_step - len(seen_groups))
                     continue
                 d = batch.data
-                latency.append(time.time() - d["written_at"][0])  # rollout's write -> trainer's claim
+                latency.append(time.time() - d["written_at"][0])  # rollout's write -> trainer's read
                 fresh = [i for i in range(len(batch)) if d["group"][i] not in self.trained_groups]
                 dup_groups = {d["group"][i] for i in range(len(batch))} - {d["group"][i] for i in fresh}
                 self.duplicates += len(batch) - len(fresh)
                 seen_groups |= dup_groups
                 fresh_groups = list(dict.fromkeys(d["group"][i] for i in fresh))
                 seen_groups.update(fresh_groups)
+                if len(seen_groups) < rl.prompts_per_step:
+                    pending = claim(step, rl.prompts_per_step - len(seen_groups))
+                elif step + 1 < rl.steps:  # the next step's first batch (its data does not depend on this update)
+                    pending = claim(step + 1, rl.prompts_per_step)
                 for j in range(0, len(fresh_groups), rl.micro_batch_groups):  # one forward per micro-batch
                     chunk = fresh_groups[j:j + rl.micro_batch_groups]
                     for g in chunk:

@@ -78,6 +78,8 @@ def test_a_killed_rollout_worker_is_restarted_and_nothing_is_lost_or_trained_twi
     assert r.restarts == 1
     every_group_trained_once(r, cfg)
     assert all(n >= 1 for n in r.dispatcher["written"].values())
+    # a group handed out again whose first write had landed and been trained is dropped, not lost
+    assert all(g in r.trainer["trained_groups"] for g in r.dispatcher["late"])
     assert not r.dispatcher["held"] or all(not v for v in r.dispatcher["held"].values())
 
 
