@@ -90,8 +90,9 @@ class WeightStore:
 
     async def publish(self, version: int, wrapped: list) -> None:
         async with self.changed:
-            self.version, self.ref = version, wrapped
-            self.changed.notify_all()
+            if version > self.version:  # the trainer does not wait for a publish: they may overtake
+                self.version, self.ref = version, wrapped
+                self.changed.notify_all()
 
     async def latest(self, newer_than: int = -1, timeout: float | None = None) -> tuple[int, list]:
         """(version, [ref]) once a version above `newer_than` exists (or at the timeout:

@@ -279,12 +279,14 @@ class Controller:
         if wait:
             ray.get(drops)
 
-    def clear_partition(self, partition: int) -> int:
+    def clear_partition(self, partition: int) -> tuple[int, dict[str, Any]]:
+        """The samples dropped, and the queue's statistics after."""
         with self.changed:
             ids = self.index.clear_partition(partition)
             self.changed.notify_all()
+            stats = self._stats()
         ray.get(self._drop(ids))
-        return len(ids)
+        return len(ids), stats
 
     def _drop(self, ids: list[int]) -> list:
         return [self.units[u].drop.remote(v) for u, v in shard(ids, len(self.units)).items()]
@@ -299,7 +301,10 @@ class Controller:
 
     def stats(self) -> dict[str, Any]:
         with self.changed:
-            return {**self.index.stats(), "closed": self.closed}
+            return self._stats()
+
+    def _stats(self) -> dict[str, Any]:
+        return {**self.index.stats(), "closed": self.closed}
 
 
 @dataclass
@@ -393,8 +398,11 @@ class TransferQueue:
         if read:
             ray.get(self.controller.done_reading.remote(read))
 
-    def clear_partition(self, partition: int) -> int:
-        return ray.get(self.controller.clear_partition.remote(partition))
+    def clear_partition(self, partition: int, wait: bool = True):
+        """Drop a partition's samples: how many (`wait=False`: a reference to (how many, the
+        queue's statistics after), for a caller that goes on)."""
+        ref = self.controller.clear_partition.remote(partition)
+        return ray.get(ref)[0] if wait else ref
 
     def close(self) -> None:
         ray.get(self.controller.close.remote())

@@ -285,6 +285,7 @@ class Trainer:
         self.model = build_model(model_spec, seed)
         self.version = 0
         self.steps: list[dict[str, Any]] = []
+        self.unrecorded: list[tuple[dict[str, Any], Any]] = []  # (a finished step's row, its queue stats to come)
         self.trained_groups: dict[int, int] = {}
         self.duplicates = 0
         self.skipped: list[dict] = []
@@ -321,8 +322,22 @@ class Trainer:
         return sum(reward(c.tag, c.response) for c in out) / len(out)
 
     def publish(self, store) -> None:
+        """Hand the store this version's weights; the trainer goes on at once (the store keeps
+        the newest version whatever order its calls run in)."""
         state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        ray.get(store.publish.remote(self.version, [ray.put(state)]))
+        self.published = store.publish.remote(self.version, [ray.put(state)])
+
+    def _record(self, block: bool = False) -> None:
+        """Move the finished steps whose queue statistics have come (the answer to the step's
+        clear_partition, asked for without waiting) to `self.steps`."""
+        while self.unrecorded:
+            row, reply = self.unrecorded[0]
+            if not block and not ray.wait([reply], timeout=0)[0]:
+                return
+            _, stats = ray.get(reply)
+            row["queue_held"] = stats["held"]
+            self.steps.append(row)
+            self.unrecorded.pop(0)
 
     # ----- RL -----
     def run(self, tq: TransferQueue, store, sync: bool) -> dict[str, Any]:
@@ -382,16 +397,18 @@ class Trainer:
             opt.step()
             self.version = step + 1
             self.publish(store)
-            tq.clear_partition(step)
-            q = tq.stats()
-            self.steps.append({"step": step, "version": self.version, "wall": time.time(),
+            self.unrecorded.append(({"step": step, "version": self.version, "wall": time.time(),
                                "seconds": time.perf_counter() - t0, "samples": trained, "tokens": tokens,
                                "reward": sum(rewards) / len(rewards) if rewards else None,
                                "max_staleness": max(staleness) if staleness else 0, "staleness": staleness,
                                "is_weight_min": min(weights) if weights else None,
                                "is_weight_max": max(weights) if weights else None,
-                               "kl": sum(kls) / len(kls) if kls else 0.0, "queue_held": q["held"],
-                               "queue_latency_s": max(latency) if latency else None})
+                               "kl": sum(kls) / len(kls) if kls else 0.0,
+                               "queue_latency_s": max(latency) if latency else None},
+                                     tq.clear_partition(step, wait=False)))
+            self._record()
+        self._record(block=True)
+        ray.get(self.published)
         return {"steps": self.steps, "trained_groups": self.trained_groups, "duplicates": self.duplicates,
                 "skipped": self.skipped, **timer.report()}
 
