@@ -115,6 +115,18 @@ class QueueIndex:
     def _ready(self, meta: SampleMeta, task: str, needed: set[str]) -> bool:
         return task not in meta.consumed and needed <= meta.fields
 
+    def pending(self, task: str, needed: set[str], partition: int | None = None) -> tuple[int, int]:
+        """Samples `task` has not consumed: (ready for it, still missing some of `needed`)."""
+        ready = coming = 0
+        for meta in self.samples.values():
+            if task in meta.consumed or (partition is not None and meta.partition != partition):
+                continue
+            if needed <= meta.fields:
+                ready += 1
+            else:
+                coming += 1
+        return ready, coming
+
     def claim(self, task: str, fields: Iterable[str], max_n: int, whole_groups: bool = False,
               partition: int | None = None) -> list[int]:
         """Up to max_n ready samples not yet consumed by `task`, oldest first, now marked
@@ -248,23 +260,27 @@ class Controller:
               whole_groups: bool = False, partition: int | None = None, linger_s: float = 0.0,
               read: list[int] | None = None) -> list[int]:
         """Wait until min_n samples are ready for `task` (or the queue is closed), then (up to
-        `linger_s` more) for max_n, and claim up to max_n of them; [] when the timeout passes
-        with fewer than min_n ready (a sync consumer asking for the whole batch never gets part
-        of it). `read`: samples this consumer claimed before and has read since (their
-        done_reading, carried by this call instead of one of its own)."""
+        `linger_s` more, while more are on their way: allocated, not written yet) for max_n,
+        and claim up to max_n of them; [] when the timeout passes with fewer than min_n ready
+        (a sync consumer asking for the whole batch never gets part of it). `read`: samples
+        this consumer claimed before and has read since (their done_reading, carried by this
+        call instead of one of its own)."""
         if read:
             self.done_reading(read, wait=False)
         needed = set(fields)
 
         def ready() -> int:
-            return sum(1 for m in self.index.samples.values() if self.index._ready(m, task, needed)
-                       and (partition is None or m.partition == partition))
+            return self.index.pending(task, needed, partition)[0]
+
+        def lingered() -> bool:
+            now, coming = self.index.pending(task, needed, partition)
+            return self.closed or now >= max_n or not coming
 
         with self.changed:
             if not self.changed.wait_for(lambda: self.closed or ready() >= min_n, timeout):
                 return []
-            if linger_s > 0 and not self.closed and ready() < max_n:  # batch up: fewer, larger calls
-                self.changed.wait_for(lambda: self.closed or ready() >= max_n, linger_s)
+            if linger_s > 0:  # batch up: fewer, larger calls
+                self.changed.wait_for(lingered, linger_s)
             return self.index.claim(task, fields, max_n, whole_groups, partition)
 
     def done_reading(self, ids: list[int], wait: bool = True) -> None:

@@ -283,6 +283,8 @@ class Trainer:
         torch.set_num_threads(threads)
         self.rl, self.sft_task = rl, sft_task
         self.model = build_model(model_spec, seed)
+        # made here, not when the run starts: its first construction imports torch._dynamo (seconds)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=rl.lr, weight_decay=rl.weight_decay)
         self.version = 0
         self.steps: list[dict[str, Any]] = []
         self.unrecorded: list[tuple[dict[str, Any], Any]] = []  # (a finished step's row, its queue stats to come)
@@ -341,8 +343,7 @@ class Trainer:
 
     # ----- RL -----
     def run(self, tq: TransferQueue, store, sync: bool) -> dict[str, Any]:
-        rl = self.rl
-        opt = torch.optim.AdamW(self.model.parameters(), lr=rl.lr, weight_decay=rl.weight_decay)
+        rl, opt = self.rl, self.opt
         timer = _Timed()
         self.publish(store)
         per_step = rl.samples_per_step

@@ -205,3 +205,13 @@ def test_linger_batches_up_to_max_n_without_waiting_longer(ray_cluster):
     t = time.monotonic()
     assert tq.get("reward", ["x"], min_n=1, max_n=2, timeout=5, linger_s=0.3).ids == ids[:1]  # linger ran out
     assert time.monotonic() - t >= 0.3
+
+
+def test_linger_ends_at_once_when_nothing_more_is_on_its_way(ray_cluster):
+    # (a sync step's last groups: waiting for a fuller batch would only delay the trainer)
+    tq = TransferQueue.create(capacity=8, tasks=["reward"])
+    ids = tq.allocate(2, group_size=1)
+    tq.put(ids, {"x": [0, 1]})
+    t = time.monotonic()
+    assert tq.get("reward", ["x"], min_n=1, max_n=4, timeout=5, linger_s=5.0).ids == ids
+    assert time.monotonic() - t < 2.0
