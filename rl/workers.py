@@ -24,6 +24,7 @@ import torch
 from pliant.runtime.generate import Decoder, Request, generate
 from pliant.runtime.model import LM
 
+from .dispatch import load_weights, pack_weights
 from .grpo import group_advantages, policy_loss, response_logprobs
 from .spec import RLSpec
 from .task import EOS, CopyTask, Prompt, reward, sft_batch
@@ -99,7 +100,7 @@ class RolloutWorker:
     def _load(self, reply) -> None:
         version, wrapped = ray.get(reply)
         if version > self.version:
-            self.model.load_state_dict(ray.get(wrapped[0]))
+            load_weights(self.model, ray.get(wrapped[0]))
             self.version = version
 
     def _poll_weights(self, store) -> None:
@@ -260,7 +261,7 @@ class ReferenceWorker:
     def run(self, tq: TransferQueue, store) -> dict[str, Any]:
         timer, n = _Timed(), 0
         _, wrapped = timer.wait(ray.get, store.latest.remote(-1, None))  # version 0: the initial policy
-        self.model.load_state_dict(ray.get(wrapped[0]))
+        load_weights(self.model, ray.get(wrapped[0]))
         for batch in consume(tq, "reference", ["prompt", "response"], self.rl, timer):
             prompts, responses = batch.data["prompt"], batch.data["response"]
             out: list = [None] * len(batch)
@@ -326,8 +327,7 @@ class Trainer:
     def publish(self, store) -> None:
         """Hand the store this version's weights; the trainer goes on at once (the store keeps
         the newest version whatever order its calls run in)."""
-        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        self.published = store.publish.remote(self.version, [ray.put(state)])
+        self.published = store.publish.remote(self.version, [ray.put(pack_weights(self.model))])
 
     def _record(self, block: bool = False) -> None:
         """Move the finished steps whose queue statistics have come (the answer to the step's
