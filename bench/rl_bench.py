@@ -27,9 +27,12 @@ def _median(runs: list[dict], key: str) -> float | None:
     return statistics.median(vals) if vals else None
 
 
-def summarize(records: list[dict]) -> dict[str, Any]:
+def summarize(records: list[dict], eval_prompts: int | None = None) -> dict[str, Any]:
     """Medians per mode and the summary (async / sync ratios of the medians; per-seed ratios
-    beside them)."""
+    beside them). Learning: the held-out reward after RL (median over seeds), and its gain
+    over the seed's warm start (after - before per seed, then the median: seeds start from
+    different warm starts); `reward_eval_se`, the standard error of one held-out score of
+    `eval_prompts` prompts, says what "within noise" means."""
     modes: dict[str, dict] = {}
     for name in MODES:
         runs = [r for r in records if r["name"] == name]
@@ -48,6 +51,18 @@ def summarize(records: list[dict]) -> dict[str, Any]:
                                "reward_before": sync["eval_reward_before"], "reward_sync": sync["eval_reward_after"],
                                "train_reward_last_sync": sync["train_reward_last"]}
     by_seed = {(r["name"], r["seed"]): r for r in records}
+    seeds = sorted({r["seed"] for r in records})
+
+    def gains(name: str) -> list[float]:
+        return [by_seed[(name, s)]["eval_reward_after"] - by_seed[(name, s)]["eval_reward_before"] for s in seeds
+                if (name, s) in by_seed and by_seed[(name, s)].get("eval_reward_after") is not None]
+
+    if gains("sync"):
+        summary["reward_gain_sync"] = statistics.median(gains("sync"))
+        summary["reward_gain_sync_per_seed"] = gains("sync")
+    if eval_prompts and sync["eval_reward_after"] is not None:
+        p = sync["eval_reward_after"]
+        summary["reward_eval_se"] = (p * (1 - p) / eval_prompts) ** 0.5
     for name in ("async_k1", "async_k2"):
         if name not in modes:
             continue
@@ -59,6 +74,9 @@ def summarize(records: list[dict]) -> dict[str, Any]:
             by_seed[(name, s)]["tokens_per_s"] / by_seed[("sync", s)]["tokens_per_s"]
             for s in sorted({r["seed"] for r in records}) if (name, s) in by_seed and ("sync", s) in by_seed]
         summary[f"reward_async_{k}"] = m["eval_reward_after"]
+        if gains(name):
+            summary[f"reward_gain_async_{k}"] = statistics.median(gains(name))
+            summary[f"reward_gain_async_{k}_per_seed"] = gains(name)
         summary[f"train_reward_last_async_{k}"] = m["train_reward_last"]
     return {"modes": modes, "summary": summary}
 
@@ -95,7 +113,7 @@ def run(cfg, out: Path, seeds: int, modes: list[str], last: int = 5) -> dict[str
         ray.shutdown()
     body = {"config": cfg.model_dump(mode="json"), "host": {"machine": platform.machine(),
                                                              "python": platform.python_version()},
-            "modes_run": modes, **summarize(records), "runs": records}
+            "modes_run": modes, **summarize(records, cfg.rl.eval_prompts), "runs": records}
     plot = out.with_suffix(".png")
     render_rl([Path(r["run_dir"]) for r in records], plot)
     body["plot"] = str(plot)

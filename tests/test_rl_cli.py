@@ -59,6 +59,11 @@ def test_bench_rl_writes_the_summary_and_the_plot(tmp_path, overlay):
     assert s["max_staleness_observed"]["sync"] == 0 and s["max_staleness_observed"]["async_k1"] <= 1
     assert 0.0 <= s["reward_sync"] <= 1.0 and 0.0 <= s["reward_async_k1"] <= 1.0
     assert [run["name"] for run in body["runs"]] == ["sync", "async_k1"]
+    for name, key in (("sync", "reward_gain_sync"), ("async_k1", "reward_gain_async_k1")):
+        run = next(x for x in body["runs"] if x["name"] == name)
+        assert s[key] == pytest.approx(run["eval_reward_after"] - run["eval_reward_before"])
+    p, n = s["reward_sync"], body["config"]["rl"]["eval_prompts"]
+    assert s["reward_eval_se"] == pytest.approx((p * (1 - p) / n) ** 0.5)
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "async_k1" in r.stdout and "samples/s" in r.stdout
     r = pliant("bench", "rl", "--modes", "async_k1", "--out", str(out))
