@@ -31,7 +31,8 @@ setup(
     ],
     extras_require={
         "highs": ["highspy>=1.7"],  # the planner's MILP uses HiGHS when present, else PuLP's bundled CBC
-        "test": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100"],
+        # ray[default]: the dashboard's job server, for the `ray job submit -- pliant rl` test
+        "test": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100", "ray[default]>=2.9"],
         "bench": ["torchft>=0.2"],  # pliant bench faults runs torchft side by side
     },
     entry_points={"console_scripts": ["pliant=pliant.launch.cli:main"]},

@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -68,3 +76,51 @@ def test_bench_rl_writes_the_summary_and_the_plot(tmp_path, overlay):
     assert "async_k1" in r.stdout and "samples/s" in r.stdout
     r = pliant("bench", "rl", "--modes", "async_k1", "--out", str(out))
     assert r.returncode == 2 and "must include sync" in r.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_pliant_rl_runs_as_a_ray_job_on_an_existing_cluster(tmp_path):
+    """The cluster path the README gives: a Ray head started apart (`ray start --head`, here in
+    the foreground so that stopping it stops only this cluster), and `ray job submit -- pliant
+    rl` with `resources.ray_address: auto`, which joins that cluster instead of starting one."""
+    bin_dir = Path(sys.executable).parent
+    dash = free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(32)}  # the head and the client share one token
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen([str(bin_dir / "ray"), "start", "--head", "--block", "--num-cpus", "2",
+                             "--port", str(free_port()), "--dashboard-port", str(dash), "--include-dashboard", "true",
+                             "--disable-usage-stats"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 120
+        while subprocess.run([str(bin_dir / "ray"), "job", "list", "--address", address], env=env,
+                             capture_output=True, timeout=60).returncode != 0:
+            assert head.poll() is None, f"ray start failed: {head.stderr.read()}"
+            assert time.monotonic() < deadline, "the Ray head's dashboard did not come up in 120 s"
+            time.sleep(1)
+        overlay = tmp_path / "job.yaml"
+        overlay.write_text(yaml.safe_dump({**SMALL, "resources": {"ray_address": "auto"}}))
+        run_dir = tmp_path / "run"
+        r = subprocess.run([str(bin_dir / "ray"), "job", "submit", "--address", address, "--",
+                            str(bin_dir / "pliant"), "rl", "--config", str(Path("configs/rl-local.yaml").resolve()),
+                            "--config", str(overlay), "--run-dir", str(run_dir)],
+                           env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert "succeeded" in r.stdout + r.stderr
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["samples"] == 3 * 16 and summary["max_staleness"] <= 1
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(30)
