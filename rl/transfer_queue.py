@@ -215,14 +215,19 @@ class StorageUnit:
         return len(self.data)
 
 
-CONTROLLER_THREADS = 32  # calls the controller serves at once (each waiting producer or consumer holds one)
+WAIT_THREADS = 64  # claims, and allocates, the controller serves at once each (a waiting call holds a thread)
+UPDATE_THREADS = 8  # the calls that never wait for room or data: marks, releases, clears, stats
 
 
-@ray.remote(num_cpus=0, enable_task_events=False, max_concurrency=CONTROLLER_THREADS)
+@ray.remote(num_cpus=0, enable_task_events=False, max_concurrency=WAIT_THREADS,
+            concurrency_groups={"produce": WAIT_THREADS, "update": UPDATE_THREADS})
 class Controller:
     """The metadata side: a threaded actor, so waiting producers and consumers do not block
     each other (a call costs about 0.5 ms of CPU here, against 0.85 ms in an asyncio actor);
-    one lock (the condition) guards the index."""
+    one lock (the condition) guards the index. Claims, allocates and the calls that wake
+    waiters run in three thread groups: however many consumers wait for data, a producer's
+    allocate and mark_ready are never queued behind them, nor a consumer's release behind
+    producers waiting for room."""
 
     def __init__(self, capacity: int, tasks: list[str], units: list):
         self.index = QueueIndex(capacity, tasks)
@@ -230,6 +235,7 @@ class Controller:
         self.changed = threading.Condition()
         self.closed = False
 
+    @ray.method(concurrency_group="produce")
     def allocate(self, n: int, partition: int, group_size: int | None = None,
                  timeout: float | None = None) -> list[int] | None:
         out: list[int] | None = None
@@ -245,6 +251,7 @@ class Controller:
             self.changed.wait_for(room, timeout)
         return out
 
+    @ray.method(concurrency_group="update")
     def mark_ready(self, ids: list[int], fields: list[str], writes: list | None = None) -> list[int]:
         """Mark fields written, once the units' `writes` (object refs of their puts) are done;
         the data of samples cleared meanwhile is dropped again."""
@@ -283,6 +290,7 @@ class Controller:
                 self.changed.wait_for(lingered, linger_s)
             return self.index.claim(task, fields, max_n, whole_groups, partition)
 
+    @ray.method(concurrency_group="update")
     def done_reading(self, ids: list[int], wait: bool = True) -> None:
         """A consumer has read the samples it claimed: those every task has consumed go
         (`wait`: until the units have dropped their data)."""
@@ -295,6 +303,7 @@ class Controller:
         if wait:
             ray.get(drops)
 
+    @ray.method(concurrency_group="update")
     def clear_partition(self, partition: int) -> tuple[int, dict[str, Any]]:
         """The samples dropped, and the queue's statistics after."""
         with self.changed:
@@ -307,14 +316,17 @@ class Controller:
     def _drop(self, ids: list[int]) -> list:
         return [self.units[u].drop.remote(v) for u, v in shard(ids, len(self.units)).items()]
 
+    @ray.method(concurrency_group="update")
     def close(self) -> None:
         with self.changed:
             self.closed = True
             self.changed.notify_all()
 
+    @ray.method(concurrency_group="update")
     def is_closed(self) -> bool:
         return self.closed
 
+    @ray.method(concurrency_group="update")
     def stats(self) -> dict[str, Any]:
         with self.changed:
             return self._stats()

@@ -398,15 +398,13 @@ class Trainer:
             opt.step()
             self.version = step + 1
             self.publish(store)
-            self.unrecorded.append(({"step": step, "version": self.version, "wall": time.time(),
-                               "seconds": time.perf_counter() - t0, "samples": trained, "tokens": tokens,
-                               "reward": sum(rewards) / len(rewards) if rewards else None,
-                               "max_staleness": max(staleness) if staleness else 0, "staleness": staleness,
-                               "is_weight_min": min(weights) if weights else None,
-                               "is_weight_max": max(weights) if weights else None,
-                               "kl": sum(kls) / len(kls) if kls else 0.0,
-                               "queue_latency_s": max(latency) if latency else None},
-                                     tq.clear_partition(step, wait=False)))
+            row = {"step": step, "version": self.version, "wall": time.time(), "seconds": time.perf_counter() - t0,
+                   "samples": trained, "tokens": tokens, "reward": sum(rewards) / len(rewards) if rewards else None,
+                   "max_staleness": max(staleness) if staleness else 0, "staleness": staleness,
+                   "is_weight_min": min(weights) if weights else None,
+                   "is_weight_max": max(weights) if weights else None, "kl": sum(kls) / len(kls) if kls else 0.0,
+                   "queue_latency_s": max(latency) if latency else None}
+            self.unrecorded.append((row, tq.clear_partition(step, wait=False)))
             self._record()
         self._record(block=True)
         ray.get(self.published)

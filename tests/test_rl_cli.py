@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -91,13 +93,16 @@ def test_pliant_rl_runs_as_a_ray_job_on_an_existing_cluster(tmp_path):
     rl` with `resources.ray_address: auto`, which joins that cluster instead of starting one."""
     bin_dir = Path(sys.executable).parent
     dash = free_port()
+    # its own temp dir (short: Ray's socket paths must fit 107 bytes): the head's address file
+    # goes there, not to /tmp/ray, where every later ray.init() on this machine would find it
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN": secrets.token_hex(32)}  # the head and the client share one token
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen([str(bin_dir / "ray"), "start", "--head", "--block", "--num-cpus", "2",
                              "--port", str(free_port()), "--dashboard-port", str(dash), "--include-dashboard", "true",
-                             "--disable-usage-stats"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                             "--disable-usage-stats", "--temp-dir", temp_dir], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.monotonic() + 120
@@ -124,3 +129,4 @@ def test_pliant_rl_runs_as_a_ray_job_on_an_existing_cluster(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(30)
+        shutil.rmtree(temp_dir, ignore_errors=True)

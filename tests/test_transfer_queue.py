@@ -10,7 +10,7 @@ import pytest
 import ray
 import torch
 
-from pliant.rl.transfer_queue import QueueIndex, TransferQueue
+from pliant.rl.transfer_queue import WAIT_THREADS, QueueIndex, TransferQueue
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -215,3 +215,17 @@ def test_linger_ends_at_once_when_nothing_more_is_on_its_way(ray_cluster):
     t = time.monotonic()
     assert tq.get("reward", ["x"], min_n=1, max_n=4, timeout=5, linger_s=5.0).ids == ids
     assert time.monotonic() - t < 2.0
+
+
+def test_more_waiting_consumers_than_threads_do_not_starve_producers(ray_cluster):
+    # the controller is a threaded actor: waiting claims hold its claim threads, but
+    # producers allocate and mark in thread groups of their own
+    tq = TransferQueue.create(capacity=256, tasks=["t"])
+    n = WAIT_THREADS + 6
+    claims = [tq.controller.claim.remote("t", ["x"], 1, 1, 30.0) for _ in range(n)]
+    time.sleep(0.5)  # every claim thread is waiting, and 6 claims queue behind them
+    t = time.monotonic()
+    tq.put(tq.allocate(n, group_size=1, timeout=20), {"x": list(range(n))})
+    got = ray.get(claims, timeout=25)
+    assert time.monotonic() - t < 20, "producers waited for the claims' timeouts"
+    assert sorted(i for ids in got for i in ids) == list(range(n))
