@@ -57,9 +57,10 @@ def summarize(records: list[dict], eval_prompts: int | None = None) -> dict[str,
         return [by_seed[(name, s)]["eval_reward_after"] - by_seed[(name, s)]["eval_reward_before"] for s in seeds
                 if (name, s) in by_seed and by_seed[(name, s)].get("eval_reward_after") is not None]
 
-    if gains("sync"):
-        summary["reward_gain_sync"] = statistics.median(gains("sync"))
-        summary["reward_gain_sync_per_seed"] = gains("sync")
+    sync_gains = gains("sync")
+    if sync_gains:
+        summary["reward_gain_sync"] = statistics.median(sync_gains)
+        summary["reward_gain_sync_per_seed"] = sync_gains
     if eval_prompts and sync["eval_reward_after"] is not None:
         p = sync["eval_reward_after"]
         summary["reward_eval_se"] = (p * (1 - p) / eval_prompts) ** 0.5
@@ -72,11 +73,12 @@ def summarize(records: list[dict], eval_prompts: int | None = None) -> dict[str,
         summary[f"samples_ratio_{k}"] = m["samples_per_s"] / sync["samples_per_s"]
         summary[f"throughput_ratio_{k}_per_seed"] = [
             by_seed[(name, s)]["tokens_per_s"] / by_seed[("sync", s)]["tokens_per_s"]
-            for s in sorted({r["seed"] for r in records}) if (name, s) in by_seed and ("sync", s) in by_seed]
+            for s in seeds if (name, s) in by_seed and ("sync", s) in by_seed]
         summary[f"reward_async_{k}"] = m["eval_reward_after"]
-        if gains(name):
-            summary[f"reward_gain_async_{k}"] = statistics.median(gains(name))
-            summary[f"reward_gain_async_{k}_per_seed"] = gains(name)
+        mode_gains = gains(name)
+        if mode_gains:
+            summary[f"reward_gain_async_{k}"] = statistics.median(mode_gains)
+            summary[f"reward_gain_async_{k}_per_seed"] = mode_gains
         summary[f"train_reward_last_async_{k}"] = m["train_reward_last"]
     return {"modes": modes, "summary": summary}
 

@@ -89,14 +89,16 @@ class Dispatcher:
 ALIGN = 8  # bytes: every tensor starts at a multiple, so its bytes view as its dtype
 
 
+def _padded(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
+
+
 def pack_weights(model: torch.nn.Module) -> np.ndarray:
     """The model's state (parameters and buffers, in state_dict order) as one byte array."""
     parts = []
     for t in model.state_dict().values():
         raw = t.detach().contiguous().reshape(-1).view(torch.uint8).cpu()
-        parts.append(raw)
-        if len(raw) % ALIGN:
-            parts.append(torch.zeros(ALIGN - len(raw) % ALIGN, dtype=torch.uint8))
+        parts += [raw, torch.zeros(_padded(len(raw)) - len(raw), dtype=torch.uint8)]
     return torch.cat(parts).numpy()
 
 
@@ -106,7 +108,7 @@ def load_weights(model: torch.nn.Module, packed: np.ndarray) -> None:
         warnings.simplefilter("ignore", UserWarning)
         data = torch.from_numpy(packed)
     state = model.state_dict()
-    need = sum(-(-t.numel() * t.element_size() // ALIGN) * ALIGN for t in state.values())
+    need = sum(_padded(t.numel() * t.element_size()) for t in state.values())
     if need != data.numel():
         raise ValueError(f"packed weights have {data.numel()} bytes, the model's state needs {need}")
     off = 0
@@ -114,7 +116,7 @@ def load_weights(model: torch.nn.Module, packed: np.ndarray) -> None:
         for t in state.values():
             n = t.numel() * t.element_size()
             t.copy_(data[off:off + n].view(t.dtype).view(t.shape))
-            off += -(-n // ALIGN) * ALIGN
+            off += _padded(n)
 
 
 @ray.remote(num_cpus=0, enable_task_events=False)

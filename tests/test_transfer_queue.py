@@ -229,3 +229,14 @@ def test_more_waiting_consumers_than_threads_do_not_starve_producers(ray_cluster
     got = ray.get(claims, timeout=25)
     assert time.monotonic() - t < 20, "producers waited for the claims' timeouts"
     assert sorted(i for ids in got for i in ids) == list(range(n))
+
+
+def test_reads_acknowledged_later_free_room_with_the_next_claim_or_ack(ray_cluster):
+    tq = TransferQueue.create(capacity=2, tasks=["t"])
+    tq.put(tq.allocate(2, group_size=1), {"x": [0, 1]})
+    assert len(tq.get("t", ["x"], 1, 1, timeout=5, ack_later=True)) == 1
+    assert tq.stats()["held"] == 2  # read, not yet acknowledged: still held
+    tq.get("t", ["x"], 1, 1, timeout=5, ack_later=True)  # this claim carries the first one's done_reading
+    assert tq.stats()["held"] == 1
+    tq.ack("t")
+    assert tq.stats()["held"] == 0
