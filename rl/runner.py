@@ -110,15 +110,30 @@ def check_side_workers(side: dict, trainer_done: list) -> None:
             raise RuntimeError(f"the {name} worker stopped before the last step")
 
 
-def warm_start(trainer, cache: Path | None) -> list[float]:
-    """The supervised warm start in the run's trainer, or the cached one (every mode of a
-    seed starts from the same policy); returns the supervised losses ([] from the cache)."""
-    cached = torch.load(cache) if cache is not None and cache.is_file() else None
+def warm_start_key(cfg, seed: int) -> dict[str, Any]:
+    """What a warm start depends on: a cached one made with anything else is not reused."""
+    rl = cfg.rl
+    return {"model": cfg.model.model_dump(mode="json"), "task": cfg.task.model_dump(mode="json"), "seed": seed,
+            **{name: getattr(rl, name) for name in ("sft_steps", "sft_batch", "sft_lr", "sft_warmup_steps",
+                                                    "grad_clip")}}
+
+
+def warm_start(trainer, cache: Path | None, key: dict[str, Any] | None = None) -> list[float]:
+    """The supervised warm start in the run's trainer, or the cached one made with the same
+    `key` (every mode of a seed starts from the same policy); returns the supervised losses
+    ([] from the cache). The cache is written atomically."""
+    cached = None
+    if cache is not None and cache.is_file():
+        saved = torch.load(cache)
+        if isinstance(saved, dict) and saved.get("key") == key and "state" in saved:
+            cached = saved["state"]
+        else:
+            log(f"warm start cache {cache} was made with other settings: warm-starting again")
     state, losses = ray.get(trainer.warm_start.remote(cached))
     if cached is None and cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")
-        torch.save(state, tmp)
+        torch.save({"key": key, "state": state}, tmp)
         tmp.replace(cache)
     return losses
 
@@ -146,7 +161,7 @@ def run(cfg, run_dir: Path, mode: str | None = None, staleness: int | None = Non
     store = WeightStore.remote()
     trainer = Trainer.options(num_cpus=res.trainer.num_cpus, num_gpus=res.trainer.num_gpus).remote(
         cfg.model, rl, CopyTask.from_spec(cfg.task, seed=10_000 + seed), res.trainer.threads, seed)
-    sft_losses = warm_start(trainer, sft_cache)
+    sft_losses = warm_start(trainer, sft_cache, warm_start_key(cfg, seed))
     if sft_losses:
         log(f"warm start: {len(sft_losses)} supervised steps, loss {sft_losses[0]:.3f} -> {sft_losses[-1]:.3f}")
     held_out = CopyTask.from_spec(cfg.task, seed=EVAL_SEED).prompts(rl.eval_prompts)

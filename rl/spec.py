@@ -48,11 +48,13 @@ class RLSpec(_Strict):
     steps: PositiveInt = 40  # optimizer steps (policy versions) to train
     prompts_per_step: PositiveInt = 8
     group_size: PositiveInt = 4  # responses per prompt (GRPO group)
-    micro_batch_groups: PositiveInt = 2  # groups the trainer takes from the queue at a time
+    # at most this many groups per trainer forward (async takes whatever whole groups are ready, up to it)
+    micro_batch_groups: PositiveInt = 2
     rollout_slots: PositiveInt = 16  # sequences a rollout worker decodes together
     # the reference and reward workers take up to score_batch_groups groups per queue call,
-    # waiting up to score_linger_s for them once one is ready (fewer calls per sample: each
-    # costs about a millisecond of CPU on each side; 0: take what is ready)
+    # waiting up to score_linger_s for them once one is ready while more of the oldest step
+    # is on its way (fewer calls per sample: each costs about a millisecond of CPU on each
+    # side; 0: take what is ready)
     score_batch_groups: PositiveInt = 4
     score_linger_s: NonNegativeFloat = 0.1
     temperature: PositiveFloat = 1.0
@@ -65,6 +67,7 @@ class RLSpec(_Strict):
     sft_steps: NonNegativeInt = 300  # supervised warm start before RL
     sft_batch: PositiveInt = 16
     sft_lr: PositiveFloat = 3e-3
+    sft_warmup_steps: NonNegativeInt = 40  # linear warm-up of the supervised lr (grad_clip applies too)
     reward_fn: str = "pliant.rl.task:reward"  # module:function(prompt, response) -> float
     eval_prompts: NonNegativeInt = 256  # held-out prompts scored before and after RL (0: none)
     queue_capacity: PositiveInt | None = None  # default: (staleness + 2) x the step's samples

@@ -127,6 +127,32 @@ class QueueIndex:
                 coming += 1
         return ready, coming
 
+    def ready_in_groups(self, task: str, needed: set[str], partition: int | None = None) -> int:
+        """Samples `task` could claim as whole groups now (every member of the group ready)."""
+        whole: dict[int, bool] = {}
+        for meta in self.samples.values():
+            if partition is not None and meta.partition != partition:
+                continue
+            whole[meta.group] = whole.get(meta.group, True) and self._ready(meta, task, needed)
+        return sum(len(self.groups[g]) for g, ok in whole.items()
+                   if ok and len(self.groups[g]) == self.samples[self.groups[g][0]].group_size)
+
+    def head_coming(self, task: str, needed: set[str], partition: int | None = None) -> tuple[int, int]:
+        """(samples ready for `task`, samples still coming in the oldest partition that has
+        ready ones): a batch lingering for more of later partitions would hold up the
+        consumer downstream waiting for the oldest one to finish."""
+        ready, by_partition = 0, defaultdict(int)
+        head = None
+        for meta in self.samples.values():
+            if task in meta.consumed or (partition is not None and meta.partition != partition):
+                continue
+            if needed <= meta.fields:
+                ready += 1
+                head = meta.partition if head is None else min(head, meta.partition)
+            else:
+                by_partition[meta.partition] += 1
+        return ready, by_partition[head] if head is not None else 0
+
     def claim(self, task: str, fields: Iterable[str], max_n: int, whole_groups: bool = False,
               partition: int | None = None) -> list[int]:
         """Up to max_n ready samples not yet consumed by `task`, oldest first, now marked
@@ -267,7 +293,8 @@ class Controller:
               whole_groups: bool = False, partition: int | None = None, linger_s: float = 0.0,
               read: list[int] | None = None) -> list[int]:
         """Wait until min_n samples are ready for `task` (or the queue is closed), then (up to
-        `linger_s` more, while more are on their way: allocated, not written yet) for max_n,
+        `linger_s` more, while more of the oldest ready samples' partition is on its way:
+        allocated, not written yet) for max_n,
         and claim up to max_n of them; [] when the timeout passes with fewer than min_n ready
         (a sync consumer asking for the whole batch never gets part of it). `read`: samples
         this consumer claimed before and has read since (their done_reading, carried by this
@@ -277,10 +304,12 @@ class Controller:
         needed = set(fields)
 
         def ready() -> int:
+            if whole_groups:
+                return self.index.ready_in_groups(task, needed, partition)
             return self.index.pending(task, needed, partition)[0]
 
         def lingered() -> bool:
-            now, coming = self.index.pending(task, needed, partition)
+            now, coming = self.index.head_coming(task, needed, partition)
             return self.closed or now >= max_n or not coming
 
         with self.changed:

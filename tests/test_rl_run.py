@@ -157,3 +157,18 @@ def test_a_dead_reward_worker_stops_the_run_with_its_error(ray_cluster, sft, tmp
     cfg = config(rl={"reward_fn": "test_rl_run:dying_reward"})
     with pytest.raises(RuntimeError, match="the reward worker failed"):
         runner.run(cfg, tmp_path, mode="async", staleness=1, sft_cache=sft)
+
+
+def test_a_cached_warm_start_is_reused_only_with_the_settings_that_made_it(ray_cluster, tmp_path):
+    from pliant.rl.task import CopyTask
+    from pliant.rl.workers import Trainer
+
+    cfg, cache = config(), tmp_path / "warm.pt"
+    trainer = Trainer.remote(cfg.model, cfg.rl, CopyTask.from_spec(cfg.task, seed=1), 1, 0)
+    key = runner.warm_start_key(cfg, 0)
+    assert len(runner.warm_start(trainer, cache, key)) == cfg.rl.sft_steps  # made, then cached
+    assert runner.warm_start(trainer, cache, key) == []  # the same settings: reused
+    other = runner.warm_start_key(config(rl={"sft_lr": 1e-3}), 0)
+    assert len(runner.warm_start(trainer, cache, other)) == cfg.rl.sft_steps  # other settings: made again
+    assert len(runner.warm_start(trainer, cache, runner.warm_start_key(cfg, 1))) == cfg.rl.sft_steps  # other seed
+    ray.kill(trainer)

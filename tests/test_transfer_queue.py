@@ -45,6 +45,17 @@ def test_whole_groups_only():
     assert q.claim("t", ["x"], 4, whole_groups=True) == ids[:4]
 
 
+def test_ready_in_groups_counts_only_whole_ready_groups():
+    q = QueueIndex(16, ["t"])
+    ids = q.allocate(8, 0, group_size=4)
+    other = q.allocate(4, 1, group_size=4)
+    q.mark_ready(ids[:3] + ids[4:] + other, ["x"])
+    assert q.ready_in_groups("t", {"x"}) == 8 and q.ready_in_groups("t", {"x"}, partition=0) == 4
+    assert q.pending("t", {"x"}, partition=0) == (7, 1)
+    q.claim("t", ["x"], 4, whole_groups=True)
+    assert q.ready_in_groups("t", {"x"}, partition=0) == 0
+
+
 def test_capacity_and_release_after_every_task_has_read():
     q = QueueIndex(4, ["a", "b"])
     ids = q.allocate(4, 0, 2)
@@ -120,6 +131,9 @@ def test_streaming_a_consumer_gets_a_micro_batch_before_the_batch_is_done(ray_cl
     batch = tq.get("trainer", ["x"], min_n=2, max_n=8, timeout=10, whole_groups=True)
     assert batch.ids == ids[:2]
     assert tq.get("trainer", ["x"], min_n=1, max_n=8, timeout=0.3).ids == []  # nothing else ready: timeout
+    tq.put(ids[2:3], {"x": [3]})  # half a group: a whole-group claim goes on waiting for the rest
+    threading.Timer(0.3, lambda: tq.put(ids[3:4], {"x": [4]})).start()
+    assert tq.get("trainer", ["x"], min_n=2, max_n=8, timeout=10, whole_groups=True).ids == ids[2:4]
 
 
 @ray.remote(num_cpus=0)
@@ -215,6 +229,23 @@ def test_linger_ends_at_once_when_nothing_more_is_on_its_way(ray_cluster):
     t = time.monotonic()
     assert tq.get("reward", ["x"], min_n=1, max_n=4, timeout=5, linger_s=5.0).ids == ids
     assert time.monotonic() - t < 2.0
+
+
+def test_linger_ends_when_the_oldest_partition_is_complete_though_later_ones_are_coming(ray_cluster):
+    # (async: step b's last group must not wait for step b+1's groups, already under way,
+    # while the trainer waits for step b)
+    tq = TransferQueue.create(capacity=8, tasks=["reward"])
+    last = tq.allocate(2, partition=3, group_size=2)
+    tq.allocate(4, partition=4, group_size=2)  # the next step's groups, decoding
+    tq.put(last, {"x": [0, 1]})
+    t = time.monotonic()
+    assert tq.get("reward", ["x"], min_n=1, max_n=4, timeout=5, linger_s=5.0).ids == last
+    assert time.monotonic() - t < 2.0
+    more = tq.allocate(2, partition=5, group_size=2)
+    first = tq.allocate(2, partition=5, group_size=2)
+    tq.put(first, {"x": [2, 3]})  # partition 5 has more coming: the linger waits for it
+    threading.Timer(0.3, lambda: tq.put(more, {"x": [4, 5]})).start()
+    assert sorted(tq.get("reward", ["x"], min_n=1, max_n=4, timeout=5, linger_s=5.0).ids) == sorted(first + more)
 
 
 def test_more_waiting_consumers_than_threads_do_not_starve_producers(ray_cluster):
