@@ -77,14 +77,17 @@ def rl_label(row: dict) -> str:
 def render_rl(run_dirs: list[Path], out: Path) -> Path:
     """RL runs (`pliant rl`, `pliant bench rl`): the training reward per step against wall
     time and against samples trained, one colour per mode, one line per run (mean of the
-    last 3 steps)."""
+    last 3 steps); a mode with 3 or more runs (seeds) also gets its median over runs, step by
+    step, as a thick line."""
+    import statistics
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
-    colours: dict[str, str] = {}
+    curves: dict[str, list[tuple[list[float], list[float], list[float]]]] = {}
     for run_dir in run_dirs:
         every = load_metrics(run_dir)
         if not is_rl(every):
@@ -98,14 +101,22 @@ def render_rl(run_dirs: list[Path], out: Path) -> Path:
         rows, samples = [every[i] for i in keep], [samples[i] for i in keep]
         if not rows:
             continue
-        label = rl_label(rows[0])
-        new = label not in colours
-        colours.setdefault(label, f"C{len(colours)}")
         smooth = [sum(r["reward"] for r in rows[max(0, i - 2):i + 1]) / len(rows[max(0, i - 2):i + 1])
                   for i in range(len(rows))]
-        kw = {"color": colours[label], "lw": 1.3, "alpha": 0.8, "label": label if new else None}
-        ax1.plot([r["wall"] - t0 for r in rows], smooth, **kw)
-        ax2.plot(samples, smooth, **kw)
+        curves.setdefault(rl_label(rows[0]), []).append(([r["wall"] - t0 for r in rows], samples, smooth))
+    for n, (label, runs) in enumerate(curves.items()):
+        colour, many = f"C{n}", len(runs) >= 3
+        for i, (wall, samples, smooth) in enumerate(runs):
+            kw = {"color": colour, "lw": 0.8 if many else 1.3, "alpha": 0.25 if many else 0.8,
+                  "label": None if many or i else label}
+            ax1.plot(wall, smooth, **kw)
+            ax2.plot(samples, smooth, **kw)
+        if many:
+            steps = min(len(run[2]) for run in runs)
+            med = [[statistics.median(run[j][i] for run in runs) for i in range(steps)] for j in range(3)]
+            kw = {"color": colour, "lw": 2.4, "label": f"{label} (median of {len(runs)})"}
+            ax1.plot(med[0], med[2], **kw)
+            ax2.plot(med[1], med[2], **kw)
     ax1.set_xlabel("wall time (s)")
     ax2.set_xlabel("samples trained")
     ax1.set_ylabel("training reward (mean of 3 steps)")
