@@ -30,7 +30,9 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "highs": ["highspy>=1.7"],  # the planner's MILP uses HiGHS when present, else PuLP's bundled CBC
+        # the planner's MILP uses HiGHS when present, else PuLP's bundled CBC; highspy 1.16 prints its
+        # banner to stdout on every new solver, before PuLP can turn its output off
+        "highs": ["highspy>=1.7,<1.16"],
         # ray[default]: the dashboard's job server, for the `ray job submit -- pliant rl` test
         "test": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100", "ray[default]>=2.9"],
         "bench": ["torchft>=0.2"],  # pliant bench faults runs torchft side by side
