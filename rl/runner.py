@@ -118,7 +118,7 @@ def warm_start_key(cfg, seed: int) -> dict[str, Any]:
                                                     "grad_clip")}}
 
 
-def warm_start(trainer, cache: Path | None, key: dict[str, Any] | None = None) -> list[float]:
+def warm_start(trainer, cache: Path | None, key: dict[str, Any]) -> list[float]:
     """The supervised warm start in the run's trainer, or the cached one made with the same
     `key` (every mode of a seed starts from the same policy); returns the supervised losses
     ([] from the cache). The cache is written atomically."""

@@ -28,7 +28,7 @@ from __future__ import annotations
 import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import ray
 
@@ -127,15 +127,21 @@ class QueueIndex:
                 coming += 1
         return ready, coming
 
+    def _ready_groups(self, task: str, needed: set[str], partition: int | None = None) -> Iterator[list[int]]:
+        """The members of every whole group (all group_size members allocated) whose members
+        are all ready for `task`, oldest first."""
+        seen: set[int] = set()
+        for meta in self.samples.values():
+            if meta.group in seen or (partition is not None and meta.partition != partition):
+                continue
+            seen.add(meta.group)
+            members = self.groups[meta.group]
+            if len(members) == meta.group_size and all(self._ready(self.samples[i], task, needed) for i in members):
+                yield members
+
     def ready_in_groups(self, task: str, needed: set[str], partition: int | None = None) -> int:
         """Samples `task` could claim as whole groups now (every member of the group ready)."""
-        whole: dict[int, bool] = {}
-        for meta in self.samples.values():
-            if partition is not None and meta.partition != partition:
-                continue
-            whole[meta.group] = whole.get(meta.group, True) and self._ready(meta, task, needed)
-        return sum(len(self.groups[g]) for g, ok in whole.items()
-                   if ok and len(self.groups[g]) == self.samples[self.groups[g][0]].group_size)
+        return sum(len(members) for members in self._ready_groups(task, needed, partition))
 
     def head_coming(self, task: str, needed: set[str], partition: int | None = None) -> tuple[int, int]:
         """(samples ready for `task`, samples still coming in the oldest partition that has
@@ -162,14 +168,8 @@ class QueueIndex:
         needed = set(fields)
         out: list[int] = []
         if whole_groups:
-            seen: set[int] = set()
-            for meta in self.samples.values():
-                if meta.group in seen or (partition is not None and meta.partition != partition):
-                    continue
-                seen.add(meta.group)
-                members = self.groups[meta.group]
-                if len(members) == meta.group_size and len(out) + len(members) <= max_n and all(
-                        self._ready(self.samples[i], task, needed) for i in members):
+            for members in self._ready_groups(task, needed, partition):
+                if len(out) + len(members) <= max_n:
                     out += members
         else:
             for meta in self.samples.values():
