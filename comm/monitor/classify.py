@@ -252,6 +252,9 @@ class JobPicture:
                 sigs[row.signature].append(r)
             if len(sigs) < 2:
                 continue
+            sizes = sorted(map(len, sigs.values()), reverse=True)
+            if sizes[0] == sizes[1] and len(members) < len(group):
+                continue  # a tie so far (e.g. one rank of each kind): the rest of the group tells which is odd
             majority = max(sigs.values(), key=len)
             culprits = sorted(r for rs in sigs.values() if rs is not majority for r in rs)
             rows = list(members.values())
