@@ -28,13 +28,21 @@ setup(
         "pyyaml>=6",
         "rich>=13",
         "matplotlib>=3.7",
+        # the Hugging Face ecosystem: model directories in and out, tokenizers, corpora
+        "transformers>=4.56",
+        "tokenizers>=0.21",
+        "safetensors>=0.4",
+        "pyarrow>=15",  # JSONL / JSONL.gz / Parquet reading for `pliant data prepare`
+        "tensorboard>=2.14",  # train.tensorboard
     ],
     extras_require={
         # the planner's MILP uses HiGHS when present, else PuLP's bundled CBC; highspy 1.16 prints its
         # banner to stdout on every new solver, before PuLP can turn its output off
         "highs": ["highspy>=1.7,<1.16"],
         # ray[default]: the dashboard's job server, for the `ray job submit -- pliant rl` test
-        "test": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100", "ray[default]>=2.9"],
+        "test": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100", "ray[default]>=2.9",
+                 # the oracle for Megatron's indexed dataset format (CPU)
+                 "megatron-core>=0.12"],
         "bench": ["torchft>=0.2"],  # pliant bench faults runs torchft side by side
     },
     entry_points={"console_scripts": ["pliant=pliant.launch.cli:main"]},

@@ -105,9 +105,16 @@ class ClusterSpec(_Strict):
 
 
 class ModelSpec(_Strict):
-    """Model shape as the cost model sees it (the runtime builds the model from the same section)."""
+    """Model shape as the cost model sees it (the runtime builds the model from the same section).
+
+    With `hf_path` (a local Hugging Face model directory) the shape comes from its config.json
+    and the parameter count from its safetensors files: nobody types them twice, and a value
+    the job config also gives must agree with the directory's (planner/model_dir.py).
+    """
 
     name: str
+    hf_path: str | None = Field(default=None, description="local Hugging Face model directory (config.json, "
+                                                           "*.safetensors, tokenizer files); nothing is downloaded")
     layers: PositiveInt
     hidden: PositiveInt
     heads: PositiveInt
@@ -126,6 +133,17 @@ class ModelSpec(_Strict):
     zero_stage: Literal[0, 1, 2, 3]
     dtype: Literal["fp64", "fp32", "bf16", "fp16"]
     activation_checkpointing: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_model_dir(cls, data):
+        if isinstance(data, dict) and data.get("hf_path") is not None:
+            from .model_dir import fill_model_fields
+
+            if not isinstance(data["hf_path"], str):
+                raise ValueError(f"hf_path must be a directory path, got {data['hf_path']!r}")
+            return fill_model_fields(data)
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> "ModelSpec":

@@ -1,10 +1,11 @@
 """A decoder-only language model whose layer pattern mixes linear and softmax attention.
 
 The model holds no parallelism (torchtitan's rule): every forward receives a `SeqContext`
-saying which SP group runs this pack and how it is laid out, and the attention layers hand
-their q, k, v to the comm operators (LASP-2 for linear layers; Ulysses, or LASP-2H when the
-head count does not divide by the group size, for softmax layers). With a group of one the
-same code is plain single-device attention.
+(runtime/context.py) saying which SP group runs this pack and how it is laid out, and the
+attention layers hand their q, k, v to it: the context, not the model, picks the SP operator
+(LASP-2 for linear layers; Ulysses, or LASP-2H when the head count does not divide by the
+group size, for softmax layers). With a group of one the same code is plain single-device
+attention. Hugging Face models run under the same contract (runtime/hf.py).
 
 Pieces: RMSNorm, SwiGLU MLP, rotary positions in softmax layers, GQA, per-head exponential
 decay in linear layers (fixed rates, Lightning-attention style), an output RMSNorm per head
@@ -12,35 +13,23 @@ on linear layers (they have no softmax denominator to bound them).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pliant.comm import PackLayout, SPGroup, lasp2_attention, lasp2h_attention, ring_attention, ulysses_attention
 from pliant.comm.linear_local import default_decay_rates
 from pliant.planner.spec import ModelSpec
 
+from .context import SeqContext
 
-@dataclass(frozen=True)
-class SeqContext:
-    """The pack this rank runs now: the SP group, the chunk layout, and each local token's
-    position inside its own sequence (for rotary embeddings)."""
+__all__ = ["LM", "SeqContext", "lm_loss_sum", "rotary"]
 
-    group: SPGroup
-    layout: PackLayout
-    positions: torch.Tensor  # [local_tokens], int64
-
-    @classmethod
-    def build(cls, group: SPGroup, lengths, device: torch.device | str = "cpu") -> "SeqContext":
-        layout = PackLayout.from_lengths(lengths, group.size)
-        pos = [torch.arange(group.index * c, (group.index + 1) * c, device=device) for c in layout.chunks]
-        return cls(group, layout, torch.cat(pos))
+ROPE_THETA = 10000.0  # what `pliant export` writes as rope_theta / rms_norm_eps for this model
+RMS_EPS = 1e-6
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float = RMS_EPS):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
@@ -60,7 +49,7 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
-def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
+def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float = ROPE_THETA) -> torch.Tensor:
     """Rotary position embedding of x [T, H, d] at integer positions [T] (half-split form)."""
     d = x.shape[-1]
     half = d // 2
@@ -87,8 +76,7 @@ class SoftmaxAttention(nn.Module):
         q = rotary(self.q(x).view(T, self.heads, self.head_dim), ctx.positions)
         k = rotary(self.k(x).view(T, self.kv_heads, self.head_dim), ctx.positions)
         v = self.v(x).view(T, self.kv_heads, self.head_dim)
-        op = ulysses_attention if self.heads % ctx.group.size == 0 else lasp2h_attention
-        return self.o(op(q, k, v, ctx.layout, ctx.group).reshape(T, -1))
+        return self.o(ctx.softmax_attention(q, k, v).reshape(T, -1))
 
 
 class LinearAttention(nn.Module):
@@ -104,14 +92,13 @@ class LinearAttention(nn.Module):
         self.o = nn.Linear(inner, spec.hidden, bias=False)
         rates = default_decay_rates(spec.heads) if spec.linear_decay else None
         self.register_buffer("decay_rates", rates, persistent=False)
-        self.sp = ring_attention if spec.linear_sp == "ring" else lasp2_attention
 
     def forward(self, x: torch.Tensor, ctx: SeqContext) -> torch.Tensor:
         T = x.shape[0]
         q = F.silu(self.q(x)).view(T, self.heads, self.head_dim)
         k = F.silu(self.k(x)).view(T, self.heads, self.head_dim)
         v = self.v(x).view(T, self.heads, self.head_dim)
-        o = self.sp(q, k, v, ctx.layout, ctx.group, self.decay_rates)
+        o = ctx.linear_attention(q, k, v, self.decay_rates)
         o = self.norm(o).reshape(T, -1) * torch.sigmoid(self.gate(x))
         return self.o(o)
 

@@ -6,7 +6,7 @@ import torch
 
 from pliant.comm import PackLayout, SPGroup
 
-from .model import SeqContext
+from .context import SeqContext
 
 IGNORE = -100  # target of padding and of each sequence's last token
 
@@ -23,11 +23,11 @@ def real_targets(lengths) -> int:
     return int(sum(max(0, int(L) - 1) for L in lengths))
 
 
-def shard_pack(seqs: list[torch.Tensor], group: SPGroup, device: torch.device | str = "cpu"
-               ) -> tuple[torch.Tensor, torch.Tensor, SeqContext]:
+def shard_pack(seqs: list[torch.Tensor], group: SPGroup, device: torch.device | str = "cpu",
+               linear_sp: str = "lasp2") -> tuple[torch.Tensor, torch.Tensor, SeqContext]:
     """This rank's tokens and targets of a pack of whole sequences, and its SeqContext."""
     lengths = [len(s) for s in seqs]
     layout = PackLayout.from_lengths(lengths, group.size)
     tokens = layout.shard(seqs, group.index, pad_value=0).to(device)
     targets = layout.shard([next_token_targets(s) for s in seqs], group.index, pad_value=IGNORE).to(device)
-    return tokens, targets, SeqContext.build(group, lengths, device)
+    return tokens, targets, SeqContext.build(group, lengths, device, linear_sp)  # type: ignore[arg-type]

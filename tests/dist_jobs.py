@@ -152,3 +152,23 @@ def record_collectives(ctx, capacity):
               for e in snap["events"]]
     return {"events": events, "inflight_async": inflight_async, "inflight_after": len(snap["inflight"]),
             "step": snap["step"], "restored": restored}
+
+
+def hf_model_grads(ctx, model_dir, lengths, groups, seed):
+    """A Hugging Face model directory under pliant's SP: one micro-batch of a plan on this rank
+    (float64). Returns (local loss, {param name: grad}, local logits)."""
+    from pliant.runtime.hf import load_hf_model
+    from pliant.runtime.model import lm_loss_sum
+    from pliant.runtime.packing import real_targets, shard_pack
+
+    model = load_hf_model(model_dir, torch.float64)
+    seqs = batch_tokens(lengths, model.hf.config.vocab_size, seed)
+    norm = real_targets([len(s) for s in seqs])
+    start, size, ids = next((st, sz, ids) for st, sz, ids in groups if st <= ctx.rank < st + sz)
+    g = ctx.registry.get(start, size)
+    tokens, targets, sctx = shard_pack([seqs[i] for i in ids], g)
+    logits = model(tokens, sctx)
+    loss = lm_loss_sum(logits, targets) / norm
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.hf.named_parameters()}
+    return loss.detach(), grads, logits.detach(), sctx.softmax_operator(model.hf.config.num_attention_heads)

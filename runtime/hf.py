@@ -1,0 +1,184 @@
+"""Hugging Face models under pliant's SP, through transformers' attention-function registry.
+
+transformers owns the model definition: embeddings, RoPE with the family's `rope_theta` and
+`rope_scaling`, GQA, Qwen2's q/k/v biases, Qwen3's q/k norms, RMSNorm eps, tied embeddings.
+pliant registers one attention function, "pliant" (`AttentionInterface`, the hook DeepSpeed's
+ALST and verl use), and runs the model with it: every softmax layer hands it q, k, v, which
+transformers has already projected and rotated at the per-rank `position_ids` the runtime
+passes, and the function forwards them to the `SeqContext` the runtime attached to the call
+(`pliant_ctx=`), which picks Ulysses or LASP-2H for the step's group. No attention mask is
+built: the pack layout is the mask (causal, never across documents).
+
+Why the registry and not a port of each family into pliant's own code: the model stays
+transformers' own (the same code users fine-tune and export with), every family and RoPE
+variant transformers knows is right by construction, and the only piece pliant adds is the
+one SP already owns. pliant's own hybrid model calls the same `SeqContext` from its layers.
+
+`HFCausalLM` adapts a transformers model to pliant's model contract, `forward(tokens, ctx) ->
+logits`, for one packed rank-local sequence.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from pliant.planner.model_dir import HF_KEYS, ModelDir, ModelDirError, read_model_dir
+from pliant.planner.spec import ModelSpec
+
+from .context import SeqContext
+
+ATTENTION = "pliant"
+DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pliant_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask, scaling: float | None = None, dropout: float = 0.0, **kwargs):
+    """transformers' attention-function contract: q [1, H, T, d], k, v [1, Hkv, T, d] ->
+    ([1, T, H, d], None). The SP operator comes from the call's `pliant_ctx`."""
+    ctx: SeqContext | None = kwargs.get("pliant_ctx")
+    if ctx is None:
+        raise RuntimeError("the 'pliant' attention runs only under pliant's runtime: call the model with "
+                           "pliant_ctx=SeqContext(...) (HFCausalLM does)")
+    if query.shape[0] != 1:
+        raise ValueError(f"pliant attention takes one packed sequence per call (batch 1), got batch {query.shape[0]}")
+    if dropout:
+        raise ValueError(f"attention dropout {dropout} is not supported under pliant's SP attention")
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    if window is not None and max(ctx.layout.lengths) > window:
+        raise ValueError(f"a sequence of {max(ctx.layout.lengths)} tokens is longer than the model's sliding window "
+                         f"({window}); pliant's SP attention is full causal attention")
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, d]
+    out = ctx.softmax_attention(q, k, v, scale=scaling)
+    return out.unsqueeze(0), None
+
+
+def register_attention() -> None:
+    """Make "pliant" a valid `attn_implementation` (idempotent; every process that loads a model)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION, pliant_attention)
+
+
+class HFCausalLM(nn.Module):
+    """A transformers causal LM with pliant's model contract: this rank's packed tokens [T] and
+    the step's SeqContext -> logits [T, vocab]. The wrapped model is `self.hf`; its state dict
+    keys are the Hugging Face ones under the `hf.` prefix."""
+
+    def __init__(self, hf_model: nn.Module):
+        super().__init__()
+        self.hf = hf_model
+
+    def forward(self, tokens: torch.Tensor, ctx: SeqContext) -> torch.Tensor:
+        out = self.hf(input_ids=tokens[None], position_ids=ctx.positions[None], pliant_ctx=ctx, use_cache=False)
+        return out.logits[0]
+
+
+def _check_shapes(d: ModelDir, model: nn.Module) -> None:
+    """Every tensor of the directory against the shape the config gives (before any load)."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for name, t in d.tensors.items():
+        want = expected.get(name)
+        if want is not None and want != t.shape:
+            raise ModelDirError(f"{d.path / t.file}: tensor {name} has shape {list(t.shape)}, but config.json gives "
+                                f"{list(want)} ({', '.join(f'{HF_KEYS[k]}={v}' for k, v in _shape_keys(d).items())})")
+
+
+def _shape_keys(d: ModelDir) -> dict:
+    f = d.spec_fields()
+    return {k: f[k] for k in ("hidden", "heads", "kv_heads", "head_dim", "ffn_hidden", "vocab_size")}
+
+
+def check_tokenizer(path: Path, vocab_size: int) -> None:
+    """A tokenizer in the directory must not produce ids beyond the model's embedding."""
+    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+        return
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if len(tok) > vocab_size:
+        raise ModelDirError(f"{path}: the tokenizer has {len(tok)} tokens, more than the model's embedding "
+                            f"(vocab_size {vocab_size} in config.json): its ids would index past the embedding")
+
+
+def load_hf_model(path: str | Path, dtype: torch.dtype, device: torch.device | str = "cpu") -> HFCausalLM:
+    """The model of a Llama / Qwen2 / Qwen3 / Mistral directory with its weights, running its
+    softmax attention through pliant's SP operators."""
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    d = read_model_dir(path)
+    if d.is_pliant:
+        raise ModelDirError(f"{d.path} holds pliant's own model; build it with build_model")
+    register_attention()
+    config = AutoConfig.from_pretrained(d.path)
+    if getattr(config, "attention_dropout", 0.0):
+        raise ModelDirError(f"{d.path / 'config.json'}: attention_dropout = {config.attention_dropout}; pliant's SP "
+                            f"attention has no dropout (set it to 0.0)")
+    check_tokenizer(d.path, int(config.vocab_size))
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    _check_shapes(d, skeleton)
+    transformers.logging.set_verbosity_error()  # the per-load notices and progress bars: not once per rank
+    transformers.logging.disable_progress_bar()
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(d.path, dtype=dtype, attn_implementation=ATTENTION,
+                                                           output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelDirError(f"{d.path}: transformers could not load the model: {e}") from None
+    missing = [k for k in info.get("missing_keys", [])]
+    unexpected = [k for k in info.get("unexpected_keys", []) if not k.endswith("rotary_emb.inv_freq")]
+    mismatched = info.get("mismatched_keys", [])
+    if missing or unexpected or mismatched:
+        raise ModelDirError(f"{d.path}: the weights do not match config.json: missing {sorted(missing)[:6]}, "
+                            f"unexpected {sorted(unexpected)[:6]}, mismatched {list(mismatched)[:6]}")
+    model.config.use_cache = False
+    return HFCausalLM(model).to(device)
+
+
+def build_model(spec: ModelSpec, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+    """The model a job config describes: loaded from `hf_path` when given (a Hugging Face
+    directory, or one `pliant export` wrote of pliant's own model), else pliant's own hybrid
+    model, freshly initialised from the current torch seed."""
+    from .model import LM
+
+    dtype = dtype or DTYPES[spec.dtype]
+    if spec.hf_path is None:
+        return LM(spec).to(device=device, dtype=dtype)
+    d = read_model_dir(spec.hf_path)
+    if not d.is_pliant:
+        return load_hf_model(d.path, dtype, device)
+    return load_pliant_dir(d, spec, dtype, device)
+
+
+def load_pliant_dir(d: ModelDir, spec: ModelSpec, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+    from safetensors.torch import load_file
+
+    from .model import LM, ROPE_THETA, RMS_EPS
+
+    for key, ours in (("rope_theta", ROPE_THETA), ("rms_norm_eps", RMS_EPS)):
+        if d.config.get(key, ours) != ours:
+            raise ModelDirError(f"{d.path / 'config.json'}: {key} = {d.config[key]}; pliant's model implements {ours}")
+    with torch.device("meta"):
+        skeleton = LM(spec)
+    _check_shapes(d, skeleton)
+    state: dict[str, torch.Tensor] = {}
+    for f in dict.fromkeys(t.file for t in d.tensors.values()):
+        state.update(load_file(d.path / f))
+    model = LM(spec)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ModelDirError(f"{d.path}: the weights do not match config.json: missing {sorted(missing)[:6]}, "
+                            f"unexpected {sorted(unexpected)[:6]}")
+    return model.to(device=device, dtype=dtype)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The model whose state dict is exported: the transformers model inside HFCausalLM."""
+    return module.hf if isinstance(module, HFCausalLM) else module
+
+
+def model_config_json(path: str | Path) -> dict:
+    return json.loads((Path(path) / "config.json").read_text())

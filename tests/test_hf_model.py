@@ -1,0 +1,130 @@
+"""Hugging Face models under pliant's SP, with transformers as the oracle.
+
+For a tiny random-initialised model of each supported family (written by `save_pretrained`),
+pliant's forward and backward on a pack of documents of different lengths, on 4 real gloo
+ranks under plans with SP groups of 1, 2 and 4 (Ulysses, and LASP-2H where the heads do not
+divide the group), equal `AutoModelForCausalLM` run on each document on its own with its SDPA
+attention: logits and every parameter's gradient within 1e-9 relative, float64.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pliant.comm import PackLayout
+from pliant.planner.model_dir import ModelDirError, read_model_dir
+from pliant.planner.spec import ModelSpec
+from pliant.runtime.hf import load_hf_model
+from pliant.runtime.model import lm_loss_sum
+from pliant.runtime.packing import next_token_targets, real_targets
+from pliant.runtime.scaffold import FAMILIES, write_tiny_model
+
+from dist_jobs import batch_tokens
+
+LENGTHS = [37, 5, 64, 18, 3, 23]
+VOCAB = 97
+PLANS = {
+    "one group of 4": [(0, 4, [0, 1, 2, 3, 4, 5])],
+    "mixed 2+1+1": [(0, 2, [2, 1, 4]), (2, 1, [0]), (3, 1, [3, 5])],
+    "two groups of 2": [(0, 2, [0, 1, 5]), (2, 2, [2, 3, 4])],
+}
+# heads 4: Ulysses at every size; heads 6 (kv 2): Ulysses in groups of 2, LASP-2H in the group of 4
+SHAPES = {"heads4": {}, "heads6": {"hidden": 96, "heads": 6, "kv_heads": 2}}
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    return {(fam, shape): write_tiny_model(fam, root / f"{fam}-{shape}", VOCAB, seed=1, dtype=torch.float64,
+                                           **SHAPES[shape])
+            for fam in FAMILIES for shape in SHAPES}
+
+
+def reference(model_dir, lengths, seed):
+    """transformers on each document alone (SDPA attention; its eager path softmaxes in float32)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64, attn_implementation="sdpa")
+    seqs = batch_tokens(lengths, VOCAB, seed)
+    logits = [model(input_ids=s[None]).logits[0] for s in seqs]
+    loss = sum(lm_loss_sum(lg, next_token_targets(s)) for lg, s in zip(logits, seqs)) / real_targets(lengths)
+    loss.backward()
+    return loss.detach(), [lg.detach() for lg in logits], {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("plan", list(PLANS))
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sp_matches_transformers(pools, model_dirs, family, shape, plan):
+    model_dir = model_dirs[(family, shape)]
+    want_loss, want_logits, want_grads = reference(model_dir, LENGTHS, seed=3)
+    results = pools[4].run("dist_jobs:hf_model_grads", str(model_dir), LENGTHS, PLANS[plan], 3)
+    loss = sum(r[0] for r in results)
+    assert abs(loss - want_loss) <= 1e-9 * abs(want_loss)
+    # logits: every group's ranks hold chunks of its documents; reassemble each document
+    operators = set()
+    for start, size, ids in PLANS[plan]:
+        layout = PackLayout.from_lengths([LENGTHS[i] for i in ids], size)
+        docs = layout.unshard([results[r][2] for r in range(start, start + size)])
+        operators |= {results[r][3] for r in range(start, start + size)}
+        for i, got in zip(ids, docs):
+            rel = (got - want_logits[i]).abs().max() / want_logits[i].abs().max()
+            assert rel <= 1e-9, f"document {i} (group {start}+{size}): logits relative error {rel:.2e}"
+    if shape == "heads6" and plan == "one group of 4":
+        assert operators == {"lasp2h"}
+    elif shape == "heads4" or plan != "one group of 4":
+        assert "ulysses" in operators or all(size == 1 for _, size, _ in PLANS[plan])
+    worst = 0.0
+    for name, want in want_grads.items():
+        got = sum(r[1][name] for r in results)  # what the data-parallel reduction sums
+        rel = ((got - want).abs().max() / want.abs().max()).item()
+        worst = max(worst, rel)
+        assert rel <= 1e-9, f"{name}: gradient relative error {rel:.2e}"
+    print(f"{family} {shape} {plan}: loss {float(loss):.6f}, worst gradient relative error {worst:.1e}")
+
+
+def test_spec_comes_from_config_json(model_dirs):
+    d = model_dirs[("qwen3", "heads4")]
+    spec = ModelSpec(hf_path=str(d), zero_stage=1)
+    cfg = json.loads((d / "config.json").read_text())
+    assert (spec.layers, spec.hidden, spec.heads, spec.kv_heads, spec.head_dim, spec.ffn_hidden, spec.vocab_size) == (
+        cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"],
+        cfg["head_dim"], cfg["intermediate_size"], cfg["vocab_size"])
+    assert spec.head_dim != spec.hidden // spec.heads  # Qwen3's own head_dim, not derived
+    model = load_hf_model(d, torch.float64)
+    assert spec.params == sum(p.numel() for p in model.parameters())  # exact, tied embeddings once
+    assert spec.dtype == "fp64" and spec.attention == ["softmax"]
+    same = ModelSpec(hf_path=str(d), zero_stage=1, hidden=spec.hidden, heads=spec.heads)
+    assert same == spec
+    with pytest.raises(ValueError, match=r"hidden = 128 disagrees with the model directory: hidden_size = 64 in .*"
+                                         r"config.json"):
+        ModelSpec(hf_path=str(d), zero_stage=1, hidden=128)
+
+
+def test_bad_model_directories(model_dirs, tmp_path):
+    src = model_dirs[("llama", "heads4")]
+    with pytest.raises(ModelDirError, match="has no config.json"):
+        read_model_dir(tmp_path)
+    nocfg = tmp_path / "weights-only"
+    nocfg.mkdir()
+    (nocfg / "config.json").write_text((src / "config.json").read_text())
+    with pytest.raises(ModelDirError, match=r"has no weights \(no \*.safetensors"):
+        read_model_dir(nocfg)
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    with pytest.raises(ModelDirError, match=r"architecture 'GPT2LMHeadModel' .* is not supported; pliant runs "
+                                            r"LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"):
+        read_model_dir(gpt2)
+    # a tensor whose shape disagrees with the config
+    bad = tmp_path / "bad-shape"
+    bad.mkdir()
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["intermediate_size"] = 80
+    (bad / "config.json").write_text(json.dumps(cfg))
+    (bad / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes())
+    with pytest.raises(ModelDirError, match=r"model.safetensors: tensor model.layers.0.mlp.down_proj.weight has shape "
+                                            r"\[64, 96\], but config.json gives \[64, 80\]"):
+        load_hf_model(bad, torch.float64)
