@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pliant.comm import GroupRegistry, contiguous_layouts
     from pliant.launch.config import load_config
-    from pliant.launch.worker import init_distributed
+    from pliant.runtime.distributed import init_distributed
     from pliant.planner import Planner
     from pliant.runtime.engine import Trainer
 
@@ -89,9 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"pliant bench train: no uniform degree > 1 holds max_len={max_len}")
     modes = {"adaptive": {"plan": "adaptive"}, **{f"static-{s}": {"plan": "static", "static_degree": s}
                                                    for s in degrees}, "dp": {"plan": "dp"}}
-    trainers = {name: Trainer(c, cfg.model, cfg.cost, cfg.planner,
-                              cfg.train.model_copy(update={"steps": total, **upd}), cfg.data, registry=registry)
-                for name, upd in modes.items()}
+    trainers = {name: Trainer.from_config(cfg, registry=registry, steps=total, **upd) for name, upd in modes.items()}
     records: list[dict] = []
     try:
         for rnd in range(args.rounds):

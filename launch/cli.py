@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", default=None, help="PNG path (default: the first RUN_DIR/report.png)")
 
     sub.add_parser("dists", help="list the named length distributions")
+    from pliant.launch.model_cmds import add_model_commands
+
+    add_model_commands(sub)
     return parser
 
 
@@ -271,7 +274,11 @@ def cmd_dists(_: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from pliant.launch.config import ConfigError
+    from pliant.launch.model_cmds import run_model_command
+    from pliant.planner.model_dir import ModelDirError
     from pliant.rl.spec import RLConfigError
+    from pliant.runtime.data import DataError
+    from pliant.runtime.errors import ExportError
 
     args = build_parser().parse_args(argv)
     if hasattr(args, "config_default"):
@@ -281,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_plan(args)
         if args.command == "dists":
             return cmd_dists(args)
+        rc = run_model_command(args)
+        if rc is not None:
+            return rc
         if args.command == "report":
             from pliant.launch.report import render_any
 
@@ -306,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_bench_rl(args)
         if args.command == "bench" and args.bench == "comm":
             return cmd_bench_comm(args)
-    except (ConfigError, PlanningError, RLConfigError) as e:
+    except (ConfigError, PlanningError, RLConfigError, ModelDirError, DataError, ExportError) as e:
         print(f"pliant: error: {e}", file=sys.stderr)
         return 2
     return 1

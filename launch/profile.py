@@ -64,13 +64,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from pliant.comm import GroupRegistry, contiguous_layouts
     from pliant.launch.config import load_config
-    from pliant.launch.worker import init_distributed
+    from pliant.runtime.distributed import init_distributed
     from pliant.planner import Planner
     from pliant.planner.cost import CostModel
     from pliant.planner.spec import BandwidthSpec, CostSpec
     from pliant.runtime import profiler as prof
-    from pliant.runtime.engine import DTYPES, Trainer, rank_device
-    from pliant.runtime.model import LM
+    from pliant.runtime.engine import Trainer, rank_device
+    from pliant.runtime.hf import build_model
 
     cfg = load_config(args.config)
     init_distributed(cfg.cluster)
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     planner = Planner.from_specs(c, cfg.model, cfg.cost, cfg.planner)
     registry = GroupRegistry(contiguous_layouts(world, c.devices_per_node, planner.sizes))
     torch.manual_seed(0)
-    model = LM(cfg.model).to(device=device, dtype=DTYPES[cfg.model.dtype])
+    model = build_model(cfg.model, device)  # the job's model (model.hf_path when given), outside DeepSpeed
     max_len = cfg.train.max_len or 4096
     repeats = 1 if args.quick else args.repeats
     say = print if rank == 0 else (lambda *a, **k: None)
@@ -116,9 +116,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # calibration: real steps with the fitted coefficients, on batches the benchmarks do not use
     steps = max(3, args.calibration_steps)
-    train = cfg.train.model_copy(update={"steps": max(steps, cfg.train.steps)})
-    data = cfg.data.model_copy(update={"seed": cfg.data.seed + 7919})
-    trainer = Trainer(cluster, cfg.model, cost, cfg.planner, train, data, registry=registry)
+    calibration = cfg.model_copy(update={"cluster": cluster, "cost": cost,
+                                         "data": cfg.data.model_copy(update={"seed": cfg.data.seed + 7919})})
+    trainer = Trainer.from_config(calibration, registry=registry, steps=max(steps, cfg.train.steps))
     try:
         results = [trainer.train_step() for _ in range(steps)]
     finally:

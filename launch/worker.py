@@ -3,57 +3,10 @@ that sets RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT)."""
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
 import sys
-import time
 from pathlib import Path
 
-import torch
-
-
-class StepProgress:
-    """A progress bar on a terminal; a line every few steps in logs."""
-
-    def __init__(self, total: int):
-        import sys
-
-        self.total = total
-        self.every = max(1, total // 20)
-        self.live = sys.stderr.isatty()
-        if self.live:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self._bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                 TextColumn("{task.description}"), console=Console(stderr=True))
-            self._task = self._bar.add_task("", total=total)
-            self._bar.start()
-
-    def update(self, r) -> None:
-        mix = " ".join(f"{n}x{s}" for s, n in sorted(r.group_mix.items()))
-        text = (f"loss {r.loss:.4f}  step {r.seconds:.2f}s (predicted {r.predicted_s:.2f}s)  groups {mix}  "
-                f"micro-batches {r.micro_batches}")
-        if self.live:
-            self._bar.update(self._task, advance=1, description=text)
-        elif r.step % self.every == 0 or r.step == self.total or r.step == 1:
-            print(f"step {r.step}/{self.total}  {text}", flush=True)
-
-    def close(self) -> None:
-        if self.live:
-            self._bar.stop()
-
-
-def init_distributed(cluster) -> None:
-    """Join the job's process group from torchrun's variables (RANK, WORLD_SIZE, MASTER_ADDR...)."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if cluster.device == "cpu" else "cuda")
-    import deepspeed
-
-    if cluster.device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    deepspeed.init_distributed(dist_backend=cluster.backend, verbose=False,
-                               timeout=datetime.timedelta(seconds=int(os.environ.get("PLIANT_PG_TIMEOUT_S", "300"))))
+from pliant.runtime.distributed import init_distributed  # noqa: F401 (the entry points' import of it)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,51 +48,26 @@ NAN_EXIT = 3  # the worker's exit status when faults.nan = rollback stops the jo
 
 
 def _train(args, cfg, run_dir: Path | None, monitor) -> int:
-    import torch.distributed as dist
-
-    init_distributed(cfg.cluster)
+    """Build the trainer from the config and run it, the extras attached as callbacks."""
+    from pliant.runtime.callbacks import standard_callbacks
     from pliant.runtime.checkpoint import Checkpointer
     from pliant.runtime.engine import Trainer
+    from pliant.runtime.faults import test_hooks_from_env
 
-    trainer = Trainer(cfg.cluster, cfg.model, cfg.cost, cfg.planner, cfg.train, cfg.data)
-    monitor.attach(trainer)
-    rank = dist.get_rank()
-    metrics = None
-    if rank == 0 and run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        metrics = open(run_dir / "metrics.jsonl", "a")
+    trainer = Trainer.from_config(cfg)
     checkpointer = Checkpointer(run_dir, cfg.train.keep_checkpoints, on_stage=monitor.checkpoint_stage) \
         if run_dir is not None else None
     if args.resume:
         if checkpointer is None:
             raise SystemExit("pliant: --resume needs --run-dir")
-        if trainer.resume(checkpointer) and rank == 0:
+        if trainer.resume(checkpointer) and trainer.rank == 0:
             print(f"resumed from step {trainer.step_no} ({checkpointer.latest()})", flush=True)
-    fail_at = int(os.environ.get("PLIANT_FAIL_AT_STEP", "0"))  # test hook: die after this step
-    progress = StepProgress(cfg.train.steps) if rank == 0 else None
+    callbacks = [monitor, *standard_callbacks(trainer, run_dir, checkpointer, save_params=args.save_params,
+                                              after_checkpoint=test_hooks_from_env())]
     try:
-        while trainer.step_no < cfg.train.steps:
-            monitor.begin_step(trainer.step_no + 1)
-            skipped = trainer.engine.skipped_steps
-            r = trainer.train_step()
-            monitor.check_loss(r.step, r.loss, trainer.engine.skipped_steps > skipped)
-            if checkpointer is not None and (r.step % cfg.train.checkpoint_every == 0 or r.step == cfg.train.steps):
-                trainer.save_checkpoint(checkpointer)
-            if fail_at and r.step == fail_at and rank == 0:
-                os._exit(17)
-            if rank == 0:
-                if metrics:
-                    metrics.write(json.dumps({**vars(r), "wall": time.time()}) + "\n")
-                    metrics.flush()
-                progress.update(r)
-        if args.save_params and run_dir is not None and rank == 0:
-            torch.save(trainer.parameters_vector(), run_dir / "final_params.pt")
+        trainer.train(callbacks)
     finally:
         trainer.close()
-        if metrics:
-            metrics.close()
-        if progress:
-            progress.close()
     return 0
 
 

@@ -88,6 +88,15 @@ def to_universal(path: Path) -> Path:
     return out
 
 
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The complete checkpoints under RUN_DIR/checkpoints, oldest first (no process group needed)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and not p.name.endswith(".tmp") and (p / COMPLETE).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
 class Checkpointer:
     def __init__(self, run_dir: Path, keep: int, on_stage: Callable[[str], None] | None = None):
         """`on_stage` is told "begin", "written" (this rank's files are down, the checkpoint
@@ -104,11 +113,7 @@ class Checkpointer:
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
-        if not self.root.is_dir():
-            return []
-        found = [p for p in self.root.iterdir()
-                 if p.is_dir() and not p.name.endswith(".tmp") and (p / COMPLETE).is_file()]
-        return sorted(found, key=lambda p: p.name)
+        return complete_checkpoints(self.root)
 
     def latest(self) -> Path | None:
         done = self.complete()

@@ -6,27 +6,25 @@ only the documents its plan gives it. Two real sources:
 
 * `SyntheticTask`: documents with learnable structure, generated from (seed, index) on
   demand; lengths from the planner's length distributions or a length file;
-* `TokenFile`: pre-tokenized data as Megatron-style datasets lay it out: a flat token file
-  (`PREFIX.bin`) and document offsets (`PREFIX.idx`), memory-mapped.
+* `IndexedTokens`: pre-tokenized data in Megatron's indexed dataset format (`PREFIX.bin` +
+  `PREFIX.idx`, memory-mapped; see `pliant.runtime.indexed`), the format most long-context
+  corpora already come in and the one `pliant data prepare` writes (`write_indexed`).
 
 `GlobalBatcher` cuts a seeded shuffle of the documents into global batches by a token
 budget, truncating documents to max_len, and can save and restore its position.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from pliant.planner.io import atomic_write_bytes
 from pliant.planner.lengths import LengthSource
+from pliant.runtime.indexed import DataError, IndexedTokens, IndexedTokensWriter, write_indexed
 
-
-class DataError(ValueError):
-    """Data that cannot be used; the message says which file and what is wrong."""
+__all__ = ["BatchState", "DataError", "DocumentSource", "GlobalBatcher", "IndexedTokens", "IndexedTokensWriter",
+           "SyntheticTask", "write_indexed"]
 
 
 class DocumentSource(Protocol):
@@ -86,73 +84,6 @@ class SyntheticTask:
             walk[t] = self._next[walk[t - 1], choice[t]]
         reps = -(-L // seg)
         return np.tile(walk, reps)[:L]
-
-
-@dataclass
-class TokenFile:
-    """Memory-mapped pre-tokenized documents: PREFIX.bin (flat tokens) + PREFIX.idx (JSON
-    header line, then n+1 little-endian int64 document offsets into the flat tokens)."""
-
-    prefix: Path
-    vocab_size: int
-    tokens: np.ndarray  # memmap
-    offsets: np.ndarray
-
-    @classmethod
-    def open(cls, prefix: str | Path) -> "TokenFile":
-        prefix = Path(prefix)
-        bin_path, idx_path = prefix.with_suffix(".bin"), prefix.with_suffix(".idx")
-        for p in (bin_path, idx_path):
-            if not p.is_file():
-                raise DataError(f"token file {p} does not exist")
-        raw = idx_path.read_bytes()
-        try:
-            head_end = raw.index(b"\n")
-            header = json.loads(raw[:head_end])
-            dtype = np.dtype(header["dtype"])
-            n_docs, vocab = int(header["documents"]), int(header["vocab_size"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise DataError(f"{idx_path}: unreadable header ({e}); expected a JSON line with dtype, documents, "
-                            f"vocab_size") from None
-        offsets = np.frombuffer(raw[head_end + 1:], dtype="<i8")
-        if len(offsets) != n_docs + 1:
-            raise DataError(f"{idx_path}: header says {n_docs} documents but holds {len(offsets)} offsets "
-                            f"(expected {n_docs + 1})")
-        n_tokens = bin_path.stat().st_size // dtype.itemsize
-        if bin_path.stat().st_size % dtype.itemsize:
-            raise DataError(f"{bin_path}: {bin_path.stat().st_size} bytes is not a whole number of {dtype} tokens")
-        if offsets[0] != 0 or (np.diff(offsets) <= 0).any():
-            raise DataError(f"{idx_path}: offsets must start at 0 and increase (every document non-empty)")
-        if offsets[-1] != n_tokens:
-            raise DataError(f"{idx_path}: offsets end at token {int(offsets[-1])}, but {bin_path} holds {n_tokens} "
-                            f"tokens: the offsets disagree with the token file's length")
-        tokens = np.memmap(bin_path, dtype=dtype, mode="r")
-        return cls(prefix, vocab, tokens, offsets)
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
-
-    def document(self, index: int) -> np.ndarray:
-        doc = np.asarray(self.tokens[self.offsets[index]:self.offsets[index + 1]], dtype=np.int64)
-        if len(doc) and (doc.max() >= self.vocab_size or doc.min() < 0):
-            raise DataError(f"{self.prefix}: document {index} has token ids outside [0, {self.vocab_size})")
-        return doc
-
-
-def write_token_file(prefix: str | Path, documents: list[np.ndarray], vocab_size: int) -> Path:
-    """Write documents as PREFIX.bin + PREFIX.idx (atomically, .bin first)."""
-    prefix = Path(prefix)
-    dtype = np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<i4")
-    flat = np.concatenate([np.asarray(d) for d in documents]).astype(dtype)
-    offsets = np.zeros(len(documents) + 1, dtype="<i8")
-    offsets[1:] = np.cumsum([len(d) for d in documents])
-    atomic_write_bytes(prefix.with_suffix(".bin"), flat.tobytes())
-    header = json.dumps({"dtype": dtype.str, "documents": len(documents), "vocab_size": vocab_size}).encode()
-    atomic_write_bytes(prefix.with_suffix(".idx"), header + b"\n" + offsets.tobytes())
-    return prefix
 
 
 @dataclass

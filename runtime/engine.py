@@ -11,6 +11,10 @@ One step, as every rank runs it:
         engine.backward(loss * world)            # DeepSpeed averages over ranks: undo it
     engine.step()                                # ZeRO reduction, clipping, AdamW, LR schedule
 
+`Trainer.from_config(cfg)` builds it all from one job config (joining the process group if
+the launcher has not); `trainer.train(callbacks)` runs the steps, with metrics, checkpoints,
+progress and the fault monitor attached as callbacks (runtime/callbacks.py).
+
 Because the loss is normalised by the whole batch's real targets and every token is
 computed exactly once, any plan gives the gradients of single-device training on the batch.
 """
@@ -33,12 +37,11 @@ from pliant.planner.baselines import static_degree
 from pliant.planner.spec import ClusterSpec, CostSpec, ModelSpec, PlannerSpec
 
 from .checkpoint import Checkpointer, CheckpointError
-from .data import DocumentSource, GlobalBatcher, SyntheticTask, TokenFile
-from .model import LM, lm_loss_sum
+from .data import DocumentSource, GlobalBatcher, IndexedTokens, SyntheticTask
+from .hf import DTYPES, build_model
+from .model import lm_loss_sum
 from .packing import real_targets, shard_pack
 from .spec import DataSpec, TrainSpec
-
-DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class LaunchError(RuntimeError):
@@ -69,12 +72,8 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def build_source(model: ModelSpec, data: DataSpec, train: TrainSpec) -> DocumentSource:
-    if data.source == "tokens":
-        tf = TokenFile.open(data.token_prefix)  # type: ignore[arg-type]
-        if tf.vocab_size > model.vocab_size:
-            raise LaunchError(f"token file {data.token_prefix} has vocab_size {tf.vocab_size}, above the model's "
-                              f"{model.vocab_size}")
-        return tf
+    if data.source == "tokens":  # Megatron's indexed dataset; token ids checked against the model's vocabulary
+        return IndexedTokens.open(data.token_prefix, vocab_size=model.vocab_size)  # type: ignore[arg-type]
     lengths_src = load_length_file(data.lengths_file) if data.lengths_file else get_distribution(data.dist or "")
     lengths = lengths_src.sample(data.documents, np.random.default_rng(data.seed + 1))
     lengths = np.maximum(lengths // data.length_divisor, 2)
@@ -99,6 +98,19 @@ class StepResult:
 
 
 class Trainer:
+    """One rank's training run: model (pliant's own or a Hugging Face directory), data, planner,
+    DeepSpeed engine; `train_step()` is one step, `train()` the loop with its callbacks."""
+
+    @classmethod
+    def from_config(cls, cfg, registry: GroupRegistry | None = None, **train_overrides) -> "Trainer":
+        """From a job config (sections cluster, model, cost, planner, train, data), joining the
+        process group first if the launcher has not; `train_overrides` replace train keys."""
+        from .distributed import init_distributed
+
+        init_distributed(cfg.cluster)
+        train = cfg.train.model_copy(update=train_overrides) if train_overrides else cfg.train
+        return cls(cfg.cluster, cfg.model, cfg.cost, cfg.planner, train, cfg.data, registry=registry)
+
     def __init__(self, cluster: ClusterSpec, model: ModelSpec, cost: CostSpec, planner: PlannerSpec,
                  train: TrainSpec, data: DataSpec, registry: GroupRegistry | None = None):
         if not dist.is_initialized():
@@ -119,13 +131,13 @@ class Trainer:
             self.static_degree = train.static_degree or (static_degree(self.planner, train.max_len)
                                                          if train.max_len else self.world)
         torch.manual_seed(train.seed)
-        module = LM(model).to(device=self.device, dtype=self.dtype)
+        module = build_model(model, self.device, self.dtype)  # loads model.hf_path when given
         self.engine, self.optimizer, self.scheduler = self._deepspeed(module, model, train)
         self.step_no = 0
         self._service = PlanningService(self.planner) if self.rank == 0 else None
         self._pending: tuple[np.ndarray, np.ndarray, Future | Plan] | None = None
 
-    def _deepspeed(self, module: LM, model: ModelSpec, train: TrainSpec):
+    def _deepspeed(self, module: torch.nn.Module, model: ModelSpec, train: TrainSpec):
         os.environ.setdefault("DS_ACCELERATOR", "cpu" if self.device.type == "cpu" else "cuda")
         import deepspeed
 
@@ -201,7 +213,7 @@ class Trainer:
             if mine.seq_ids:
                 group = self.registry.get(mine.start, mine.size)
                 seqs = [torch.from_numpy(d) for d in self.batcher.read(ids[mine.seq_ids])]
-                tokens, targets, ctx = shard_pack(seqs, group, self.device)
+                tokens, targets, ctx = shard_pack(seqs, group, self.device, self.model_spec.linear_sp)
                 loss = lm_loss_sum(self.engine(tokens, ctx), targets) / norm
             else:  # idle in this micro-batch: still join DeepSpeed's gradient reduction
                 loss = sum(p.sum() for p in self.engine.module.parameters()) * 0.0
@@ -218,6 +230,30 @@ class Trainer:
                           predicted_s=(plan.predicted_ms + self.planner.cost.step_overhead_ms) / 1e3,
                           group_mix={int(k): int(v) for k, v in sorted(mix.items())}, micro_batches=n_mb,
                           memory_bytes=peak_memory_bytes(self.device), predicted_memory_bytes=predicted_mem)
+
+    def train(self, callbacks: list | tuple = ()) -> None:
+        """Steps until train.steps (from wherever a resume left off), callbacks around each."""
+        for cb in callbacks:
+            cb.on_train_start(self)
+        error: BaseException | None = None
+        try:
+            while self.step_no < self.train_spec.steps:
+                for cb in callbacks:
+                    cb.on_step_start(self, self.step_no + 1)
+                result = self.train_step()
+                for cb in callbacks:
+                    cb.on_step_end(self, result)
+        except BaseException as e:
+            error = e
+            raise
+        finally:
+            for cb in callbacks:
+                cb.on_train_end(self, error)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The model itself (pliant's LM or an HFCausalLM), outside DeepSpeed's engine."""
+        return self.engine.module
 
     # ----- checkpoints -----
     def checkpoint_meta(self) -> dict:
@@ -248,8 +284,9 @@ class Trainer:
             return False
         meta = json.loads((path / "meta.json").read_text())
         mine = self.model_spec.model_dump(mode="json")
-        if meta["model"] != mine:
-            diff = sorted(k for k in set(mine) | set(meta["model"]) if mine.get(k) != meta["model"].get(k))
+        moved = {"hf_path", "name"}  # where the initial weights came from: the checkpoint replaces them
+        diff = sorted(k for k in (set(mine) | set(meta["model"])) - moved if mine.get(k) != meta["model"].get(k))
+        if diff:
             raise CheckpointError(
                 f"checkpoint {path} is of a different model: " + ", ".join(
                     f"{k}={meta['model'].get(k)!r} there, {mine.get(k)!r} here" for k in diff))

@@ -154,3 +154,30 @@ class FaultInjector(CollectiveHook):
 
     def _due_any(self, kind: str) -> bool:
         return any(f.kind == kind for f in self.faults)
+
+
+FAIL_AT_STEP_ENV = "PLIANT_FAIL_AT_STEP"
+
+
+class FailAtStep:
+    """Test hook (a trainer callback): rank 0 dies with exit status 17 right after step N's
+    checkpoint, before its metrics line, as a crash between steps would (PLIANT_FAIL_AT_STEP=N)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_start(self, trainer) -> None: ...
+
+    def on_step_start(self, trainer, step: int) -> None: ...
+
+    def on_step_end(self, trainer, result) -> None:
+        if result.step == self.step and trainer.rank == 0:
+            os._exit(17)
+
+    def on_train_end(self, trainer, error) -> None: ...
+
+
+def test_hooks_from_env() -> list:
+    """The fault-injection callbacks the environment asks for (none in a normal run)."""
+    step = int(os.environ.get(FAIL_AT_STEP_ENV, "0"))
+    return [FailAtStep(step)] if step else []

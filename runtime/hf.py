@@ -71,6 +71,10 @@ class HFCausalLM(nn.Module):
         super().__init__()
         self.hf = hf_model
 
+    @property
+    def vocab_size(self) -> int:
+        return int(self.hf.config.vocab_size)
+
     def forward(self, tokens: torch.Tensor, ctx: SeqContext) -> torch.Tensor:
         out = self.hf(input_ids=tokens[None], position_ids=ctx.positions[None], pliant_ctx=ctx, use_cache=False)
         return out.logits[0]

@@ -137,6 +137,10 @@ class LM(nn.Module):
             nn.init.normal_(b.attn.o.weight, std=std / (2 * len(self.blocks)) ** 0.5)
             nn.init.normal_(b.mlp.down.weight, std=std / (2 * len(self.blocks)) ** 0.5)
 
+    @property
+    def vocab_size(self) -> int:
+        return self.spec.vocab_size
+
     def forward(self, tokens: torch.Tensor, ctx: SeqContext) -> torch.Tensor:
         x = self.embed(tokens)
         for block in self.blocks:

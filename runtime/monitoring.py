@@ -33,6 +33,9 @@ def my_slot() -> int | None:
 
 
 class RankMonitor:
+    """The fault monitor's side in one rank: made before DeepSpeed starts, attached to the
+    trainer as a callback (step marks for the recorder, injected faults, the loss check)."""
+
     def __init__(self, spec: FaultSpec, run_dir: Path | None):
         self.spec = spec
         self.rank = int(os.environ.get("RANK", "0"))
@@ -80,6 +83,19 @@ class RankMonitor:
         if self.rank == 0:
             print(f"pliant: step {step}: non-finite loss {loss}; the update was {'skipped' if skipped else 'APPLIED'}"
                   f" (faults.nan = skip)", file=sys.stderr, flush=True)
+
+    # ----- as a trainer callback (runtime/callbacks.py) -----
+    def on_train_start(self, trainer) -> None:
+        self.attach(trainer)
+
+    def on_step_start(self, trainer, step: int) -> None:
+        self.begin_step(step)
+        self._skipped = trainer.engine.skipped_steps
+
+    def on_step_end(self, trainer, result) -> None:
+        self.check_loss(result.step, result.loss, trainer.engine.skipped_steps > self._skipped)
+
+    def on_train_end(self, trainer, error) -> None: ...
 
     def close(self, reason: str = "finished") -> None:
         if self.agent is not None:

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from pliant.comm import GroupRegistry, SPGroup
 from pliant.planner.cost import CostModel
 
-from .model import LM, lm_loss_sum
+from .model import lm_loss_sum
 from .packing import shard_pack
 
 
@@ -119,12 +119,12 @@ def slowest_rank_ms(fn: Callable[[], None], repeats: int, warmup: int, device: t
     return statistics.median(times)
 
 
-def time_packs(model: LM, registry: GroupRegistry, cases: Sequence[tuple[int, list[int]]], per_node: int,
+def time_packs(model: torch.nn.Module, registry: GroupRegistry, cases: Sequence[tuple[int, list[int]]], per_node: int,
                device: torch.device, repeats: int = 3, warmup: int = 1, seed: int = 0) -> list[PackTiming]:
     """Forward + backward time of each (group size, lengths) case, all groups of the tiling busy."""
     rank, world = dist.get_rank(), dist.get_world_size()
     gen = torch.Generator().manual_seed(seed)
-    vocab = model.embed.num_embeddings
+    vocab = model.vocab_size
     out = []
     for size, lengths in cases:
         group = my_group(registry, world, per_node, size, rank)
@@ -257,11 +257,11 @@ class SavedBytes:
         self._hooks.__exit__(*exc)
 
 
-def activation_bytes_per_token(model: LM, group: SPGroup, device: torch.device, lengths: Sequence[int] = (256, 1024)
+def activation_bytes_per_token(model: torch.nn.Module, group: SPGroup, device: torch.device, lengths: Sequence[int] = (256, 1024)
                                ) -> float:
     """Slope of saved-for-backward bytes over tokens, in a group of one; parameters (saved
     by reference, the same at every length) cancel out."""
-    vocab = model.embed.num_embeddings
+    vocab = model.vocab_size
     counts = []
     for L in lengths:
         seq = torch.randint(0, vocab, (L,))

@@ -14,7 +14,8 @@ class _Strict(BaseModel):
 class DataSpec(_Strict):
     """Where documents come from. `synthetic`: the built-in learnable task with lengths from
     a named distribution (`dist`) or a length file (`lengths_file`), divided by
-    `length_divisor` so realistic shapes fit a CPU; `tokens`: a pre-tokenized PREFIX.bin/.idx."""
+    `length_divisor` so realistic shapes fit a CPU; `tokens`: a Megatron indexed dataset
+    (PREFIX.bin + PREFIX.idx, e.g. written by `pliant data prepare` or Megatron's tools)."""
 
     source: Literal["synthetic", "tokens"] = "synthetic"
     dist: str | None = "wikipedia-synth"
@@ -49,6 +50,8 @@ class TrainSpec(_Strict):
     seed: NonNegativeInt = 0
     checkpoint_every: PositiveInt = 50
     keep_checkpoints: PositiveInt = 3
+    tensorboard: bool = Field(default=False, description="also write metrics as TensorBoard event files in "
+                                                         "RUN_DIR/tensorboard")
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainSpec":

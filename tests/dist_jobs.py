@@ -1,6 +1,8 @@
 """Jobs the distributed test pool runs on every rank (see dist_pool.py)."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from pliant.comm.counters import COUNTERS
@@ -172,3 +174,22 @@ def hf_model_grads(ctx, model_dir, lengths, groups, seed):
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.hf.named_parameters()}
     return loss.detach(), grads, logits.detach(), sctx.softmax_operator(model.hf.config.num_attention_heads)
+
+
+def save_initial_checkpoint(ctx, config_path, run_dir):
+    """Build the trainer of a job config on this pool's ranks and save its step-0 checkpoint
+    (the export round trip: the weights exactly as loaded)."""
+    from pathlib import Path
+
+    from pliant.launch.config import load_config
+    from pliant.runtime.checkpoint import Checkpointer
+    from pliant.runtime.engine import Trainer
+
+    for key, value in (("LOCAL_RANK", ctx.rank), ("RANK", ctx.rank), ("WORLD_SIZE", ctx.world)):
+        os.environ.setdefault(key, str(value))  # what torchrun would have set: DeepSpeed reads them
+    trainer = Trainer.from_config(load_config(config_path))
+    try:
+        trainer.save_checkpoint(Checkpointer(Path(run_dir), keep=2))
+        return trainer.parameters_vector()
+    finally:
+        trainer.close()

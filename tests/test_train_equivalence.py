@@ -33,24 +33,27 @@ STEPS = 5
 RTOL = 1e-5
 
 
-def reference_run(cfg, steps, master_dtype=torch.float32):
+def reference_run(cfg, steps, master_dtype=torch.float32, model=None, logits_of=None):
     """Plain single-process training: no SP, no DeepSpeed. Forward and backward in float64;
-    the optimizer keeps `master_dtype` master weights, as DeepSpeed's ZeRO does (float32)."""
+    the optimizer keeps `master_dtype` master weights, as DeepSpeed's ZeRO does (float32).
+    `model` / `logits_of(model, tokens)`: another model (default pliant's own, seeded like
+    the trainer) and how one document's logits are computed with it."""
     torch.manual_seed(cfg.train.seed)
-    model = LM(cfg.model).double()
+    model = model if model is not None else LM(cfg.model).double()
+    solo = SPGroup(0, 1, 0, None)
+    logits_of = logits_of or (lambda m, s: m(s, SeqContext.build(solo, [len(s)])))
     master = [p.detach().to(master_dtype).clone().requires_grad_(True) for p in model.parameters()]
     opt = torch.optim.AdamW(master, lr=cfg.train.lr, betas=tuple(cfg.train.betas), eps=cfg.train.adam_eps,
                             weight_decay=cfg.train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, cfg.train))
     batcher = GlobalBatcher(build_source(cfg.model, cfg.data, cfg.train), cfg.train.batch_tokens, cfg.train.max_len,
                             cfg.train.seed)
-    solo = SPGroup(0, 1, 0, None)
     losses = []
     for _ in range(steps):
         ids, lengths = batcher.next_batch()
         seqs = [torch.from_numpy(d) for d in batcher.read(ids)]
         norm = sum(len(s) - 1 for s in seqs)
-        loss = sum(lm_loss_sum(model(s, SeqContext.build(solo, [len(s)])), next_token_targets(s)) for s in seqs)
+        loss = sum(lm_loss_sum(logits_of(model, s), next_token_targets(s)) for s in seqs)
         loss = loss / norm
         model.zero_grad()
         loss.backward()
@@ -84,11 +87,11 @@ def variant(tmp_path, plan: str):
     return path
 
 
-def run_distributed(tmp_path, plan: str):
+def run_distributed(tmp_path, plan: str, config=None, world: int = 4):
     run_dir = tmp_path / plan
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m",
-           "pliant.launch.worker", "--config", str(variant(tmp_path, plan)), "--steps", str(STEPS), "--plan", plan,
-           "--run-dir", str(run_dir), "--save-params"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}", "-m",
+           "pliant.launch.worker", "--config", str(config or variant(tmp_path, plan)), "--steps", str(STEPS),
+           "--plan", plan, "--run-dir", str(run_dir), "--save-params"]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PLIANT_PG_TIMEOUT_S": "120"}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]

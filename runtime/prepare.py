@@ -1,0 +1,505 @@
+"""`pliant data prepare`: JSONL / JSONL.gz / Parquet corpora -> Megatron indexed dataset.
+
+Corpora arrive as JSON lines or Parquet with one document's text per record; training
+wants token ids in Megatron's format (`pliant.runtime.indexed`). This module streams the
+records with pyarrow (a block of a file at a time, never a whole file in memory),
+tokenizes them in large batches with the model directory's own fast tokenizer, appends
+EOS to every document, and streams the ids into an `IndexedTokensWriter`, so the output
+appears only when the whole run succeeded.
+
+The tokenizer is the cost; the rest must not be. Reading runs in a thread (pyarrow parses
+outside the GIL) ahead of tokenization; `encode_batch` runs in Rust threads outside the
+GIL; ids become one numpy buffer per batch without per-token Python work. With
+workers > 1, batches go to worker processes (each with its own copy of the tokenizer)
+and come back in order.
+
+Errors name the file and the place: a line that is not JSON (1-based line number), a
+record without the text key (and the keys it has), a Parquet file without the column (and
+the columns it has), a non-string text (line or row), a tokenizer larger than the model's
+embedding (config.json's vocab_size).
+"""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import math
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
+from dataclasses import asdict, dataclass, field
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pliant.runtime.indexed import DataError, IndexedTokensWriter, bin_path, idx_path, optimal_dtype
+
+log = logging.getLogger(__name__)
+
+JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
+COMPRESSION = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd"}
+DEFAULT_BATCH = 1024  # documents per encode_batch call: large enough to keep the Rust threads busy
+JSON_BLOCK = 32 << 20  # pyarrow JSON block: a single record must fit in one
+
+
+@dataclass
+class PrepareSummary:
+    """What a prepare run produced; written beside the output as PREFIX.summary.json."""
+
+    output: str
+    inputs: list[str]
+    tokenizer: str
+    text_key: str
+    dtype: str
+    vocab_size: int
+    eos_id: int
+    workers: int
+    batch_size: int
+    documents: int = 0
+    tokens: int = 0
+    empty_skipped: int = 0
+    seconds: float = 0.0
+    tokens_per_s: float = 0.0
+    doc_len_median: float = 0.0
+    doc_len_p99: float = 0.0
+    doc_len_max: int = 0
+    per_file: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- reading
+
+
+@dataclass
+class TextBatch:
+    """Texts of consecutive records of one file (empty ones already dropped)."""
+
+    path: Path
+    texts: list[str]
+    empty: int  # records of this batch skipped as empty or whitespace-only
+    progress: float  # fraction of all input bytes read so far (approximate)
+
+
+def _split_suffix(path: Path) -> tuple[str, str | None]:
+    """(format, compression) from the file name: x.jsonl.gz -> ("json", "gzip")."""
+    suffixes = [s.lower() for s in path.suffixes]
+    compression = COMPRESSION.get(suffixes[-1]) if suffixes else None
+    if compression:
+        suffixes = suffixes[:-1]
+    last = suffixes[-1] if suffixes else ""
+    if last in JSON_SUFFIXES:
+        return "json", compression
+    if last == ".parquet" and compression is None:
+        return "parquet", None
+    raise DataError(f"{path}: unknown input format; pliant data prepare reads {', '.join(JSON_SUFFIXES)} "
+                    f"(optionally {', '.join(COMPRESSION)}) and .parquet files")
+
+
+def check_inputs(paths: Sequence[str | Path]) -> list[Path]:
+    if not paths:
+        raise DataError("no input files given")
+    out = []
+    for p in map(Path, paths):
+        if not p.is_file():
+            raise DataError(f"input file {p} does not exist")
+        _split_suffix(p)
+        out.append(p)
+    return out
+
+
+def _open_text_lines(path: Path, compression: str | None):
+    import pyarrow as pa
+
+    raw = pa.OSFile(str(path), "rb")
+    stream = pa.CompressedInputStream(raw, compression) if compression else raw
+    import io
+
+    return io.TextIOWrapper(io.BufferedReader(stream, buffer_size=1 << 20), encoding="utf-8", errors="replace")
+
+
+def diagnose_jsonl(path: Path, text_key: str, compression: str | None) -> str | None:
+    """The first line of a JSONL file that prepare cannot use, described; None if all are
+    fine. Used on the error path only: pyarrow reports rows within a block, not lines."""
+    with _open_text_lines(path, compression) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line.strip())
+            except json.JSONDecodeError as e:
+                return f"{path}: line {lineno} is not valid JSON ({e.msg} at column {e.colno})"
+            if not isinstance(record, dict):
+                return f"{path}: line {lineno} is a JSON {type(record).__name__}, not an object with a {text_key!r} key"
+            if text_key not in record:
+                keys = ", ".join(map(repr, record)) or "none"
+                return f"{path}: line {lineno}: the record has no key {text_key!r} (its keys: {keys})"
+            if not isinstance(record[text_key], str):
+                kind = "null" if record[text_key] is None else type(record[text_key]).__name__
+                return f"{path}: line {lineno}: {text_key!r} is {kind}, not a string"
+    return None
+
+
+class _Progress:
+    """Input bytes consumed, over all files, for the progress bar."""
+
+    def __init__(self, paths: Sequence[Path]):
+        self.sizes = [p.stat().st_size for p in paths]
+        self.total = max(1, sum(self.sizes))
+        self.done_files = 0
+
+    def fraction(self, file_index: int, within: float) -> float:
+        return min(1.0, (sum(self.sizes[:file_index]) + self.sizes[file_index] * min(1.0, within)) / self.total)
+
+
+def _non_empty(texts: list[str]) -> tuple[list[str], int]:
+    kept = [t for t in texts if t and not t.isspace()]
+    return kept, len(texts) - len(kept)
+
+
+def _iter_json(path: Path, text_key: str, compression: str | None, batch_size: int
+               ) -> Iterator[tuple[list[str], float]]:
+    import pyarrow as pa
+    import pyarrow.json as pj
+
+    raw = pa.OSFile(str(path), "rb")
+    size = max(1, path.stat().st_size)
+    stream = pa.CompressedInputStream(raw, compression) if compression else raw
+    parse = pj.ParseOptions(explicit_schema=pa.schema([(text_key, pa.string())]), unexpected_field_behavior="ignore")
+    read = pj.ReadOptions(block_size=JSON_BLOCK, use_threads=True)
+
+    def fail(e: Exception | None) -> DataError:
+        found = diagnose_jsonl(path, text_key, compression)
+        if found:
+            return DataError(found)
+        if e is not None and "straddl" in str(e):
+            return DataError(f"{path}: a record is longer than the reader's {JSON_BLOCK >> 20} MB block ({e})")
+        return DataError(f"{path}: cannot read it as JSON lines ({e})")
+
+    try:
+        try:
+            if hasattr(pj, "open_json"):  # streaming (pyarrow >= 19); older: the whole file at once
+                reader: Any = pj.open_json(stream, read_options=read, parse_options=parse)
+            else:
+                reader = pj.read_json(stream, read_options=read, parse_options=parse).to_batches()
+            for batch in reader:
+                col = batch.column(0)
+                if col.null_count:
+                    raise fail(None)
+                texts = col.to_pylist()
+                within = raw.tell() / size
+                for i in range(0, len(texts), batch_size):
+                    yield texts[i:i + batch_size], within
+        except pa.ArrowInvalid as e:
+            raise fail(e) from None
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{path}: cannot read it ({e})") from None
+    finally:
+        raw.close()
+
+
+def _iter_parquet(path: Path, text_key: str, batch_size: int) -> Iterator[tuple[list[str], float]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(str(path))
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: cannot read it as Parquet ({e})") from None
+    names = pf.schema_arrow.names
+    if text_key not in names:
+        raise DataError(f"{path}: no column {text_key!r} (its columns: {', '.join(map(repr, names)) or 'none'})")
+    kind = pf.schema_arrow.field(text_key).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
+            or getattr(pa.types, "is_string_view", lambda _: False)(kind)):
+        raise DataError(f"{path}: column {text_key!r} holds {kind}, not strings")
+    rows = max(1, pf.metadata.num_rows)
+    row = 0
+    try:
+        for batch in pf.iter_batches(batch_size=max(batch_size, 1024), columns=[text_key]):
+            col = batch.column(0)
+            if col.null_count:
+                first = int(np.argmax(np.asarray(col.is_null())))
+                raise DataError(f"{path}: row {row + first + 1}: {text_key!r} is null, not a string")
+            texts = col.to_pylist()
+            row += len(texts)
+            for i in range(0, len(texts), batch_size):
+                yield texts[i:i + batch_size], row / rows
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: cannot read it as Parquet ({e})") from None
+
+
+def iter_text_batches(paths: Sequence[Path], text_key: str, batch_size: int) -> Iterator[TextBatch]:
+    """Every file's texts, in order, in batches of up to `batch_size` non-empty documents."""
+    progress = _Progress(paths)
+    for k, path in enumerate(paths):
+        fmt, compression = _split_suffix(path)
+        source = _iter_json(path, text_key, compression, batch_size) if fmt == "json" else \
+            _iter_parquet(path, text_key, batch_size)
+        for texts, within in source:
+            kept, empty = _non_empty(texts)
+            yield TextBatch(path, kept, empty, progress.fraction(k, within))
+
+
+def _prefetch(it: Iterator[TextBatch], depth: int = 4) -> Iterator[TextBatch]:
+    """Run `it` in a thread, `depth` batches ahead (pyarrow parses outside the GIL, so
+    reading overlaps tokenization); its exceptions re-raise here."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def run() -> None:
+        try:
+            for item in it:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put(e)
+
+    t = threading.Thread(target=run, name="prepare-reader", daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while t.is_alive():  # unblock a reader waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                pass
+            t.join(timeout=0.05)
+
+
+# ---------------------------------------------------------------- tokenizing
+
+
+def encode_documents(backend, texts: list[str], eos_id: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(lengths, flat ids) of `texts`, each document's ids followed by EOS.
+
+    The ids leave Rust as one Python list per document (the tokenizers API); from there it
+    is one `np.fromiter` over all of them and one vectorised EOS insertion."""
+    encodings = backend.encode_batch(texts, add_special_tokens=True)
+    ids = [e.ids for e in encodings]
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    n = int(lengths.sum())
+    body = np.fromiter(chain.from_iterable(ids), dtype=np.int64, count=n)
+    if n and (body.min() < 0 or body.max() > np.iinfo(dtype).max):
+        raise DataError(f"token id {int(body.max())} does not fit the output dtype {dtype.name}")
+    flat = np.insert(body.astype(dtype), np.cumsum(lengths), np.array(eos_id, dtype=dtype))
+    return lengths + 1, flat
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(tokenizer_json: str, eos_id: int, dtype: str) -> None:
+    from tokenizers import Tokenizer
+
+    _WORKER.update(backend=Tokenizer.from_str(tokenizer_json), eos_id=eos_id, dtype=np.dtype(dtype))
+
+
+def _worker_encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    return encode_documents(_WORKER["backend"], texts, _WORKER["eos_id"], _WORKER["dtype"])
+
+
+def _encoded(batches: Iterator[TextBatch], backend, eos_id: int, dtype: np.dtype, workers: int
+             ) -> Iterator[tuple[TextBatch, np.ndarray, np.ndarray]]:
+    """(batch, lengths, flat) in input order; in this process or in `workers` processes."""
+    if workers <= 1:
+        for b in batches:
+            if b.texts:
+                yield (b, *encode_documents(backend, b.texts, eos_id, dtype))
+            else:
+                yield b, np.zeros(0, np.int64), np.zeros(0, dtype)
+        return
+    import multiprocessing as mp
+
+    # spawn: the parent holds threads (the reader, pyarrow's, Rust's) that fork would copy mid-flight;
+    # the workers only import numpy and tokenizers
+    ctx = mp.get_context("spawn")
+    pending: collections.deque = collections.deque()
+    with ctx.Pool(workers, initializer=_worker_init, initargs=(backend.to_str(), eos_id, dtype.str)) as pool:
+        try:
+            for b in batches:
+                pending.append((b, pool.apply_async(_worker_encode, (b.texts,)) if b.texts else None))
+                while len(pending) > 2 * workers:  # bounded: the input never piles up in memory
+                    yield _collect(pending.popleft(), dtype)
+            while pending:
+                yield _collect(pending.popleft(), dtype)
+        finally:
+            pool.terminate()
+
+
+def _collect(item, dtype: np.dtype) -> tuple[TextBatch, np.ndarray, np.ndarray]:
+    b, res = item
+    if res is None:
+        return b, np.zeros(0, np.int64), np.zeros(0, dtype)
+    return (b, *res.get())
+
+
+# ---------------------------------------------------------------- the run
+
+
+def check_vocab(directory: Path, tokenizer) -> int:
+    """len(tokenizer); an error if the directory's model config has a smaller embedding
+    (ids the model cannot look up would reach training)."""
+    size = len(tokenizer)
+    cfg = directory / "config.json"
+    if cfg.is_file():
+        try:
+            model_vocab = json.loads(cfg.read_text()).get("vocab_size")
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise DataError(f"{cfg}: unreadable ({e})") from None
+        if isinstance(model_vocab, int) and model_vocab < size:
+            raise DataError(f"{directory}: the tokenizer has {size} tokens but config.json's vocab_size is "
+                            f"{model_vocab}: token ids {model_vocab}..{size - 1} have no embedding")
+    return size
+
+
+def _describe(lengths: np.ndarray) -> tuple[float, float, int]:
+    if not len(lengths):
+        return 0.0, 0.0, 0
+    return float(np.median(lengths)), float(np.percentile(lengths, 99)), int(lengths.max())
+
+
+def prepare(inputs: Sequence[str | Path], tokenizer_dir: str | Path, out_prefix: str | Path, *,
+            text_key: str = "text", workers: int = 1, batch_size: int = DEFAULT_BATCH,
+            show_progress: bool | None = None,
+            on_progress: Callable[[float, int, int], None] | None = None) -> dict[str, Any]:
+    """Tokenize `inputs` with the tokenizer in `tokenizer_dir` into `out_prefix`.bin/.idx
+    (Megatron's indexed format) and `out_prefix`.summary.json; returns the summary.
+
+    Atomic: on any error (or interrupt) no output and no temporary file is left.
+    `show_progress`: a progress bar on stderr (default: when stderr is a terminal; else a
+    few log lines)."""
+    from pliant.planner.io import atomic_write_text
+    from pliant.runtime.tokenizer import load_tokenizer
+
+    if workers < 1 or batch_size < 1:
+        raise DataError(f"--workers and --batch-size must be >= 1, got {workers} and {batch_size}")
+    if not text_key:
+        raise DataError("--text-key must not be empty")
+    paths = check_inputs(inputs)
+    tokenizer_dir, out_prefix = Path(tokenizer_dir), Path(out_prefix)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    vocab = check_vocab(tokenizer_dir, tokenizer)
+    eos_id = tokenizer.eos_token_id
+    if eos_id is None:
+        raise DataError(f"{tokenizer_dir}: the tokenizer has no EOS token; prepare ends every document with it")
+    dtype = optimal_dtype(vocab)
+    summary = PrepareSummary(output=str(out_prefix), inputs=[str(p) for p in paths], tokenizer=str(tokenizer_dir),
+                             text_key=text_key, dtype=dtype.name, vocab_size=vocab, eos_id=int(eos_id),
+                             workers=workers, batch_size=batch_size)
+    summary_path = Path(f"{out_prefix}.summary.json")
+    show = sys.stderr.isatty() if show_progress is None else show_progress
+
+    t0 = time.perf_counter()
+    all_lengths: list[np.ndarray] = []
+    batches = _prefetch(iter_text_batches(paths, text_key, batch_size))
+    encoded = _encoded(batches, tokenizer.backend_tokenizer, int(eos_id), dtype, workers)
+    with _progress_reporter(show, on_progress) as report, IndexedTokensWriter(out_prefix, dtype) as writer, \
+            closing(batches), closing(encoded):  # on an error: stop the reader thread and the workers now
+        for b, lengths, flat in encoded:
+            if len(lengths):
+                writer.add_documents(lengths, flat)
+                all_lengths.append(lengths)
+            stats = summary.per_file.setdefault(str(b.path), {"documents": 0, "tokens": 0, "empty_skipped": 0})
+            stats["documents"] += len(lengths)
+            stats["tokens"] += len(flat)
+            stats["empty_skipped"] += b.empty
+            summary.empty_skipped += b.empty
+            report(b.progress, writer.n_documents, writer.n_tokens)
+        if writer.n_documents == 0:
+            raise DataError(f"no non-empty documents in {', '.join(map(str, paths))} ({summary.empty_skipped} empty "
+                            f"records skipped): nothing to write")
+        summary.documents, summary.tokens = writer.n_documents, writer.n_tokens
+        summary.seconds = time.perf_counter() - t0
+        summary.tokens_per_s = summary.tokens / max(summary.seconds, 1e-9)
+        summary.doc_len_median, summary.doc_len_p99, summary.doc_len_max = _describe(np.concatenate(all_lengths))
+    # the .bin/.idx are in place; the summary follows, and if it cannot be written neither stays
+    try:
+        atomic_write_text(summary_path, json.dumps(summary.to_dict(), indent=2) + "\n")
+    except BaseException:
+        for p in (idx_path(out_prefix), bin_path(out_prefix)):
+            p.unlink(missing_ok=True)
+        raise
+    return summary.to_dict()
+
+
+class _progress_reporter:
+    """A rich progress bar on a terminal; otherwise a log line every ~10% of the input."""
+
+    def __init__(self, show_bar: bool, callback: Callable[[float, int, int], None] | None):
+        self.show_bar, self.callback = show_bar, callback
+        self._bar = self._task = None
+        self._next_log = 0.1
+        self._t0 = time.perf_counter()
+
+    def __enter__(self) -> Callable[[float, int, int], None]:
+        if self.show_bar:
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self._bar = Progress(TextColumn("tokenizing"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
+                                 TextColumn("{task.fields[docs]} docs, {task.fields[tokens]} tokens"),
+                                 TimeElapsedColumn(), TimeRemainingColumn(),
+                                 console=Console(stderr=True), transient=True)
+            self._bar.__enter__()
+            self._task = self._bar.add_task("prepare", total=1.0, docs=0, tokens=0)
+        return self.report
+
+    def report(self, fraction: float, docs: int, tokens: int) -> None:
+        if self.callback is not None:
+            self.callback(fraction, docs, tokens)
+        if self._bar is not None:
+            self._bar.update(self._task, completed=fraction, docs=f"{docs:,}", tokens=f"{tokens:,}")
+        elif fraction >= self._next_log:
+            rate = tokens / max(time.perf_counter() - self._t0, 1e-9)
+            print(f"pliant data prepare: {fraction:5.1%} of the input, {docs:,} documents, {tokens:,} tokens "
+                  f"({rate:,.0f} tokens/s)", file=sys.stderr, flush=True)
+            self._next_log = math.floor(fraction * 10 + 1) / 10
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+
+def print_summary(summary: dict[str, Any], console=None) -> None:
+    """The summary as a short table (people); the JSON beside the output is for machines."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title=f"pliant data prepare -> {summary['output']}.bin/.idx", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value", justify="right")
+    rows = [("documents", f"{summary['documents']:,}"), ("tokens", f"{summary['tokens']:,}"),
+            ("empty documents skipped", f"{summary['empty_skipped']:,}"),
+            ("seconds", f"{summary['seconds']:.2f}"), ("tokens/s", f"{summary['tokens_per_s']:,.0f}"),
+            ("document length median", f"{summary['doc_len_median']:,.0f}"),
+            ("document length p99", f"{summary['doc_len_p99']:,.0f}"),
+            ("document length max", f"{summary['doc_len_max']:,}"),
+            ("dtype / vocabulary", f"{summary['dtype']} / {summary['vocab_size']:,}"),
+            ("workers", str(summary["workers"]))]
+    for k, v in rows:
+        table.add_row(k, v)
+    console.print(table)
