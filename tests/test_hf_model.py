@@ -128,3 +128,15 @@ def test_bad_model_directories(model_dirs, tmp_path):
     with pytest.raises(ModelDirError, match=r"model.safetensors: tensor model.layers.0.mlp.down_proj.weight has shape "
                                             r"\[64, 96\], but config.json gives \[64, 80\]"):
         load_hf_model(bad, torch.float64)
+
+
+def test_tokenizer_larger_than_the_embedding_is_refused(tmp_path):
+    from pliant.runtime.tokenizer import train_bpe_tokenizer
+
+    texts = [f"line {i} of a small corpus with words and more words {i * 7}" for i in range(300)]
+    tok = train_bpe_tokenizer(texts, 400, tmp_path / "tok")
+    assert len(tok) > 64
+    d = write_tiny_model("mistral", tmp_path / "m", vocab_size=64, dtype=torch.float64, tokenizer_dir=tmp_path / "tok")
+    with pytest.raises(ModelDirError, match=rf"the tokenizer has {len(tok)} tokens, more than the model's embedding "
+                                            r"\(vocab_size 64 in config.json\)"):
+        load_hf_model(d, torch.float64)

@@ -50,7 +50,7 @@ def llama_dir(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_five_steps_equal_transformers_loop_and_export(tmp_path, llama_dir):
-    cfg_path = hf_job_config(tmp_path / "job.yaml", llama_dir)
+    cfg_path = hf_job_config(tmp_path / "job.yaml", llama_dir, tensorboard=True)
     cfg = load_config(cfg_path)
     want_losses, want_params = reference_run(cfg, STEPS, model=load_hf(llama_dir),
                                              logits_of=lambda m, s: m(input_ids=s[None]).logits[0])
@@ -60,6 +60,12 @@ def test_five_steps_equal_transformers_loop_and_export(tmp_path, llama_dir):
     print(f"llama: loss relative errors {['%.1e' % e for e in errors]}, final parameters relative L2 {rel:.1e}")
     assert max(errors) <= RTOL and rel <= RTOL
     assert any(len(s["group_mix"]) > 1 for s in steps) and any(s["micro_batches"] > 1 for s in steps)
+    # train.tensorboard: event files beside metrics.jsonl, with the same losses
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "adaptive" / "tensorboard")).Reload()
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([s["loss"] for s in steps], rel=1e-6)
+    assert len(events.Scalars("time/step_s")) == STEPS
 
     out = tmp_path / "exported"
     assert cli(["export", "--run-dir", str(tmp_path / "adaptive"), "--out", str(out)]) == 0
