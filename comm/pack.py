@@ -1,4 +1,4 @@
-"""The packed varlen layout an SP group works on (DESIGN.md, conventions).
+"""The packed varlen layout an SP group works on (docs/architecture.md, data).
 
 An SP group of s ranks receives a set of whole sequences. Each sequence is padded to a
 multiple of s and cut into s contiguous chunks; rank r holds chunk r of every sequence,

@@ -1,4 +1,4 @@
-"""The planner's cost model: the contract with the hardware (FlexSP form, DESIGN.md).
+"""The planner's cost model: the contract with the hardware (FlexSP form, docs/architecture.md).
 
 For a sequence of L tokens in an SP group of s devices (L padded to a multiple of s):
 

@@ -2,7 +2,7 @@
 synthetic long-tail distributions (lognormal body + Pareto tail), plus the token-budget
 batcher that cuts a document stream into global batches.
 
-Real corpora have power-law tails (DESIGN.md: a lognormal fit of the Wikipedia lengths
+Real corpora have power-law tails (docs/architecture.md: a lognormal fit of the Wikipedia lengths
 underestimates the tail 6-30x above 32K), so the synthetic generator splices a Pareto
 tail onto a lognormal body at a threshold, with the tail's share of sequences given.
 """

@@ -185,7 +185,7 @@ class ModelSpec(_Strict):
 
 
 class CostSpec(_Strict):
-    """FlexSP-form coefficients (see DESIGN.md, cost model).
+    """FlexSP-form coefficients (see docs/architecture.md, cost model).
 
     compute(L, s) = (a1_ms * f_softmax * L^2 + a2_ms * L) / s + seq_overhead_ms, plus beta_ms
     per group per micro-batch, where f_softmax is the model's fraction of softmax-attention

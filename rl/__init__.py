@@ -1,1 +1,1 @@
-"""pliant.rl (see DESIGN.md)."""
+"""pliant.rl (see docs/architecture.md)."""

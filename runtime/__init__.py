@@ -1,1 +1,1 @@
-"""pliant.runtime (see DESIGN.md)."""
+"""pliant.runtime (see docs/architecture.md)."""

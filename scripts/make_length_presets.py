@@ -4,7 +4,7 @@
 
 `wikipedia` is the empirical histogram (40 log-spaced bins per decade), `wikipedia-synth`
 the lognormal-body + Pareto-tail fit (tail above the 99th percentile, Hill estimator).
-`commoncrawl` and `github` are hand-set shapes with heavier tails, as DESIGN.md describes
+`commoncrawl` and `github` are hand-set shapes with heavier tails, as docs/architecture.md describes
 web and code corpora; they are not fits.
 """
 import json

@@ -11,7 +11,7 @@ from conftest import SHARED_LENGTHS
 
 
 def test_wikipedia_presets_reproduce_published_shape():
-    # DESIGN.md: median 347, mean 1014, p90 2112, p99 10.9K, p99.9 37.4K; >1K: 21% of seqs, 75% of tokens
+    # docs/architecture.md: median 347, mean 1014, p90 2112, p99 10.9K, p99.9 37.4K; >1K: 21% of seqs, 75% of tokens
     for name in ("wikipedia", "wikipedia-synth"):
         x = get_distribution(name).sample(400_000, np.random.default_rng(1))
         d = describe(x)
