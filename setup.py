@@ -32,7 +32,7 @@ setup(
         "transformers>=4.56",
         "tokenizers>=0.21",
         "safetensors>=0.4",
-        "pyarrow>=15",  # JSONL / JSONL.gz / Parquet reading for `pliant data prepare`
+        "pyarrow>=19",  # pyarrow.json.open_json (streamed JSONL); JSONL / JSONL.gz / Parquet reading for `pliant data prepare`
         "tensorboard>=2.14",  # train.tensorboard
     ],
     extras_require={

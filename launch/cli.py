@@ -129,7 +129,65 @@ def build_parser() -> argparse.ArgumentParser:
     from pliant.launch.model_cmds import add_model_commands
 
     add_model_commands(sub)
+    _add_data_parsers(sub, bsub)
     return parser
+
+
+def _add_data_parsers(sub, bsub) -> None:
+    """`pliant data prepare`, `pliant data sample-corpus` and `pliant bench prepare`."""
+    d = sub.add_parser("data", help="corpora: tokenize JSONL / Parquet into Megatron's indexed dataset format")
+    dsub = d.add_subparsers(dest="data", required=True)
+    dp = dsub.add_parser("prepare", help="tokenize JSONL, JSONL.gz or Parquet files into PREFIX.bin + PREFIX.idx")
+    dp.add_argument("--input", nargs="+", required=True, metavar="FILE", help="JSONL / JSONL.gz / Parquet files")
+    dp.add_argument("--tokenizer", required=True, metavar="DIR", help="a Hugging Face tokenizer (or model) directory")
+    dp.add_argument("--out", required=True, metavar="PREFIX", help="writes PREFIX.bin, PREFIX.idx, PREFIX.summary.json")
+    dp.add_argument("--text-key", default="text", help="the JSON key / Parquet column holding the text")
+    dp.add_argument("--workers", type=int, default=1, metavar="N", help="tokenizer processes")
+    dp.add_argument("--batch-size", type=int, default=1024, metavar="B", help="documents per encode_batch call")
+    ds = dsub.add_parser("sample-corpus", help="a generated English JSONL corpus (standard-library docstrings, "
+                                               "long-tailed document lengths; no downloads)")
+    ds.add_argument("--out", required=True, metavar="FILE")
+    ds.add_argument("--mb", type=float, default=10.0)
+    ds.add_argument("--seed", type=int, default=0)
+
+    bpp = bsub.add_parser("prepare", help="pliant data prepare vs the tokenizer's own encode_batch, tokens/s")
+    bpp.add_argument("--out", default="bench-prepare.json")
+    bpp.add_argument("--mb", type=float, default=50.0, help="size of the generated JSONL corpus")
+    bpp.add_argument("--workers", default="1,2", metavar="N[,N...]", help="worker counts to measure prepare at")
+    bpp.add_argument("--repeats", type=int, default=3)
+    bpp.add_argument("--vocab-size", type=int, default=8192)
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    if args.data == "sample-corpus":
+        from pliant.bench.prepare_bench import make_corpus
+
+        if args.mb <= 0:
+            raise PlanningError(f"--mb must be positive, got {args.mb}")
+        c = make_corpus(Path(args.out), args.mb, args.seed)
+        print(f"wrote {args.out}: {c['documents']:,} documents, {c['bytes'] / 1e6:.1f} MB")
+        return 0
+    from pliant.runtime.prepare import prepare, print_summary
+
+    summary = prepare(args.input, args.tokenizer, args.out, text_key=args.text_key, workers=args.workers,
+                      batch_size=args.batch_size)
+    print_summary(summary)
+    print(f"wrote {args.out}.bin, {args.out}.idx and {args.out}.summary.json")
+    return 0
+
+
+def cmd_bench_prepare(args: argparse.Namespace) -> int:
+    from pliant.bench.prepare_bench import run
+
+    try:
+        workers = tuple(int(w) for w in args.workers.split(","))
+    except ValueError:
+        workers = ()
+    if not workers or min(workers) < 1 or args.repeats < 1 or args.mb <= 0:
+        raise PlanningError(f"--workers {args.workers!r} must be positive integers, --repeats >= 1 and --mb > 0")
+    run(Path(args.out), mb=args.mb, workers=workers, repeats=args.repeats, vocab_size=args.vocab_size)
+    print(f"wrote {args.out}")
+    return 0
 
 
 def load_planner(args: argparse.Namespace):
@@ -316,6 +374,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_bench_rl(args)
         if args.command == "bench" and args.bench == "comm":
             return cmd_bench_comm(args)
+        if args.command == "bench" and args.bench == "prepare":
+            return cmd_bench_prepare(args)
+        if args.command == "data":
+            return cmd_data(args)
     except (ConfigError, PlanningError, RLConfigError, ModelDirError, DataError, ExportError) as e:
         print(f"pliant: error: {e}", file=sys.stderr)
         return 2

@@ -103,83 +103,16 @@ class IndexedTokens:
                 raise DataError(f"indexed dataset file {p} does not exist{hint}")
         if vocab_size is not None and vocab_size <= 0:
             raise DataError(f"vocab_size must be positive, got {vocab_size}")
-
-        idx_size = i_path.stat().st_size
-        if idx_size < _HEADER.size:
-            raise DataError(f"{i_path}: {idx_size} bytes is too short for the {_HEADER.size}-byte header of a "
-                            f"Megatron indexed dataset")
-        with open(i_path, "rb") as f:
-            magic, version, code, n_seq, n_doc_idx = _HEADER.unpack(f.read(_HEADER.size))
-        if magic != MAGIC:
-            raise DataError(f"{i_path}: not a Megatron indexed dataset index: it starts with {magic!r}, expected "
-                            f"{MAGIC!r}")
-        if version != VERSION:
-            raise DataError(f"{i_path}: index version {version}; pliant reads version {VERSION}")
-        if code not in DTYPE_CODES:
-            raise DataError(f"{i_path}: unknown dtype code {code}; Megatron's codes are "
-                            + ", ".join(f"{c} {dt.name}" for c, dt in DTYPE_CODES.items()))
-        dtype = DTYPE_CODES[code]
-        if dtype.kind == "f":
-            raise DataError(f"{i_path}: dtype code {code} is {dtype.name}; token ids must be integers")
-        expected = _HEADER.size + 12 * n_seq + 8 * n_doc_idx
-        if idx_size == expected + n_seq and n_seq > 0:
-            raise DataError(f"{i_path}: the index carries per-sequence modes (a multimodal dataset); pliant reads "
-                            f"text-only datasets")
-        if idx_size != expected:
-            raise DataError(f"{i_path}: the header counts {n_seq} sequences and {n_doc_idx} document indices, "
-                            f"which take {expected} bytes, but the file has {idx_size} bytes")
-        if n_doc_idx < 1:
-            raise DataError(f"{i_path}: no document indices (even an empty dataset has the leading 0)")
-
+        dtype, n_seq, n_doc_idx = _read_header(i_path)
         raw = np.memmap(i_path, dtype=np.uint8, mode="r")
         off = _HEADER.size
         seq_lengths = np.frombuffer(raw, dtype="<i4", count=n_seq, offset=off)
         seq_pointers = np.frombuffer(raw, dtype="<i8", count=n_seq, offset=off + 4 * n_seq)
         doc_idx = np.frombuffer(raw, dtype="<i8", count=n_doc_idx, offset=off + 12 * n_seq)
-
-        if doc_idx[0] != 0:
-            raise DataError(f"{i_path}: document indices start at {int(doc_idx[0])}, not 0")
-        steps = np.diff(doc_idx)
-        if (steps < 0).any():
-            k = int(np.argmax(steps < 0))
-            raise DataError(f"{i_path}: document indices decrease at document {k} ({int(doc_idx[k])} -> "
-                            f"{int(doc_idx[k + 1])})")
-        if doc_idx[-1] != n_seq:
-            raise DataError(f"{i_path}: document indices end at sequence {int(doc_idx[-1])}, but the index holds "
-                            f"{n_seq} sequences")
-
-        item = dtype.itemsize
-        bin_size = b_path.stat().st_size
-        if bin_size % item:
-            raise DataError(f"{b_path}: {bin_size} bytes is not a whole number of {dtype.name} tokens")
-        lengths64 = seq_lengths.astype(np.int64)
-        if (lengths64 < 0).any():
-            k = int(np.argmax(lengths64 < 0))
-            raise DataError(f"{i_path}: sequence {k} has negative length {int(lengths64[k])}")
-        ends = seq_pointers + lengths64 * item
-        bad = (seq_pointers < 0) | (seq_pointers % item != 0) | (ends > bin_size)
-        if bad.any():
-            k = int(np.argmax(bad))
-            raise DataError(f"{i_path}: sequence {k} (byte pointer {int(seq_pointers[k])}, {int(lengths64[k])} "
-                            f"tokens of {item} bytes) does not lie within {b_path}, which has {bin_size} bytes: the "
-                            f"index disagrees with the .bin file's length")
-        data_end = int(ends.max()) if n_seq else 0
-        if data_end != bin_size:
-            raise DataError(f"{i_path}: the sequences end at byte {data_end}, but {b_path} has {bin_size} bytes: the "
-                            f"index disagrees with the .bin file's length")
-        contiguous = bool(n_seq == 0 or (seq_pointers[0] == 0 and np.array_equal(seq_pointers[1:], ends[:-1])))
-
-        if n_seq:
-            doc_lengths = np.add.reduceat(lengths64, doc_idx[:-1]) if len(steps) else np.zeros(0, np.int64)
-            doc_lengths[steps == 0] = 0  # reduceat gives the next element for an empty range
-        else:
-            doc_lengths = np.zeros(len(steps), dtype=np.int64)
-        if (doc_lengths == 0).any():
-            k = int(np.argmax(doc_lengths == 0))
-            raise DataError(f"{i_path}: document {k} is empty (sequences {int(doc_idx[k])}..{int(doc_idx[k + 1])} "
-                            f"hold no tokens)")
-
-        tokens = np.memmap(b_path, dtype=dtype, mode="r") if bin_size else np.zeros(0, dtype=dtype)
+        _check_document_indices(i_path, doc_idx, n_seq)
+        contiguous = _check_sequences(i_path, b_path, dtype, seq_lengths, seq_pointers)
+        doc_lengths = _document_lengths(i_path, seq_lengths, doc_idx)
+        tokens = np.memmap(b_path, dtype=dtype, mode="r") if b_path.stat().st_size else np.zeros(0, dtype=dtype)
         return cls(prefix, vocab_size, dtype, tokens, seq_lengths, seq_pointers, doc_idx, doc_lengths, contiguous)
 
     def __len__(self) -> int:
@@ -219,6 +152,92 @@ class IndexedTokens:
         return doc
 
 
+def _read_header(i_path: Path) -> tuple[np.dtype, int, int]:
+    """(token dtype, sequence count, document-index count), after checking the header and
+    that the counts account for the file's size exactly."""
+    idx_size = i_path.stat().st_size
+    if idx_size < _HEADER.size:
+        raise DataError(f"{i_path}: {idx_size} bytes is too short for the {_HEADER.size}-byte header of a "
+                        f"Megatron indexed dataset")
+    with open(i_path, "rb") as f:
+        magic, version, code, n_seq, n_doc_idx = _HEADER.unpack(f.read(_HEADER.size))
+    if magic != MAGIC:
+        raise DataError(f"{i_path}: not a Megatron indexed dataset index: it starts with {magic!r}, expected "
+                        f"{MAGIC!r}")
+    if version != VERSION:
+        raise DataError(f"{i_path}: index version {version}; pliant reads version {VERSION}")
+    if code not in DTYPE_CODES:
+        raise DataError(f"{i_path}: unknown dtype code {code}; Megatron's codes are "
+                        + ", ".join(f"{c} {dt.name}" for c, dt in DTYPE_CODES.items()))
+    dtype = DTYPE_CODES[code]
+    if dtype.kind == "f":
+        raise DataError(f"{i_path}: dtype code {code} is {dtype.name}; token ids must be integers")
+    expected = _HEADER.size + 12 * n_seq + 8 * n_doc_idx
+    if idx_size == expected + n_seq and n_seq > 0:
+        raise DataError(f"{i_path}: the index carries per-sequence modes (a multimodal dataset); pliant reads "
+                        f"text-only datasets")
+    if idx_size != expected:
+        raise DataError(f"{i_path}: the header counts {n_seq} sequences and {n_doc_idx} document indices, "
+                        f"which take {expected} bytes, but the file has {idx_size} bytes")
+    if n_doc_idx < 1:
+        raise DataError(f"{i_path}: no document indices (even an empty dataset has the leading 0)")
+    return dtype, n_seq, n_doc_idx
+
+
+def _check_document_indices(i_path: Path, doc_idx: np.ndarray, n_seq: int) -> None:
+    if doc_idx[0] != 0:
+        raise DataError(f"{i_path}: document indices start at {int(doc_idx[0])}, not 0")
+    steps = np.diff(doc_idx)
+    if (steps < 0).any():
+        k = int(np.argmax(steps < 0))
+        raise DataError(f"{i_path}: document indices decrease at document {k} ({int(doc_idx[k])} -> "
+                        f"{int(doc_idx[k + 1])})")
+    if doc_idx[-1] != n_seq:
+        raise DataError(f"{i_path}: document indices end at sequence {int(doc_idx[-1])}, but the index holds "
+                        f"{n_seq} sequences")
+
+
+def _check_sequences(i_path: Path, b_path: Path, dtype: np.dtype, lengths: np.ndarray, pointers: np.ndarray
+                     ) -> bool:
+    """Every sequence lies within the .bin and the last one ends where the .bin does.
+    Returns whether the sequences lie back to back from byte 0 (then a document is one slice)."""
+    item = dtype.itemsize
+    bin_size = b_path.stat().st_size
+    if bin_size % item:
+        raise DataError(f"{b_path}: {bin_size} bytes is not a whole number of {dtype.name} tokens")
+    lengths64 = lengths.astype(np.int64)
+    if (lengths64 < 0).any():
+        k = int(np.argmax(lengths64 < 0))
+        raise DataError(f"{i_path}: sequence {k} has negative length {int(lengths64[k])}")
+    ends = pointers + lengths64 * item
+    bad = (pointers < 0) | (pointers % item != 0) | (ends > bin_size)
+    if bad.any():
+        k = int(np.argmax(bad))
+        raise DataError(f"{i_path}: sequence {k} (byte pointer {int(pointers[k])}, {int(lengths64[k])} tokens of "
+                        f"{item} bytes) does not lie within {b_path}, which has {bin_size} bytes: the index "
+                        f"disagrees with the .bin file's length")
+    data_end = int(ends.max()) if len(ends) else 0
+    if data_end != bin_size:
+        raise DataError(f"{i_path}: the sequences end at byte {data_end}, but {b_path} has {bin_size} bytes: the "
+                        f"index disagrees with the .bin file's length")
+    return bool(len(ends) == 0 or (pointers[0] == 0 and np.array_equal(pointers[1:], ends[:-1])))
+
+
+def _document_lengths(i_path: Path, seq_lengths: np.ndarray, doc_idx: np.ndarray) -> np.ndarray:
+    """Tokens per document (int64); an error naming the first empty document."""
+    n_docs = len(doc_idx) - 1
+    if n_docs == 0:
+        return np.zeros(0, dtype=np.int64)
+    # a trailing 0 keeps every start index in range (documents at the end may be empty)
+    doc_lengths = np.add.reduceat(np.append(seq_lengths.astype(np.int64), 0), doc_idx[:-1])
+    doc_lengths[np.diff(doc_idx) == 0] = 0  # reduceat gives the next element for an empty range
+    if (doc_lengths == 0).any():
+        k = int(np.argmax(doc_lengths == 0))
+        raise DataError(f"{i_path}: document {k} is empty (sequences {int(doc_idx[k])}..{int(doc_idx[k + 1])} "
+                        f"hold no tokens)")
+    return doc_lengths
+
+
 class IndexedTokensWriter:
     """Writes a Megatron indexed dataset (one sequence per document), atomically.
 
@@ -241,6 +260,7 @@ class IndexedTokensWriter:
         self.n_tokens = 0
         self._bin = None
         self._tmp: list[Path] = []
+        self._made_dirs: list[Path] = []
         self.closed = False
 
     def __enter__(self) -> "IndexedTokensWriter":
@@ -258,6 +278,7 @@ class IndexedTokensWriter:
         if self._bin is not None or self.closed:
             return
         parent = self.prefix.parent
+        self._made_dirs = [d for d in (parent, *parent.parents) if not d.exists()]  # removed again on abort
         parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{self.prefix.name}.bin.", suffix=".tmp")
         self._tmp.append(Path(tmp))
@@ -301,6 +322,10 @@ class IndexedTokensWriter:
         self.n_documents += len(lengths)
         self.n_tokens += flat.size
 
+    def document_lengths(self) -> np.ndarray:
+        """Tokens per document written so far (int32, as the index stores them)."""
+        return np.concatenate(self._lengths) if self._lengths else np.zeros(0, dtype="<i4")
+
     def close(self) -> Path:
         """Finish: write the index and move both files into place. Returns the prefix."""
         if self.closed:
@@ -310,7 +335,7 @@ class IndexedTokensWriter:
             self._bin.flush()
             os.fsync(self._bin.fileno())
             self._bin.close()
-            lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, dtype="<i4")
+            lengths = self.document_lengths()
             pointers = np.zeros(len(lengths), dtype="<i8")
             np.cumsum(lengths[:-1], dtype=np.int64, out=pointers[1:])
             pointers *= self.dtype.itemsize
@@ -342,6 +367,12 @@ class IndexedTokensWriter:
         for p in self._tmp:
             p.unlink(missing_ok=True)
         self._tmp.clear()
+        for d in self._made_dirs:  # innermost first; only while empty
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        self._made_dirs = []
         self.closed = True
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import json
-import logging
 import math
 import queue
 import sys
@@ -39,12 +38,12 @@ import numpy as np
 
 from pliant.runtime.indexed import DataError, IndexedTokensWriter, bin_path, idx_path, optimal_dtype
 
-log = logging.getLogger(__name__)
-
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 COMPRESSION = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd"}
 DEFAULT_BATCH = 1024  # documents per encode_batch call: large enough to keep the Rust threads busy
-JSON_BLOCK = 32 << 20  # pyarrow JSON block: a single record must fit in one
+TASK_CHARS = 1 << 20  # characters per worker task (workers > 1)
+JSON_BLOCK = 8 << 20  # pyarrow JSON block; a longer record gets 4x larger blocks, up to JSON_BLOCK_MAX
+JSON_BLOCK_MAX = 1 << 30
 
 
 @dataclass
@@ -115,12 +114,12 @@ def check_inputs(paths: Sequence[str | Path]) -> list[Path]:
 
 
 def _open_text_lines(path: Path, compression: str | None):
+    import io
+
     import pyarrow as pa
 
     raw = pa.OSFile(str(path), "rb")
     stream = pa.CompressedInputStream(raw, compression) if compression else raw
-    import io
-
     return io.TextIOWrapper(io.BufferedReader(stream, buffer_size=1 << 20), encoding="utf-8", errors="replace")
 
 
@@ -152,7 +151,6 @@ class _Progress:
     def __init__(self, paths: Sequence[Path]):
         self.sizes = [p.stat().st_size for p in paths]
         self.total = max(1, sum(self.sizes))
-        self.done_files = 0
 
     def fraction(self, file_index: int, within: float) -> float:
         return min(1.0, (sum(self.sizes[:file_index]) + self.sizes[file_index] * min(1.0, within)) / self.total)
@@ -163,45 +161,71 @@ def _non_empty(texts: list[str]) -> tuple[list[str], int]:
     return kept, len(texts) - len(kept)
 
 
+def _uncompressed_size(path: Path, compression: str | None) -> int:
+    """The bytes pyarrow will parse, for progress: the file size, gzip's size trailer (the
+    size modulo 4 GiB, so only trusted when plausible), else a guess."""
+    size = path.stat().st_size
+    if compression is None:
+        return size
+    if compression == "gzip" and size >= 18:
+        with open(path, "rb") as f:
+            f.seek(-4, 2)
+            isize = int.from_bytes(f.read(4), "little")
+        if isize >= size:
+            return isize
+    return 4 * size
+
+
 def _iter_json(path: Path, text_key: str, compression: str | None, batch_size: int
                ) -> Iterator[tuple[list[str], float]]:
+    """Texts in batches, with the fraction of the file consumed. pyarrow parses the file in
+    blocks and a record may not straddle two: a longer record restarts the file with 4x
+    larger blocks, skipping the records already handed out."""
     import pyarrow as pa
     import pyarrow.json as pj
 
-    raw = pa.OSFile(str(path), "rb")
-    size = max(1, path.stat().st_size)
-    stream = pa.CompressedInputStream(raw, compression) if compression else raw
     parse = pj.ParseOptions(explicit_schema=pa.schema([(text_key, pa.string())]), unexpected_field_behavior="ignore")
-    read = pj.ReadOptions(block_size=JSON_BLOCK, use_threads=True)
+    total = max(1, _uncompressed_size(path, compression))
+    block, done = JSON_BLOCK, 0  # records of this file already yielded
 
     def fail(e: Exception | None) -> DataError:
         found = diagnose_jsonl(path, text_key, compression)
-        if found:
-            return DataError(found)
-        if e is not None and "straddl" in str(e):
-            return DataError(f"{path}: a record is longer than the reader's {JSON_BLOCK >> 20} MB block ({e})")
-        return DataError(f"{path}: cannot read it as JSON lines ({e})")
+        return DataError(found or f"{path}: cannot read it as JSON lines ({e})")
 
-    try:
+    while True:
+        raw = pa.OSFile(str(path), "rb")
+        stream = pa.CompressedInputStream(raw, compression) if compression else raw
+        read = pj.ReadOptions(block_size=block, use_threads=True)
         try:
-            if hasattr(pj, "open_json"):  # streaming (pyarrow >= 19); older: the whole file at once
+            if hasattr(pj, "open_json"):  # streaming reader (recent pyarrow, apache/arrow#45084); older: whole file
                 reader: Any = pj.open_json(stream, read_options=read, parse_options=parse)
             else:
                 reader = pj.read_json(stream, read_options=read, parse_options=parse).to_batches()
-            for batch in reader:
-                col = batch.column(0)
+            seen = 0  # records of this pass
+            for k, batch in enumerate(reader):  # one record batch per block
+                skip = min(max(done - seen, 0), batch.num_rows)
+                seen += batch.num_rows
+                col = batch.column(0).slice(skip)
                 if col.null_count:
                     raise fail(None)
                 texts = col.to_pylist()
-                within = raw.tell() / size
                 for i in range(0, len(texts), batch_size):
-                    yield texts[i:i + batch_size], within
+                    part = texts[i:i + batch_size]
+                    done += len(part)
+                    # pyarrow reads ahead, so the file position says little; blocks consumed do
+                    span = min(block, max(total - k * block, 0))
+                    yield part, min(0.999, (k * block + span * (i + len(part)) / len(texts)) / total)
+            return
         except pa.ArrowInvalid as e:
-            raise fail(e) from None
+            if "straddl" in str(e) and block < JSON_BLOCK_MAX:
+                block *= 4
+                continue
+            raise (DataError(f"{path}: a record is longer than {JSON_BLOCK_MAX >> 20} MB, the longest pliant "
+                             f"reads") if "straddl" in str(e) else fail(e)) from None
         except (pa.ArrowException, OSError) as e:
             raise DataError(f"{path}: cannot read it ({e})") from None
-    finally:
-        raw.close()
+        finally:
+            raw.close()
 
 
 def _iter_parquet(path: Path, text_key: str, batch_size: int) -> Iterator[tuple[list[str], float]]:
@@ -245,6 +269,7 @@ def iter_text_batches(paths: Sequence[Path], text_key: str, batch_size: int) -> 
         for texts, within in source:
             kept, empty = _non_empty(texts)
             yield TextBatch(path, kept, empty, progress.fraction(k, within))
+        yield TextBatch(path, [], 0, progress.fraction(k, 1.0))  # the file is done: its share is complete
 
 
 def _prefetch(it: Iterator[TextBatch], depth: int = 4) -> Iterator[TextBatch]:
@@ -311,7 +336,11 @@ def encode_documents(backend, texts: list[str], eos_id: int, dtype: np.dtype) ->
 _WORKER: dict[str, Any] = {}
 
 
-def _worker_init(tokenizer_json: str, eos_id: int, dtype: str) -> None:
+def _worker_init(tokenizer_json: str, eos_id: int, dtype: str, threads: int) -> None:
+    import os
+
+    # the tokenizer's Rust thread pool starts on first use and sizes itself from this; workers share the cores
+    os.environ.setdefault("RAYON_NUM_THREADS", str(threads))
     from tokenizers import Tokenizer
 
     _WORKER.update(backend=Tokenizer.from_str(tokenizer_json), eos_id=eos_id, dtype=np.dtype(dtype))
@@ -324,36 +353,48 @@ def _worker_encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 def _encoded(batches: Iterator[TextBatch], backend, eos_id: int, dtype: np.dtype, workers: int
              ) -> Iterator[tuple[TextBatch, np.ndarray, np.ndarray]]:
     """(batch, lengths, flat) in input order; in this process or in `workers` processes."""
+    empty = np.zeros(0, np.int64), np.zeros(0, dtype)
     if workers <= 1:
         for b in batches:
-            if b.texts:
-                yield (b, *encode_documents(backend, b.texts, eos_id, dtype))
-            else:
-                yield b, np.zeros(0, np.int64), np.zeros(0, dtype)
+            yield (b, *(encode_documents(backend, b.texts, eos_id, dtype) if b.texts else empty))
         return
     import multiprocessing as mp
+    import os
 
     # spawn: the parent holds threads (the reader, pyarrow's, Rust's) that fork would copy mid-flight;
-    # the workers only import numpy and tokenizers
+    # the workers import only numpy and tokenizers, and each runs the Rust encoder on its share of the cores
     ctx = mp.get_context("spawn")
+    threads = max(1, (os.cpu_count() or 1) // workers)
     pending: collections.deque = collections.deque()
-    with ctx.Pool(workers, initializer=_worker_init, initargs=(backend.to_str(), eos_id, dtype.str)) as pool:
+    with ctx.Pool(workers, initializer=_worker_init, initargs=(backend.to_str(), eos_id, dtype.str, threads)) as pool:
         try:
             for b in batches:
-                pending.append((b, pool.apply_async(_worker_encode, (b.texts,)) if b.texts else None))
-                while len(pending) > 2 * workers:  # bounded: the input never piles up in memory
-                    yield _collect(pending.popleft(), dtype)
+                # tasks of about TASK_CHARS: long-tailed documents would otherwise leave a worker idle
+                tasks = [pool.apply_async(_worker_encode, (part,)) for part in _split_by_chars(b.texts, TASK_CHARS)]
+                pending.append((b, tasks))
+                while sum(len(t) for _, t in pending) > 4 * workers:  # bounded: input never piles up in memory
+                    yield _collect(pending.popleft(), empty)
             while pending:
-                yield _collect(pending.popleft(), dtype)
+                yield _collect(pending.popleft(), empty)
         finally:
             pool.terminate()
 
 
-def _collect(item, dtype: np.dtype) -> tuple[TextBatch, np.ndarray, np.ndarray]:
-    b, res = item
-    if res is None:
-        return b, np.zeros(0, np.int64), np.zeros(0, dtype)
-    return (b, *res.get())
+def _split_by_chars(texts: list[str], max_chars: int) -> list[list[str]]:
+    if not texts:
+        return []
+    ends = np.cumsum(np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)))
+    cuts = np.searchsorted(ends, np.arange(max_chars, int(ends[-1]), max_chars), side="right")
+    bounds = [0, *sorted(set(int(c) for c in cuts if 0 < c < len(texts))), len(texts)]
+    return [texts[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _collect(item, empty) -> tuple[TextBatch, np.ndarray, np.ndarray]:
+    b, tasks = item
+    if not tasks:
+        return (b, *empty)
+    parts = [t.get() for t in tasks]
+    return b, np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 # ---------------------------------------------------------------- the run
@@ -389,8 +430,8 @@ def prepare(inputs: Sequence[str | Path], tokenizer_dir: str | Path, out_prefix:
     (Megatron's indexed format) and `out_prefix`.summary.json; returns the summary.
 
     Atomic: on any error (or interrupt) no output and no temporary file is left.
-    `show_progress`: a progress bar on stderr (default: when stderr is a terminal; else a
-    few log lines)."""
+    `show_progress`: True a progress bar on stderr, False nothing, None (default) the bar
+    when stderr is a terminal and otherwise a log line every ~10% of the input."""
     from pliant.planner.io import atomic_write_text
     from pliant.runtime.tokenizer import load_tokenizer
 
@@ -410,18 +451,15 @@ def prepare(inputs: Sequence[str | Path], tokenizer_dir: str | Path, out_prefix:
                              text_key=text_key, dtype=dtype.name, vocab_size=vocab, eos_id=int(eos_id),
                              workers=workers, batch_size=batch_size)
     summary_path = Path(f"{out_prefix}.summary.json")
-    show = sys.stderr.isatty() if show_progress is None else show_progress
 
     t0 = time.perf_counter()
-    all_lengths: list[np.ndarray] = []
     batches = _prefetch(iter_text_batches(paths, text_key, batch_size))
     encoded = _encoded(batches, tokenizer.backend_tokenizer, int(eos_id), dtype, workers)
-    with _progress_reporter(show, on_progress) as report, IndexedTokensWriter(out_prefix, dtype) as writer, \
+    with _progress_reporter(show_progress, on_progress) as report, IndexedTokensWriter(out_prefix, dtype) as writer, \
             closing(batches), closing(encoded):  # on an error: stop the reader thread and the workers now
         for b, lengths, flat in encoded:
             if len(lengths):
                 writer.add_documents(lengths, flat)
-                all_lengths.append(lengths)
             stats = summary.per_file.setdefault(str(b.path), {"documents": 0, "tokens": 0, "empty_skipped": 0})
             stats["documents"] += len(lengths)
             stats["tokens"] += len(flat)
@@ -434,7 +472,7 @@ def prepare(inputs: Sequence[str | Path], tokenizer_dir: str | Path, out_prefix:
         summary.documents, summary.tokens = writer.n_documents, writer.n_tokens
         summary.seconds = time.perf_counter() - t0
         summary.tokens_per_s = summary.tokens / max(summary.seconds, 1e-9)
-        summary.doc_len_median, summary.doc_len_p99, summary.doc_len_max = _describe(np.concatenate(all_lengths))
+        summary.doc_len_median, summary.doc_len_p99, summary.doc_len_max = _describe(writer.document_lengths())
     # the .bin/.idx are in place; the summary follows, and if it cannot be written neither stays
     try:
         atomic_write_text(summary_path, json.dumps(summary.to_dict(), indent=2) + "\n")
@@ -446,10 +484,13 @@ def prepare(inputs: Sequence[str | Path], tokenizer_dir: str | Path, out_prefix:
 
 
 class _progress_reporter:
-    """A rich progress bar on a terminal; otherwise a log line every ~10% of the input."""
+    """A rich progress bar (show True, or None on a terminal), a log line every ~10% of the
+    input (None elsewhere), or nothing (False)."""
 
-    def __init__(self, show_bar: bool, callback: Callable[[float, int, int], None] | None):
-        self.show_bar, self.callback = show_bar, callback
+    def __init__(self, show: bool | None, callback: Callable[[float, int, int], None] | None):
+        self.show_bar = sys.stderr.isatty() if show is None else show
+        self.log_lines = show is None and not self.show_bar
+        self.callback = callback
         self._bar = self._task = None
         self._next_log = 0.1
         self._t0 = time.perf_counter()
@@ -472,7 +513,7 @@ class _progress_reporter:
             self.callback(fraction, docs, tokens)
         if self._bar is not None:
             self._bar.update(self._task, completed=fraction, docs=f"{docs:,}", tokens=f"{tokens:,}")
-        elif fraction >= self._next_log:
+        elif self.log_lines and fraction >= self._next_log:
             rate = tokens / max(time.perf_counter() - self._t0, 1e-9)
             print(f"pliant data prepare: {fraction:5.1%} of the input, {docs:,} documents, {tokens:,} tokens "
                   f"({rate:,.0f} tokens/s)", file=sys.stderr, flush=True)

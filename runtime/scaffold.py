@@ -75,7 +75,7 @@ def write_tiny_model(family: str, out: str | Path, vocab_size: int, seed: int = 
     model.generation_config = GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
                                                pad_token_id=cfg.pad_token_id)
     model.save_pretrained(out)
-    if tokenizer_dir is not None:
+    if tokenizer_dir is not None and Path(tokenizer_dir).resolve() != out.resolve():
         copy_tokenizer_files(tokenizer_dir, out)
     return out
 

@@ -12,6 +12,7 @@ Llama-family tokenizers do. Documents get their `</s>` from `pliant data prepare
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -87,8 +88,6 @@ def _portable_config(out_dir: Path) -> None:
     writes no special_tokens_map.json; name the class every 4.x and 5.x release knows and
     write the map, so older consumers of the directory (inference servers pinned to 4.x)
     load it too."""
-    import json
-
     cfg_path = out_dir / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"

@@ -1,4 +1,6 @@
-"""Token data: the synthetic task, Megatron-style token files, and the global batcher."""
+"""Token data: the synthetic task, Megatron indexed datasets as a document source, and the
+global batcher. The indexed format itself (Megatron interop, bad files) is pinned in
+test_indexed.py."""
 from __future__ import annotations
 
 import json
@@ -7,7 +9,7 @@ import numpy as np
 import pytest
 
 from pliant.planner import get_distribution
-from pliant.runtime.data import DataError, GlobalBatcher, SyntheticTask, TokenFile, write_token_file
+from pliant.runtime.data import DataError, GlobalBatcher, IndexedTokens, SyntheticTask, write_indexed
 
 
 def test_synthetic_documents_are_deterministic_and_structured():
@@ -25,45 +27,36 @@ def test_synthetic_documents_are_deterministic_and_structured():
     assert not np.array_equal(task.document(1), task.document(2))
 
 
-def test_token_file_round_trip(tmp_path):
+def test_indexed_round_trip(tmp_path):
     docs = [np.array([1, 2, 3]), np.array([7]), np.arange(40) % 30]
-    prefix = write_token_file(tmp_path / "corpus", docs, vocab_size=30)
-    tf = TokenFile.open(prefix)
-    assert len(tf) == 3 and tf.lengths().tolist() == [3, 1, 40]
+    prefix = write_indexed(tmp_path / "corpus", docs, vocab_size=30)
+    assert (tmp_path / "corpus.bin").stat().st_size == 44 * 2  # uint16 below 65500 ids
+    src = IndexedTokens.open(prefix, vocab_size=30)
+    assert len(src) == 3 and src.lengths().tolist() == [3, 1, 40] and src.vocab_size == 30
     for i, d in enumerate(docs):
-        assert np.array_equal(tf.document(i), d)
-    assert isinstance(tf.tokens, np.memmap)
+        assert np.array_equal(src.document(i), d) and src.document(i).dtype == np.int64
+    assert isinstance(src.tokens, np.memmap)
+    big = IndexedTokens.open(write_indexed(tmp_path / "big", docs, vocab_size=70_000))
+    assert big.dtype == np.dtype("<i4") and np.array_equal(big.document(2), docs[2])
 
 
-def _corrupt(tmp_path, header=None, offsets=None, extra_tokens=0):
-    prefix = write_token_file(tmp_path / "c", [np.array([1, 2, 3]), np.array([4, 5])], vocab_size=10)
-    idx = prefix.with_suffix(".idx")
-    head = {"dtype": "<u2", "documents": 2, "vocab_size": 10, **(header or {})}
-    off = np.array(offsets if offsets is not None else [0, 3, 5], dtype="<i8")
-    idx.write_bytes(json.dumps(head).encode() + b"\n" + off.tobytes())
-    if extra_tokens:
-        with open(prefix.with_suffix(".bin"), "ab") as f:
-            f.write(np.zeros(extra_tokens, dtype="<u2").tobytes())
-    return prefix
-
-
-@pytest.mark.parametrize("kwargs, match", [
-    ({"extra_tokens": 4}, "offsets end at token 5, but .* holds 9 tokens"),
-    ({"offsets": [0, 3, 7]}, "offsets end at token 7"),
-    ({"offsets": [0, 3]}, "header says 2 documents but holds 2 offsets"),
-    ({"offsets": [0, 3, 3, 5], "header": {"documents": 3}}, "increase"),
-    ({"header": {"dtype": "bogus"}}, "unreadable header"),
-])
-def test_bad_token_files(tmp_path, kwargs, match):
-    with pytest.raises(DataError, match=match):
-        TokenFile.open(_corrupt(tmp_path, **kwargs))
+def test_indexed_source_feeds_the_batcher(tmp_path):
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 100, size=n) for n in (5, 900, 40, 3000, 12)]
+    src = IndexedTokens.open(write_indexed(tmp_path / "c", docs, vocab_size=100), vocab_size=100)
+    batcher = GlobalBatcher(src, 4096, max_len=2048, seed=0)
+    ids, lengths = batcher.next_batch()
+    for i, doc in zip(ids, batcher.read(ids)):
+        assert np.array_equal(doc, docs[i][:2048])
 
 
 def test_out_of_vocab_tokens_are_named(tmp_path):
-    tf = TokenFile.open(write_token_file(tmp_path / "v", [np.array([1, 99])], vocab_size=100))
-    tf.vocab_size = 50
-    with pytest.raises(DataError, match="document 0 has token ids outside"):
-        tf.document(0)
+    prefix = write_indexed(tmp_path / "v", [np.array([1, 2]), np.array([1, 99])], vocab_size=100)
+    src = IndexedTokens.open(prefix, vocab_size=50)
+    assert np.array_equal(src.document(0), [1, 2])
+    with pytest.raises(DataError, match=r"v.bin: document 1 has token id 99 outside the vocabulary \[0, 50\)"):
+        src.document(1)
+    assert IndexedTokens.open(prefix, vocab_size=None).document(1).tolist() == [1, 99]
 
 
 def test_batcher_budget_determinism_and_resume():
