@@ -28,7 +28,7 @@ __all__ = ["BatchState", "DataError", "DocumentSource", "GlobalBatcher", "Indexe
 
 
 class DocumentSource(Protocol):
-    vocab_size: int
+    vocab_size: int | None  # None: ids not checked (an indexed dataset opened without a model)
 
     def __len__(self) -> int: ...
 

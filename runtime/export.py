@@ -33,7 +33,7 @@ from pliant.planner.spec import ModelSpec
 from .checkpoint import COMPLETE, CheckpointError, complete_checkpoints
 from .errors import ExportError
 from .hf import DTYPES
-from .scaffold import copy_tokenizer_files
+from .tokenizer import copy_tokenizer_files
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 

@@ -97,11 +97,11 @@ def _shape_keys(d: ModelDir) -> dict:
 
 def check_tokenizer(path: Path, vocab_size: int) -> None:
     """A tokenizer in the directory must not produce ids beyond the model's embedding."""
-    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
-        return
-    from transformers import AutoTokenizer
+    from .tokenizer import TOKENIZER_FILES, load_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        return
+    tok = load_tokenizer(path)
     if len(tok) > vocab_size:
         raise ModelDirError(f"{path}: the tokenizer has {len(tok)} tokens, more than the model's embedding "
                             f"(vocab_size {vocab_size} in config.json): its ids would index past the embedding")

@@ -10,14 +10,13 @@ norms with a head_dim that is not hidden / heads, Mistral's RoPE base.
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 
+from .tokenizer import copy_tokenizer_files
+
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 
 
 def tiny_config(family: str, vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
@@ -78,14 +77,3 @@ def write_tiny_model(family: str, out: str | Path, vocab_size: int, seed: int = 
     if tokenizer_dir is not None and Path(tokenizer_dir).resolve() != out.resolve():
         copy_tokenizer_files(tokenizer_dir, out)
     return out
-
-
-def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
-    """Copy the tokenizer files a model directory carries; returns the names copied."""
-    src, dst = Path(src), Path(dst)
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
-            copied.append(name)
-    return copied

@@ -20,7 +20,10 @@ from pliant.runtime.data import DataError
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 SPECIAL_TOKENS = (BOS, EOS, PAD)  # ids 0, 1, 2 in a trained tokenizer
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")  # any one: a tokenizer
+# what a model directory carries of its tokenizer (copied by `pliant export` and `pliant model init`)
+TOKENIZER_DIR_FILES = TOKENIZER_FILES + ("special_tokens_map.json", "merges.txt", "added_tokens.json",
+                                         "chat_template.jinja")
 
 
 class TokenizerError(DataError):
@@ -94,3 +97,16 @@ def _portable_config(out_dir: Path) -> None:
     cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
     special = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
     (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+
+
+def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy the tokenizer files of one directory into another; returns the names copied."""
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    copied = []
+    for name in TOKENIZER_DIR_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied

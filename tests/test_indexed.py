@@ -8,7 +8,6 @@ import struct
 import subprocess
 import sys
 import textwrap
-import warnings
 
 import numpy as np
 import pytest
@@ -16,17 +15,9 @@ import pytest
 from pliant.runtime.indexed import MAGIC, IndexedTokensWriter, bin_path, idx_path, optimal_dtype
 from pliant.runtime.data import DataError, IndexedTokens, write_indexed
 
-try:
-    with warnings.catch_warnings():  # "Transformer Engine and Apex are not installed": harmless on CPU
-        warnings.simplefilter("ignore")
-        import torch
-        from megatron.core.datasets import indexed_dataset as mcore
-except ImportError as e:  # pragma: no cover - megatron-core is in the test extras
-    mcore, MCORE_MISSING = None, f"megatron-core cannot be imported ({e}); it is the oracle for Megatron's format"
-else:
-    MCORE_MISSING = ""
+import torch
 
-needs_megatron = pytest.mark.skipif(mcore is None, reason=MCORE_MISSING or "megatron-core present")
+from megatron_oracle import mcore, needs_megatron
 
 
 def _random_docs(n: int, vocab: int, seed: int = 0, max_len: int = 300) -> list[np.ndarray]:
