@@ -117,11 +117,19 @@ def _read_yaml(name: str | Path) -> tuple[Path, Any]:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
 
 
+def is_table(value: Any) -> bool:
+    """A mapping keyed by numbers (e.g. bandwidth by group size): a value, not a section."""
+    return isinstance(value, dict) and bool(value) and all(isinstance(k, (int, float)) for k in value)
+
+
 def merge_config(base: dict, overlay: dict) -> dict:
-    """`overlay` on top of `base`, key by key: mappings merge, anything else replaces."""
+    """`overlay` on top of `base`, key by key: sections merge; anything else, tables keyed by
+    numbers included, replaces (an overlay's bandwidth table for a smaller world must not keep
+    the base table's larger group sizes)."""
     out = dict(base)
     for key, value in overlay.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and not is_table(value) \
+                and not is_table(out[key]):
             out[key] = merge_config(out[key], value)
         else:
             out[key] = value

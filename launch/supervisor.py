@@ -4,8 +4,11 @@ and torchrun side by side, and the restart loop.
     start the master (RUN/monitor/addr-a{n} tells the agents where it listens)
     start torchrun on the healthy slots (PLIANT_SLOTS, CUDA_VISIBLE_DEVICES on GPUs)
     wait: torchrun finishes                -> done
-          an incident with action restart  -> stop the job (SIGTERM, then SIGKILL), mark the
-                                              culprits' slots bad, start again with --resume
+          an incident with action restart  -> compose and validate the next start first (its
+                                              config and slots; a restart that cannot be built is
+                                              written into the incident and ends the job with its
+                                              reason), then stop the job (SIGTERM, then SIGKILL),
+                                              mark the culprits' slots bad, start again with --resume
           torchrun fails with no incident  -> give the master a moment to name a culprit,
                                               else restart without excluding anything
     a restart uses a spare slot (cluster.spare_devices_per_node), or with none left a smaller
@@ -46,6 +49,20 @@ class Attempt:
     rc: int | None = None
     outcome: str = ""  # finished, incident, failed
     incidents: list[dict] = field(default_factory=list)
+
+
+class RestartError(RuntimeError):
+    """A restart that cannot be built; the message says why (written into the incident)."""
+
+
+@dataclass
+class Start:
+    """One start of the job, composed and validated before it is needed."""
+
+    cfg: JobConfig
+    names: list[str]
+    slots: list[int]
+    world: int
 
 
 def shrink_overlay(cfg: JobConfig, devices: int) -> dict:
@@ -131,6 +148,33 @@ class Supervisor:
         names = self.config_names + [str(overlay)]
         return load_config(names), names
 
+    def _next_start(self, attempt: int, bad: dict[int, str]) -> "Start":
+        """The config and slots of a start with `bad` slots excluded, composed and validated
+        (raises RestartError naming why it cannot be built)."""
+        spec = self.cfg.faults
+        healthy = [s for s in self.slots if s not in bad]
+        world = min(self.devices, len(healthy))
+        if world < self.devices and (not spec.shrink or world < spec.min_world):
+            allowed = f"faults.min_world is {spec.min_world}" if spec.shrink else "faults.shrink is off"
+            raise RestartError(f"{len(healthy)} healthy slot(s) left for a world of {self.devices} (bad: {bad}) and "
+                               f"{allowed}; add spare_devices_per_node to the cluster config")
+        try:
+            cfg, names = self._config_for(attempt, world)
+        except ConfigError as e:
+            raise RestartError(f"the config of a {world}-rank restart is invalid: {e}") from None
+        if world < self.devices:
+            why = self._too_small(cfg)
+            if why:
+                raise RestartError(f"no spare slot left and {why}; add spare_devices_per_node to the cluster config")
+        return Start(cfg, names, healthy[:world], world)
+
+    def _annotate(self, attempt: int, note: dict) -> None:
+        """Write what the supervisor made of a start's restart incidents into their files."""
+        for path in sorted((self.run_dir / "incidents").glob(f"incident-a{attempt}-*.json")):
+            body = json.loads(path.read_text())
+            if body.get("action") == "restart" and "restart" not in body:
+                atomic_write_text(path, json.dumps({**body, "restart": note}, indent=1))
+
     @staticmethod
     def _too_small(cfg: JobConfig) -> str | None:
         """Why a smaller world cannot train this job (its longest sequence no longer fits), or None."""
@@ -163,57 +207,69 @@ class Supervisor:
             env.pop("PLIANT_FAULT", None)  # injected faults belong to the first start
         return subprocess.Popen(cmd, env=env)
 
-    def _wait(self, job: subprocess.Popen, master: subprocess.Popen | None, attempt: int) -> tuple[str, list[dict]]:
+    def _wait(self, job: subprocess.Popen, master: subprocess.Popen | None, attempt: int, slots: list[int]
+              ) -> tuple[str, list[dict], "Start | RestartError | None"]:
+        """How the start ended, its restart incidents, and for an incident the next start,
+        composed and validated while the job still runs (or why there can be none)."""
         spec = self.cfg.faults
         master_warned = False
         failed_at = None
         while True:
             fatal = [i for i in read_incidents(self.run_dir, attempt) if i["action"] == "restart"]
             if fatal:
+                nxt = self._compose_restart(attempt, slots, fatal)
                 kill_tree(job, spec.stop_grace_s)
-                return "incident", fatal
+                return "incident", fatal, nxt
             rc = job.poll()
             if rc == 0:
-                return "finished", []
+                return "finished", [], None
             if rc is not None:
                 failed_at = failed_at or time.monotonic()
                 # the master needs a few checks to name a culprit after the processes are gone
                 if master is None or master.poll() is not None or \
                         time.monotonic() - failed_at > max(3.0, 10 * spec.check_interval_s):
-                    return "failed", []
+                    return "failed", [], None
             if master is not None and master.poll() is not None and not master_warned:
                 master_warned = True
                 print(f"pliant: the fault monitor master exited (status {master.returncode}); training goes on "
                       f"unmonitored", file=sys.stderr, flush=True)
             time.sleep(POLL_S)
 
+    def _compose_restart(self, attempt: int, slots: list[int], fatal: list[dict]) -> "Start | RestartError":
+        """The next start after these incidents, or why there is none; written into the incidents."""
+        bad = {**self.bad, **{slots[r]: f"{i['kind']} in start {attempt} (rank {r})" for i in fatal
+                              for r in i["exclude"]}}
+        try:
+            if attempt >= self.cfg.faults.max_restarts:
+                raise RestartError(f"restart budget spent: {self.cfg.faults.max_restarts} restart(s)")
+            nxt: Start | RestartError = self._next_start(attempt + 1, bad)
+            note = {"world": nxt.world, "slots": nxt.slots, "config": nxt.names}
+        except RestartError as e:
+            nxt, note = e, {"error": str(e)}
+        self._annotate(attempt, note)
+        return nxt
+
     # ----- the loop -----
     def run(self) -> int:
         spec = self.cfg.faults
         attempt = 0
+        try:
+            nxt: Start | RestartError | None = self._next_start(0, self.bad)
+        except RestartError as e:
+            return self._give_up(str(e))
         while True:
-            healthy = [s for s in self.slots if s not in self.bad]
-            world = min(self.devices, len(healthy))
-            if world < self.devices and (not spec.shrink or world < spec.min_world):
-                allowed = f"faults.min_world is {spec.min_world}" if spec.shrink else "faults.shrink is off"
-                return self._give_up(f"{len(healthy)} healthy slot(s) left for a world of {self.devices} (bad: "
-                                     f"{self.bad}) and {allowed}; add spare_devices_per_node to the cluster config")
-            cfg, names = self._config_for(attempt, world)
+            assert isinstance(nxt, Start)
+            cfg, names, slots, world = nxt.cfg, nxt.names, nxt.slots, nxt.world
             if world < self.devices:
-                why = self._too_small(cfg)
-                if why:
-                    return self._give_up(f"no spare slot left and {why}; add spare_devices_per_node to the cluster "
-                                         f"config")
                 print(f"pliant: no spare slot left: restarting with a smaller world of {world} ranks (slots "
-                      f"{healthy[:world]})", file=sys.stderr, flush=True)
-            slots = healthy[:world]
+                      f"{slots})", file=sys.stderr, flush=True)
             resume = self.resume or attempt > 0
             record = Attempt(attempt, slots, world, resume, time.time())
             self.attempts.append(record)
             master, addr = self._start_master(attempt, world) if spec.enabled else (None, None)
             job = self._torchrun(attempt, cfg, names, slots, addr, resume)
             try:
-                outcome, incidents = self._wait(job, master, attempt)
+                outcome, incidents, nxt = self._wait(job, master, attempt, slots)
             finally:
                 if job.poll() is None:
                     kill_tree(job, spec.stop_grace_s)
@@ -234,8 +290,14 @@ class Supervisor:
             if outcome == "failed":
                 print(f"pliant: the job failed (status {job.returncode}) and the monitor named no culprit",
                       file=sys.stderr, flush=True)
-            if attempt >= spec.max_restarts:
-                return self._give_up(f"restart budget spent: {spec.max_restarts} restart(s)")
+                if attempt >= spec.max_restarts:
+                    return self._give_up(f"restart budget spent: {spec.max_restarts} restart(s)")
+                try:
+                    nxt = self._next_start(attempt + 1, self.bad)
+                except RestartError as e:
+                    return self._give_up(str(e))
+            if isinstance(nxt, RestartError):
+                return self._give_up(f"{nxt} (written into the incident)")
             attempt += 1
             print(f"pliant: restart {attempt}/{spec.max_restarts} from the last complete checkpoint; bad slots: "
                   f"{sorted(self.bad) or 'none'}", file=sys.stderr, flush=True)

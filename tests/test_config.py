@@ -93,3 +93,14 @@ def test_intra_inter_bandwidth_form(raw):
     assert cfg.cluster.bandwidth.all_to_all_gbps is None
     msg = _error(raw, lambda d: d["cluster"].update(bandwidth={"intra_node_gbps": 100.0}))
     assert "inter_node_gbps" in msg
+
+
+def test_overlay_replaces_tables_and_merges_sections():
+    from pliant.launch.config import merge_config
+
+    base = {"cluster": {"nodes": 1, "bandwidth": {"all_to_all_gbps": {2: 1.0, 4: 2.5}, "all_gather_gbps": {2: 0.4}}}}
+    overlay = {"cluster": {"bandwidth": {"all_to_all_gbps": {2: 1.0, 3: 2.5}}}}
+    merged = merge_config(base, overlay)
+    assert merged["cluster"]["nodes"] == 1
+    assert merged["cluster"]["bandwidth"]["all_to_all_gbps"] == {2: 1.0, 3: 2.5}  # replaced, not {2, 3, 4}
+    assert merged["cluster"]["bandwidth"]["all_gather_gbps"] == {2: 0.4}

@@ -230,3 +230,21 @@ def test_smaller_world_that_cannot_hold_the_longest_sequence_stops(tmp_path):
     assert "no spare slot left and a world of 3 holds sequences of at most" in job.out
     assert "train.max_len is 160" in job.out
     assert len(job.supervisor["attempts"]) == 1
+    # the reason is composed before the job was stopped, and written into the incident
+    assert "train.max_len is 160" in job.only_incident("crash")["restart"]["error"]
+
+
+def test_default_config_restarts_on_three_ranks(tmp_path):
+    """configs/local-cpu.yaml as it ships (no spare slot; bandwidth tables with entries for
+    groups of 2 and 4) takes a crash: the 3-rank restart's tables replace the base's (merged
+    key by key they kept the size-4 entry, and every such restart died on a config error),
+    the restart is composed before the job is stopped, and the job finishes on 3 ranks."""
+    default = Path(__file__).resolve().parents[2] / "configs" / "local-cpu.yaml"
+    job = _run_job(tmp_path, "default", default, [{"kind": "crash", "rank": 2, "step": 3}],
+                   {"train": {"steps": 5, "checkpoint_every": 2}})
+    assert job.rc == 0, job.tail()
+    inc = job.only_incident("crash")
+    assert inc["ranks"] == [2] and inc["restart"]["world"] == 3 and inc["restart"]["slots"] == [0, 1, 3]
+    sup = job.supervisor
+    assert [(a["outcome"], a["world"]) for a in sup["attempts"]] == [("incident", 4), ("finished", 3)], sup
+    assert job.steps[-1] == 5
