@@ -58,8 +58,10 @@ def test_train_your_own_model(tmp_path, monkeypatch):
     r = subprocess.run([sys.executable, "-m", "pliant.launch.cli", "train", "--config", "job.yaml", "--steps", "30",
                         "--run-dir", "runs/mine"], capture_output=True, text=True, timeout=1200, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # (a step may appear twice: the fault monitor can restart a job from its last checkpoint)
     steps = [json.loads(x) for x in open("runs/mine/metrics.jsonl").read().splitlines()]
-    assert len(steps) == 30 and steps[-1]["loss"] < steps[0]["loss"]
+    assert steps[-1]["step"] == 30 and {s["step"] for s in steps} == set(range(1, 31))
+    assert steps[-1]["loss"] < steps[0]["loss"]
     assert (tmp_path / "runs/mine/tensorboard").is_dir()
 
     assert cli(["export", "--run-dir", "runs/mine", "--out", "my-model-trained"]) == 0
