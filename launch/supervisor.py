@@ -51,6 +51,11 @@ class Attempt:
     incidents: list[dict] = field(default_factory=list)
 
 
+def culprit_slots(attempt: int, slots: list[int], incidents: list[dict]) -> dict[int, str]:
+    """The slots the incidents exclude, each with why."""
+    return {slots[r]: f"{i['kind']} in start {attempt} (rank {r})" for i in incidents for r in i["exclude"]}
+
+
 class RestartError(RuntimeError):
     """A restart that cannot be built; the message says why (written into the incident)."""
 
@@ -237,8 +242,7 @@ class Supervisor:
 
     def _compose_restart(self, attempt: int, slots: list[int], fatal: list[dict]) -> "Start | RestartError":
         """The next start after these incidents, or why there is none; written into the incidents."""
-        bad = {**self.bad, **{slots[r]: f"{i['kind']} in start {attempt} (rank {r})" for i in fatal
-                              for r in i["exclude"]}}
+        bad = {**self.bad, **culprit_slots(attempt, slots, fatal)}
         try:
             if attempt >= self.cfg.faults.max_restarts:
                 raise RestartError(f"restart budget spent: {self.cfg.faults.max_restarts} restart(s)")
@@ -284,9 +288,7 @@ class Supervisor:
             self._save()
             if outcome == "finished":
                 return 0
-            for inc in incidents:
-                for rank in inc["exclude"]:
-                    self.bad[slots[rank]] = f"{inc['kind']} in start {attempt} (rank {rank})"
+            self.bad.update(culprit_slots(attempt, slots, incidents))
             if outcome == "failed":
                 print(f"pliant: the job failed (status {job.returncode}) and the monitor named no culprit",
                       file=sys.stderr, flush=True)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from pliant.planner.model_dir import PLIANT_ARCHITECTURE, read_model_dir
+from pliant.planner.model_dir import DTYPE_NAMES, PLIANT_ARCHITECTURE, read_model_dir
 from pliant.planner.spec import ModelSpec
 
 from .checkpoint import COMPLETE, CheckpointError, complete_checkpoints
@@ -117,8 +117,7 @@ def pliant_config(spec: ModelSpec, dtype: str) -> dict:
         "num_key_value_heads": spec.kv_heads, "head_dim": spec.head_dim, "intermediate_size": spec.ffn_hidden,
         "vocab_size": spec.vocab_size, "attention_pattern": list(spec.attention), "linear_decay": spec.linear_decay,
         "rope_theta": ROPE_THETA, "rms_norm_eps": RMS_EPS, "tie_word_embeddings": False,
-        "dtype": {v: k for k, v in {"float64": "fp64", "float32": "fp32", "bfloat16": "bf16",
-                                    "float16": "fp16"}.items()}[dtype],
+        "dtype": {short: name for name, short in DTYPE_NAMES.items()}[dtype],
     }
 
 

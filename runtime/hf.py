@@ -19,7 +19,6 @@ logits`, for one packed rank-local sequence.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -177,12 +176,3 @@ def load_pliant_dir(d: ModelDir, spec: ModelSpec, dtype: torch.dtype, device: to
         raise ModelDirError(f"{d.path}: the weights do not match config.json: missing {sorted(missing)[:6]}, "
                             f"unexpected {sorted(unexpected)[:6]}")
     return model.to(device=device, dtype=dtype)
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The model whose state dict is exported: the transformers model inside HFCausalLM."""
-    return module.hf if isinstance(module, HFCausalLM) else module
-
-
-def model_config_json(path: str | Path) -> dict:
-    return json.loads((Path(path) / "config.json").read_text())
