@@ -18,6 +18,8 @@ from typing import Any, Callable
 import ray
 import torch
 
+from pliant.runtime.faults import RolloutFaults
+
 from .dispatch import Dispatcher, WeightStore
 from .spec import RLConfigError, RLResourceError
 from .task import VOCAB, CopyTask
@@ -139,8 +141,7 @@ def warm_start(trainer, cache: Path | None, key: dict[str, Any]) -> list[float]:
 
 
 def run(cfg, run_dir: Path, mode: str | None = None, staleness: int | None = None, seed: int | None = None,
-        sft_cache: Path | None = None, on_step: Callable[[dict], None] | None = None,
-        kill_rollout_at_step: int | None = None) -> RunResult:
+        sft_cache: Path | None = None, on_step: Callable[[dict], None] | None = None) -> RunResult:
     rl, res = cfg.rl, cfg.resources
     mode = mode or rl.mode
     k = 0 if mode == "sync" else (rl.staleness if staleness is None else staleness)
@@ -150,6 +151,7 @@ def run(cfg, run_dir: Path, mode: str | None = None, staleness: int | None = Non
     ensure_ray(res)
     check_resources(res)
     run_dir.mkdir(parents=True, exist_ok=True)
+    faults = RolloutFaults.from_env(run_dir, log)  # injected faults (PLIANT_FAULT); none: a no-op
     task = CopyTask.from_spec(cfg.task, seed=seed)
     capacity = rl.queue_capacity or (k + 2) * rl.samples_per_step
     if capacity < (k + 1) * rl.samples_per_step:  # steps b..b+k may all be in flight at once
@@ -208,10 +210,7 @@ def run(cfg, run_dir: Path, mode: str | None = None, staleness: int | None = Non
                 if on_step:
                     on_step(row)
             shown = len(steps)
-            if kill_rollout_at_step is not None and shown >= kill_rollout_at_step and restarts == 0:
-                log(f"killing rollout worker 0 at step {shown} (fault injection)")
-                ray.kill(workers[0], no_restart=True)
-                kill_rollout_at_step = None
+            faults.on_step(shown, workers, incarnations)
             for w, ref in list(runs.items()):
                 ready, _ = ray.wait([ref], timeout=0)
                 if not ready:

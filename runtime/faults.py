@@ -181,3 +181,67 @@ def test_hooks_from_env() -> list:
     """The fault-injection callbacks the environment asks for (none in a normal run)."""
     step = int(os.environ.get(FAIL_AT_STEP_ENV, "0"))
     return [FailAtStep(step)] if step else []
+
+
+# ----- RL rollout workers -----
+
+
+class RolloutFaults:
+    """Fault injection for an RL run (`pliant rl`): the `kill_rollout` faults of the same
+    InjectSpec list (PLIANT_FAULT; the RL config has no `faults` section). The runner calls
+    `on_step` as training progresses; a fault kills rollout worker `rank` (ray.kill, no
+    restart: the runner sees it die and starts it again) once training reaches `step`. It
+    fires once, in the worker's incarnation named by `attempt` (default 0, the first start):
+    the restarted worker runs clean. Before striking it writes
+    RUN_DIR/faults/fired-a{attempt}-r{rank}-kill_rollout.json, as FaultInjector does. With no
+    such faults it does nothing. Ray is imported only when a fault fires."""
+
+    KIND = "kill_rollout"
+
+    def __init__(self, faults: list[InjectSpec], run_dir: Path | None = None, log=None):
+        self.faults = [f for f in faults if f.kind == self.KIND]
+        self.run_dir, self.log = run_dir, log
+        self._fired: set[int] = set()  # indices into self.faults
+
+    @classmethod
+    def from_env(cls, run_dir: Path | None = None, log=None) -> "RolloutFaults":
+        return cls(faults_from_env(), run_dir, log)
+
+    def __bool__(self) -> bool:
+        return bool(self.faults)
+
+    def on_step(self, step: int, workers: dict, incarnations: dict | None = None) -> None:
+        """`step`: the steps trained so far; `workers`: rollout worker number -> its Ray actor;
+        `incarnations`: worker number -> how many times it was started again (0 if absent)."""
+        for i, f in enumerate(self.faults):
+            if i in self._fired or step < f.step:
+                continue
+            if f.rank not in workers:
+                self._fired.add(i)
+                self._say(f"fault injection: no rollout worker {f.rank} (there are {len(workers)}); "
+                          f"{self.KIND} at step {f.step} ignored")
+                continue
+            if (incarnations or {}).get(f.rank, 0) != f.attempt:
+                continue
+            self._fired.add(i)
+            self._record(f, step)
+            self._say(f"killing rollout worker {f.rank} at step {step} (fault injection)")
+            import ray  # only here: training ranks import this module without Ray
+
+            ray.kill(workers[f.rank], no_restart=True)
+
+    def _record(self, f: InjectSpec, step: int) -> None:
+        if self.run_dir is None:
+            return
+        body = {"kind": f.kind, "rank": f.rank, "step": step, "attempt": f.attempt, "wall": time.time(),
+                "mono": time.monotonic()}
+        atomic_write_text(self.run_dir / "faults" / f"fired-a{f.attempt}-r{f.rank}-{f.kind}.json",
+                          json.dumps(body))
+
+    def _say(self, msg: str) -> None:
+        if self.log is not None:
+            self.log(msg)
+        else:
+            import sys
+
+            print(f"pliant: {msg}", file=sys.stderr, flush=True)

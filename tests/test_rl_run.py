@@ -4,6 +4,7 @@ restarted with no sample lost or trained twice, and bad input (a reward function
 raises, resources the cluster lacks) gives logged skips or a clear error."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import ray
 
 from pliant.launch.config import RLJobConfig, load_config, merge_config, parse_config
 from pliant.rl import runner
+from pliant.runtime.faults import FAULT_ENV
 
 pytestmark = pytest.mark.timeout(300)
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "rl-local.yaml"
@@ -70,17 +72,52 @@ def test_sync_mode_is_on_policy(ray_cluster, sft, tmp_path):
     assert set(r.eval_reward) == {"before", "after"} and all(0.0 <= v <= 1.0 for v in r.eval_reward.values())
 
 
-def test_a_killed_rollout_worker_is_restarted_and_nothing_is_lost_or_trained_twice(ray_cluster, sft, tmp_path):
+def test_a_killed_rollout_worker_is_restarted_and_nothing_is_lost_or_trained_twice(ray_cluster, sft, tmp_path,
+                                                                                    monkeypatch):
     # enough steps after the kill that the worker is still mid-run when the driver (polling
     # every 0.5 s) gets to it: at k=1 it is at most one step ahead of the trainer
     cfg = config(rl={"steps": 12})
-    r = runner.run(cfg, tmp_path, mode="async", staleness=1, sft_cache=sft, kill_rollout_at_step=2)
+    monkeypatch.setenv(FAULT_ENV, json.dumps({"kind": "kill_rollout", "rank": 0, "step": 2}))
+    r = runner.run(cfg, tmp_path, mode="async", staleness=1, sft_cache=sft)
     assert r.restarts == 1
+    fired = json.loads((tmp_path / "faults" / "fired-a0-r0-kill_rollout.json").read_text())
+    assert fired["kind"] == "kill_rollout" and fired["rank"] == 0 and fired["step"] >= 2
     every_group_trained_once(r, cfg)
     assert all(n >= 1 for n in r.dispatcher["written"].values())
     # a group handed out again whose first write had landed and been trained is dropped, not lost
     assert all(g in r.trainer["trained_groups"] for g in r.dispatcher["late"])
     assert not r.dispatcher["held"] or all(not v for v in r.dispatcher["held"].values())
+
+
+def test_rollout_faults_fire_once_in_the_first_incarnation_only(tmp_path, monkeypatch):
+    """The kill_rollout hook without Ray: nothing before its step, one kill of the named
+    worker (and a fired record) at or after it, none of the restarted worker; no faults: a no-op."""
+    from pliant.runtime.faults import RolloutFaults, faults_from_env
+
+    killed = []
+    monkeypatch.setattr(ray, "kill", lambda actor, no_restart=False: killed.append((actor, no_restart)))
+    monkeypatch.setenv(FAULT_ENV, json.dumps([{"kind": "kill_rollout", "rank": 1, "step": 3},
+                                              {"kind": "crash", "rank": 0, "step": 1}]))
+    assert [f.kind for f in faults_from_env()] == ["kill_rollout", "crash"]
+    hook = RolloutFaults.from_env(tmp_path, log=lambda msg: None)
+    workers = {0: "w0", 1: "w1"}
+    hook.on_step(2, workers, {0: 0, 1: 0})
+    assert killed == []
+    hook.on_step(4, workers, {0: 0, 1: 0})
+    assert killed == [("w1", True)]
+    fired = json.loads((tmp_path / "faults" / "fired-a0-r1-kill_rollout.json").read_text())
+    assert fired["step"] == 4 and fired["attempt"] == 0
+    hook.on_step(5, {0: "w0", 1: "w1-again"}, {0: 0, 1: 1})
+    assert killed == [("w1", True)]
+    # a worker restarted before the fault's step is not its first start: it runs clean
+    late = RolloutFaults(faults_from_env(), None, log=lambda msg: None)
+    late.on_step(9, workers, {1: 1})
+    assert killed == [("w1", True)]
+    monkeypatch.delenv(FAULT_ENV)
+    none = RolloutFaults.from_env(tmp_path)
+    assert not none
+    none.on_step(100, workers, {})
+    assert killed == [("w1", True)]
 
 
 def flaky_reward(prompt, response):

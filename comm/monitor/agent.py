@@ -1,6 +1,8 @@
 """The agent in every rank (docs/faults.md): a thread that sends the recorder's summaries to
-the master over pyzmq every `report_interval_s`. A summary doubles as the heartbeat: a rank
-that is frozen or holds the GIL sends nothing, and silence is the signal.
+the master over pyzmq every `report_interval_s`, with the evidence that the rank's main
+thread makes progress (progress.py: its CPU time, its read/write bytes, its Python stack).
+A summary doubles as the heartbeat: a rank that is frozen or holds the GIL sends nothing,
+and the master then looks at it from outside.
 
 The socket is a DEALER: the master acknowledges each summary with its own clock, which
 gives the offset between this rank's monotonic clock and the master's (NTP style, the
@@ -28,6 +30,7 @@ from typing import Any
 
 import zmq
 
+from .progress import MainThreadProbe
 from .recorder import CollectiveEvent, CollectiveRecorder
 from .spec import FaultSpec
 
@@ -64,6 +67,7 @@ class Agent:
         self._sock.setsockopt(zmq.IDENTITY, f"rank{rank}-{self.pid}".encode())
         self._sock.connect(addr)
         self._thread = threading.Thread(target=self._run, name="pliant-agent", daemon=True)
+        self.probe = MainThreadProbe()
         self._wake_r: socket.socket | None = None
 
     def start(self) -> "Agent":
@@ -132,10 +136,15 @@ class Agent:
         snap = self.recorder.snapshot(self._since)
         self._since = snap["taken"]
         off = self.offset
+        main, frames, other_cpu = self.probe.sample()
+        device = snap["device"]
         return {"type": "report", "step": snap["step"], "step_started": snap["step_started"] + off,
                 "in_checkpoint": snap["in_checkpoint"],
                 "inflight": [event_row(e, off) for e in snap["inflight"].values()],
-                "events": [event_row(e, off) for e in snap["events"]]}
+                "events": [event_row(e, off) for e in snap["events"]],
+                # progress evidence (progress.py): the main thread's CPU, bytes and stack, the other threads' CPU
+                "main": [main.cpu, main.io, main.stack], "frames": frames, "other_cpu": other_cpu,
+                "device": None if device is None else [device[0], device[1] + off]}
 
     def _drain_acks(self) -> None:
         while True:

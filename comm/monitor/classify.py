@@ -15,6 +15,7 @@ from collections import defaultdict, deque
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
+from .progress import Progress, ThreadSample
 from .recorder import POINT_TO_POINT, SENDS
 from .spec import FaultSpec
 
@@ -96,6 +97,32 @@ class RankState:
     bye: str | None = None  # why it said goodbye: finished, exit, exception: ...
     gone_at: float | None = None  # when its process was seen gone (same host only)
     process: str = "unknown"  # running, sleeping, stopped, zombie, gone, unknown (remote host)
+    # progress evidence (progress.py): the main thread seen by the agent and from outside (its
+    # host's process watch), the other threads' CPU, the last Python stack the agent sent, and
+    # on CUDA whether work is queued on the device and when it last moved
+    inside: Progress | None = None
+    outside: Progress | None = None
+    other_cpu: deque = field(default_factory=lambda: deque(maxlen=64))
+    frames: list[str] = field(default_factory=list)
+    device: tuple[bool, float] | None = None
+
+    def stuck_for(self, now: float) -> float | None:
+        """How long the main thread has shown no progress (None: no evidence at all)."""
+        seen = [p.since for p in (self.inside, self.outside) if p is not None and p.since is not None]
+        if not seen:
+            return None
+        stuck = now - max(seen)
+        if self.device is not None and self.device[0]:  # the host may spin while the device is stuck
+            stuck = max(stuck, now - self.device[1])
+        return stuck
+
+    def moving(self, now: float, window: float, frac: float) -> bool:
+        """Did the rank's other threads (gloo's, moving a collective's bytes) use more than
+        `frac` of a core over the last `window` seconds?"""
+        recent = [(t, c) for t, c in self.other_cpu if t >= now - window]
+        if len(recent) < 2 or recent[-1][0] - recent[0][0] <= 0:
+            return False
+        return (recent[-1][1] - recent[0][1]) / (recent[-1][0] - recent[0][0]) > frac
 
 
 class JobPicture:
@@ -130,6 +157,14 @@ class JobPicture:
         if msg["type"] == "hello":
             return
         st.step, st.in_checkpoint = msg["step"], msg["in_checkpoint"]
+        if msg.get("main") is not None:
+            if st.inside is None:
+                st.inside = Progress(self.spec.progress_cpu_s)
+            st.inside.update(ThreadSample(*msg["main"]), now)
+            st.other_cpu.append((now, msg["other_cpu"]))
+            if msg.get("frames"):
+                st.frames = msg["frames"]
+            st.device = None if msg.get("device") is None else tuple(msg["device"])
         if msg["type"] == "bye":
             st.bye = msg.get("reason", "exit")
         st.inflight = {}
@@ -195,6 +230,30 @@ class JobPicture:
         if send is None or recv is None or recv.exit is None or not (self._clean(send) and self._clean(recv)):
             return
         self.link_latency[key[:2]].append(recv.exit - max(send.enter, recv.enter))
+
+    def observe(self, rank: int, sample: ThreadSample, now: float) -> None:
+        """A look at rank's main thread from outside its process (its host's process watch)."""
+        st = self.ranks.get(rank)
+        if st is None:
+            return
+        if st.outside is None:
+            st.outside = Progress(self.spec.progress_cpu_s)
+        st.outside.update(sample, now)
+
+    def _evidence(self, st: RankState, now: float) -> dict[str, Any]:
+        """What a hang incident says of a culprit's progress."""
+        stuck = st.stuck_for(now)
+        ev: dict[str, Any] = {"stuck_s": None if stuck is None else round(stuck, 3)}
+        for name, p in (("inside", st.inside), ("outside", st.outside)):
+            if p is not None and p.last is not None:
+                ev[f"main_thread_{name}"] = {"cpu_s": round(p.last.cpu, 3), "io_bytes": p.last.io,
+                                             "no_progress_s": round(now - p.since, 3),
+                                             **({"state": p.last.state} if p.last.state else {})}
+        if st.frames:
+            ev["stack"] = st.frames
+        if st.device is not None:
+            ev["device"] = {"queued": st.device[0], "last_moved_s": round(now - st.device[1], 3)}
+        return ev
 
     # ----- baselines -----
     def hang_threshold(self, group: tuple[int, ...], rows: list[Row]) -> float:
@@ -310,7 +369,14 @@ class JobPicture:
                          fault_time=min(self.ranks[r].last_seen for r in together), detected=now,
                          step=max(self.ranks[r].step for r in together), exclude=together)]
 
+    def _working(self, rank: int, now: float) -> bool:
+        """Has rank's main thread shown progress within the last progress_window_s?"""
+        st = self.ranks.get(rank)
+        stuck = None if st is None else st.stuck_for(now)
+        return stuck is not None and stuck < self.spec.progress_window_s
+
     def _hangs(self, now: float) -> list[Incident]:
+        s = self.spec
         groups: dict[tuple[int, ...], list[tuple[int, Row]]] = defaultdict(list)
         for st in self.ranks.values():
             for g, row in st.inflight.items():
@@ -334,8 +400,12 @@ class JobPicture:
                   "threshold_s": round(limit, 3), "entered": sorted(entered)}
             missing = sorted(set(g) - entered)
             if not missing:
+                if any(self.ranks[r].moving(now, s.progress_window_s, s.moving_cpu_frac) for r in g if r in self.ranks):
+                    continue  # its bytes still move: a slow collective, not a hung one
                 comm.append((len(g), g, since, ev, rows))
             elif not any(m in waiting_anywhere for m in missing):  # else the root is in the group they wait in
+                if any(self._working(m, now) for m in missing) and now - since < s.busy_silence_max_s:
+                    continue  # the late rank still computes: slow (the straggler rule's), not hung
                 ev["not_entered"] = missing
                 ev["culprit_state"] = {str(m): self._state(m, now) for m in missing}
                 noncomm.append(Incident("noncomm_hang", missing, "restart", ev, fault_time=since, detected=now,
@@ -351,7 +421,8 @@ class JobPicture:
         st = self.ranks.get(rank)
         if st is None:
             return {"seen": False}
-        return {"silent_s": round(now - st.last_seen, 3), "process": st.process, "step": st.step}
+        return {"silent_s": round(now - st.last_seen, 3), "process": st.process, "step": st.step,
+                **self._evidence(st, now)}
 
     def _silent(self, now: float) -> list[Incident]:
         for st in sorted(self.ranks.values(), key=lambda s: s.last_seen):
@@ -361,13 +432,24 @@ class JobPicture:
             limit = self.silence_threshold(st)
             if quiet <= limit:
                 continue
-            why = {"stopped": "process stopped (SIGSTOP or a debugger)",
-                   "unknown": "on another host: crashed or frozen"}.get(
-                st.process, "process alive but silent: holding the GIL or stuck in native code")
+            outside = st.outside.since if st.outside is not None else None
+            if st.process == "stopped":
+                why = "process stopped (SIGSTOP or a debugger)"
+            elif outside is not None:  # looked at from outside: does its main thread still work?
+                idle = now - outside
+                if idle < self.spec.progress_window_s and quiet < self.spec.busy_silence_max_s:
+                    continue  # busy (start-up under load, a long call holding the GIL): slow, not hung
+                why = (f"process alive, its main thread made no progress for {idle:.2f} s: holding the GIL or stuck "
+                       f"in native code" if idle >= self.spec.progress_window_s else
+                       f"its main thread works but its agent was silent for busy_silence_max_s")
+            elif st.process == "unknown":
+                why = "on another host, no outside view: crashed or frozen"
+            else:
+                why = "process alive but silent, no progress evidence: holding the GIL or stuck in native code"
             return [Incident("noncomm_hang", [st.rank], "restart", {
                 "silent_s": round(quiet, 3), "threshold_s": round(limit, 3), "process": st.process, "why": why,
-                "inflight": [list(g) for g in st.inflight]}, fault_time=st.last_seen, detected=now, step=st.step,
-                exclude=[st.rank])]
+                "inflight": [list(g) for g in st.inflight], **self._evidence(st, now)}, fault_time=st.last_seen,
+                detected=now, step=st.step, exclude=[st.rank])]
         return []
 
     def _persist(self, key: tuple, now: float, inc: Incident) -> Incident:

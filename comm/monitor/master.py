@@ -27,6 +27,7 @@ import zmq
 from pliant.planner.io import atomic_write_text
 
 from .classify import Incident, JobPicture
+from .progress import py_spy_stack, read_thread
 from .spec import FaultSpec
 
 PID_POLL_S = 0.02
@@ -67,7 +68,13 @@ class Master:
 
     # ----- processes on this host -----
     def _watch_processes(self) -> None:
+        """Every 20 ms: is each rank's process on this host still there (a crash is one gone
+        without a goodbye)? Every report interval: its main thread's CPU and bytes from /proc,
+        the outside view of its progress that holds while the rank itself is silent."""
+        next_look = 0.0
         while not self._stop.wait(PID_POLL_S):
+            now = time.monotonic()
+            look, next_look = now >= next_look, (next_look if now < next_look else now + self.spec.report_interval_s)
             for st in list(self.picture.ranks.values()):
                 if st.host != self.host:
                     continue
@@ -81,6 +88,8 @@ class Master:
                               "dead": "gone"}.get(status, status)
                 if st.process == "gone":
                     st.gone_at = time.monotonic()
+                elif look and (sample := read_thread(st.pid)) is not None:
+                    self.picture.observe(st.rank, sample, time.monotonic())
 
     # ----- main loop -----
     def serve(self) -> None:
@@ -110,6 +119,11 @@ class Master:
         self._summary()
 
     def _write(self, inc: Incident) -> None:
+        if inc.kind == "noncomm_hang":  # the culprits' Python stacks, read from outside without their GIL
+            for r in inc.ranks:
+                st = self.picture.ranks.get(r)
+                if st is not None and st.host == self.host and st.gone_at is None:
+                    inc.evidence.setdefault("stack_outside", {})[str(r)] = py_spy_stack(st.pid)
         self.incidents.append(inc)
         path = incident_path(self.run_dir, self.attempt, len(self.incidents))
         atomic_write_text(path, json.dumps(inc.to_dict(), indent=1))

@@ -167,6 +167,7 @@ class CollectiveRecorder:
         self.capacity = capacity
         self.clock: DeviceClock | None = None  # set at the first collective on CUDA tensors
         self.pending: deque[CollectiveEvent] = deque()  # CUDA collectives not yet seen to end
+        self.device_moved = time.monotonic()  # when a queued CUDA collective last started or ended
         self._flags: torch.Tensor | None = None  # pinned ring of finiteness flags of CUDA inputs
         self._flag_next = 0
 
@@ -256,6 +257,8 @@ class CollectiveRecorder:
                                     seen=now, marks=marks)
             self.events.append(event)
             if on_device:
+                if not self.pending:
+                    self.device_moved = now  # the device's queue was empty: nothing was overdue
                 self.pending.append(event)
                 if len(self.pending) > self.capacity:  # the device stuck that long: forget the oldest
                     self.pending.popleft()
@@ -304,10 +307,10 @@ class CollectiveRecorder:
                 e.enter = self.clock.time_of(m.start)
                 if m.flag is not None:
                     e.finite = bool(self._flags[m.flag])
-                e.seen = now
+                e.seen = self.device_moved = now
             if m.end is not None and m.end.query():
                 e.exit = max(e.enter, self.clock.time_of(m.end))
-                e.seen = now
+                e.seen = self.device_moved = now
                 continue
             still.append(e)
         self.pending = still
@@ -336,5 +339,7 @@ class CollectiveRecorder:
             for e in self.pending:  # started on the device, not ended: the oldest of each group
                 if e.enter is not None and e.peer is None and e.group not in inflight:
                     inflight[e.group] = e
+            # CUDA work queued that the device has not finished: a busy host is no progress
+            device = [bool(self.pending), self.device_moved] if self.clock is not None else None
             return {"step": self.step, "step_started": self.step_started, "in_checkpoint": self.in_checkpoint,
-                    "inflight": inflight, "events": recent, "taken": taken}
+                    "inflight": inflight, "events": recent, "taken": taken, "device": device}

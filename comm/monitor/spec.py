@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
 FaultKind = Literal["crash", "hang_before_collective", "hang_in_collective", "hold_gil", "sigstop", "slow",
-                    "slow_link", "nan", "desync", "die_in_checkpoint", "slow_checkpoint", "jitter"]
+                    "slow_link", "nan", "desync", "die_in_checkpoint", "slow_checkpoint", "jitter", "kill_rollout"]
 
 
 class _Strict(BaseModel):
@@ -29,7 +29,9 @@ class InjectSpec(_Strict):
     * nan: non-finite outputs (so gradients) on `rank` at `step`; desync: an extra
       collective of a different shape on `rank` at `step`;
     * die_in_checkpoint: SIGKILL after writing this rank's checkpoint files, before the
-      checkpoint is complete; slow_checkpoint: `seconds` extra inside the checkpoint write.
+      checkpoint is complete; slow_checkpoint: `seconds` extra inside the checkpoint write;
+    * kill_rollout: the RL rollout worker number `rank` is killed (ray.kill, no restart) once
+      training reaches `step`.
     """
 
     kind: FaultKind
@@ -64,6 +66,16 @@ class FaultSpec(_Strict):
     hang_max_factor: PositiveFloat = 2.0
     hang_min_s: PositiveFloat = 2.0
     hang_warmup_s: PositiveFloat = 120.0  # before a baseline exists
+    # progress evidence (progress.py): a rank is stuck when its main thread has grown its CPU
+    # time by less than progress_cpu_s, moved no bytes and kept its Python stack for
+    # progress_window_s (and on CUDA, when its queued work has not moved that long). A silent
+    # or late rank that still progresses is slow, not hung; a silent one is called hung only
+    # after busy_silence_max_s. A collective in which every member waits is still moving
+    # while some member's other threads (gloo's) use more than moving_cpu_frac of a core
+    progress_window_s: PositiveFloat = 2.0
+    progress_cpu_s: PositiveFloat = 0.01
+    moving_cpu_frac: PositiveFloat = 0.05
+    busy_silence_max_s: PositiveFloat = 120.0
     # stragglers: the same rank is the last to arrive in straggler_share of the last
     # straggler_window steps, and its mean delay is straggler_factor x the others' mean; and
     # the chance that random arrival order (noise) makes some rank last that often is below

@@ -28,3 +28,102 @@ def test_a_desync_in_a_group_that_has_all_reported_is_decided_even_on_a_tie():
         report(picture, rank, op, 1.0)
     found = [i for i in picture.check(1.1) if i.kind == "desync"]
     assert len(found) == 1 and len(found[0].ranks) == 2
+
+
+# ----- progress evidence: a slow rank is not a hung rank -----
+def summary(picture: JobPicture, rank: int, now: float, cpu: float, inflight: bool = True, stack: int = 1,
+            other_cpu: float = 0.0, device=None) -> None:
+    """Rank `rank` reports: inside collective 7 of the world group (or not), its main thread
+    at `cpu` CPU seconds with stack fingerprint `stack`."""
+    row = [GROUP, 7, "all_reduce", 1.0, None, 8, "float32", [2], None, 5, True, False]
+    picture.ingest({"rank": rank, "pid": 100 + rank, "host": "h", "slot": rank, "type": "report", "step": 5,
+                    "in_checkpoint": False, "inflight": [row] if inflight else [], "events": [],
+                    "main": [cpu, 0, stack], "frames": [f"train.py:{stack} step"], "other_cpu": other_cpu,
+                    "device": device}, now)
+
+
+def late_rank_1(picture: JobPicture, until: float, cpu_per_s: float) -> list:
+    """Ranks 0, 2, 3 wait in collective 7 from t=1; rank 1 has not entered it and uses
+    `cpu_per_s` of a core (its stack unchanged). Every rank reports every 0.2 s."""
+    found, t = [], 1.0
+    while t <= until:
+        for r in (0, 2, 3):
+            summary(picture, r, t, cpu=1.0)
+        summary(picture, 1, t, cpu=1.0 + cpu_per_s * (t - 1.0), inflight=False)
+        found += picture.check(t)
+        t = round(t + 0.2, 3)
+    return found
+
+
+def test_a_late_rank_that_computes_is_not_hung():
+    # hang_warmup_s: before any baseline the wait limit is the floor
+    spec = FaultSpec(hang_warmup_s=2.0)
+    assert late_rank_1(JobPicture(spec, world=4), until=8.0, cpu_per_s=0.1) == []
+    found = late_rank_1(JobPicture(spec, world=4), until=8.0, cpu_per_s=0.0)  # the same, stuck
+    assert [(i.kind, i.ranks) for i in found] == [("noncomm_hang", [1])]
+    ev = found[0].evidence["culprit_state"]["1"]
+    assert ev["stuck_s"] >= spec.progress_window_s and ev["stack"] == ["train.py:1 step"]
+    assert found[0].detected <= 1.0 + max(spec.hang_warmup_s, spec.progress_window_s) + 0.4
+
+
+def test_a_late_rank_that_computes_is_hung_after_busy_silence_max_s():
+    spec = FaultSpec(hang_warmup_s=2.0, busy_silence_max_s=5.0)
+    found = late_rank_1(JobPicture(spec, world=4), until=8.0, cpu_per_s=0.1)
+    assert [(i.kind, i.ranks) for i in found] == [("noncomm_hang", [1])]
+    assert found[0].detected >= 6.0
+
+
+def silent_rank_3(picture: JobPicture, until: float, outside_cpu_per_s: float, state: str = "R") -> list:
+    """Every rank reports until t=2; then rank 3 falls silent while the master's process
+    watch sees its main thread use `outside_cpu_per_s` of a core."""
+    from pliant.comm.monitor.progress import ThreadSample
+
+    found, t = [], 0.2
+    while t <= until:
+        for r in range(4):
+            if r != 3 or t <= 2.0:
+                summary(picture, r, t, cpu=t, inflight=False, stack=int(t * 10))
+        picture.ranks[3].process = "running"
+        picture.observe(3, ThreadSample(5.0 + outside_cpu_per_s * t, 0, None, state), t)
+        found += picture.check(t)
+        t = round(t + 0.2, 3)
+    return found
+
+
+def test_a_silent_rank_whose_main_thread_works_is_not_hung():
+    spec = FaultSpec()
+    assert silent_rank_3(JobPicture(spec, world=4), until=10.0, outside_cpu_per_s=0.2) == []
+    found = silent_rank_3(JobPicture(spec, world=4), until=10.0, outside_cpu_per_s=0.0)
+    assert [(i.kind, i.ranks) for i in found] == [("noncomm_hang", [3])]
+    ev = found[0].evidence
+    assert "no progress" in ev["why"] and ev["main_thread_outside"]["state"] == "R"
+    assert found[0].detected <= 2.0 + spec.heartbeat_min_s + 0.4
+
+
+def all_inside(picture: JobPicture, until: float, other_cpu_per_s: float) -> list:
+    """Ranks 0-3 all inside collective 7 from t=1, main threads blocked; their other
+    threads (gloo's) use `other_cpu_per_s` of a core."""
+    found, t = [], 1.0
+    while t <= until:
+        for r in range(4):
+            summary(picture, r, t, cpu=1.0, other_cpu=other_cpu_per_s * t)
+        found += picture.check(t)
+        t = round(t + 0.2, 3)
+    return found
+
+
+def test_a_collective_whose_bytes_move_is_not_hung():
+    spec = FaultSpec(hang_warmup_s=2.0)
+    assert all_inside(JobPicture(spec, world=4), until=6.0, other_cpu_per_s=0.5) == []
+    found = all_inside(JobPicture(spec, world=4), until=6.0, other_cpu_per_s=0.003)  # idle gloo threads
+    assert [(i.kind, i.ranks) for i in found] == [("comm_hang", GROUP)]
+
+
+def test_a_busy_host_over_a_stuck_device_is_stuck():
+    """On CUDA a host may spin while its device never runs the queued work: stuck."""
+    picture = JobPicture(FaultSpec(), world=4)
+    for t in (1.0, 1.2, 1.4, 4.0):
+        summary(picture, 1, t, cpu=t, inflight=False, device=[True, 0.5])  # host CPU grows
+    assert picture.ranks[1].stuck_for(4.0) == 3.5
+    summary(picture, 1, 4.2, cpu=4.2, inflight=False, device=[True, 4.1])  # the device moved
+    assert picture.ranks[1].stuck_for(4.2) < 0.2

@@ -68,6 +68,9 @@ def test_noncomm_hang(tmp_path, clean):
     inc = job.only_incident("noncomm_hang")
     assert inc["ranks"] == [1]
     assert inc["evidence"]["not_entered"] == [1] and inc["evidence"]["entered"] == [0, 2, 3]
+    culprit = inc["evidence"]["culprit_state"]["1"]  # the evidence that it makes no progress
+    assert culprit["stuck_s"] >= 2.0 and any("faults.py" in f for f in culprit["stack"]), culprit
+    assert any("faults.py" in line for line in inc["evidence"]["stack_outside"]["1"])
     assert job.latency(inc) < DETECT_S
     assert_recovered(job, clean, {1})
 
@@ -95,6 +98,9 @@ def test_frozen_rank(tmp_path, clean, kind, state):
         assert process == state
     else:
         assert process not in ("stopped", "gone")  # alive, not stopped: the GIL
+        outside = ev.get("main_thread_outside") or ev["culprit_state"]["3"]["main_thread_outside"]
+        assert outside["no_progress_s"] >= 2.0, ev  # seen from outside: its main thread does nothing
+        assert any("faults.py" in line for line in ev["stack_outside"]["3"]), ev  # py-spy, without its GIL
     assert job.latency(inc) < DETECT_S
     assert_recovered(job, clean, {3})
 

@@ -1,0 +1,140 @@
+"""Evidence that a rank makes progress (docs/faults.md, "Progress evidence"): a slow rank
+is not a hung rank, and only a rank that shows no progress is called hung.
+
+A rank's training runs on its main thread. It makes progress while that thread burns CPU,
+moves bytes through read/write (a checkpoint loading) or changes its Python stack; it is
+stuck while it does none of these (asleep before a collective, deadlocked on a lock,
+frozen by SIGSTOP, sleeping in C with the GIL held, blocked in a collective that never
+returns). Under load a rank that computes gets a small share of a core, but a share: its
+CPU time still grows.
+
+Two views of the same main thread:
+
+* from inside (the agent, every report): its CPU clock (`pthread_getcpuclockid`), its
+  read/write byte counters (/proc/self/task/TID/io) and its Python stack (innermost frames
+  with their line numbers, read by the agent thread while it holds the GIL); plus the CPU
+  of the rank's other threads but the agent's (gloo's, which move a collective's bytes);
+* from outside (the master's process watch, for ranks on its host): the same thread's CPU
+  and byte counters from /proc/PID/task/PID, which go on being readable while the rank is
+  silent because it holds the GIL or is frozen; and, for the incident, its Python stack read
+  by py-spy without its GIL.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+STACK_FRAMES = 12
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+@dataclass(frozen=True)
+class ThreadSample:
+    """One look at a thread: its CPU seconds, the bytes it passed to read/write, and (from
+    inside only) a fingerprint of its Python stack."""
+
+    cpu: float
+    io: int
+    stack: int | None = None
+    state: str = ""  # from outside: R running, S sleeping, D disk, T stopped, Z zombie
+
+
+def _io_chars(path: str) -> int:
+    try:
+        with open(path) as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["rchar"]) + int(fields["wchar"])
+    except (OSError, KeyError, ValueError):
+        return 0
+
+
+def read_thread(pid: int, tid: int | None = None) -> ThreadSample | None:
+    """A thread of another process seen through /proc (the main thread: tid = pid), or None
+    when it is gone or /proc cannot be read."""
+    tid = pid if tid is None else tid
+    base = f"/proc/{pid}/task/{tid}"
+    try:
+        with open(f"{base}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2:].split()  # the command name may hold spaces and parentheses
+    state, utime, stime = fields[0], int(fields[11]), int(fields[12])
+    return ThreadSample((utime + stime) / _TICK, _io_chars(f"{base}/io"), None, state)
+
+
+def python_stack(thread_id: int, limit: int = STACK_FRAMES) -> list[str]:
+    """The innermost `limit` frames of a thread of this process, innermost first, as
+    'file:line function' (call it from another thread: the caller holds the GIL)."""
+    frame = sys._current_frames().get(thread_id)
+    out = []
+    while frame is not None and len(out) < limit:
+        code = frame.f_code
+        out.append(f"{os.path.basename(code.co_filename)}:{frame.f_lineno} {code.co_name}")
+        frame = frame.f_back
+    return out
+
+
+class MainThreadProbe:
+    """The agent's view of its rank's main thread (build it on any thread, sample it from the agent's)."""
+
+    def __init__(self) -> None:
+        main = threading.main_thread()
+        self.ident, self.native_id = main.ident, main.native_id
+        self._clock = time.pthread_getcpuclockid(self.ident) if hasattr(time, "pthread_getcpuclockid") else None
+        self._io_path = f"/proc/self/task/{self.native_id}/io"
+        self._last_stack: int | None = None
+
+    def sample(self) -> tuple[ThreadSample, list[str] | None, float]:
+        """The main thread's sample, its frames when the stack changed since the last sample
+        (else None), and the CPU seconds of the rank's other threads but the caller's."""
+        cpu = time.clock_gettime(self._clock) if self._clock is not None else 0.0
+        frames = python_stack(self.ident)
+        key = hash(tuple(frames))
+        changed = key != self._last_stack
+        self._last_stack = key
+        other = time.process_time() - cpu - time.thread_time()
+        return ThreadSample(cpu, _io_chars(self._io_path), key), frames if changed else None, other
+
+
+@dataclass
+class Progress:
+    """When a thread last showed progress (on the master's clock), from one view's samples:
+    CPU grown by at least `min_cpu_s`, bytes moved, or the stack changed."""
+
+    min_cpu_s: float
+    last: ThreadSample | None = None
+    since: float | None = None  # the last time progress was seen; None: no samples yet
+    base_cpu: float = 0.0  # CPU at the last progress (small growths add up)
+
+    def update(self, sample: ThreadSample, now: float) -> bool:
+        prev, self.last = self.last, sample
+        if prev is None:
+            self.since, self.base_cpu = now, sample.cpu
+            return True
+        moved = (sample.cpu - self.base_cpu >= self.min_cpu_s or sample.io != prev.io or
+                 (sample.stack is not None and prev.stack is not None and sample.stack != prev.stack))
+        if moved:
+            self.since, self.base_cpu = now, sample.cpu
+        return moved
+
+
+def py_spy_stack(pid: int, timeout_s: float = 3.0) -> list[str] | str:
+    """The Python stack of every thread of `pid` read from outside, without its GIL (py-spy
+    dump --nonblocking); a string saying why when it cannot be read."""
+    exe = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    if not os.path.exists(exe):
+        return "py-spy is not installed"
+    try:
+        out = subprocess.run([exe, "dump", "--pid", str(pid), "--nonblocking"], capture_output=True, text=True,
+                             timeout=timeout_s)
+    except (subprocess.TimeoutExpired, OSError) as e:
+        return f"py-spy dump failed: {e}"
+    if out.returncode != 0:
+        return f"py-spy dump failed (status {out.returncode}): {out.stderr.strip()[-300:]}"
+    return [line.rstrip() for line in out.stdout.splitlines() if line.strip()][:60]
