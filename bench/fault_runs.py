@@ -111,3 +111,45 @@ def run_job(tmp_path: Path, name: str, config: Path, faults: list[dict] = (), ov
     r = subprocess.run(command(run_dir, config, overlay), capture_output=True, text=True, timeout=timeout,
                        env=environment(list(faults)))
     return Job(r.returncode, r.stdout + r.stderr, run_dir)
+
+
+def two_node_overlay(nodes, port: int, overlay: dict | None = None) -> dict:
+    """The fault config on two nodes of 2 ranks and one spare slot each, at the nodes' addresses."""
+    out = {"cluster": {"nodes": 2, "devices_per_node": 2, "spare_devices_per_node": 1, "port": port,
+                       "hosts": [n.addr for n in nodes], "rendezvous_timeout_s": 60}}
+    for section, values in (overlay or {}).items():
+        out.setdefault(section, {}).update(values)
+    return out
+
+
+def run_two_node_job(work: Path, name: str, config: Path, nodes, faults: list[dict] = (), overlay: dict | None = None,
+                     port: int = 29400, timeout: float = 400, kill_node_at_step: int | None = None) -> Job:
+    """A real 2-node job: `pliant train --node-rank I` in each node's network namespace
+    (bench/netns.py), gloo bound by pliant to the node's interface. With `kill_node_at_step`,
+    every process of node 1 is killed once the job's metrics reach that step (a node lost)."""
+    import time
+
+    run_dir = work / name
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    cmd = command(run_dir, config, two_node_overlay(nodes, port, overlay))
+    # pliant, not the harness, must bind gloo to the node's interface
+    env = {**environment(list(faults)), "GLOO_SOCKET_IFNAME": None, "TP_SOCKET_IFNAME": None}
+    logs = [run_dir.parent / f"{name}-node{i}.log" for i in range(len(nodes))]
+    procs = [node.popen(cmd + ["--node-rank", str(i)], env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+             for i, (node, log) in enumerate(zip(nodes, logs))]
+    deadline = time.monotonic() + timeout
+    killed = kill_node_at_step is None
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        if not killed and (run_dir / "metrics.jsonl").is_file() and \
+                any(json.loads(x)["step"] >= kill_node_at_step
+                    for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()):
+            nodes[1].kill_all()
+            killed = True
+        time.sleep(0.2)
+    for node in nodes:
+        node.kill_all()
+    outs = [f"===== node {i} (rc {p.returncode})\n{log.read_text()}" for i, (p, log) in enumerate(zip(procs, logs))]
+    rc = max(abs(p.returncode) for p in procs) if killed or kill_node_at_step is None else 1
+    if kill_node_at_step is not None:
+        rc = procs[0].returncode
+    return Job(rc, "\n".join(outs), run_dir)

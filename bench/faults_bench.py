@@ -8,16 +8,23 @@ and false alarms over clean steps with injected compute jitter of +-50% on every
 Last, torchft side by side (torchft_compare): how long a torchft job takes to notice a
 crashed and a hung replica, and whether it names the culprit, beside pliant's crash and
 non-communication hang classes.
+
+With `--stress N`, a busy machine (bench/stress.py): N CPU-burning processes beside the job
+and one process writing and fsyncing a few MB in a loop into the job's run directory. Clean
+jobs under that load must not restart (a slow rank is not a hung one), and an injected
+non-communication hang must still be found and named (its latency is reported).
 """
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import tempfile
 from pathlib import Path
 
 from . import torchft_compare
 from .fault_runs import DETECT_S, Job, run_job
+from .stress import stress
 
 # class -> (faults, config overlay, expected incident kind, expected culprit ranks or link)
 CLASSES: dict[str, tuple[list[dict], dict, str, list[int]]] = {
@@ -36,6 +43,13 @@ CLASSES: dict[str, tuple[list[dict], dict, str, list[int]]] = {
 }
 HANG_CRASH = ("crash", "comm_hang", "noncomm_hang", "sigstop", "hold_gil")
 VS_TORCHFT = {"crash": "crash", "hang": "noncomm_hang"}  # torchft fault -> the pliant class it compares with
+STRESS_HANG = "noncomm_hang"  # the class injected under stress
+STRESS_WARMUP_S = 3.0  # the burners run this long before the job starts: it starts on a busy machine
+STRESS_TIMEOUT_S = 1500.0  # one job under stress (a clean one takes ~30 s on a quiet 2-core machine)
+# the summary's stress keys, all null without a stress phase
+STRESS_KEYS = ("false_restarts_under_stress", "stress_clean_finished", "stress_hang_detection_s",
+               "stress_hang_localised", "stress_hang_recovered", "stress_cpu_burners", "stress_disk_hammer",
+               "stress_repeats", "stress_load1_median", "stress_load1_max", "stress_runnable_median")
 
 
 def localised(job: Job, kind: str, culprit: list[int]) -> tuple[dict | None, bool]:
@@ -117,6 +131,129 @@ def measure_false_alarms(config: Path, work: Path, steps: int, compute_s: float)
             "false_alarms": len(job.incidents), "incidents": [(i["kind"], i["ranks"]) for i in job.incidents]}
 
 
+def run_stressed(work: Path, name: str, config: Path, n_cpu: int, disk: bool, faults: list[dict] = (),
+                 overlay: dict | None = None) -> tuple[Job, dict]:
+    """One supervised job beside `n_cpu` CPU burners and, with `disk`, a disk hammer writing
+    into the job's own run directory (made before the job starts; `pliant train` takes an
+    existing one). Returns the job and the stress record (load average while it ran)."""
+    run_dir = work / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with stress(n_cpu, run_dir if disk else None, warmup_s=STRESS_WARMUP_S) as info:
+        job = run_job(work, name, config, faults, overlay, timeout=STRESS_TIMEOUT_S)
+    record = info.summary()
+    if record["survivors"]:
+        print(f"  warning: stress processes still alive after the stop: {record['survivors']}", flush=True)
+    return job, {**record, "load1": [round(x, 2) for x in info.load1], "runnable": info.runnable}
+
+
+def restarts(job: Job) -> tuple[int, list[dict]]:
+    """Restarts of a job: supervisor starts beyond the first, or incidents that asked for a
+    restart if more (the last one may have been refused: budget spent); and those incidents."""
+    fatal = [i for i in job.incidents if i["action"] == "restart"]
+    return max(len(job.supervisor["attempts"]) - 1, len(fatal)), fatal
+
+
+def measure_stress(config: Path, work: Path, n_cpu: int, repeats: int, disk: bool = True) -> dict:
+    """`repeats` clean jobs and one with an injected non-communication hang, each beside
+    `n_cpu` CPU burners and (with `disk`) a disk hammer in its run directory."""
+    print(f"busy machine: {n_cpu} CPU burners on {os.cpu_count()} cores"
+          f"{' and a disk hammer in the run directory' if disk else ''} (run directories under {work})", flush=True)
+    clean, loads = [], []
+    for i in range(repeats):
+        job, load = run_stressed(work, f"stress-clean-{i}", config, n_cpu, disk)
+        n, fatal = restarts(job)
+        clean.append({"rc": job.rc, "steps_done": len(job.metrics), "attempts": len(job.supervisor["attempts"]),
+                      "restarts": n, "incidents": [(j["kind"], j["ranks"], j["action"]) for j in job.incidents],
+                      "restart_incidents": fatal, "run_dir": str(job.run_dir), "load": load})
+        loads.append(load)
+        print(f"  clean #{i}: rc {job.rc}, {len(job.metrics)} steps, {n} restart(s), incidents "
+              f"{clean[-1]['incidents'] or 'none'}; load1 median {load['load1_median']} max {load['load1_max']}",
+              flush=True)
+    faults, overlay, kind, culprit = CLASSES[STRESS_HANG]
+    job, load = run_stressed(work, "stress-hang", config, n_cpu, disk, faults, overlay)
+    loads.append(load)
+    inc, ok = localised(job, kind, culprit)
+    resumed_s, lost = job.recovery()
+    outcome = job.supervisor["attempts"][-1]["outcome"]
+    hang = {"class": STRESS_HANG, "expected": {"kind": kind, "culprit": culprit}, "rc": job.rc, "localised": ok,
+            "incident": inc and {k: inc[k] for k in ("kind", "ranks", "link", "action", "step", "evidence")},
+            "detection_s": job.latency(inc) if inc else None, "recovered": job.rc == 0 and outcome == "finished",
+            "resumed_s": resumed_s, "steps_lost": lost, "steps_done": len(job.metrics),
+            "other_incidents": [(j["kind"], j["ranks"], j["action"]) for j in job.incidents if j != inc],
+            "run_dir": str(job.run_dir), "load": load}
+    print(f"  {STRESS_HANG} under stress: localised {ok}, detected in "
+          f"{hang['detection_s'] if inc else float('nan'):.2f} s, recovered {hang['recovered']}; load1 median "
+          f"{load['load1_median']} max {load['load1_max']}", flush=True)
+    pooled1 = [x for r in loads for x in r["load1"]]
+    pooled_r = [x for r in loads for x in r["runnable"]]
+    return {"cpu_burners": n_cpu, "disk_hammer": disk, "cores": os.cpu_count(), "repeats": repeats,
+            "warmup_s": STRESS_WARMUP_S, "clean_runs": clean, "hang_run": hang,
+            "false_restarts": sum(r["restarts"] for r in clean),
+            "clean_finished": sum(r["rc"] == 0 for r in clean),
+            "load1_median": round(statistics.median(pooled1), 2) if pooled1 else None,
+            "load1_max": round(max(pooled1), 2) if pooled1 else None,
+            "runnable_median": statistics.median(pooled_r) if pooled_r else None}
+
+
+def stress_summary(st: dict | None) -> dict:
+    if st is None:
+        return dict.fromkeys(STRESS_KEYS)
+    hang = st["hang_run"]
+    return {"false_restarts_under_stress": st["false_restarts"], "stress_clean_finished": st["clean_finished"],
+            "stress_hang_detection_s": None if hang["detection_s"] is None else round(hang["detection_s"], 3),
+            "stress_hang_localised": hang["localised"], "stress_hang_recovered": hang["recovered"],
+            "stress_cpu_burners": st["cpu_burners"], "stress_disk_hammer": st["disk_hammer"],
+            "stress_repeats": st["repeats"], "stress_load1_median": st["load1_median"],
+            "stress_load1_max": st["load1_max"], "stress_runnable_median": st["runnable_median"]}
+
+
+# a real 2-node job (bench/netns.py: two network namespaces): class -> (faults, overlay, node-1 kill step,
+# expected kind, expected culprit ranks); ranks 0, 1 run on node 0 and 2, 3 on node 1
+MULTINODE: dict[str, tuple[list[dict], dict | None, int | None, str, list[int]]] = {
+    "crash": ([{"kind": "crash", "rank": 3, "step": 5}], None, None, "crash", [3]),
+    "noncomm_hang": ([{"kind": "hang_before_collective", "rank": 2, "step": 5}], None, None, "noncomm_hang", [2]),
+    "nan": ([{"kind": "nan", "rank": 3, "step": 5}], None, None, "nan", [3]),
+    # every process of node 1 killed; node 0 goes on alone (more memory: a world of 2 holds the longest sequence)
+    "node_lost": ([], {"cluster": {"device_memory_gib": 0.005}}, 4, "node_lost", [2, 3]),
+}
+
+
+def measure_multinode(config: Path, work: Path) -> dict:
+    """Each MULTINODE class on a real 2-node job (2 ranks and a spare slot per node): named
+    with its node, detected, recovered; a rank's fault ends with the fault-free parameters."""
+    from .fault_runs import run_two_node_job
+    from .netns import netns_available, two_node_network
+
+    reason = netns_available()
+    if reason:
+        raise RuntimeError(f"the 2-node phase needs network namespaces: {reason}")
+    port = iter(range(29400, 29400 + 10 * (len(MULTINODE) + 1), 10))
+    rows = []
+    with two_node_network() as nodes:
+        clean = run_two_node_job(work, "multinode-clean", config, nodes, port=next(port))
+        print(f"  clean 2-node run: rc {clean.rc}, {len(clean.steps)} steps, incidents {len(clean.incidents)}",
+              flush=True)
+        for name, (faults, overlay, kill, kind, culprit) in MULTINODE.items():
+            job = run_two_node_job(work, f"multinode-{name}", config, nodes, faults, overlay, port=next(port),
+                                   kill_node_at_step=kill)
+            found = [i for i in job.incidents if i["kind"] == kind]
+            inc = found[0] if found else None
+            ok = inc is not None and inc["ranks"] == culprit and set(inc["nodes"]) == {1}
+            same = None if kill is not None or job.rc != 0 or clean.rc != 0 else \
+                bool((job.params == clean.params).all())
+            rows.append({"class": name, "kind": kind, "localised": ok, "nodes": inc and inc["nodes"],
+                         "exclude_nodes": inc and inc["exclude_nodes"],
+                         "detection_s": inc and (inc["detection_s"] if kill is not None else job.latency(inc)),
+                         "recovered": job.rc == 0 and bool(job.steps) and job.steps[-1] == clean.steps[-1],
+                         "restart": inc and inc.get("restart"), "params_equal_fault_free": same,
+                         "other_incidents": [(j["kind"], j["ranks"]) for j in job.incidents if j is not inc]})
+            r = rows[-1]
+            print(f"  {name} on node 1: named {ok} (nodes {r['nodes']}), detected in "
+                  f"{r['detection_s'] if r['detection_s'] is not None else float('nan'):.2f} s, recovered "
+                  f"{r['recovered']}, fault-free parameters {same}", flush=True)
+    return {"clean_rc": clean.rc, "clean_steps": len(clean.steps), "classes": rows}
+
+
 def side_by_side(results: list[dict], torchft: dict) -> list[dict]:
     rows = []
     for fault, ours in VS_TORCHFT.items():
@@ -135,34 +272,49 @@ def side_by_side(results: list[dict], torchft: dict) -> list[dict]:
 
 def run(config: Path, out: Path, repeats: int, classes: list[str], overhead_steps: int, jitter_steps: int,
         torchft_repeats: int = 0, torchft_faults: tuple[str, ...] = torchft_compare.FAULTS,
-        overhead_repeats: int | None = None) -> dict:
+        overhead_repeats: int | None = None, stress_cpu: int = 0, stress_repeats: int = 1,
+        stress_only: bool = False, stress_disk: bool = True, multinode: bool = False,
+        multinode_only: bool = False) -> dict:
+    """The whole bench. `stress_cpu` > 0 adds the busy-machine phase, `multinode` the 2-node
+    phase; `stress_only` / `multinode_only` run those phases alone (the other figures' keys
+    are then null)."""
     work = Path(tempfile.mkdtemp(prefix="pliant-bench-faults-"))
-    results = []
-    for name in classes:
-        print(f"class {name}", flush=True)
-        results.append(measure_class(name, repeats, config, work))
-    print("instrumentation overhead", flush=True)
-    overhead = measure_overhead(config, work, overhead_repeats or max(repeats, 5), overhead_steps)
-    print(f"  median step {overhead['median_off']:.4f} s off, {overhead['median_on']:.4f} s on: ratio "
-          f"{overhead['overhead_ratio']:.4f} (paired {overhead['paired_ratio']:.4f})", flush=True)
-    print("false alarms under jitter", flush=True)
-    alarms = measure_false_alarms(config, work, jitter_steps, overhead["median_off"])
-    torchft = {}
-    if torchft_repeats:
-        print("torchft side by side", flush=True)
-        torchft = torchft_compare.measure(work, torchft_repeats, torchft_faults)
+    results, overhead, alarms, torchft = [], None, None, {}
+    if not (stress_only or multinode_only):
+        for name in classes:
+            print(f"class {name}", flush=True)
+            results.append(measure_class(name, repeats, config, work))
+        print("instrumentation overhead", flush=True)
+        overhead = measure_overhead(config, work, overhead_repeats or max(repeats, 5), overhead_steps)
+        print(f"  median step {overhead['median_off']:.4f} s off, {overhead['median_on']:.4f} s on: ratio "
+              f"{overhead['overhead_ratio']:.4f} (paired {overhead['paired_ratio']:.4f})", flush=True)
+        print("false alarms under jitter", flush=True)
+        alarms = measure_false_alarms(config, work, jitter_steps, overhead["median_off"])
+        if torchft_repeats:
+            print("torchft side by side", flush=True)
+            torchft = torchft_compare.measure(work, torchft_repeats, torchft_faults)
+    busy = measure_stress(config, work, stress_cpu, stress_repeats, stress_disk) if stress_cpu > 0 else None
+    nodes = None
+    if multinode or multinode_only:
+        print("2-node job (network namespaces)", flush=True)
+        nodes = measure_multinode(config, work)
     hang_crash = [r["detection_s"] for r in results if r["class"] in HANG_CRASH and r["detection_s"] is not None]
     summary = {
         "classes": len(results),
         "all_localised": all(r["localised"] for r in results),
         "max_detection_s_hang_crash": max(hang_crash) if hang_crash else None,
         "detection_bound_s": DETECT_S,
-        "overhead_ratio": round(overhead["overhead_ratio"], 4),
-        "false_alarms": alarms["false_alarms"],
+        "overhead_ratio": round(overhead["overhead_ratio"], 4) if overhead else None,
+        "false_alarms": alarms["false_alarms"] if alarms else None,
         "repeats": repeats,
+        **stress_summary(busy),
+        "multinode_classes": len(nodes["classes"]) if nodes else None,
+        "multinode_all_localised": all(r["localised"] for r in nodes["classes"]) if nodes else None,
+        "multinode_all_recovered": all(r["recovered"] for r in nodes["classes"]) if nodes else None,
     }
     body = {"config": str(config), "summary": summary, "classes": results, "overhead": overhead,
-            "false_alarm_run": alarms, "torchft": torchft, "vs_torchft": side_by_side(results, torchft)}
+            "false_alarm_run": alarms, "torchft": torchft, "vs_torchft": side_by_side(results, torchft),
+            "stress": busy, "multinode": nodes}
     out.write_text(json.dumps(body, indent=1))
     print_table(body)
     return body
@@ -172,18 +324,50 @@ def print_table(body: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title="fault classes (medians over repeats)")
-    for col in ("class", "localised", "detect s", "resumed s", "steps lost"):
-        t.add_column(col)
     fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-    for r in body["classes"]:
-        t.add_row(r["class"], str(r["localised"]), fmt(r["detection_s"]), fmt(r["resumed_s"]),
-                  "-" if r["steps_lost"] is None else str(r["steps_lost"]))
-    Console().print(t)
+    if body["classes"]:
+        t = Table(title="fault classes (medians over repeats)")
+        for col in ("class", "localised", "detect s", "resumed s", "steps lost"):
+            t.add_column(col)
+        for r in body["classes"]:
+            t.add_row(r["class"], str(r["localised"]), fmt(r["detection_s"]), fmt(r["resumed_s"]),
+                      "-" if r["steps_lost"] is None else str(r["steps_lost"]))
+        Console().print(t)
     s = body["summary"]
-    print(f"overhead ratio (monitor on / off, median step time): {s['overhead_ratio']:.3f}; false alarms under "
-          f"+-50% jitter: {s['false_alarms']} over {body['false_alarm_run']['steps_done']} steps; max detection "
-          f"(hangs, crashes): {s['max_detection_s_hang_crash']} s")
+    if body["overhead"] is not None:
+        print(f"overhead ratio (monitor on / off, median step time): {s['overhead_ratio']:.3f}; false alarms under "
+              f"+-50% jitter: {s['false_alarms']} over {body['false_alarm_run']['steps_done']} steps; max detection "
+              f"(hangs, crashes): {s['max_detection_s_hang_crash']} s")
+    if body.get("stress"):
+        st, hang = body["stress"], body["stress"]["hang_run"]
+        load = lambda r: f"{r['load']['load1_median']:.1f}/{r['load']['load1_max']:.1f}"  # noqa: E731
+        t = Table(title=f"busy machine: {st['cpu_burners']} CPU burners on {st['cores']} cores"
+                        f"{' + disk hammer (fsync) in the run directory' if st['disk_hammer'] else ''}; hang: "
+                        f"{hang['class']} injected")
+        for col in ("run", "done", "steps", "restarts", "incidents", "detect s", "named", "load1 med/max"):
+            t.add_column(col)
+        for i, r in enumerate(st["clean_runs"]):
+            t.add_row(f"clean #{i}", str(r["rc"] == 0), str(r["steps_done"]), str(r["restarts"]),
+                      ", ".join(f"{k} {ranks} {a}" for k, ranks, a in r["incidents"]) or "-", "-", "-",
+                      load(r))
+        t.add_row("hang", str(hang["recovered"]), str(hang["steps_done"]), "-",
+                  ", ".join(f"{k} {ranks} {a}" for k, ranks, a in hang["other_incidents"]) or "-",
+                  fmt(hang["detection_s"]), str(hang["localised"]),
+                  load(hang))
+        Console().print(t)
+        print(f"false restarts under stress: {s['false_restarts_under_stress']} over {st['repeats']} clean run(s); "
+              f"injected {hang['class']} detected in {fmt(s['stress_hang_detection_s'])} s (named: "
+              f"{s['stress_hang_localised']}); load average (1 min) median {s['stress_load1_median']}, max "
+              f"{s['stress_load1_max']}")
+    if body.get("multinode"):
+        t = Table(title="2-node job (2 ranks per node, each node in its own network namespace): faults on node 1")
+        for col in ("class", "named (nodes)", "detect s", "recovered", "fault-free params", "restart world"):
+            t.add_column(col)
+        for r in body["multinode"]["classes"]:
+            t.add_row(r["class"], f"{r['localised']} ({r['nodes']})", fmt(r["detection_s"]), str(r["recovered"]),
+                      "-" if r["params_equal_fault_free"] is None else str(r["params_equal_fault_free"]),
+                      str((r["restart"] or {}).get("world", "-")))
+        Console().print(t)
     if body["vs_torchft"]:
         t = Table(title="side by side with torchft (medians)")
         for col in ("fault", "pliant detects s", "pliant names culprit", "torchft notices s", "torchft names culprit",

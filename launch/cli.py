@@ -85,6 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
     bf.add_argument("--torchft-repeats", type=int, default=None,
                     help="repeats of the torchft side-by-side runs (default: --repeats; 0 leaves them out)")
     bf.add_argument("--torchft-faults", default="crash,hang", help="torchft faults to run: crash, hang")
+    bf.add_argument("--stress", type=int, default=0, metavar="N",
+                    help="add a busy-machine phase: clean jobs and one injected non-communication hang beside N "
+                         "CPU-burning processes and a disk hammer (write + fsync) in the run directory (default 0: "
+                         "no such phase)")
+    bf.add_argument("--stress-repeats", type=int, default=1, metavar="K", help="clean jobs under stress")
+    bf.add_argument("--stress-only", action="store_true", help="run the busy-machine phase only (needs --stress)")
+    bf.add_argument("--stress-no-disk", action="store_true", help="CPU burners only, no disk hammer")
+    bf.add_argument("--multinode", action="store_true",
+                    help="add the 2-node phase: faults on node 1 of a real 2-node job (needs root: network namespaces)")
+    bf.add_argument("--multinode-only", action="store_true", help="run the 2-node phase only")
 
     from pliant.launch.rl import RL_CONFIG, add_rl_args
 
@@ -110,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--save-params", action="store_true", help="write the final parameters to RUN_DIR/final_params.pt")
     t.add_argument("--print-commands", action="store_true",
                    help="print the torchrun command for every node of the cluster instead of running")
+    t.add_argument("--node-rank", type=int, default=None, metavar="I",
+                   help="multi-node jobs: this node's index in cluster.hosts (default: SLURM_NODEID)")
 
     pf = sub.add_parser("profile", help="measure the cost-model coefficients on this machine (writes a config overlay)")
     add_config_arg(pf, LOCAL_CONFIG)
@@ -299,8 +311,13 @@ def cmd_bench_faults(args: argparse.Namespace) -> int:
     if any(f not in FAULTS for f in torchft_faults):
         raise PlanningError(f"--torchft-faults: {args.torchft_faults!r}; known: {', '.join(FAULTS)}")
     torchft_repeats = args.repeats if args.torchft_repeats is None else args.torchft_repeats
+    if args.stress < 0 or args.stress_repeats < 1 or (args.stress_only and args.stress < 1):
+        raise PlanningError(f"--stress must be >= 0 (>= 1 with --stress-only) and --stress-repeats >= 1, got "
+                            f"{args.stress} and {args.stress_repeats}")
     run(resolve_config_path(args.config[0]), Path(args.out), args.repeats, classes, args.overhead_steps,
-        args.jitter_steps, torchft_repeats, torchft_faults, args.overhead_repeats)
+        args.jitter_steps, torchft_repeats, torchft_faults, args.overhead_repeats, stress_cpu=args.stress,
+        stress_repeats=args.stress_repeats, stress_only=args.stress_only, stress_disk=not args.stress_no_disk,
+        multinode=args.multinode, multinode_only=args.multinode_only)
     print(f"wrote {args.out}")
     return 0
 

@@ -3,8 +3,9 @@
 * Launched already (torchrun, deepspeed or a scheduler set RANK and WORLD_SIZE): run this
   rank's worker in-process.
 * A single-node config: run torchrun locally with one process per device.
-* A multi-node config: `--print-commands` prints the torchrun command for each node (from
-  `cluster.hosts`), to run on that node or hand to the scheduler.
+* A multi-node config: each node runs `pliant train --node-rank I` (or takes its rank from
+  Slurm); supervised, or with faults off its own torchrun (c10d rendezvous on the first
+  host). `--print-commands` prints the torchrun command of every node instead.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import sys
 from typing import Callable
 
 from pliant.launch.config import ConfigError, load_config
+from pliant.launch.nodes import place_node
 
 
 def config_args(names: list[str]) -> list[str]:
@@ -37,7 +39,11 @@ def worker_args(args: argparse.Namespace, with_config: bool = True) -> list[str]
 
 
 def torchrun_command(cfg, node_rank: int, module: str, module_args: list[str],
-                     monitor_interval_s: float | None = None) -> list[str]:
+                     monitor_interval_s: float | None = None, rdzv_id: str = "pliant",
+                     local_addr: str | None = None) -> list[str]:
+    """torchrun for one node: standalone on one node; on several, c10d rendezvous on the first
+    host, which node 0 hosts (`is_host`), each node advertising its own address (`local_addr`,
+    else its cluster.hosts entry) so that no node takes a hostname that resolves to loopback."""
     c = cfg.cluster
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={c.devices_per_node}"]
     if monitor_interval_s is not None:
@@ -45,8 +51,11 @@ def torchrun_command(cfg, node_rank: int, module: str, module_args: list[str],
     if c.nodes == 1:
         cmd.append("--standalone")
     else:
-        cmd += [f"--nnodes={c.nodes}", f"--node-rank={node_rank}", f"--master-addr={c.hosts[0]}",
-                f"--master-port={c.port}"]
+        timeout = int(max(1, c.rendezvous_timeout_s))
+        cmd += [f"--nnodes={c.nodes}", "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={c.hosts[0]}:{c.port}", f"--rdzv-id={rdzv_id}",
+                f"--rdzv-conf=is_host={int(node_rank == 0)},join_timeout={timeout},read_timeout={min(timeout, 60)}",
+                f"--local-addr={local_addr or c.hosts[node_rank]}", "--max-restarts=0"]
     return cmd + ["-m", module, *module_args]
 
 
@@ -77,9 +86,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    if cfg.faults.enabled and cfg.cluster.nodes == 1 and not launched and not args.print_commands:
+    if launched or args.print_commands:
+        return launch(cfg, "pliant.launch.worker", worker_args(args), worker_main, args.print_commands)
+    node = place_node(cfg.cluster, getattr(args, "node_rank", None))
+    if cfg.faults.enabled:
         from pliant.launch.supervisor import Supervisor
 
         return Supervisor(cfg, args.config, "pliant.launch.worker", worker_args(args, with_config=False),
-                          args.run_dir, resume=args.resume).run()
-    return launch(cfg, "pliant.launch.worker", worker_args(args), worker_main, args.print_commands)
+                          args.run_dir, resume=args.resume, node=node).run()
+    if cfg.cluster.nodes > 1:  # unsupervised: this node's torchrun
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        if cfg.cluster.device == "cpu":
+            env["DS_ACCELERATOR"] = "cpu"
+        cmd = torchrun_command(cfg, node.rank, "pliant.launch.worker", worker_args(args))
+        return subprocess.run(cmd, env=env).returncode
+    return launch(cfg, "pliant.launch.worker", worker_args(args), worker_main)

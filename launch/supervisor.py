@@ -1,5 +1,7 @@
-"""Supervised training on one node (docs/faults.md, "Response"): the fault monitor's master
-and torchrun side by side, and the restart loop.
+"""Supervised training (docs/faults.md, "Response" and "Across nodes"): the fault monitor's
+master and torchrun side by side, and the restart loop. On several nodes every node runs
+one supervisor (`pliant train --node-rank I`); node 0's also runs the master, and each one
+follows the master's decisions through its node agent (comm/monitor/node_agent.py).
 
     start the master (RUN/monitor/addr-a{n} tells the agents where it listens)
     start torchrun on the healthy slots (PLIANT_SLOTS, CUDA_VISIBLE_DEVICES on GPUs)
@@ -32,7 +34,9 @@ import psutil
 import yaml
 
 from pliant.comm.monitor.master import read_incidents
+from pliant.comm.monitor.node_agent import NodeAgent, NodeAgentError
 from pliant.launch.config import ConfigError, JobConfig, load_config
+from pliant.launch.nodes import NodePlacement, interface_of
 from pliant.planner.io import atomic_write_text
 
 POLL_S = 0.1
@@ -51,9 +55,20 @@ class Attempt:
     incidents: list[dict] = field(default_factory=list)
 
 
-def culprit_slots(attempt: int, slots: list[int], incidents: list[dict]) -> dict[int, str]:
-    """The slots the incidents exclude, each with why."""
-    return {slots[r]: f"{i['kind']} in start {attempt} (rank {r})" for i in incidents for r in i["exclude"]}
+def culprit_slots(attempt: int, slots: list[int], incidents: list[dict], per_node: int | None = None
+                  ) -> dict[int, str]:
+    """The slots the incidents exclude, each with why: a rank's slot as its agent reported it
+    (else the start's slot of that rank), and every slot of an excluded node."""
+    out: dict[int, str] = {}
+    for i in incidents:
+        reported = dict(zip(i["ranks"], i.get("slots") or []))
+        for r in i["exclude"]:
+            slot = reported.get(r)
+            out[slots[r] if slot is None else slot] = f"{i['kind']} in start {attempt} (rank {r})"
+        for n in i.get("exclude_nodes") or []:
+            for slot in range(n * (per_node or 0), (n + 1) * (per_node or 0)):
+                out[slot] = f"{i['kind']} in start {attempt} (node {n})"
+    return out
 
 
 class RestartError(RuntimeError):
@@ -62,32 +77,39 @@ class RestartError(RuntimeError):
 
 @dataclass
 class Start:
-    """One start of the job, composed and validated before it is needed."""
+    """One start of the job, composed and validated before it is needed: the same on every
+    node, since each composes it from the same config and the same incidents."""
 
     cfg: JobConfig
     names: list[str]
-    slots: list[int]
+    slots: list[int]  # global slots (node x slots per node + local slot), node by node
     world: int
+    nodes: list[int] = field(default_factory=lambda: [0])  # the nodes (indices in cluster.hosts) it runs on
+    devices: int = 0  # ranks per node
 
 
-def shrink_overlay(cfg: JobConfig, devices: int) -> dict:
-    """Config overlay for a smaller world on one node: bandwidth tables keep the group sizes
-    that still fit, and the new world size takes the entry of the next larger size."""
+def shrink_overlay(cfg: JobConfig, devices: int, hosts: list[str] | None = None) -> dict:
+    """Config overlay for a smaller world (`devices` per node; on several nodes, the `hosts`
+    left): bandwidth tables keep the group sizes that still fit, and the new world size takes
+    the entry of the next larger size."""
     out: dict = {"cluster": {"devices_per_node": devices, "spare_devices_per_node": 0}}
+    if hosts is not None:
+        out["cluster"].update(nodes=len(hosts), hosts=list(hosts))
+    world = devices * (len(hosts) if hosts is not None else cfg.cluster.nodes)
     bw = cfg.cluster.bandwidth
     tables = {}
     for name in ("all_to_all_gbps", "all_gather_gbps"):
         table = getattr(bw, name)
         if table is None:
             continue
-        kept = {k: v for k, v in table.items() if k <= devices}
-        if devices > 1 and devices not in kept:
-            kept[devices] = table[min(k for k in table if k >= devices)]
+        kept = {k: v for k, v in table.items() if k <= world}
+        if world > 1 and world not in kept:
+            kept[world] = table[min(k for k in table if k >= world)]
         tables[name] = dict(sorted(kept.items()))
     if tables:
         out["cluster"]["bandwidth"] = tables
-    if cfg.train.static_degree is not None and cfg.train.static_degree > devices:
-        out["train"] = {"static_degree": devices}
+    if cfg.train.static_degree is not None and cfg.train.static_degree > world:
+        out["train"] = {"static_degree": world}
     return out
 
 
@@ -118,17 +140,25 @@ def kill_tree(proc: subprocess.Popen, grace_s: float) -> None:
 
 class Supervisor:
     def __init__(self, cfg: JobConfig, config_names: list[str], module: str, module_args: list[str], run_dir: Path,
-                 resume: bool = False):
-        if cfg.cluster.nodes != 1:
-            raise ConfigError("the supervisor runs single-node jobs; for several nodes use `--print-commands`")
+                 resume: bool = False, node: NodePlacement | None = None):
         self.cfg, self.config_names, self.module = cfg, list(config_names), module
         self.module_args, self.run_dir, self.resume = list(module_args), Path(run_dir), resume
         c = cfg.cluster
+        if c.nodes > 1 and node is None:
+            raise ConfigError(f"a {c.nodes}-node job needs this node's placement (--node-rank)")
+        self.node = node or NodePlacement(0, list(c.hosts or ["127.0.0.1"]), "single node")
+        self.multi = c.nodes > 1
         self.devices = c.devices_per_node
-        self.slots = list(range(c.devices_per_node + c.spare_devices_per_node))
+        self.per_node = c.devices_per_node + c.spare_devices_per_node
+        self.slots = list(range(c.nodes * self.per_node))  # global: node x per_node + local slot
         self.bad: dict[int, str] = {}  # slot -> why
         self.attempts: list[Attempt] = []
+        self.agent: NodeAgent | None = None
         (self.run_dir / "monitor").mkdir(parents=True, exist_ok=True)
+
+    @property
+    def master_port(self) -> int:
+        return self.cfg.faults.master_port or self.cfg.cluster.port + 1
 
     # ----- one start -----
     def _start_master(self, attempt: int, world: int) -> tuple[subprocess.Popen, str]:
@@ -137,41 +167,59 @@ class Supervisor:
         cmd = [sys.executable, "-m", "pliant.comm.monitor.master", "--run-dir", str(self.run_dir), "--world",
                str(world), "--attempt", str(attempt), "--spec", self.cfg.faults.model_dump_json(),
                "--address-file", str(addr_file)]
+        if self.multi:  # every node's agents reach it on the first host's address
+            cmd += ["--bind", f"tcp://*:{self.master_port}", "--node", str(self.node.rank)]
         proc = subprocess.Popen(cmd)
         deadline = time.monotonic() + 60
         while not addr_file.is_file():
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the fault monitor master did not start (exit status {proc.poll()})")
             time.sleep(0.05)
-        return proc, addr_file.read_text().strip()
+        addr = addr_file.read_text().strip()
+        return proc, (self.master_addr if self.multi else addr)
 
-    def _config_for(self, attempt: int, world: int) -> tuple[JobConfig, list[str]]:
-        if world == self.devices:
+    @property
+    def master_addr(self) -> str:
+        return f"tcp://{self.node.hosts[0]}:{self.master_port}"
+
+    def _config_for(self, attempt: int, nodes: list[int], devices: int) -> tuple[JobConfig, list[str]]:
+        if devices == self.devices and len(nodes) == self.cfg.cluster.nodes:
             return self.cfg, self.config_names
-        overlay = self.run_dir / "monitor" / f"shrink-a{attempt}.yaml"
-        atomic_write_text(overlay, yaml.safe_dump(shrink_overlay(self.cfg, world)))
+        hosts = [self.node.hosts[n] for n in nodes] if self.multi else None
+        name = f"shrink-a{attempt}-n{self.node.rank}.yaml" if self.multi else f"shrink-a{attempt}.yaml"
+        overlay = self.run_dir / "monitor" / name
+        atomic_write_text(overlay, yaml.safe_dump(shrink_overlay(self.cfg, devices, hosts)))
         names = self.config_names + [str(overlay)]
         return load_config(names), names
 
     def _next_start(self, attempt: int, bad: dict[int, str]) -> "Start":
         """The config and slots of a start with `bad` slots excluded, composed and validated
-        (raises RestartError naming why it cannot be built)."""
+        (raises RestartError naming why it cannot be built). With too few healthy slots on
+        some node, the smaller world keeps the same ranks on every node it keeps (the largest
+        such world; a node with no healthy slot left is dropped)."""
         spec = self.cfg.faults
-        healthy = [s for s in self.slots if s not in bad]
-        world = min(self.devices, len(healthy))
-        if world < self.devices and (not spec.shrink or world < spec.min_world):
+        n_nodes, d, per = self.cfg.cluster.nodes, self.devices, self.per_node
+        healthy = {n: [s for s in range(n * per, (n + 1) * per) if s not in bad] for n in range(n_nodes)}
+        if all(len(h) >= d for h in healthy.values()):
+            keep, devices = list(range(n_nodes)), d
+        else:
+            _, devices = max((sum(len(h) >= k for h in healthy.values()) * k, k) for k in range(1, d + 1))
+            keep = [n for n in range(n_nodes) if len(healthy[n]) >= devices]
+        world, full = len(keep) * devices, n_nodes * d
+        if world < full and (not spec.shrink or world < spec.min_world):
             allowed = f"faults.min_world is {spec.min_world}" if spec.shrink else "faults.shrink is off"
-            raise RestartError(f"{len(healthy)} healthy slot(s) left for a world of {self.devices} (bad: {bad}) and "
+            left = sum(map(len, healthy.values()))
+            raise RestartError(f"{left} healthy slot(s) left for a world of {full} (bad: {bad}) and "
                                f"{allowed}; add spare_devices_per_node to the cluster config")
         try:
-            cfg, names = self._config_for(attempt, world)
+            cfg, names = self._config_for(attempt, keep, devices)
         except ConfigError as e:
             raise RestartError(f"the config of a {world}-rank restart is invalid: {e}") from None
-        if world < self.devices:
+        if world < full:
             why = self._too_small(cfg)
             if why:
                 raise RestartError(f"no spare slot left and {why}; add spare_devices_per_node to the cluster config")
-        return Start(cfg, names, healthy[:world], world)
+        return Start(cfg, names, [s for n in keep for s in healthy[n][:devices]], world, keep, devices)
 
     def _annotate(self, attempt: int, note: dict) -> None:
         """Write what the supervisor made of a start's restart incidents into their files."""
@@ -193,24 +241,39 @@ class Supervisor:
         return (f"a world of {cfg.cluster.world_size} holds sequences of at most {longest} tokens (in a group of "
                 f"{size}), but train.max_len is {cfg.train.max_len}")
 
-    def _torchrun(self, attempt: int, cfg: JobConfig, names: list[str], slots: list[int], addr: str | None,
-                  resume: bool) -> subprocess.Popen:
+    def _torchrun(self, attempt: int, start: Start, addr: str | None, resume: bool) -> subprocess.Popen:
         from pliant.launch.launcher import config_args, torchrun_command
 
-        args = config_args(names) + self.module_args + (["--resume"] if resume else [])
+        cfg = start.cfg
+        args = config_args(start.names) + self.module_args + (["--resume"] if resume else [])
+        mine = [s for s in start.slots if s // self.per_node == self.node.rank]
         # a slow torchrun monitor: the master names a crashed rank before torchrun stops its peers
-        cmd = torchrun_command(cfg, 0, self.module, args, monitor_interval_s=0.5)
+        cmd = torchrun_command(cfg, start.nodes.index(self.node.rank), self.module, args, monitor_interval_s=0.5,
+                               rdzv_id=f"{rendezvous_id(cfg)}-a{attempt}", local_addr=self.node.host)
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-               "PLIANT_ATTEMPT": str(attempt), "PLIANT_SLOTS": ",".join(map(str, slots))}
+               "PLIANT_ATTEMPT": str(attempt), "PLIANT_SLOTS": ",".join(map(str, mine))}
         if addr:
             env["PLIANT_MONITOR_ADDR"] = addr
+        if self.multi:
+            env["PLIANT_NODE"] = str(self.node.rank)
+            iface = interface_of(self.node.host)
+            if iface:  # gloo and NCCL bind to the interface of this node's address, not the hostname's
+                for var in ("GLOO_SOCKET_IFNAME", "TP_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+                    env.setdefault(var, iface)
         if cfg.cluster.device == "cpu":
             env["DS_ACCELERATOR"] = "cpu"
         else:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, slots))
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(s % self.per_node) for s in mine)
         if attempt > 0:
             env.pop("PLIANT_FAULT", None)  # injected faults belong to the first start
         return subprocess.Popen(cmd, env=env)
+
+    def _restart_incidents(self, attempt: int) -> list[dict]:
+        """The master's restart decisions for this start: through the node agent on several
+        nodes, from the incident files on one."""
+        if self.agent is not None:
+            return list(self.agent.incidents)
+        return [i for i in read_incidents(self.run_dir, attempt) if i["action"] == "restart"]
 
     def _wait(self, job: subprocess.Popen, master: subprocess.Popen | None, attempt: int, slots: list[int]
               ) -> tuple[str, list[dict], "Start | RestartError | None"]:
@@ -219,8 +282,11 @@ class Supervisor:
         spec = self.cfg.faults
         master_warned = False
         failed_at = None
+        # the master needs a few checks to name a culprit after the processes are gone (a lost
+        # node: its silence threshold)
+        patience = max(3.0, 10 * spec.check_interval_s, 2 * spec.heartbeat_min_s if self.multi else 0.0)
         while True:
-            fatal = [i for i in read_incidents(self.run_dir, attempt) if i["action"] == "restart"]
+            fatal = self._restart_incidents(attempt)
             if fatal:
                 nxt = self._compose_restart(attempt, slots, fatal)
                 kill_tree(job, spec.stop_grace_s)
@@ -230,9 +296,9 @@ class Supervisor:
                 return "finished", [], None
             if rc is not None:
                 failed_at = failed_at or time.monotonic()
-                # the master needs a few checks to name a culprit after the processes are gone
-                if master is None or master.poll() is not None or \
-                        time.monotonic() - failed_at > max(3.0, 10 * spec.check_interval_s):
+                lost = master is None and (self.agent is None or self.agent.master_lost)
+                if lost or (master is not None and master.poll() is not None) or \
+                        time.monotonic() - failed_at > patience:
                     return "failed", [], None
             if master is not None and master.poll() is not None and not master_warned:
                 master_warned = True
@@ -242,15 +308,18 @@ class Supervisor:
 
     def _compose_restart(self, attempt: int, slots: list[int], fatal: list[dict]) -> "Start | RestartError":
         """The next start after these incidents, or why there is none; written into the incidents."""
-        bad = {**self.bad, **culprit_slots(attempt, slots, fatal)}
+        bad = {**self.bad, **culprit_slots(attempt, slots, fatal, self.per_node)}
         try:
             if attempt >= self.cfg.faults.max_restarts:
                 raise RestartError(f"restart budget spent: {self.cfg.faults.max_restarts} restart(s)")
             nxt: Start | RestartError = self._next_start(attempt + 1, bad)
             note = {"world": nxt.world, "slots": nxt.slots, "config": nxt.names}
+            if self.multi:
+                note["nodes"] = nxt.nodes
         except RestartError as e:
             nxt, note = e, {"error": str(e)}
-        self._annotate(attempt, note)
+        if self.node.first:  # the incident files are the master's, on the first node
+            self._annotate(attempt, note)
         return nxt
 
     # ----- the loop -----
@@ -263,20 +332,38 @@ class Supervisor:
             return self._give_up(str(e))
         while True:
             assert isinstance(nxt, Start)
-            cfg, names, slots, world = nxt.cfg, nxt.names, nxt.slots, nxt.world
-            if world < self.devices:
+            slots, world = nxt.slots, nxt.world
+            if self.node.rank not in nxt.nodes:
+                print(f"pliant: node {self.node.rank} ({self.node.host}) is left out of the restarted job "
+                      f"(bad slots: {sorted(self.bad)}); the other nodes go on", file=sys.stderr, flush=True)
+                self._save()
+                return 0
+            if world < self.devices * self.cfg.cluster.nodes:
                 print(f"pliant: no spare slot left: restarting with a smaller world of {world} ranks (slots "
                       f"{slots})", file=sys.stderr, flush=True)
             resume = self.resume or attempt > 0
             record = Attempt(attempt, slots, world, resume, time.time())
             self.attempts.append(record)
-            master, addr = self._start_master(attempt, world) if spec.enabled else (None, None)
-            job = self._torchrun(attempt, cfg, names, slots, addr, resume)
+            master, addr, job = None, None, None
             try:
+                if spec.enabled and self.node.first:
+                    master, addr = self._start_master(attempt, world)
+                if spec.enabled and self.multi:
+                    addr = self.master_addr
+                    self.agent = NodeAgent(addr, self.node.rank, self.node.host, attempt, spec.report_interval_s,
+                                           spec.master_timeout_s).register(self.cfg.cluster.rendezvous_timeout_s)
+                job = self._torchrun(attempt, nxt, addr, resume)
+                if self.agent is not None:
+                    self.agent.watch(job.pid)
                 outcome, incidents, nxt = self._wait(job, master, attempt, slots)
+            except NodeAgentError as e:
+                return self._give_up(str(e))
             finally:
-                if job.poll() is None:
+                if job is not None and job.poll() is None:
                     kill_tree(job, spec.stop_grace_s)
+                if self.agent is not None:
+                    self.agent.close()
+                    self.agent = None
                 if master is not None:
                     master.terminate()
                     try:
@@ -284,11 +371,12 @@ class Supervisor:
                     except subprocess.TimeoutExpired:
                         master.kill()
             record.ended, record.rc, record.outcome = time.time(), job.returncode, outcome
-            record.incidents = read_incidents(self.run_dir, attempt)
+            record.incidents = incidents if self.multi and not self.node.first else read_incidents(self.run_dir,
+                                                                                                      attempt)
             self._save()
             if outcome == "finished":
                 return 0
-            self.bad.update(culprit_slots(attempt, slots, incidents))
+            self.bad.update(culprit_slots(attempt, slots, incidents, self.per_node))
             if outcome == "failed":
                 print(f"pliant: the job failed (status {job.returncode}) and the monitor named no culprit",
                       file=sys.stderr, flush=True)
@@ -312,4 +400,10 @@ class Supervisor:
     def _save(self) -> None:
         body = {"slots": self.slots, "bad_slots": {str(k): v for k, v in self.bad.items()},
                 "attempts": [asdict(a) for a in self.attempts]}
-        atomic_write_text(self.run_dir / "monitor" / "supervisor.json", json.dumps(body, indent=1))
+        name = f"supervisor-node{self.node.rank}.json" if self.multi and not self.node.first else "supervisor.json"
+        atomic_write_text(self.run_dir / "monitor" / name, json.dumps(body, indent=1))
+
+
+def rendezvous_id(cfg: JobConfig) -> str:
+    """The c10d rendezvous id every node of one job computes alike (per start, `-aN` is added)."""
+    return f"pliant-{cfg.cluster.name}-{os.environ.get('SLURM_JOB_ID', 'job')}"

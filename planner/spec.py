@@ -66,6 +66,9 @@ class ClusterSpec(_Strict):
     bandwidth: BandwidthSpec
     hosts: list[str] | None = Field(default=None, description="one address per node, first is the rendezvous host")
     port: int = Field(default=29500, ge=1, le=65535, description="rendezvous port on the first host")
+    rendezvous_timeout_s: PositiveFloat = Field(
+        default=600.0, description="multi-node jobs: how long a node waits for the others (torchrun's c10d "
+                                   "join_timeout, and the fault monitor master's answer) before it fails")
     cores: PositiveInt | None = Field(
         default=None,
         description="CPU cores the ranks of a node share, when fewer than devices_per_node: a rank then runs "

@@ -30,7 +30,8 @@ def test_print_torchrun_commands_per_node(tmp_path):
     assert len(lines) == 8
     for node, line in enumerate(lines):
         assert "torch.distributed.run" in line and "--nproc-per-node=8" in line and "--nnodes=8" in line
-        assert f"--node-rank={node}" in line and "--master-addr=h0" in line and "--master-port=29611" in line
+        assert "--rdzv-backend=c10d" in line and "--rdzv-endpoint=h0:29611" in line
+        assert f"--local-addr=h{node}" in line and f"is_host={int(node == 0)}" in line
         assert "pliant.launch.worker" in line and "--steps 3" in line
 
 

@@ -1,4 +1,4 @@
-"""The two-namespace harness (tests/netns.py): reachability, isolation, a real 2-node torchrun job, cleanup."""
+"""The two-namespace harness (bench/netns.py): reachability, isolation, a real 2-node torchrun job, cleanup."""
 from __future__ import annotations
 
 import os
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from netns import NodeNetwork, _ip_binary, list_namespaces, netns_available, torchrun_argv, two_node_network
+from pliant.bench.netns import NodeNetwork, _ip_binary, list_namespaces, netns_available, torchrun_argv, two_node_network
 
 PY = sys.executable
 IP = _ip_binary() or "ip"

@@ -35,6 +35,7 @@ from .recorder import CollectiveEvent, CollectiveRecorder
 from .spec import FaultSpec
 
 MONITOR_ADDR_ENV = "PLIANT_MONITOR_ADDR"
+NODE_ENV = "PLIANT_NODE"  # the node (index in cluster.hosts) a rank runs on, set by its node's supervisor
 
 
 def event_row(e: CollectiveEvent, offset: float) -> list:
@@ -51,6 +52,7 @@ class Agent:
         self.recorder, self.addr, self.rank, self.spec = recorder, addr, rank, spec
         self.slot, self.attempt = slot, attempt
         self.host, self.pid = socket.gethostname(), os.getpid()
+        self.node = int(os.environ[NODE_ENV]) if os.environ.get(NODE_ENV) else None  # multi-node jobs
         self.offset = 0.0  # master clock - my clock
         self._clock: deque[tuple[float, float]] = deque(maxlen=64)  # (round trip, offset) samples
         self._sent_at: dict[int, float] = {}
@@ -111,7 +113,11 @@ class Agent:
             if left <= 0:
                 return
             # no wake-ups but these: each one costs the training thread a GIL hand-over
-            ready = dict(poller.poll(timeout=left * 1000))
+            try:
+                ready = dict(poller.poll(timeout=left * 1000))
+            except zmq.ZMQError:  # the context is gone: the main thread is saying goodbye (SIGTERM)
+                self._stop.set()
+                return
             if self._sock in ready:
                 self._drain_acks()
             if self._wake_r is not None and self._wake_r in ready and signal.SIGTERM in self._wake_r.recv(64):
@@ -122,7 +128,7 @@ class Agent:
         with self._lock:
             self._msg += 1
             now = time.monotonic()
-            body.update(rank=self.rank, pid=self.pid, host=self.host, slot=self.slot, attempt=self.attempt,
+            body.update(rank=self.rank, pid=self.pid, host=self.host, node=self.node, slot=self.slot, attempt=self.attempt,
                         msg=self._msg, sent=now + self.offset)
             self._sent_at[self._msg] = now
             if len(self._sent_at) > 256:

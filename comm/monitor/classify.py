@@ -66,6 +66,8 @@ class Incident:
     hosts: list[str] = field(default_factory=list)
     detected_wall: float = 0.0
     attempt: int = 0
+    nodes: list[int | None] = field(default_factory=list)  # the culprits' nodes (multi-node jobs)
+    exclude_nodes: list[int] = field(default_factory=list)  # whole nodes a restart leaves out
 
     @property
     def detection_s(self) -> float:
@@ -84,12 +86,23 @@ def by_chance(last: int, steps: int, world: int) -> float:
 
 
 @dataclass
+class NodeState:
+    """A node of a multi-node job as its node agent (in the node's supervisor) reports it."""
+    node: int
+    host: str
+    pid: int
+    last_seen: float
+    gaps: deque = field(default_factory=lambda: deque(maxlen=50))
+
+
+@dataclass
 class RankState:
     rank: int
     pid: int
     host: str
     slot: int | None
     last_seen: float
+    node: int | None = None
     step: int = 0
     in_checkpoint: bool = False
     inflight: dict[tuple[int, ...], Row] = field(default_factory=dict)
@@ -131,6 +144,7 @@ class JobPicture:
     def __init__(self, spec: FaultSpec, world: int, attempt: int = 0, max_rows: int = 20000):
         self.spec, self.world, self.attempt = spec, world, attempt
         self.ranks: dict[int, RankState] = {}
+        self.nodes: dict[int, NodeState] = {}
         # (group, seq) -> {rank: Row} for collectives; (src, dst, seq) -> Row for p2p sends / recvs
         self.table: dict[tuple, dict[int, Row]] = {}
         self.sends: dict[tuple[int, int, int], Row] = {}
@@ -150,7 +164,7 @@ class JobPicture:
         r = int(msg["rank"])
         st = self.ranks.get(r)
         if st is None or st.pid != msg["pid"]:
-            st = self.ranks[r] = RankState(r, msg["pid"], msg["host"], msg.get("slot"), now)
+            st = self.ranks[r] = RankState(r, msg["pid"], msg["host"], msg.get("slot"), now, msg.get("node"))
         else:
             st.gaps.append(now - st.last_seen)
             st.last_seen = now
@@ -231,6 +245,40 @@ class JobPicture:
             return
         self.link_latency[key[:2]].append(recv.exit - max(send.enter, recv.enter))
 
+    def node_report(self, msg: dict[str, Any], now: float) -> str | None:
+        """A node agent's report: the outside view of its ranks (state, main thread's CPU and
+        bytes) and the processes gone since its last report. Returns an error for a node rank
+        that another live node agent already claimed."""
+        n, ident = int(msg["node"]), (msg["host"], msg["pid"])
+        ns = self.nodes.get(n)
+        if ns is not None and (ns.host, ns.pid) != ident:
+            if now - ns.last_seen <= self.silence_threshold(ns):
+                return (f"node rank {n} is already claimed by {ns.host} (supervisor pid {ns.pid}); every node needs "
+                        f"its own --node-rank")
+            ns = None  # that one is gone
+        if ns is None:
+            ns = self.nodes[n] = NodeState(n, msg["host"], msg["pid"], now)
+        else:
+            ns.gaps.append(now - ns.last_seen)
+            ns.last_seen = now
+        procs, gone = msg.get("procs") or {}, set(msg.get("gone") or ())
+        for st in self.ranks.values():
+            if st.node != n or st.gone_at is not None:
+                continue
+            seen = procs.get(str(st.pid))
+            if seen is not None:
+                cpu, io, state = seen
+                st.process = {"T": "stopped", "t": "stopped", "R": "running", "D": "disk-sleep"}.get(state, "sleeping")
+                self.observe(st.rank, ThreadSample(cpu, io, None, state), now)
+            elif st.pid in gone:
+                st.process, st.gone_at = "gone", now
+        return None
+
+    def _node_quiet(self, node: int | None, now: float) -> bool:
+        """Has the node agent of `node` missed its last few reports?"""
+        ns = self.nodes.get(node) if node is not None else None
+        return ns is not None and now - ns.last_seen > 3 * self.spec.report_interval_s
+
     def observe(self, rank: int, sample: ThreadSample, now: float) -> None:
         """A look at rank's main thread from outside its process (its host's process watch)."""
         st = self.ranks.get(rank)
@@ -267,7 +315,7 @@ class JobPicture:
                 return max(s.hang_min_s, s.hang_factor * statistics.median(base), s.hang_max_factor * max(base))
         return s.hang_warmup_s
 
-    def silence_threshold(self, st: RankState) -> float:
+    def silence_threshold(self, st: "RankState | NodeState") -> float:
         usual = statistics.median(st.gaps) if len(st.gaps) >= 3 else self.spec.report_interval_s
         return max(self.spec.heartbeat_min_s, self.spec.heartbeat_factor * usual)
 
@@ -276,8 +324,8 @@ class JobPicture:
         if self.stopped:
             return []
         found: list[Incident] = []
-        for rule in (self._desync, self._nan, self._crashes, self._hangs, self._silent, self._stragglers,
-                     self._links):
+        for rule in (self._desync, self._nan, self._nodes_lost, self._crashes, self._hangs, self._silent,
+                     self._stragglers, self._links):
             for inc in rule(now):
                 key = (inc.kind, tuple(inc.ranks), tuple(inc.link or ()), inc.action)
                 if key in self.reported:
@@ -293,6 +341,7 @@ class JobPicture:
     def _describe(self, inc: Incident) -> None:
         inc.slots = [self.ranks[r].slot if r in self.ranks else None for r in inc.ranks]
         inc.hosts = [self.ranks[r].host if r in self.ranks else "?" for r in inc.ranks]
+        inc.nodes = [self.ranks[r].node if r in self.ranks else None for r in inc.ranks]
         inc.detected_wall = time.time()
         inc.attempt = self.attempt
 
@@ -354,9 +403,13 @@ class JobPicture:
         gone = silent or raised
         if not gone:
             return []
+        if not silent and any(self._node_quiet(n, now) for n in self.nodes):
+            return []  # ranks raised while a node fell quiet: the node is the suspect (_nodes_lost)
         when = {st.rank: st.gone_at if st in silent else st.last_seen for st in gone}
         first = min(when.values())
         settle = 0.25
+        if not silent and self.nodes:  # several nodes: a peer's whole node may be gone (its
+            settle = max(settle, 4 * self.spec.report_interval_s)  # agent falls quiet a little later)
         if now - first < settle:
             return []  # ranks that fail together are reported together
         together = sorted(r for r, t in when.items() if t - first <= settle)
@@ -387,6 +440,8 @@ class JobPicture:
         for g, waiting in groups.items():
             if len(g) < 2 or self._busy_checkpointing(g):
                 continue
+            if any(self._node_quiet(self.ranks[r].node, now) for r in g if r in self.ranks):
+                continue  # what a quiet node's ranks last said is stale: _nodes_lost decides
             k = max(row.seq for _, row in waiting)
             at_k = [(r, row) for r, row in waiting if row.seq == k]
             done_k = set(self.table.get((g, k), {})) - {r for r, _ in at_k}
@@ -424,9 +479,26 @@ class JobPicture:
         return {"silent_s": round(now - st.last_seen, 3), "process": st.process, "step": st.step,
                 **self._evidence(st, now)}
 
+    def _nodes_lost(self, now: float) -> list[Incident]:
+        """A node whose agent and every rank fell silent: the node is lost (its power, its
+        network, every process on it killed), not one of its ranks."""
+        for n, ns in sorted(self.nodes.items()):
+            quiet, limit = now - ns.last_seen, self.silence_threshold(ns)
+            mine = [st for st in self.ranks.values() if st.node == n]
+            if quiet <= limit or not mine or any(now - st.last_seen <= limit for st in mine):
+                continue
+            ranks = sorted(st.rank for st in mine)
+            return [Incident("node_lost", ranks, "restart", {
+                "node": n, "host": ns.host, "node_agent_silent_s": round(quiet, 3), "threshold_s": round(limit, 3),
+                "ranks_silent_s": {str(st.rank): round(now - st.last_seen, 3) for st in mine},
+                "why": "the node's agent and all its ranks fell silent: the node is lost"},
+                fault_time=ns.last_seen, detected=now, step=max(st.step for st in mine), exclude=ranks,
+                exclude_nodes=[n])]
+        return []
+
     def _silent(self, now: float) -> list[Incident]:
         for st in sorted(self.ranks.values(), key=lambda s: s.last_seen):
-            if st.bye is not None or st.gone_at is not None:
+            if st.bye is not None or st.gone_at is not None or self._node_quiet(st.node, now):
                 continue
             quiet = now - st.last_seen
             limit = self.silence_threshold(st)

@@ -47,8 +47,9 @@ def read_incidents(run_dir: Path, attempt: int | None = None) -> list[dict]:
 
 
 class Master:
-    def __init__(self, spec: FaultSpec, world: int, run_dir: Path, attempt: int = 0):
+    def __init__(self, spec: FaultSpec, world: int, run_dir: Path, attempt: int = 0, node: int | None = None):
         self.spec, self.run_dir, self.attempt = spec, Path(run_dir), attempt
+        self.node = node  # multi-node jobs: the node the master runs on (its process watch sees that node's ranks)
         self.picture = JobPicture(spec, world, attempt)
         self.host = socket.gethostname()
         self.incidents: list[Incident] = []
@@ -67,6 +68,13 @@ class Master:
         self._stop.set()
 
     # ----- processes on this host -----
+    def _local(self, st) -> bool:
+        """Does this rank run where the master's process watch can see it? (Other nodes' ranks
+        are watched by their node agents.)"""
+        if self.node is not None and st.node is not None:
+            return st.node == self.node
+        return st.host == self.host
+
     def _watch_processes(self) -> None:
         """Every 20 ms: is each rank's process on this host still there (a crash is one gone
         without a goodbye)? Every report interval: its main thread's CPU and bytes from /proc,
@@ -76,9 +84,7 @@ class Master:
             now = time.monotonic()
             look, next_look = now >= next_look, (next_look if now < next_look else now + self.spec.report_interval_s)
             for st in list(self.picture.ranks.values()):
-                if st.host != self.host:
-                    continue
-                if st.gone_at is not None:
+                if not self._local(st) or st.gone_at is not None:
                     continue
                 try:
                     status = psutil.Process(st.pid).status()
@@ -108,8 +114,14 @@ class Master:
                         break
                     now = time.monotonic()
                     msg = json.loads(payload)
-                    self.sock.send_multipart([ident, json.dumps({"msg": msg.get("msg"), "t": now}).encode()])
-                    self.picture.ingest(msg, now)
+                    ack = {"msg": msg.get("msg"), "t": now}
+                    if msg.get("type") == "node":  # a node agent: its view of its ranks; it hears the decisions
+                        ack["attempt"] = self.attempt
+                        ack["error"] = self.picture.node_report(msg, now)
+                        ack["restart"] = [i.to_dict() for i in self.incidents if i.action == "restart"]
+                    else:
+                        self.picture.ingest(msg, now)
+                    self.sock.send_multipart([ident, json.dumps(ack).encode()])
                     self.messages += 1
             now = time.monotonic()
             if now >= next_check:
@@ -122,17 +134,22 @@ class Master:
         if inc.kind == "noncomm_hang":  # the culprits' Python stacks, read from outside without their GIL
             for r in inc.ranks:
                 st = self.picture.ranks.get(r)
-                if st is not None and st.host == self.host and st.gone_at is None:
+                if st is not None and self._local(st) and st.gone_at is None:
                     inc.evidence.setdefault("stack_outside", {})[str(r)] = py_spy_stack(st.pid)
         self.incidents.append(inc)
         path = incident_path(self.run_dir, self.attempt, len(self.incidents))
         atomic_write_text(path, json.dumps(inc.to_dict(), indent=1))
         where = f" link {inc.link[0]}->{inc.link[1]}" if inc.link else ""
+        if inc.exclude_nodes:
+            where += f" (node {', '.join(map(str, inc.exclude_nodes))})"
+        elif any(n is not None for n in inc.nodes):
+            where += f" (node {', '.join(str(n) for n in inc.nodes)})"
         print(f"pliant monitor: {inc.kind} on rank(s) {inc.ranks}{where} at step {inc.step}, detected in "
               f"{inc.detection_s:.2f} s; action: {inc.action} ({path})", file=sys.stderr, flush=True)
 
     def _summary(self) -> None:
-        ranks = {str(r): {"pid": st.pid, "host": st.host, "slot": st.slot, "step": st.step, "said": st.bye,
+        ranks = {str(r): {"pid": st.pid, "host": st.host, "node": st.node, "slot": st.slot, "step": st.step,
+                          "said": st.bye,
                           "process": st.process} for r, st in sorted(self.picture.ranks.items())}
         body = {"attempt": self.attempt, "uptime_s": round(time.monotonic() - self.started, 3),
                 "messages": self.messages, "ranks": ranks, "incidents": [i.to_dict() for i in self.incidents],
@@ -148,8 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attempt", type=int, default=0)
     p.add_argument("--spec", default="{}", help="the job config's faults section as JSON")
     p.add_argument("--address-file", required=True, help="where to write the address the agents connect to")
+    p.add_argument("--node", type=int, default=None, help="multi-node jobs: the node this master runs on")
     args = p.parse_args(argv)
-    master = Master(FaultSpec.model_validate_json(args.spec), args.world, Path(args.run_dir), args.attempt)
+    master = Master(FaultSpec.model_validate_json(args.spec), args.world, Path(args.run_dir), args.attempt, args.node)
     addr = master.bind(args.bind)
     signal.signal(signal.SIGTERM, master.stop)
     signal.signal(signal.SIGINT, master.stop)

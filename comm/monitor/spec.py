@@ -101,5 +101,7 @@ class FaultSpec(_Strict):
     shrink: bool = True
     min_world: PositiveInt = 1
     master_timeout_s: PositiveFloat = 10.0  # agents warn and go on unmonitored when the master is gone this long
+    # multi-node jobs: the master listens on the first host at this port (null: cluster.port + 1)
+    master_port: int | None = Field(default=None, ge=1, le=65535)
     stop_grace_s: PositiveFloat = 3.0  # SIGTERM, then SIGKILL, when stopping a faulty job
     inject: list[InjectSpec] = Field(default_factory=list)

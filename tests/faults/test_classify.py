@@ -127,3 +127,53 @@ def test_a_busy_host_over_a_stuck_device_is_stuck():
     assert picture.ranks[1].stuck_for(4.0) == 3.5
     summary(picture, 1, 4.2, cpu=4.2, inflight=False, device=[True, 4.1])  # the device moved
     assert picture.ranks[1].stuck_for(4.2) < 0.2
+
+
+# ----- several nodes -----
+def node_report(picture: JobPicture, node: int, now: float, procs: dict | None = None, gone=()) -> str | None:
+    return picture.node_report({"type": "node", "node": node, "host": f"n{node}", "pid": 900 + node,
+                                "procs": procs or {}, "gone": list(gone)}, now)
+
+
+def two_nodes(picture: JobPicture, t: float) -> None:
+    """Ranks 0, 1 on node 0 and 2, 3 on node 1 report (all inside collective 7), and so do both node agents."""
+    for r in range(4):
+        row = [GROUP, 7, "all_reduce", 1.0, None, 8, "float32", [2], None, 5, True, False]
+        picture.ingest({"rank": r, "pid": 100 + r, "host": "h", "node": r // 2, "slot": r, "type": "report",
+                        "step": 5, "in_checkpoint": False, "inflight": [row], "events": [], "main": [1.0, 0, 1],
+                        "frames": None, "other_cpu": 0.0, "device": None}, t)
+    for n in (0, 1):
+        node_report(picture, n, t, {str(100 + r): [1.0, 0, "S"] for r in (2 * n, 2 * n + 1)})
+
+
+def test_a_node_whose_agent_and_ranks_fall_silent_is_lost_while_its_peers_raise():
+    picture = JobPicture(FaultSpec(hang_warmup_s=1.0), world=4)
+    for t in (0.2, 0.4, 0.6, 0.8, 1.0):
+        two_nodes(picture, t)
+    found, t = [], 1.0
+    while t < 6.0 and not found:  # node 1 is gone; ranks 0, 1 raise at once (connection reset) and go on saying so
+        t = round(t + 0.2, 3)
+        for r in (0, 1):
+            picture.ingest({"rank": r, "pid": 100 + r, "host": "h", "node": 0, "slot": r, "type": "bye",
+                            "reason": "exception: RuntimeError: Connection reset by peer", "step": 5,
+                            "in_checkpoint": False, "inflight": [], "events": []}, t)
+        node_report(picture, 0, t, {})
+        found = picture.check(t)
+    assert [(i.kind, i.ranks, i.exclude_nodes, i.nodes) for i in found] == [("node_lost", [2, 3], [1], [1, 1])]
+    assert found[0].detected <= 1.0 + 2.5
+
+
+def test_a_crash_on_another_node_is_named_by_its_node_agent():
+    picture = JobPicture(FaultSpec(), world=4)
+    for t in (0.2, 0.4):
+        two_nodes(picture, t)
+    node_report(picture, 1, 0.5, {"102": [1.0, 0, "S"]}, gone=[103])
+    found = picture.check(0.8)
+    assert [(i.kind, i.ranks, i.nodes) for i in found] == [("crash", [3], [1])]
+
+
+def test_two_node_agents_cannot_claim_the_same_node():
+    picture = JobPicture(FaultSpec(), world=4)
+    assert node_report(picture, 1, 0.2) is None
+    err = picture.node_report({"type": "node", "node": 1, "host": "other", "pid": 5, "procs": {}, "gone": []}, 0.4)
+    assert err is not None and "node rank 1 is already claimed by n1" in err

@@ -2,7 +2,7 @@
 
 Usage (root, iproute2's ``ip`` installed)::
 
-    from netns import netns_available, two_node_network
+    from pliant.bench.netns import netns_available, two_node_network
 
     reason = netns_available()
     if reason:
@@ -70,6 +70,8 @@ import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Iterator, Mapping, Sequence
+
+import psutil
 
 DEFAULT_PREFIX = "pliant"
 IFACE = "plnet0"  # the same name inside both namespaces (names are per namespace)
@@ -202,10 +204,18 @@ class Node:
         return res
 
     def kill_all(self, sig: int = signal.SIGKILL) -> None:
-        """Send ``sig`` to the process groups of all still-running processes started here, and reap them."""
+        """Send ``sig`` to every process started here and to all their descendants (also those
+        that left the process group, as torchrun's workers do), and reap them."""
         for p in self._procs:
             if p.poll() is None:
+                try:
+                    tree = psutil.Process(p.pid).children(recursive=True)
+                except psutil.NoSuchProcess:
+                    tree = []
                 kill_group(p, sig)
+                for child in tree:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        child.send_signal(sig)
         for p in self._procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=10)

@@ -1,0 +1,138 @@
+"""The node agent (docs/faults.md, "Across nodes"): a thread in each node's supervisor of a
+multi-node job, the master's eyes and hands on that node.
+
+* It registers the node with the master (node rank, host, pid) and waits for the answer:
+  a master that does not answer within the rendezvous timeout, or one that says another
+  host already claimed this node rank, is an error before any rank starts.
+* Every `report_interval_s` it sends the outside view of the node's ranks (progress.py):
+  for every process under the node's torchrun, its state and its main thread's CPU and
+  bytes from /proc; a process that disappears is reported at once (a crash on this node).
+  Its reports are the node's heartbeat: a node whose agent and ranks all fall silent is lost.
+* The master's acknowledgements carry its decisions: the restart incidents of this start
+  of the job, which the supervisor acts on (every node stops, all start again without the
+  culprit's slot or node).
+"""
+from __future__ import annotations
+
+import socket
+import sys
+import threading
+import time
+from typing import Any
+
+import psutil
+import zmq
+
+from .progress import read_thread
+
+PID_POLL_S = 0.05
+
+
+class NodeAgentError(RuntimeError):
+    """The master refused this node, or never answered."""
+
+
+class NodeAgent:
+    def __init__(self, addr: str, node: int, host: str, attempt: int, report_interval_s: float,
+                 master_timeout_s: float):
+        self.addr, self.node, self.host, self.attempt = addr, node, host, attempt
+        self.report_interval_s, self.master_timeout_s = report_interval_s, master_timeout_s
+        self.pid = psutil.Process().pid
+        self.root: int | None = None  # the node's torchrun: its descendants are the ranks
+        self.incidents: list[dict[str, Any]] = []
+        self.error: str | None = None
+        self.registered = threading.Event()
+        self.master_lost = False
+        self._seen: set[int] = set()
+        self._msg = 0
+        self._last_ack = time.monotonic()
+        self._stop = threading.Event()
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 500)
+        self._sock.setsockopt(zmq.SNDHWM, 64)
+        self._sock.setsockopt(zmq.IDENTITY, f"node{node}-{socket.gethostname()}-{self.pid}".encode())
+        self._sock.connect(addr)
+        self._thread = threading.Thread(target=self._run, name="pliant-node-agent", daemon=True)
+
+    def register(self, timeout_s: float) -> "NodeAgent":
+        """Say hello and wait for the master's answer (raises NodeAgentError)."""
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.registered.wait(0.1):
+            if time.monotonic() > deadline:
+                self.close()
+                raise NodeAgentError(f"node {self.node}: the fault monitor master at {self.addr} did not answer "
+                                     f"within {timeout_s:g} s: is cluster.hosts[0] an address this node reaches, and "
+                                     f"is node 0 running?")
+        if self.error:
+            self.close()
+            raise NodeAgentError(f"node {self.node}: {self.error}")
+        return self
+
+    def watch(self, root_pid: int | None) -> None:
+        """Follow the processes under `root_pid` (this start's torchrun)."""
+        self.root, self._seen = root_pid, set()
+
+    # ----- the thread -----
+    def _send(self, body: dict[str, Any]) -> None:
+        self._msg += 1
+        body.update(type="node", node=self.node, host=self.host, pid=self.pid, attempt=self.attempt, msg=self._msg)
+        try:
+            self._sock.send_json(body, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    def _processes(self) -> tuple[dict[int, list], list[int]]:
+        procs: dict[int, list] = {}
+        if self.root is not None:
+            try:
+                tree = psutil.Process(self.root).children(recursive=True)
+            except psutil.NoSuchProcess:
+                tree = []
+            for p in tree:
+                s = read_thread(p.pid)
+                if s is not None and s.state not in ("Z", "X"):
+                    procs[p.pid] = [s.cpu, s.io, s.state]
+        gone = sorted(self._seen - set(procs))
+        self._seen = set(procs)
+        return procs, gone
+
+    def _run(self) -> None:
+        self._send({"hello": True})
+        next_report = 0.0
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        while not self._stop.is_set():
+            if poller.poll(PID_POLL_S * 1000):
+                self._drain()
+            now = time.monotonic()
+            procs, gone = self._processes()
+            if gone or now >= next_report:
+                next_report = now + self.report_interval_s
+                self._send({"procs": {str(k): v for k, v in procs.items()}, "gone": gone})
+            if self.registered.is_set() and not self.master_lost and now - self._last_ack > self.master_timeout_s:
+                self.master_lost = True
+                print(f"pliant: node {self.node}: no answer from the fault monitor master at {self.addr} for "
+                      f"{self.master_timeout_s:g} s; this node goes on unmonitored", file=sys.stderr, flush=True)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                ack = self._sock.recv_json(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if ack.get("attempt") != self.attempt:
+                continue  # the master of an earlier start, still going down
+            self._last_ack = time.monotonic()
+            if ack.get("error"):
+                self.error = ack["error"]
+            if ack.get("restart"):
+                self.incidents = ack["restart"]
+            self.registered.set()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=2)
+        self._ctx.destroy(linger=0)
