@@ -51,6 +51,17 @@ class Job:
     def steps(self) -> list[int]:
         return [m["step"] for m in self.metrics]
 
+    def steps_so_far(self) -> list[int]:
+        """The steps of a job still running (its last metrics line may be half-written)."""
+        path = self.run_dir / "metrics.jsonl"
+        out = []
+        for line in path.read_text().splitlines() if path.is_file() else []:
+            try:
+                out.append(json.loads(line)["step"])
+            except (ValueError, KeyError):
+                pass
+        return out
+
     def recovery(self) -> tuple[float | None, int | None]:
         """(seconds from the fault to the first step trained after the restart, steps of work
         lost: trained before the restart and trained again), or (None, None) without a restart."""
@@ -140,16 +151,14 @@ def run_two_node_job(work: Path, name: str, config: Path, nodes, faults: list[di
     deadline = time.monotonic() + timeout
     killed = kill_node_at_step is None
     while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-        if not killed and (run_dir / "metrics.jsonl").is_file() and \
-                any(json.loads(x)["step"] >= kill_node_at_step
-                    for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()):
+        if not killed and max(Job(0, "", run_dir).steps_so_far(), default=0) >= kill_node_at_step:
             nodes[1].kill_all()
             killed = True
         time.sleep(0.2)
     for node in nodes:
         node.kill_all()
-    outs = [f"===== node {i} (rc {p.returncode})\n{log.read_text()}" for i, (p, log) in enumerate(zip(procs, logs))]
-    rc = max(abs(p.returncode) for p in procs) if killed or kill_node_at_step is None else 1
-    if kill_node_at_step is not None:
-        rc = procs[0].returncode
+    rcs = [p.returncode if p.returncode is not None else -9 for p in procs]
+    outs = [f"===== node {i} (rc {rc})\n{log.read_text()}" for i, (rc, log) in enumerate(zip(rcs, logs))]
+    # a node killed on purpose is not the job's status: node 0's is
+    rc = rcs[0] if kill_node_at_step is not None else max(map(abs, rcs))
     return Job(rc, "\n".join(outs), run_dir)

@@ -7,14 +7,14 @@ host is the rendezvous host (torchrun's c10d store) and runs the fault monitor's
 
 Everything here is checked before a process starts, with an error that names the value:
 a node rank outside the cluster, a Slurm node list that disagrees with `cluster.nodes`, a
-host of this rank that is not an address of this machine, a first host that cannot be reached.
+host of this rank that is not an address of this machine. (A first host that cannot be
+reached is found by the node agent's registration with the master there.)
 """
 from __future__ import annotations
 
 import os
 import re
 import socket
-import time
 from dataclasses import dataclass
 
 import psutil
@@ -66,21 +66,23 @@ def place_node(cluster, node_rank: int | None, env: dict[str, str] | None = None
     env = os.environ if env is None else env
     nodes = cluster.nodes
     hosts = list(cluster.hosts) if cluster.hosts else None
+    if nodes == 1:  # a one-node job may run inside a larger allocation: Slurm's variables do not apply
+        if node_rank not in (None, 0):
+            raise ConfigError(f"--node-rank {node_rank}: the cluster config has 1 node (node rank 0)")
+        return NodePlacement(0, hosts or ["127.0.0.1"], "single node")
     source = "--node-rank"
-    slurm_list = env.get("SLURM_JOB_NODELIST")
+    # the job step's nodes (srun) where set, else the allocation's
+    var = "SLURM_STEP_NODELIST" if env.get("SLURM_STEP_NODELIST") else "SLURM_JOB_NODELIST"
+    slurm_list = env.get(var)
     if slurm_list:
         slurm_hosts = expand_nodelist(slurm_list)
         if len(slurm_hosts) != nodes:
-            raise ConfigError(f"SLURM_JOB_NODELIST={slurm_list!r} names {len(slurm_hosts)} node(s) "
+            raise ConfigError(f"{var}={slurm_list!r} names {len(slurm_hosts)} node(s) "
                               f"({', '.join(slurm_hosts)}), but cluster.nodes is {nodes}: allocate {nodes} node(s) "
                               f"or change cluster.nodes")
         hosts = hosts or slurm_hosts
     if node_rank is None and env.get("SLURM_NODEID") is not None:
         node_rank, source = int(env["SLURM_NODEID"]), "SLURM_NODEID"
-    if nodes == 1:
-        if node_rank not in (None, 0):
-            raise ConfigError(f"--node-rank {node_rank}: the cluster config has 1 node (node rank 0)")
-        return NodePlacement(0, hosts or ["127.0.0.1"], "single node")
     if node_rank is None:
         raise ConfigError(f"a {nodes}-node job: give this node's rank with --node-rank I (0..{nodes - 1}), or run "
                           f"it under Slurm (SLURM_NODEID)")
@@ -125,22 +127,24 @@ def check_host_is_local(p: NodePlacement) -> None:
                       f"that is not an address of this machine ({', '.join(sorted(mine))}){hint}")
 
 
-def interface_of(host: str) -> str | None:
-    """The network interface that holds `host`'s address on this machine (gloo and NCCL bind to it)."""
-    addr = resolve(host)
-    return local_addresses().get(addr) if addr else None
-
-
-def wait_reachable(host: str, port: int, timeout_s: float, what: str) -> None:
-    """Block until a TCP connection to host:port opens, or fail with a message that says so."""
-    deadline = time.monotonic() + timeout_s
-    last: Exception | None = None
-    while time.monotonic() < deadline:
+def interface_of(p: NodePlacement) -> str | None:
+    """The network interface this node reaches the other nodes through (gloo and NCCL bind to
+    it): the one holding this node's address, or else the one the route to another node's host
+    leaves by (a hostname may resolve to 127.0.1.1 on its own machine, never on the others)."""
+    mine = local_addresses()
+    addr = resolve(p.host)
+    if addr in mine and not addr.startswith("127."):
+        return mine[addr]
+    for i, host in enumerate(p.hosts):
+        peer = resolve(host) if i != p.rank else None
+        if peer is None or peer.startswith("127."):
+            continue
         try:
-            with socket.create_connection((host, port), timeout=min(2.0, timeout_s)):
-                return
-        except OSError as e:
-            last = e
-            time.sleep(0.2)
-    raise ConfigError(f"{what} at {host}:{port} was not reachable within {timeout_s:g} s ({last}): is "
-                      f"cluster.hosts[0] an address the other nodes reach, and is node 0 running?")
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.connect((peer, 9))  # no packet is sent: this only picks the route
+                local = s.getsockname()[0]
+        except OSError:
+            continue
+        if local in mine and not local.startswith("127."):
+            return mine[local]
+    return None

@@ -173,7 +173,8 @@ class Supervisor:
         deadline = time.monotonic() + 60
         while not addr_file.is_file():
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the fault monitor master did not start (exit status {proc.poll()})")
+                where = f" on tcp://*:{self.master_port} (faults.master_port: is the port in use?)" if self.multi else ""
+                raise RuntimeError(f"the fault monitor master did not start{where} (exit status {proc.poll()})")
             time.sleep(0.05)
         addr = addr_file.read_text().strip()
         return proc, (self.master_addr if self.multi else addr)
@@ -202,8 +203,11 @@ class Supervisor:
         healthy = {n: [s for s in range(n * per, (n + 1) * per) if s not in bad] for n in range(n_nodes)}
         if all(len(h) >= d for h in healthy.values()):
             keep, devices = list(range(n_nodes)), d
-        else:
-            _, devices = max((sum(len(h) >= k for h in healthy.values()) * k, k) for k in range(1, d + 1))
+        elif not healthy[0]:  # node 0 hosts the rendezvous store and the master: a job cannot go on without it
+            raise RestartError(f"node 0 ({self.node.hosts[0]}), the rendezvous host that runs the fault monitor's "
+                               f"master, has no healthy slot left (bad: {bad})")
+        else:  # the largest world with the same ranks on every node kept; node 0 always kept
+            _, devices = max((sum(len(h) >= k for h in healthy.values()) * k, k) for k in range(1, min(d, len(healthy[0])) + 1))
             keep = [n for n in range(n_nodes) if len(healthy[n]) >= devices]
         world, full = len(keep) * devices, n_nodes * d
         if world < full and (not spec.shrink or world < spec.min_world):
@@ -256,7 +260,7 @@ class Supervisor:
             env["PLIANT_MONITOR_ADDR"] = addr
         if self.multi:
             env["PLIANT_NODE"] = str(self.node.rank)
-            iface = interface_of(self.node.host)
+            iface = interface_of(self.node)
             if iface:  # gloo and NCCL bind to the interface of this node's address, not the hostname's
                 for var in ("GLOO_SOCKET_IFNAME", "TP_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
                     env.setdefault(var, iface)
@@ -285,20 +289,26 @@ class Supervisor:
         # the master needs a few checks to name a culprit after the processes are gone (a lost
         # node: its silence threshold)
         patience = max(3.0, 10 * spec.check_interval_s, 2 * spec.heartbeat_min_s if self.multi else 0.0)
+        follower = self.agent is not None and not self.node.first  # node 0 decides a restart with no culprit
         while True:
+            rc = job.poll()
+            if rc == 0:
+                return "finished", [], None
             fatal = self._restart_incidents(attempt)
             if fatal:
                 nxt = self._compose_restart(attempt, slots, fatal)
                 kill_tree(job, spec.stop_grace_s)
                 return "incident", fatal, nxt
-            rc = job.poll()
-            if rc == 0:
-                return "finished", [], None
+            if follower and self.agent.moved_on:  # node 0 started the next start without a culprit: follow it
+                kill_tree(job, spec.stop_grace_s)
+                return "failed", [], None
             if rc is not None:
                 failed_at = failed_at or time.monotonic()
-                lost = master is None and (self.agent is None or self.agent.master_lost)
-                if lost or (master is not None and master.poll() is not None) or \
-                        time.monotonic() - failed_at > patience:
+                if follower:  # wait for node 0's decision while its master answers
+                    if self.agent.master_lost:
+                        return "failed", [], None
+                elif (master is None and (self.agent is None or self.agent.master_lost)) or \
+                        (master is not None and master.poll() is not None) or time.monotonic() - failed_at > patience:
                     return "failed", [], None
             if master is not None and master.poll() is not None and not master_warned:
                 master_warned = True
@@ -333,6 +343,9 @@ class Supervisor:
         while True:
             assert isinstance(nxt, Start)
             slots, world = nxt.slots, nxt.world
+            for n in sorted(set(range(self.cfg.cluster.nodes)) - set(nxt.nodes)):  # a node left out stays out
+                for slot in range(n * self.per_node, (n + 1) * self.per_node):
+                    self.bad.setdefault(slot, f"node {n} left out of start {attempt}")
             if self.node.rank not in nxt.nodes:
                 print(f"pliant: node {self.node.rank} ({self.node.host}) is left out of the restarted job "
                       f"(bad slots: {sorted(self.bad)}); the other nodes go on", file=sys.stderr, flush=True)

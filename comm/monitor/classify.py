@@ -93,6 +93,7 @@ class NodeState:
     pid: int
     last_seen: float
     gaps: deque = field(default_factory=lambda: deque(maxlen=50))
+    bye: bool = False  # its supervisor closed it: the node left, it is not lost
 
 
 @dataclass
@@ -261,6 +262,7 @@ class JobPicture:
         else:
             ns.gaps.append(now - ns.last_seen)
             ns.last_seen = now
+        ns.bye = bool(msg.get("bye"))
         procs, gone = msg.get("procs") or {}, set(msg.get("gone") or ())
         for st in self.ranks.values():
             if st.node != n or st.gone_at is not None:
@@ -275,9 +277,13 @@ class JobPicture:
         return None
 
     def _node_quiet(self, node: int | None, now: float) -> bool:
-        """Has the node agent of `node` missed its last few reports?"""
+        """Has the node agent of `node` missed its last few reports (and not yet its silence
+        threshold, after which the node is lost or, its ranks still speaking, only its agent)?"""
         ns = self.nodes.get(node) if node is not None else None
-        return ns is not None and now - ns.last_seen > 3 * self.spec.report_interval_s
+        if ns is None or ns.bye:
+            return False
+        quiet = now - ns.last_seen
+        return 3 * self.spec.report_interval_s < quiet <= self.silence_threshold(ns) + 2 * self.spec.check_interval_s
 
     def observe(self, rank: int, sample: ThreadSample, now: float) -> None:
         """A look at rank's main thread from outside its process (its host's process watch)."""
@@ -455,7 +461,12 @@ class JobPicture:
                   "threshold_s": round(limit, 3), "entered": sorted(entered)}
             missing = sorted(set(g) - entered)
             if not missing:
-                if any(self.ranks[r].moving(now, s.progress_window_s, s.moving_cpu_frac) for r in g if r in self.ranks):
+                # gloo's threads move a collective's bytes on the host; on CUDA (NCCL's proxy thread
+                # spins) the device events decide, not the host's CPU
+                if now - since < s.busy_silence_max_s and any(
+                        self.ranks[r].device is None and self.ranks[r].moving(now, s.progress_window_s,
+                                                                                s.moving_cpu_frac)
+                        for r in g if r in self.ranks):
                     continue  # its bytes still move: a slow collective, not a hung one
                 comm.append((len(g), g, since, ev, rows))
             elif not any(m in waiting_anywhere for m in missing):  # else the root is in the group they wait in
@@ -485,8 +496,9 @@ class JobPicture:
         for n, ns in sorted(self.nodes.items()):
             quiet, limit = now - ns.last_seen, self.silence_threshold(ns)
             mine = [st for st in self.ranks.values() if st.node == n]
-            if quiet <= limit or not mine or any(now - st.last_seen <= limit for st in mine):
-                continue
+            if ns.bye or quiet <= limit or not mine or all(st.bye is not None or st.gone_at is not None for st in mine) \
+                    or any(now - st.last_seen <= limit for st in mine):
+                continue  # left, not lost; or its ranks still speak
             ranks = sorted(st.rank for st in mine)
             return [Incident("node_lost", ranks, "restart", {
                 "node": n, "host": ns.host, "node_agent_silent_s": round(quiet, 3), "threshold_s": round(limit, 3),

@@ -113,14 +113,12 @@ class Master:
                     except zmq.Again:
                         break
                     now = time.monotonic()
-                    msg = json.loads(payload)
-                    ack = {"msg": msg.get("msg"), "t": now}
-                    if msg.get("type") == "node":  # a node agent: its view of its ranks; it hears the decisions
-                        ack["attempt"] = self.attempt
-                        ack["error"] = self.picture.node_report(msg, now)
-                        ack["restart"] = [i.to_dict() for i in self.incidents if i.action == "restart"]
-                    else:
-                        self.picture.ingest(msg, now)
+                    try:
+                        ack = self._handle(json.loads(payload), now)
+                    except (ValueError, KeyError, TypeError, IndexError) as e:  # bound on every interface
+                        print(f"pliant monitor: ignored a malformed message ({type(e).__name__}: {e})",
+                              file=sys.stderr, flush=True)
+                        continue
                     self.sock.send_multipart([ident, json.dumps(ack).encode()])
                     self.messages += 1
             now = time.monotonic()
@@ -129,6 +127,20 @@ class Master:
                 for inc in self.picture.check(now):
                     self._write(inc)
         self._summary()
+
+    def _handle(self, msg: dict, now: float) -> dict:
+        """One agent's or node agent's message into the picture; the acknowledgement to send.
+        A message of another start of the job (a rank or node of the previous one, still going
+        down) is acknowledged, with this start's number, and left out."""
+        ack = {"msg": msg.get("msg"), "t": now, "attempt": self.attempt}
+        if msg.get("attempt", self.attempt) != self.attempt:
+            return ack
+        if msg.get("type") == "node":  # a node agent: its view of its ranks; it hears the decisions
+            ack["error"] = self.picture.node_report(msg, now)
+            ack["restart"] = [i.to_dict() for i in self.incidents if i.action == "restart"]
+        else:
+            self.picture.ingest(msg, now)
+        return ack
 
     def _write(self, inc: Incident) -> None:
         if inc.kind == "noncomm_hang":  # the culprits' Python stacks, read from outside without their GIL

@@ -43,6 +43,9 @@ class NodeAgent:
         self.error: str | None = None
         self.registered = threading.Event()
         self.master_lost = False
+        self.moved_on = False  # the master answers for a later start: node 0 restarted the job
+        self._tree: list[int] = []
+        self._tree_at = float("-inf")
         self._seen: set[int] = set()
         self._msg = 0
         self._last_ack = time.monotonic()
@@ -83,17 +86,20 @@ class NodeAgent:
         except zmq.Again:
             pass
 
-    def _processes(self) -> tuple[dict[int, list], list[int]]:
+    def _processes(self, rescan: bool) -> tuple[dict[int, list], list[int]]:
+        """The processes under torchrun (the tree is scanned once per report; in between only
+        the known ones are read) and those gone since the last look."""
         procs: dict[int, list] = {}
         if self.root is not None:
-            try:
-                tree = psutil.Process(self.root).children(recursive=True)
-            except psutil.NoSuchProcess:
-                tree = []
-            for p in tree:
-                s = read_thread(p.pid)
+            if rescan:
+                try:
+                    self._tree = [p.pid for p in psutil.Process(self.root).children(recursive=True)]
+                except psutil.NoSuchProcess:
+                    self._tree = []
+            for pid in self._tree:
+                s = read_thread(pid)
                 if s is not None and s.state not in ("Z", "X"):
-                    procs[p.pid] = [s.cpu, s.io, s.state]
+                    procs[pid] = [s.cpu, s.io, s.state]
         gone = sorted(self._seen - set(procs))
         self._seen = set(procs)
         return procs, gone
@@ -107,7 +113,7 @@ class NodeAgent:
             if poller.poll(PID_POLL_S * 1000):
                 self._drain()
             now = time.monotonic()
-            procs, gone = self._processes()
+            procs, gone = self._processes(rescan=now >= next_report)
             if gone or now >= next_report:
                 next_report = now + self.report_interval_s
                 self._send({"procs": {str(k): v for k, v in procs.items()}, "gone": gone})
@@ -122,8 +128,10 @@ class NodeAgent:
                 ack = self._sock.recv_json(flags=zmq.NOBLOCK)
             except zmq.Again:
                 return
+            if ack.get("attempt", -1) > self.attempt:
+                self.moved_on = True
             if ack.get("attempt") != self.attempt:
-                continue  # the master of an earlier start, still going down
+                continue  # the master of another start
             self._last_ack = time.monotonic()
             if ack.get("error"):
                 self.error = ack["error"]
@@ -132,7 +140,9 @@ class NodeAgent:
             self.registered.set()
 
     def close(self) -> None:
+        """Stop, saying goodbye: a node that leaves is not a lost node."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=2)
-        self._ctx.destroy(linger=0)
+        self._send({"bye": True, "procs": {}, "gone": []})
+        self._ctx.destroy(linger=500)

@@ -117,7 +117,7 @@ class Progress:
         if prev is None:
             self.since, self.base_cpu = now, sample.cpu
             return True
-        moved = (sample.cpu - self.base_cpu >= self.min_cpu_s or sample.io != prev.io or
+        moved = (sample.cpu - self.base_cpu >= self.min_cpu_s - 1e-6 or sample.io != prev.io or  # one /proc tick
                  (sample.stack is not None and prev.stack is not None and sample.stack != prev.stack))
         if moved:
             self.since, self.base_cpu = now, sample.cpu

@@ -105,3 +105,10 @@ class FaultSpec(_Strict):
     master_port: int | None = Field(default=None, ge=1, le=65535)
     stop_grace_s: PositiveFloat = 3.0  # SIGTERM, then SIGKILL, when stopping a faulty job
     inject: list[InjectSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _timing(self) -> "FaultSpec":
+        if self.progress_window_s < 3 * self.report_interval_s:
+            raise ValueError(f"progress_window_s = {self.progress_window_s:g} must be at least 3 x report_interval_s "
+                             f"= {3 * self.report_interval_s:g}: a rank is judged stuck only over several reports")
+        return self

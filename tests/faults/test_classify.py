@@ -177,3 +177,33 @@ def test_two_node_agents_cannot_claim_the_same_node():
     assert node_report(picture, 1, 0.2) is None
     err = picture.node_report({"type": "node", "node": 1, "host": "other", "pid": 5, "procs": {}, "gone": []}, 0.4)
     assert err is not None and "node rank 1 is already claimed by n1" in err
+
+
+def test_a_node_that_said_goodbye_is_not_lost():
+    picture = JobPicture(FaultSpec(), world=4)
+    for t in (0.2, 0.4):
+        two_nodes(picture, t)
+    picture.node_report({"type": "node", "node": 1, "host": "n1", "pid": 901, "procs": {}, "gone": [], "bye": True},
+                        0.5)
+    for r in (2, 3):  # its ranks finished
+        picture.ingest({"rank": r, "pid": 100 + r, "host": "h", "node": 1, "slot": r, "type": "bye",
+                        "reason": "finished", "step": 8, "in_checkpoint": False, "inflight": [], "events": []}, 0.5)
+    for t in (5.0, 9.0):  # node 0 goes on
+        for r in (0, 1):
+            picture.ingest({"rank": r, "pid": 100 + r, "host": "h", "node": 0, "slot": r, "type": "report", "step": 8,
+                            "in_checkpoint": False, "inflight": [], "events": []}, t)
+        node_report(picture, 0, t, {"100": [1.0, 0, "S"], "101": [1.0, 0, "S"]})
+        assert picture.check(t) == []
+
+
+def test_the_master_leaves_out_messages_of_another_start(tmp_path):
+    """A rank of the previous start, still going down, reconnects to the new master: it is
+    acknowledged (with the new start's number) and not taken into the picture."""
+    from pliant.comm.monitor.master import Master
+
+    master = Master(FaultSpec(), world=4, run_dir=tmp_path, attempt=1)
+    old = {"rank": 2, "pid": 7, "host": "h", "slot": 2, "type": "hello", "attempt": 0, "msg": 1}
+    assert master._handle(old, 1.0)["attempt"] == 1 and master.picture.ranks == {}
+    master._handle({**old, "attempt": 1}, 1.1)
+    assert list(master.picture.ranks) == [2]
+    master.sock.close()
