@@ -59,6 +59,15 @@ def torchrun_command(cfg, node_rank: int, module: str, module_args: list[str],
     return cmd + ["-m", module, *module_args]
 
 
+def torchrun_env(cfg) -> dict[str, str]:
+    """The environment torchrun and its workers start with: one thread per rank unless set,
+    DeepSpeed's CPU accelerator on CPU clusters."""
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    if cfg.cluster.device == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
 def launch(cfg, module: str, module_args: list[str], rank_main: Callable[[list[str]], int],
            print_commands: bool = False) -> int:
     """Run `module` on every rank of the config's cluster: in this process when a launcher
@@ -75,10 +84,7 @@ def launch(cfg, module: str, module_args: list[str], rank_main: Callable[[list[s
             print(f"# node {node} ({host})")
             print(" ".join(shlex.quote(x) for x in torchrun_command(cfg, node, module, module_args)))
         return 0
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    if c.device == "cpu":
-        env["DS_ACCELERATOR"] = "cpu"
-    return subprocess.run(torchrun_command(cfg, 0, module, module_args), env=env).returncode
+    return subprocess.run(torchrun_command(cfg, 0, module, module_args), env=torchrun_env(cfg)).returncode
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -95,9 +101,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         return Supervisor(cfg, args.config, "pliant.launch.worker", worker_args(args, with_config=False),
                           args.run_dir, resume=args.resume, node=node).run()
     if cfg.cluster.nodes > 1:  # unsupervised: this node's torchrun
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        if cfg.cluster.device == "cpu":
-            env["DS_ACCELERATOR"] = "cpu"
         cmd = torchrun_command(cfg, node.rank, "pliant.launch.worker", worker_args(args))
-        return subprocess.run(cmd, env=env).returncode
+        return subprocess.run(cmd, env=torchrun_env(cfg)).returncode
     return launch(cfg, "pliant.launch.worker", worker_args(args), worker_main)

@@ -246,7 +246,7 @@ class Supervisor:
                 f"{size}), but train.max_len is {cfg.train.max_len}")
 
     def _torchrun(self, attempt: int, start: Start, addr: str | None, resume: bool) -> subprocess.Popen:
-        from pliant.launch.launcher import config_args, torchrun_command
+        from pliant.launch.launcher import config_args, torchrun_command, torchrun_env
 
         cfg = start.cfg
         args = config_args(start.names) + self.module_args + (["--resume"] if resume else [])
@@ -254,8 +254,7 @@ class Supervisor:
         # a slow torchrun monitor: the master names a crashed rank before torchrun stops its peers
         cmd = torchrun_command(cfg, start.nodes.index(self.node.rank), self.module, args, monitor_interval_s=0.5,
                                rdzv_id=f"{rendezvous_id(cfg)}-a{attempt}", local_addr=self.node.host)
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-               "PLIANT_ATTEMPT": str(attempt), "PLIANT_SLOTS": ",".join(map(str, mine))}
+        env = {**torchrun_env(cfg), "PLIANT_ATTEMPT": str(attempt), "PLIANT_SLOTS": ",".join(map(str, mine))}
         if addr:
             env["PLIANT_MONITOR_ADDR"] = addr
         if self.multi:
@@ -264,9 +263,7 @@ class Supervisor:
             if iface:  # gloo and NCCL bind to the interface of this node's address, not the hostname's
                 for var in ("GLOO_SOCKET_IFNAME", "TP_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
                     env.setdefault(var, iface)
-        if cfg.cluster.device == "cpu":
-            env["DS_ACCELERATOR"] = "cpu"
-        else:
+        if cfg.cluster.device == "cuda":
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(s % self.per_node) for s in mine)
         if attempt > 0:
             env.pop("PLIANT_FAULT", None)  # injected faults belong to the first start

@@ -82,7 +82,9 @@ class Master:
         next_look = 0.0
         while not self._stop.wait(PID_POLL_S):
             now = time.monotonic()
-            look, next_look = now >= next_look, (next_look if now < next_look else now + self.spec.report_interval_s)
+            look = now >= next_look
+            if look:
+                next_look = now + self.spec.report_interval_s
             for st in list(self.picture.ranks.values()):
                 if not self._local(st) or st.gone_at is not None:
                     continue

@@ -42,17 +42,25 @@ def summary(picture: JobPicture, rank: int, now: float, cpu: float, inflight: bo
                     "device": device}, now)
 
 
-def late_rank_1(picture: JobPicture, until: float, cpu_per_s: float) -> list:
-    """Ranks 0, 2, 3 wait in collective 7 from t=1; rank 1 has not entered it and uses
-    `cpu_per_s` of a core (its stack unchanged). Every rank reports every 0.2 s."""
-    found, t = [], 1.0
+def every_report(picture: JobPicture, start: float, until: float, report) -> list:
+    """`report(t)` every 0.2 s from `start` to `until`, the master's check after each; the incidents."""
+    found, t = [], start
     while t <= until:
-        for r in (0, 2, 3):
-            summary(picture, r, t, cpu=1.0)
-        summary(picture, 1, t, cpu=1.0 + cpu_per_s * (t - 1.0), inflight=False)
+        report(t)
         found += picture.check(t)
         t = round(t + 0.2, 3)
     return found
+
+
+def late_rank_1(picture: JobPicture, until: float, cpu_per_s: float) -> list:
+    """Ranks 0, 2, 3 wait in collective 7 from t=1; rank 1 has not entered it and uses
+    `cpu_per_s` of a core (its stack unchanged). Every rank reports every 0.2 s."""
+    def report(t: float) -> None:
+        for r in (0, 2, 3):
+            summary(picture, r, t, cpu=1.0)
+        summary(picture, 1, t, cpu=1.0 + cpu_per_s * (t - 1.0), inflight=False)
+
+    return every_report(picture, 1.0, until, report)
 
 
 def test_a_late_rank_that_computes_is_not_hung():
@@ -78,16 +86,14 @@ def silent_rank_3(picture: JobPicture, until: float, outside_cpu_per_s: float, s
     watch sees its main thread use `outside_cpu_per_s` of a core."""
     from pliant.comm.monitor.progress import ThreadSample
 
-    found, t = [], 0.2
-    while t <= until:
+    def report(t: float) -> None:
         for r in range(4):
             if r != 3 or t <= 2.0:
                 summary(picture, r, t, cpu=t, inflight=False, stack=int(t * 10))
         picture.ranks[3].process = "running"
         picture.observe(3, ThreadSample(5.0 + outside_cpu_per_s * t, 0, None, state), t)
-        found += picture.check(t)
-        t = round(t + 0.2, 3)
-    return found
+
+    return every_report(picture, 0.2, until, report)
 
 
 def test_a_silent_rank_whose_main_thread_works_is_not_hung():
@@ -103,13 +109,11 @@ def test_a_silent_rank_whose_main_thread_works_is_not_hung():
 def all_inside(picture: JobPicture, until: float, other_cpu_per_s: float) -> list:
     """Ranks 0-3 all inside collective 7 from t=1, main threads blocked; their other
     threads (gloo's) use `other_cpu_per_s` of a core."""
-    found, t = [], 1.0
-    while t <= until:
+    def report(t: float) -> None:
         for r in range(4):
             summary(picture, r, t, cpu=1.0, other_cpu=other_cpu_per_s * t)
-        found += picture.check(t)
-        t = round(t + 0.2, 3)
-    return found
+
+    return every_report(picture, 1.0, until, report)
 
 
 def test_a_collective_whose_bytes_move_is_not_hung():
