@@ -1,13 +1,13 @@
 """`pliant bench rl`: synchronous RL against asynchronous streaming RL with staleness bounds
 k = 1 and 2, on the same task, model and Ray resources (the config's: on the local default,
-the machine's 2 CPUs, one for rollout and one for the trainer, torch threads pinned per
+the machine's 2 CPUs, one for rollout and one for the learner, torch threads pinned per
 actor), over several seeds.
 
 Every seed's modes start from the same warm-started policy (cached per seed) and train the
 same number of steps on the same number of samples; the order of the modes rotates from seed
 to seed so that a noisy machine slows them alike. Per run: trained tokens and samples per
 second (wall time from the workers' start to the last step), idle fractions of rollout and
-trainer, the largest staleness of any trained sample, and the held-out reward before and
+learner, the largest staleness of any trained sample, and the held-out reward before and
 after RL. Medians over seeds, async / sync ratios, JSON, a table, and the reward curves
 against wall time and against samples (`pliant report` on the runs' directories).
 """
@@ -39,7 +39,7 @@ def summarize(records: list[dict], eval_prompts: int | None = None) -> dict[str,
         if not runs:
             continue
         modes[name] = {key: _median(runs, key) for key in
-                       ("tokens_per_s", "samples_per_s", "wall_s", "rollout_idle_fraction", "trainer_idle_fraction",
+                       ("tokens_per_s", "samples_per_s", "wall_s", "rollout_idle_fraction", "learner_idle_fraction",
                         "eval_reward_before", "eval_reward_after", "train_reward_last")}
         modes[name].update(seeds=len(runs), max_staleness=max(r["max_staleness"] for r in runs),
                            samples=runs[0]["samples"])
@@ -105,11 +105,11 @@ def run(cfg, out: Path, seeds: int, modes: list[str], last: int = 5) -> dict[str
                 rec = {"name": name, **r.summary(), "run_dir": str(run_dir),
                        "train_reward_last": sum(rewards) / len(rewards) if rewards else None,
                        "rollout": r.rollout, "reward_curve": [s["reward"] for s in r.steps],
-                       "skipped": len(r.trainer["skipped"]) + len(r.reward_worker["skipped"])}
+                       "skipped": len(r.learner["skipped"]) + len(r.reward_worker["skipped"])}
                 records.append(rec)
                 print(f"  seed {seed} {name:9s} {rec['tokens_per_s']:7.0f} tok/s {rec['samples_per_s']:6.1f} "
-                      f"samples/s  idle rollout {rec['rollout_idle_fraction']:.0%} trainer "
-                      f"{rec['trainer_idle_fraction']:.0%}  staleness <= {rec['max_staleness']}  held-out reward "
+                      f"samples/s  idle rollout {rec['rollout_idle_fraction']:.0%} learner "
+                      f"{rec['learner_idle_fraction']:.0%}  staleness <= {rec['max_staleness']}  held-out reward "
                       f"{rec['eval_reward_before']} -> {rec['eval_reward_after']}", flush=True)
     finally:
         ray.shutdown()
@@ -132,13 +132,13 @@ def print_table(body: dict) -> None:
     fmt = lambda v, spec=".2f": "-" if v is None else format(v, spec)  # noqa: E731
     t = Table(title=f"RL: sync vs async (medians over {body['summary']['seeds']} seeds, "
                     f"{body['summary']['samples_per_run']} samples per run)")
-    for col in ("mode", "trained tok/s", "samples/s", "x sync", "rollout idle", "trainer idle", "max staleness",
+    for col in ("mode", "trained tok/s", "samples/s", "x sync", "rollout idle", "learner idle", "max staleness",
                 "held-out reward before", "after", "train reward, last 5 steps"):
         t.add_column(col)
     sync = body["modes"]["sync"]
     for name, m in body["modes"].items():
         t.add_row(name, fmt(m["tokens_per_s"], ".0f"), fmt(m["samples_per_s"], ".1f"),
                   fmt(m["tokens_per_s"] / sync["tokens_per_s"]), fmt(m["rollout_idle_fraction"], ".0%"),
-                  fmt(m["trainer_idle_fraction"], ".0%"), str(m["max_staleness"]), fmt(m["eval_reward_before"], ".3f"),
+                  fmt(m["learner_idle_fraction"], ".0%"), str(m["max_staleness"]), fmt(m["eval_reward_before"], ".3f"),
                   fmt(m["eval_reward_after"], ".3f"), fmt(m["train_reward_last"], ".3f"))
     Console(width=180).print(t)

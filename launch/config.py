@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pliant.comm.monitor.spec import FaultSpec
 from pliant.planner.spec import ClusterSpec, CostSpec, ModelSpec, PlannerSpec
-from pliant.rl.spec import ResourcesSpec, RLSpec, TaskSpec
+from pliant.rl.spec import CopyTaskSpec, LearnerSpec, ResourcesSpec, RLSpec, TaskSpec
 from pliant.runtime.spec import DataSpec, TrainSpec
 
 
@@ -51,13 +51,14 @@ class JobConfig(BaseModel):
 
 class RLJobConfig(BaseModel):
     """An RL post-training job (`pliant rl`): the policy model, the task, the algorithm and
-    dataflow, and the Ray resources."""
+    dataflow, the learner group's engine and the Ray resources."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     model: ModelSpec
-    task: TaskSpec = Field(default_factory=TaskSpec)
+    task: TaskSpec = Field(default_factory=CopyTaskSpec)
     rl: RLSpec = Field(default_factory=RLSpec)
+    learner: LearnerSpec
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
 
 

@@ -19,7 +19,7 @@ def rl_config(names: list[str], **overrides) -> RLJobConfig:
     rl = {k: v for k, v in overrides.items() if v is not None}
     if not rl:
         return cfg
-    return parse_config(merge_config(cfg.model_dump(mode="json"), {"rl": rl}), "command line", RLJobConfig)
+    return parse_config(merge_config(cfg.model_dump(), {"rl": rl}), "command line", RLJobConfig)
 
 
 def add_rl_args(p: argparse.ArgumentParser) -> None:
@@ -31,6 +31,11 @@ def add_rl_args(p: argparse.ArgumentParser) -> None:
 
 def fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
+
+
+def groups(mix: dict) -> str:
+    """{size: count} as '3x1 + 1x2' (count x group size)."""
+    return " + ".join(f"{n}x{size}" for size, n in sorted(mix.items(), key=lambda kv: int(kv[0]))) or "-"
 
 
 def held_out(summary: dict) -> str:
@@ -56,7 +61,8 @@ def cmd_rl(args: argparse.Namespace) -> int:
         reward = fmt(row["reward"])
         console.print(f"step {row['step'] + 1:>4}/{cfg.rl.steps}  reward {reward}  "
                       f"{totals['tokens'] / el:7.0f} tok/s  {totals['samples'] / el:6.1f} samples/s  "
-                      f"staleness <= {row['max_staleness']}  queue {row['queue_held']}  kl {row['kl']:.4f}")
+                      f"staleness <= {row['max_staleness']}  queue {row['queue_held']}  kl {row['kl']:.4f}  "
+                      f"SP groups {groups(row['group_mix'])}")
 
     result = runner.run(cfg, run_dir, sft_cache=run_dir / "warm_start.pt", on_step=on_step)
     summary = result.summary()
@@ -64,5 +70,7 @@ def cmd_rl(args: argparse.Namespace) -> int:
     console.print(f"{summary['mode']} (k={summary['staleness']}): {summary['tokens_per_s']:.0f} trained tokens/s, "
                   f"{summary['samples_per_s']:.1f} samples/s, training reward {fmt(summary['reward_first'])} -> "
                   f"{fmt(summary['reward_last'])}, held-out reward {held_out(summary)}; rollout idle "
-                  f"{summary['rollout_idle_fraction']:.0%}, trainer idle {summary['trainer_idle_fraction']:.0%}; wrote {run_dir / 'summary.json'}")
+                  f"{summary['rollout_idle_fraction']:.0%}, learner idle {summary['learner_idle_fraction']:.0%}; "
+                  f"learner of {summary['learner_world']} rank(s), SP groups {groups(summary['group_sizes'])}; "
+                  f"wrote {run_dir / 'summary.json'}")
     return 0

@@ -24,12 +24,12 @@ import numpy as np
 import ray
 import torch
 
-from .task import CopyTask, Prompt
+from .task import Prompt
 
 
 @ray.remote(num_cpus=0, enable_task_events=False)
 class Dispatcher:
-    def __init__(self, task: CopyTask, prompts_per_step: int, steps: int, staleness: int):
+    def __init__(self, task, prompts_per_step: int, steps: int, staleness: int):
         self.task, self.per_step, self.steps, self.k = task, prompts_per_step, steps, staleness
         self.next_group = 0
         self.prompts: dict[int, Prompt] = {}
@@ -81,6 +81,10 @@ class Dispatcher:
         self.again.extendleft(reversed(lost))
         return [g for g, _ in lost]
 
+    def task_counts(self) -> dict[str, Any]:
+        """The task's own counts (e.g. overlong prompts skipped)."""
+        return self.task.counts()
+
     def counts(self) -> dict[str, Any]:
         return {"handed_out": self.next_group, "written": dict(self.written), "late": dict(self.late),
                 "held": {w: sorted(h) for w, h in self.held.items()}, "again": list(self.again)}
@@ -128,7 +132,7 @@ class WeightStore:
 
     async def publish(self, version: int, wrapped: list) -> None:
         async with self.changed:
-            if version > self.version:  # the trainer does not wait for a publish: they may overtake
+            if version > self.version:  # the learner does not wait for a publish: they may overtake
                 self.version, self.ref = version, wrapped
                 self.changed.notify_all()
 

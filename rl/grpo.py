@@ -54,6 +54,22 @@ def response_logprobs(model: LM, prompts: list[list[int]], responses: list[list[
     return out
 
 
+def token_terms(lp: torch.Tensor, behav: torch.Tensor, ref: torch.Tensor, adv: torch.Tensor, stale: torch.Tensor,
+                clip_eps: float, kl_coef: float, is_cap: float
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per response token (any shape, elementwise): the loss term, the importance weight w,
+    the KL estimate and whether the ratio was clipped. `stale`: the token's sample is of an
+    older policy version (w is exactly 1 where it is not). The learner computes these on its
+    rank's share of a pack; a sample's loss is the mean of its tokens' terms."""
+    prox = lp.detach()
+    w = torch.where(stale, torch.exp(prox - behav).clamp(max=is_cap), torch.ones_like(prox))
+    ratio = torch.exp(lp - prox)
+    surr = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    d = ref - lp
+    kl = torch.exp(d) - d - 1
+    return -(w * surr) + kl_coef * kl, w, kl.detach(), ((ratio - 1).abs() > clip_eps).detach()
+
+
 @dataclass
 class LossStats:
     loss: float
@@ -63,29 +79,97 @@ class LossStats:
     is_weights: list[float]  # per sample (mean over its tokens), for the k=0 check
 
 
+def check_versions(versions: list[int], version: int) -> None:
+    newer = [v for v in versions if v > version]
+    if newer:
+        raise ValueError(f"a sample of policy version {newer[0]} reached the learner at version {version}")
+
+
 def policy_loss(logp: list[torch.Tensor], behav: list[torch.Tensor], ref: list[torch.Tensor], adv: torch.Tensor,
                 versions: list[int], version: int, batch_samples: int, clip_eps: float, kl_coef: float,
                 is_cap: float) -> tuple[torch.Tensor, LossStats]:
-    """Loss of a micro-batch, scaled as its share of a step of `batch_samples` samples."""
+    """Loss of a micro-batch, scaled as its share of a step of `batch_samples` samples (the
+    single-process form; the learner computes the same terms sharded over its SP groups)."""
+    check_versions(versions, version)
     total = logp[0].new_zeros(())
     kls, clipped, tokens, weights = 0.0, 0.0, 0, []
     for lp, b, rf, a, v in zip(logp, behav, ref, adv, versions):
-        prox = lp.detach()
-        if v == version:
-            w = torch.ones_like(prox)
-        elif v < version:
-            w = torch.exp(prox - b).clamp(max=is_cap)
-        else:
-            raise ValueError(f"a sample of policy version {v} reached the trainer at version {version}")
-        ratio = torch.exp(lp - prox)
-        surr = torch.minimum(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)
-        d = rf - lp
-        kl = torch.exp(d) - d - 1
-        total = total + (-(w * surr) + kl_coef * kl).mean()
-        kls += float(kl.detach().mean())
-        clipped += float(((ratio - 1).abs() > clip_eps).float().sum())
+        stale = torch.full_like(lp, v < version, dtype=torch.bool)
+        term, w, kl, clip = token_terms(lp, b, rf, a, stale, clip_eps, kl_coef, is_cap)
+        total = total + term.mean()
+        kls += float(kl.mean())
+        clipped += float(clip.float().sum())
         tokens += len(lp)
-        weights.append(float(w.mean()))
+        weights.append(float(w.detach().mean()))
     n = len(logp)
     return total / batch_samples, LossStats(float(total.detach()) / batch_samples, kls / n, clipped / max(tokens, 1),
                                              sum(weights) / n, weights)
+
+
+@dataclass
+class TrainSample:
+    """One sample as the learner trains it: ids, the rollout's and the reference's log-probs
+    of each response token, its group advantage and the policy version it was sampled with."""
+
+    prompt: list[int]
+    response: list[int]
+    behav: list[float]
+    ref: list[float]
+    adv: float
+    version: int
+
+
+def pack_loss(model: torch.nn.Module, samples: list[TrainSample], group, version: int, batch_samples: int,
+              clip_eps: float, kl_coef: float, is_cap: float, temperature: float = 1.0,
+              device: torch.device | str = "cpu", linear_sp: str = "lasp2"
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The policy loss of a pack of whole samples on this rank's share of it (SP group
+    `group`: rank r holds chunk r of every sequence, runtime convention), and per-sample
+    sums [n, 4] of (w, kl, clipped, tokens) over this rank's response tokens.
+
+    The loss of sample i is the mean of its response tokens' terms, so every token carries the
+    weight 1 / (len(response_i) * batch_samples); the ranks of the group hold disjoint tokens,
+    so their losses (and gradients) add up to the single-process loss of the pack."""
+    from pliant.comm import PackLayout
+
+    from pliant.runtime.packing import IGNORE
+
+    check_versions([s.version for s in samples], version)
+    f64 = torch.float64
+    seqs, fields = [], {"target": [], "behav": [], "ref": [], "adv": [], "coef": [], "stale": [], "index": []}
+    for i, s in enumerate(samples):
+        P, R = len(s.prompt), len(s.response)
+        L = P + R
+        resp = slice(P - 1, L - 1)  # position t predicts token t + 1: these predict the response
+        seqs.append(torch.tensor(s.prompt + s.response))
+        target = torch.full((L,), IGNORE, dtype=torch.int64)
+        target[resp] = torch.tensor(s.response)
+        behav, ref = torch.zeros(L, dtype=f64), torch.zeros(L, dtype=f64)
+        behav[resp], ref[resp] = torch.tensor(s.behav, dtype=f64), torch.tensor(s.ref, dtype=f64)
+        fields["target"].append(target)
+        fields["behav"].append(behav)
+        fields["ref"].append(ref)
+        fields["adv"].append(torch.full((L,), float(s.adv), dtype=f64))
+        fields["coef"].append(torch.full((L,), 1.0 / (R * batch_samples), dtype=f64))
+        fields["stale"].append(torch.full((L,), s.version < version, dtype=torch.bool))
+        fields["index"].append(torch.full((L,), i, dtype=torch.int64))
+    layout = PackLayout.from_lengths([len(x) for x in seqs], group.size)
+    pads = {"target": IGNORE, "stale": False, "index": 0}
+    local = {k: layout.shard(v, group.index, pad_value=pads.get(k, 0.0)).to(device) for k, v in fields.items()}
+    tokens = layout.shard(seqs, group.index, pad_value=0).to(device)
+    ctx = SeqContext.build(group, layout.lengths, device, linear_sp)  # type: ignore[arg-type]
+    logits = model(tokens, ctx)
+    stats = torch.zeros(len(samples), 4, dtype=f64, device=device)
+    mask = local["target"] != IGNORE
+    if not bool(mask.any()):  # this rank's chunks hold no response token: a zero that keeps the graph
+        return logits.sum() * 0.0, stats
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    rows = torch.log_softmax(logits[mask] / temperature, -1)
+    lp = rows.gather(1, local["target"][mask][:, None]).squeeze(1).to(f64)
+    m = {k: v[mask] for k, v in local.items()}
+    term, w, kl, clipped = token_terms(lp, m["behav"], m["ref"], m["adv"], m["stale"], clip_eps, kl_coef, is_cap)
+    loss = (term * m["coef"]).sum()
+    per_token = torch.stack([w.detach(), kl, clipped.to(f64), torch.ones_like(kl)], 1)
+    stats.index_add_(0, m["index"], per_token)
+    return loss, stats

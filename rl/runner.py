@@ -1,10 +1,12 @@
 """One RL run (`pliant rl`): a Ray cluster (local, or the one `ray job submit` runs in), the
-TransferQueue, the dispatcher and weight store, and the workers; the warm start; progress
-(reward, throughput, staleness, queue depth) as it trains, metrics to JSON lines; a rollout
-worker that dies is started again and its unfinished groups are handed out again.
+TransferQueue, the dispatcher and weight store, the learner group (rl/learner.py: W ranks
+in one process group, placed together), the rollout and scoring workers; the warm start;
+progress (reward, throughput, staleness, queue depth, SP groups) as it trains, metrics to
+JSON lines; a rollout worker that dies is started again and its unfinished groups are
+handed out again.
 
     sync        generate the whole step's batch, then train on it (the baseline)
-    async k     rollout runs ahead of training by at most k policy versions, and the trainer
+    async k     rollout runs ahead of training by at most k policy versions, and the learner
                 streams micro-batches as soon as whole groups are ready
 """
 from __future__ import annotations
@@ -17,16 +19,22 @@ from typing import Any, Callable
 
 import ray
 import torch
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pliant.runtime.faults import RolloutFaults
 
+from .common import log
 from .dispatch import Dispatcher, WeightStore
+from .learner import Learner, learner_cluster
+from .rollout import RolloutWorker
+from .scoring import ReferenceWorker, RewardWorker
 from .spec import RLConfigError, RLResourceError
-from .task import VOCAB, CopyTask
+from .task import build_task
 from .transfer_queue import TransferQueue
-from .workers import ReferenceWorker, RewardWorker, RolloutWorker, Trainer, log
 
-TASKS = ["reward", "reference", "trainer"]
+TASKS = ["reward", "reference", "learner"]
+PLACEMENT_TIMEOUT_S = 60.0
 EVAL_SEED = 99_991  # the held-out prompts: one set for every mode and seed
 
 
@@ -40,7 +48,7 @@ class RunResult:
     tokens: int
     samples: int
     rollout: list[dict[str, Any]]
-    trainer: dict[str, Any]
+    learner: dict[str, Any]
     reward_worker: dict[str, Any]
     restarts: int
     dispatcher: dict[str, Any] = field(default_factory=dict)
@@ -48,10 +56,18 @@ class RunResult:
 
     def _steady(self) -> tuple[list[dict[str, Any]], float]:
         """The steps after the first (the first warms every worker up: Ray's first calls,
-        torch's first kernels) and the wall time they took, by the trainer's clock."""
+        torch's first kernels) and the wall time they took, by the learner's clock."""
         if len(self.steps) < 2:
             return self.steps, self.wall_s
         return self.steps[1:], self.steps[-1]["wall"] - self.steps[0]["wall"]
+
+    def group_sizes(self) -> dict[str, int]:
+        """SP groups the planner chose over the run: size -> groups that trained samples."""
+        total: dict[str, int] = {}
+        for s in self.steps:
+            for size, n in s.get("group_mix", {}).items():
+                total[str(size)] = total.get(str(size), 0) + n
+        return dict(sorted(total.items(), key=lambda kv: int(kv[0])))
 
     @property
     def tokens_per_s(self) -> float:
@@ -64,14 +80,16 @@ class RunResult:
         return sum(s["samples"] for s in steps) / wall
 
     def summary(self) -> dict[str, Any]:
-        # a rollout worker that finished before the trainer's last step was idle till then
+        # a rollout worker that finished before the learner's last step was idle till then
         roll_idle = [(r["idle_s"] + max(0.0, self.wall_s - r["wall_s"])) / self.wall_s for r in self.rollout]
         return {"mode": self.mode, "staleness": self.staleness, "seed": self.seed, "wall_s": self.wall_s,
                 "tokens": self.tokens, "samples": self.samples, "tokens_per_s": self.tokens_per_s,
                 "samples_per_s": self.samples_per_s,
                 "max_staleness": max((s["max_staleness"] for s in self.steps), default=0),
                 "rollout_idle_fraction": sum(roll_idle) / len(roll_idle) if roll_idle else None,
-                "trainer_idle_fraction": self.trainer["idle_fraction"], "restarts": self.restarts,
+                "learner_idle_fraction": self.learner["idle_fraction"], "restarts": self.restarts,
+                "learner_world": self.learner["world"], "group_sizes": self.group_sizes(),
+                "skipped_prompts": self.learner.get("task_counts", {}),
                 "reward_first": self.steps[0]["reward"], "reward_last": self.steps[-1]["reward"],
                 "eval_reward_before": self.eval_reward.get("before"), "eval_reward_after": self.eval_reward.get("after")}
 
@@ -89,7 +107,8 @@ def check_resources(resources) -> None:
     """Every worker's CPUs and GPUs against what the Ray cluster has: a clear error, not a
     worker that waits forever to be scheduled."""
     have = ray.cluster_resources()
-    workers = [("rollout", resources.rollout_workers, resources.rollout), ("trainer", 1, resources.trainer),
+    workers = [("rollout", resources.rollout_workers, resources.rollout),
+               ("learner", resources.learner.world, resources.learner),
                ("reference", 1, resources.reference), ("reward", 1, resources.reward)]
     for kind, attr in (("CPU", "num_cpus"), ("GPU", "num_gpus")):
         need = sum(n * getattr(a, attr) for _, n, a in workers)
@@ -99,12 +118,13 @@ def check_resources(resources) -> None:
                                   f"has {have.get(kind, 0.0):g}")
 
 
-def check_side_workers(side: dict, trainer_done: list) -> None:
-    """The reward and reference workers run until the queue closes (after the last step): one
-    that ends before, or fails, would stall the trainer; stop the run with its error."""
+def check_side_workers(side: dict, learner_done: list) -> None:
+    """The reward and reference workers run until the queue closes (after the last step), and
+    the learner's other ranks until rank 0 ends: one that ends before, or fails, would stall
+    the learner; stop the run with its error."""
     ready, _ = ray.wait(list(side.values()), num_returns=len(side), timeout=0)
     for name, ref in side.items():
-        if ref in ready and not trainer_done:
+        if ref in ready and not learner_done:
             try:
                 ray.get(ref)
             except Exception as e:
@@ -120,10 +140,10 @@ def warm_start_key(cfg, seed: int) -> dict[str, Any]:
                                                     "grad_clip")}}
 
 
-def warm_start(trainer, cache: Path | None, key: dict[str, Any]) -> list[float]:
-    """The supervised warm start in the run's trainer, or the cached one made with the same
-    `key` (every mode of a seed starts from the same policy); returns the supervised losses
-    ([] from the cache). The cache is written atomically."""
+def warm_start(learner, cache: Path | None, key: dict[str, Any]) -> tuple[dict, list[float]]:
+    """The supervised warm start on the learner's rank 0, or the cached one made with the same
+    `key` (every mode of a seed starts from the same policy); returns the state and the
+    supervised losses ([] from the cache). The cache is written atomically."""
     cached = None
     if cache is not None and cache.is_file():
         saved = torch.load(cache)
@@ -131,13 +151,36 @@ def warm_start(trainer, cache: Path | None, key: dict[str, Any]) -> list[float]:
             cached = saved["state"]
         else:
             log(f"warm start cache {cache} was made with other settings: warm-starting again")
-    state, losses = ray.get(trainer.warm_start.remote(cached))
+    state, losses = ray.get(learner.warm_start.remote(cached))
     if cached is None and cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")
         torch.save({"key": key, "state": state}, tmp)
         tmp.replace(cache)
-    return losses
+    return state, losses
+
+
+def start_learners(cfg, task, seed: int) -> tuple[list, Any]:
+    """The learner group: W actors placed together (a placement group of one bundle per rank,
+    packed on as few nodes as fit), joined into one process group. A group Ray cannot place
+    is a clear error, not a wait."""
+    res = cfg.resources.learner
+    learner_cluster(cfg)  # a bad learner section fails here, clearly, not in the actors
+    bundle = {"CPU": res.num_cpus, **({"GPU": res.num_gpus} if res.num_gpus else {})}
+    pg = placement_group([bundle] * res.world, strategy="PACK")
+    try:
+        ray.get(pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(pg)
+        raise RLResourceError(f"resources.learner: {res.world} ranks of {bundle} could not be placed on the Ray "
+                              f"cluster within {PLACEMENT_TIMEOUT_S:g} s (cluster: {ray.cluster_resources()}, "
+                              f"free: {ray.available_resources()})") from None
+    learners = [Learner.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus,
+                                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r)
+                                ).remote(r, cfg, task, seed) for r in range(res.world)]
+    addr, port = ray.get(learners[0].address.remote())
+    ray.get([a.join.remote(addr, port) for a in learners])
+    return learners, pg
 
 
 def run(cfg, run_dir: Path, mode: str | None = None, staleness: int | None = None, seed: int | None = None,
@@ -146,56 +189,65 @@ def run(cfg, run_dir: Path, mode: str | None = None, staleness: int | None = Non
     mode = mode or rl.mode
     k = 0 if mode == "sync" else (rl.staleness if staleness is None else staleness)
     seed = rl.seed if seed is None else seed
-    if cfg.model.vocab_size < VOCAB:
-        raise ValueError(f"model.vocab_size={cfg.model.vocab_size}: the copy task needs at least {VOCAB}")
-    ensure_ray(res)
-    check_resources(res)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    faults = RolloutFaults.from_env(run_dir, log)  # injected faults (PLIANT_FAULT); none: a no-op
-    task = CopyTask.from_spec(cfg.task, seed=seed)
+    task = build_task(cfg.task, cfg.model, seed, rl.eval_prompts)
     capacity = rl.queue_capacity or (k + 2) * rl.samples_per_step
     if capacity < (k + 1) * rl.samples_per_step:  # steps b..b+k may all be in flight at once
         raise RLConfigError(f"rl.queue_capacity={capacity} cannot hold the {k + 1} steps of {rl.samples_per_step} "
                             f"samples that staleness {k} lets run at once; give at least "
                             f"{(k + 1) * rl.samples_per_step}")
-    tq = TransferQueue.create(capacity, TASKS, units=rl.storage_units)
-    dispatcher = Dispatcher.remote(task, rl.prompts_per_step, rl.steps, k)
-    store = WeightStore.remote()
-    trainer = Trainer.options(num_cpus=res.trainer.num_cpus, num_gpus=res.trainer.num_gpus).remote(
-        cfg.model, rl, CopyTask.from_spec(cfg.task, seed=10_000 + seed), res.trainer.threads, seed)
-    sft_losses = warm_start(trainer, sft_cache, warm_start_key(cfg, seed))
-    if sft_losses:
-        log(f"warm start: {len(sft_losses)} supervised steps, loss {sft_losses[0]:.3f} -> {sft_losses[-1]:.3f}")
-    held_out = CopyTask.from_spec(cfg.task, seed=EVAL_SEED).prompts(rl.eval_prompts)
-    scores: dict[str, float] = {}
-
-    def evaluate(when: str) -> None:
-        if held_out:
-            scores[when] = ray.get(trainer.evaluate.remote(held_out, task.max_response(), rl.rollout_slots,
-                                                           EVAL_SEED))
-            log(f"held-out reward {when} RL: {scores[when]:.3f} ({len(held_out)} prompts)")
-
-    evaluate("before")
-
-    def rollout(w: int, incarnation: int = 0):
-        return RolloutWorker.options(num_cpus=res.rollout.num_cpus, num_gpus=res.rollout.num_gpus).remote(
-            w, cfg.model, rl, task.max_prompt(), task.max_response(), res.rollout.threads, seed, incarnation)
-
-    reward = RewardWorker.options(num_cpus=res.reward.num_cpus).remote(rl, res.reward.threads)
-    reference = ReferenceWorker.options(num_cpus=res.reference.num_cpus, num_gpus=res.reference.num_gpus).remote(
-        cfg.model, rl, res.reference.threads, seed)
-    workers = {w: rollout(w) for w in range(res.rollout_workers)}
-    ray.get([a.__ray_ready__.remote() for a in [reward, reference, *workers.values()]])  # started: the clock begins
-    train_ref = trainer.run.remote(tq, store, mode == "sync")
-    runs = {w: a.run.remote(tq, dispatcher, store) for w, a in workers.items()}
-    side = {"reward": reward.run.remote(tq), "reference": reference.run.remote(tq, store)}
-    metrics = (run_dir / "metrics.jsonl").open("w")  # a run directory holds one run
-    shown, restarts, results, last_progress = 0, 0, {}, time.monotonic()
-    incarnations = {w: 0 for w in workers}
+    ensure_ray(res)
+    check_resources(res)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    faults = RolloutFaults.from_env(run_dir, log)  # injected faults (PLIANT_FAULT); none: a no-op
+    actors: list = []
+    pg = None
+    metrics = None
     try:
+        tq = TransferQueue.create(capacity, TASKS, units=rl.storage_units)
+        dispatcher = Dispatcher.remote(task, rl.prompts_per_step, rl.steps, k)
+        store = WeightStore.remote()
+        actors += [tq.controller, *tq.units, dispatcher, store]
+        learners, pg = start_learners(cfg, task, seed)
+        actors += learners
+        lead = learners[0]
+        state, sft_losses = warm_start(lead, sft_cache, warm_start_key(cfg, seed))
+        if sft_losses:
+            log(f"warm start: {len(sft_losses)} supervised steps, loss {sft_losses[0]:.3f} -> {sft_losses[-1]:.3f}")
+        state_ref = ray.put(state)
+        ray.get([a.build.remote(state_ref) for a in learners])
+        held_out = task.held_out(rl.eval_prompts) if rl.eval_prompts else []
+        scores: dict[str, float] = {}
+
+        def evaluate(when: str) -> None:
+            if held_out:
+                score = ray.get(lead.evaluate.remote(held_out, EVAL_SEED))
+                if score is not None:
+                    scores[when] = score
+                    log(f"held-out reward {when} RL: {score:.3f} ({len(held_out)} prompts)")
+
+        evaluate("before")
+
+        def rollout(w: int, incarnation: int = 0):
+            return RolloutWorker.options(num_cpus=res.rollout.num_cpus, num_gpus=res.rollout.num_gpus).remote(
+                w, cfg.model, rl, task, res.rollout.threads, seed, incarnation)
+
+        reward = RewardWorker.options(num_cpus=res.reward.num_cpus).remote(rl, task, res.reward.threads)
+        reference = ReferenceWorker.options(num_cpus=res.reference.num_cpus, num_gpus=res.reference.num_gpus).remote(
+            cfg.model, rl, res.reference.threads, seed)
+        workers = {w: rollout(w) for w in range(res.rollout_workers)}
+        actors += [reward, reference, *workers.values()]
+        ray.get([a.__ray_ready__.remote() for a in [reward, reference, *workers.values()]])  # started: the clock begins
+        train_refs = [a.run.remote(tq, store, mode == "sync") for a in learners]
+        train_ref = train_refs[0]
+        runs = {w: a.run.remote(tq, dispatcher, store) for w, a in workers.items()}
+        side = {"reward": reward.run.remote(tq), "reference": reference.run.remote(tq, store),
+                **{f"learner rank {r}": ref for r, ref in enumerate(train_refs[1:], 1)}}
+        metrics = (run_dir / "metrics.jsonl").open("w")  # a run directory holds one run
+        shown, restarts, results, last_progress = 0, 0, {}, time.monotonic()
+        incarnations = {w: 0 for w in workers}
         while True:
             done, _ = ray.wait([train_ref], timeout=0.5)
-            steps = ray.get(trainer.progress.remote())
+            steps = ray.get(lead.progress.remote())
             if len(steps) > shown:
                 last_progress = time.monotonic()
             check_side_workers(side, done)
@@ -225,21 +277,27 @@ def run(cfg, run_dir: Path, mode: str | None = None, staleness: int | None = Non
                     log(f"rollout worker {w} died ({type(e).__name__}); restarting it, its groups {lost} go out "
                         f"again")
                     workers[w] = rollout(w, incarnations[w])
+                    actors.append(workers[w])
                     runs[w] = workers[w].run.remote(tq, dispatcher, store)
             if done:
                 break
         trained = ray.get(train_ref)
-        wall = trained["wall_s"]  # the trainer's clock: from its start to its last step
+        ray.get(train_refs[1:])
+        wall = trained["wall_s"]  # the learner's clock: from its start to its last step
         evaluate("after")
         tq.close()
         for w, ref in runs.items():
             results[w] = ray.get(ref)
-        reward_out, _ = ray.get(list(side.values()))
+        reward_out, _ = ray.get([side["reward"], side["reference"]])
         counts = ray.get(dispatcher.counts.remote())
+        trained["task_counts"] = ray.get(dispatcher.task_counts.remote())
     finally:
-        metrics.close()
-        for a in [trainer, reward, reference, dispatcher, store, tq.controller, *tq.units, *workers.values()]:
+        if metrics is not None:
+            metrics.close()
+        for a in actors:
             ray.kill(a)
+        if pg is not None:
+            remove_placement_group(pg)
     steps = trained["steps"]
     return RunResult(mode, k, seed, steps, wall, sum(s["tokens"] for s in steps), sum(s["samples"] for s in steps),
                      [results[w] for w in sorted(results)], {x: trained[x] for x in trained if x != "steps"},

@@ -1,12 +1,16 @@
 """Config sections of an RL job (`pliant rl --config configs/rl-local.yaml`): the task, the
-algorithm and dataflow (`rl`), and the Ray resources of each worker. The model section is
-the runtime's ModelSpec; `launch.config.RLJobConfig` composes them."""
+algorithm and dataflow (`rl`), the learner group's engine (`learner`) and the Ray resources
+of each worker. The model section is the runtime's ModelSpec; `launch.config.RLJobConfig`
+composes them."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, \
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, \
+    PositiveInt, TypeAdapter, ValidationInfo, ValidatorFunctionWrapHandler, WrapValidator, field_validator, \
     model_validator
+
+from pliant.planner.spec import BandwidthSpec, CostSpec, PlannerSpec
 
 
 class RLConfigError(ValueError):
@@ -21,8 +25,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
-class TaskSpec(_Strict):
-    """The copy task (rl/task.py); digit counts: lognormal body, Pareto tail."""
+class CopyTaskSpec(_Strict):
+    """The built-in copy task (rl/task.py); digit counts: lognormal body, Pareto tail. It
+    needs pliant's own model (token ids 0..12)."""
 
     kind: Literal["copy"] = "copy"
     min_digits: PositiveInt = 1
@@ -34,12 +39,96 @@ class TaskSpec(_Strict):
     tail_share: float = 0.15
 
     @model_validator(mode="after")
-    def _consistent(self) -> "TaskSpec":
+    def _consistent(self) -> "CopyTaskSpec":
         if self.min_digits > self.max_digits:
             raise ValueError(f"min_digits={self.min_digits} is above max_digits={self.max_digits}")
         if not 0.0 <= self.tail_share <= 1.0:
             raise ValueError(f"tail_share={self.tail_share} must be within [0, 1]")
         return self
+
+
+# what rl/prompts.py reads (runtime/prepare.py's formats): JSON lines, optionally compressed, or Parquet
+DATASET_SUFFIXES = tuple(f"{j}{c}" for j in (".jsonl", ".json", ".ndjson") for c in ("", ".gz", ".bz2", ".zst")) \
+    + (".parquet",)
+
+
+class DatasetTaskSpec(_Strict):
+    """Prompts from a dataset file (rl/prompts.py), one row per prompt, scored by rl.reward_fn.
+
+    The tokenizer is the model directory's (model.hf_path) unless `tokenizer` names another;
+    `chat_template` wraps each prompt as a user message (after `system_prompt`, if any) with
+    the tokenizer's chat template. A prompt whose tokens plus max_response_tokens exceed the
+    policy's context (max_context_tokens, else the model directory's max_position_embeddings)
+    is skipped and counted, or with `overlong: error` stops the run naming its row."""
+
+    kind: Literal["dataset"]
+    dataset: str  # JSONL (.jsonl, .jsonl.gz) or Parquet
+    eval_dataset: str | None = None  # held-out prompts; null: a seeded split of `dataset`, kept out of training
+    prompt_key: str = "prompt"
+    answer_key: str | None = "answer"  # the reference answer for the supervised warm start; null: none
+    tokenizer: str | None = None  # a tokenizer directory; null: model.hf_path
+    chat_template: bool = False
+    system_prompt: str | None = None  # with chat_template: a system message before each prompt
+    max_response_tokens: PositiveInt = 64  # tokens generated at most, the stop token included
+    overlong: Literal["skip", "error"] = "skip"
+    max_context_tokens: PositiveInt | None = None  # the policy's context; null: the model directory's
+
+    @field_validator("dataset", "eval_dataset")
+    @classmethod
+    def _readable_format(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and not value.lower().endswith(DATASET_SUFFIXES):
+            raise ValueError(f"{info.field_name}={value!r} is not a dataset file pliant reads: JSON lines (.jsonl, "
+                             f".json, .ndjson; optionally .gz, .bz2, .zst) or Parquet (.parquet)")
+        return value
+
+    @field_validator("prompt_key", "answer_key")
+    @classmethod
+    def _non_empty_key(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and not value:
+            raise ValueError(f"{info.field_name} must name a key of the dataset's rows, got an empty string")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DatasetTaskSpec":
+        if self.answer_key is not None and self.answer_key == self.prompt_key:
+            raise ValueError(f"answer_key={self.answer_key!r} is the prompt_key too; the answer needs its own key "
+                             f"(or answer_key: null for none)")
+        if self.system_prompt is not None and not self.chat_template:
+            raise ValueError("system_prompt is set but chat_template is false; the system prompt is a message of "
+                             "the chat template (set chat_template: true, or put the text in the prompts)")
+        if self.max_context_tokens is not None and self.max_response_tokens >= self.max_context_tokens:
+            raise ValueError(f"max_response_tokens={self.max_response_tokens} leaves no room for a prompt in "
+                             f"max_context_tokens={self.max_context_tokens}")
+        return self
+
+
+TASK_KINDS: dict[str, type[_Strict]] = {"copy": CopyTaskSpec, "dataset": DatasetTaskSpec}
+
+
+def _task_by_kind(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """The section's class by its `kind` (absent: copy, so configs written before the dataset
+    task still parse). Errors keep the section's own keys in their location (task.dataset),
+    without the tag a discriminated union would add (task.dataset.dataset)."""
+    if isinstance(value, tuple(TASK_KINDS.values())):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(f"the task section must be a mapping (kind: {' or '.join(TASK_KINDS)} and its keys), "
+                         f"got {type(value).__name__}")
+    kind = value.get("kind", "copy")
+    if kind not in TASK_KINDS:
+        raise ValueError(f"kind={kind!r} is not a task kind; choose {' or '.join(map(repr, TASK_KINDS))} "
+                         f"(absent: copy)")
+    return TASK_KINDS[kind].model_validate(value)
+
+
+# the task section, by `kind`: a CopyTaskSpec (the default) or a DatasetTaskSpec
+TaskSpec = Annotated[Union[CopyTaskSpec, DatasetTaskSpec], WrapValidator(_task_by_kind)]
+_TASK_ADAPTER: TypeAdapter = TypeAdapter(TaskSpec)
+
+
+def task_spec(**fields: Any) -> CopyTaskSpec | DatasetTaskSpec:
+    """The task section's spec from its keys, as a config file gives them (no kind: copy)."""
+    return _TASK_ADAPTER.validate_python(fields)
 
 
 class RLSpec(_Strict):
@@ -48,7 +137,8 @@ class RLSpec(_Strict):
     steps: PositiveInt = 40  # optimizer steps (policy versions) to train
     prompts_per_step: PositiveInt = 8
     group_size: PositiveInt = 4  # responses per prompt (GRPO group)
-    # at most this many groups per trainer forward (async takes whatever whole groups are ready, up to it)
+    # at most this many groups per learner micro-batch (async takes whatever whole groups are ready, up
+    # to it); the planner places each micro-batch's samples into SP groups of the learner's ranks
     micro_batch_groups: PositiveInt = 2
     rollout_slots: PositiveInt = 16  # sequences a rollout worker decodes together
     # the reference and reward workers take up to score_batch_groups groups per queue call,
@@ -68,7 +158,10 @@ class RLSpec(_Strict):
     sft_batch: PositiveInt = 16
     sft_lr: PositiveFloat = 3e-3
     sft_warmup_steps: NonNegativeInt = 40  # linear warm-up of the supervised lr (grad_clip applies too)
-    reward_fn: str = "pliant.rl.task:reward"  # module:function(prompt, response) -> float
+    # module:function or path/to/file.py:function, called as fn(sample: pliant.rl.reward.RewardSample) -> float
+    reward_fn: str = "pliant.rl.task:reward"
+    # "builtin" (pliant's decoder) or a module:function factory of a rollout engine (rl/rollout_engine.py)
+    rollout_engine: str = "builtin"
     eval_prompts: NonNegativeInt = 256  # held-out prompts scored before and after RL (0: none)
     queue_capacity: PositiveInt | None = None  # default: (staleness + 2) x the step's samples
     storage_units: PositiveInt = 2  # TransferQueue storage actors (samples sharded over them)
@@ -98,6 +191,40 @@ class ActorResources(_Strict):
     threads: PositiveInt = 1  # torch intra-op threads, pinned
 
 
+class LearnerResources(ActorResources):
+    """Each of the learner's `world` ranks (one Ray actor each, placed together)."""
+
+    world: PositiveInt = 1
+
+    @model_validator(mode="after")
+    def _whole_gpus(self) -> "LearnerResources":
+        if self.num_gpus and self.num_gpus != 1:
+            raise ValueError(f"num_gpus={self.num_gpus:g}: a learner rank drives one whole GPU (give 1, or 0 for CPU)")
+        return self
+
+
+class LearnerSpec(_Strict):
+    """The learner group as the runtime's engine sees it (the sections of a `pliant train` job,
+    for resources.learner.world ranks): how micro-batches are planned into SP groups, and the
+    cluster facts and cost coefficients the planner prices plans with."""
+
+    plan: Literal["adaptive", "static", "dp"] = "adaptive"
+    static_degree: PositiveInt | None = None  # plan: static
+    devices_per_node: PositiveInt | None = Field(
+        default=None, description="learner ranks per node, for the bandwidth table (default: all on one node)")
+    device_memory_gib: PositiveFloat
+    bandwidth: BandwidthSpec
+    cores: PositiveInt | None = None  # CPU learners sharing fewer cores than ranks (see ClusterSpec.cores)
+    cost: CostSpec
+    planner: PlannerSpec = PlannerSpec()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "LearnerSpec":
+        if self.plan == "static" and self.static_degree is None:
+            raise ValueError("plan 'static' needs static_degree (the SP group size of every group)")
+        return self
+
+
 class ResourcesSpec(_Strict):
     """Ray resources per worker; `ray_address` null starts a local cluster of `num_cpus`
     (null: the machine's), "auto" joins a running one (as under `ray job submit`)."""
@@ -106,6 +233,6 @@ class ResourcesSpec(_Strict):
     num_cpus: PositiveInt | None = None
     rollout_workers: PositiveInt = 1
     rollout: ActorResources = ActorResources()
-    trainer: ActorResources = ActorResources()
+    learner: LearnerResources = LearnerResources()
     reference: ActorResources = ActorResources(num_cpus=0.0)
     reward: ActorResources = ActorResources(num_cpus=0.0)

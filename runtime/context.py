@@ -44,10 +44,16 @@ class SeqContext:
         """Ulysses shards heads over the group; when they do not divide, LASP-2H gathers K and V."""
         return "ulysses" if heads % self.group.size == 0 else "lasp2h"
 
+    @property
+    def max_length(self) -> int:
+        """The longest sequence of the pack (a model's sliding window must cover it)."""
+        return max(self.layout.lengths)
+
     def softmax_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          scale: float | None = None) -> torch.Tensor:
+                          scale: float | None = None, layer: int | None = None) -> torch.Tensor:
         """Causal softmax attention of the pack, no attention across sequences; q [T, H, d],
-        k, v [T, Hkv, d] (GQA) -> [T, H, d]."""
+        k, v [T, Hkv, d] (GQA) -> [T, H, d]. `layer` is for contexts that keep per-layer state
+        (generation's decode cache); training attends within the pack and ignores it."""
         op = ulysses_attention if self.softmax_operator(q.shape[1]) == "ulysses" else lasp2h_attention
         return op(q, k, v, self.layout, self.group, scale=scale)
 

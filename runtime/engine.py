@@ -82,6 +82,34 @@ def build_source(model: ModelSpec, data: DataSpec, train: TrainSpec) -> Document
     return SyntheticTask(model.vocab_size, lengths, seed=data.seed)
 
 
+def deepspeed_engine(module: torch.nn.Module, world: int, model: ModelSpec, optimizer: torch.optim.Optimizer,
+                     device: torch.device, scheduler=None, grad_clip: float | None = None):
+    """DeepSpeed's engine over `module` for a process group of `world` ranks (joined already):
+    ZeRO stage and precision from the model spec, one sample per rank per micro-step (the
+    caller sets the gradient-accumulation boundary itself: a plan's micro-batches add up to
+    one step), clipping at `grad_clip` (None: none). Returns (engine, optimizer, scheduler)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if device.type == "cpu" else "cuda")
+    import deepspeed
+
+    config = {
+        "train_batch_size": world,
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": model.zero_stage},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        # always explicit: DeepSpeed clips at 1.0 when the key is absent
+        "gradient_clipping": grad_clip if grad_clip is not None else 0.0,
+    }
+    if model.dtype == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif model.dtype == "fp16":
+        config["fp16"] = {"enabled": True}
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
+                                                           config=config, dist_init_required=False)
+    return engine, optimizer, scheduler
+
+
 @dataclass
 class StepResult:
     step: int
@@ -138,28 +166,11 @@ class Trainer:
         self._pending: tuple[np.ndarray, np.ndarray, Future | Plan] | None = None
 
     def _deepspeed(self, module: torch.nn.Module, model: ModelSpec, train: TrainSpec):
-        os.environ.setdefault("DS_ACCELERATOR", "cpu" if self.device.type == "cpu" else "cuda")
-        import deepspeed
-
         opt = torch.optim.AdamW(module.parameters(), lr=train.lr, betas=tuple(train.betas), eps=train.adam_eps,
                                 weight_decay=train.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, train))
-        config = {
-            "train_batch_size": self.world,
-            "train_micro_batch_size_per_gpu": 1,
-            "gradient_accumulation_steps": 1,
-            "zero_optimization": {"stage": model.zero_stage},
-            "steps_per_print": 10**9,
-            "wall_clock_breakdown": False,
-        }
-        # always explicit: DeepSpeed clips at 1.0 when the key is absent
-        config["gradient_clipping"] = train.grad_clip if train.grad_clip is not None else 0.0
-        if model.dtype == "bf16":
-            config["bf16"] = {"enabled": True}
-        elif model.dtype == "fp16":
-            config["fp16"] = {"enabled": True}
-        engine, optimizer, _, scheduler = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched,
-                                                               config=config, dist_init_required=False)
+        engine, optimizer, scheduler = deepspeed_engine(module, self.world, model, opt, self.device, sched,
+                                                        train.grad_clip)
         return engine, optimizer, scheduler
 
     # ----- planning -----

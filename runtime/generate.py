@@ -1,26 +1,35 @@
-"""Batched autoregressive generation with the runtime's model (`LM`), with a decode cache:
-keys and values of the softmax layers, and the recurrent state S of the linear layers
-(S_t = lambda S_{t-1} + k_t^T v_t, o_t = q_t S_t: the recurrence LASP-2 computes by chunks).
+"""Batched autoregressive generation with a decode cache, for both model kinds: pliant's own
+`LM` (`Decoder`: keys and values of the softmax layers, and the recurrent state S of the
+linear layers, S_t = lambda S_{t-1} + k_t^T v_t, o_t = q_t S_t: the recurrence LASP-2
+computes by chunks) and a transformers causal LM (`HFDecoder`: keys and values, caught in
+pliant's registered attention function). `make_decoder` picks one; `generate` runs it.
 
 The model is not changed for generation (it knows nothing of decoding, as it knows nothing
-of parallelism): `Decoder` walks its modules one token per sequence per step. Sequences sit
-in slots and step together; a finished slot is refilled with a new prompt at once
-(continuous batching), so a long response does not hold up the slots of short ones. The
-prompts of newly filled slots are prefilled together in one packed forward of the model's
-own layers (all but their last token, which the next step feeds), which fills their
-caches: the softmax layers' keys and values, and each linear layer's state, the chunk state
-sum_i lambda^(L-1-i) k_i^T v_i of the prompt.
+of parallelism): `Decoder` walks its modules one token per sequence per step; `HFDecoder`
+runs the transformers model whole with a `CacheContext` where training passes a
+`SeqContext`. Sequences sit in slots and step together; a finished slot is refilled with a
+new prompt at once (continuous batching), so a long response does not hold up the slots of
+short ones. The prompts of newly filled slots are prefilled together in one packed forward
+(all but their last token, which the next step feeds), which fills their caches: the
+softmax layers' keys and values, and each linear layer's state, the chunk state
+sum_i lambda^(L-1-i) k_i^T v_i of the prompt. A response ends at any of the stop ids (a
+tokenizer may have several: eos, end-of-turn) or at its max_new_tokens.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
+from typing import Union
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from pliant.comm.groups import SOLO
 from pliant.comm.linear_local import acc_dtype, pack_states, split_pack
+from pliant.comm.softmax_local import causal_attention
+from pliant.runtime.hf import HFCausalLM
 from pliant.runtime.model import LM, LinearAttention, SeqContext, SoftmaxAttention, rotary
 
 
@@ -37,9 +46,9 @@ class Request:
 class Completion:
     tag: object
     prompt: list[int]
-    response: list[int]  # generated tokens, the stop token included when it was generated
+    response: list[int]  # generated tokens, the stop token included when one was generated
     logprobs: list[float]  # the sampling policy's log-probability of each response token
-    stopped: bool  # ended on the stop token (else on max_new_tokens)
+    stopped: bool  # ended on a stop token (else on max_new_tokens)
 
 
 @dataclass
@@ -51,29 +60,31 @@ class _Slot:
     next_token: int | None = None
 
 
-class Decoder:
-    """`slots` sequences decoded together, each up to `max_len` tokens (prompt + response)."""
+StopTokens = Union[int, Collection[int]]
 
-    def __init__(self, model: LM, slots: int, max_len: int, stop_token: int, temperature: float = 1.0,
-                 generator: torch.Generator | None = None):
+
+def stop_set(stop_tokens: StopTokens) -> frozenset[int]:
+    """The ids that end a response: a tokenizer may have several (eos, end-of-turn); none: every
+    response runs to its max_new_tokens."""
+    return frozenset([int(stop_tokens)] if isinstance(stop_tokens, int) else (int(t) for t in stop_tokens))
+
+
+class SlotDecoder:
+    """Continuous batching over `slots` slots, each up to `max_len` tokens (prompt + response):
+    slot bookkeeping and sampling, shared by the decoders; a subclass owns the model's decode
+    cache (`prefill`, `forward_step`, `_reset`)."""
+
+    def __init__(self, model: nn.Module, slots: int, max_len: int, stop_tokens: StopTokens,
+                 temperature: float = 1.0, generator: torch.Generator | None = None):
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.model, self.n, self.max_len, self.stop = model, slots, max_len, stop_token
+        self.model, self.n, self.max_len = model, slots, max_len
+        self.stop = stop_set(stop_tokens)
         self.temperature, self.gen = temperature, generator
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.acc = acc_dtype(self.dtype)
         self.slots: list[_Slot | None] = [None] * slots
-        self._caches: list[dict[str, torch.Tensor]] = []
-        for block in model.blocks:
-            a = block.attn
-            if isinstance(a, SoftmaxAttention):
-                shape = (slots, max_len, a.kv_heads, a.head_dim)
-                self._caches.append({"k": torch.zeros(shape, dtype=self.dtype, device=self.device),
-                                     "v": torch.zeros(shape, dtype=self.dtype, device=self.device)})
-            else:
-                self._caches.append({"S": torch.zeros((slots, a.heads, a.head_dim, a.head_dim), dtype=self.acc,
-                                                      device=self.device)})
 
     # ----- slots -----
     def free_slots(self) -> int:
@@ -90,9 +101,11 @@ class Decoder:
                              f"exceeds the decoder's max_len {self.max_len}")
         i = self.slots.index(None)
         self.slots[i] = _Slot(request)
-        for c in self._caches:
-            if "S" in c:
-                c["S"][i].zero_()
+        self._reset(i)
+
+    def _reset(self, slot: int) -> None:
+        """Clear what a new sequence in `slot` would read of the last one's cache (keys and
+        values need nothing: a sequence reads only positions it wrote)."""
 
     # ----- one step -----
     @torch.no_grad()
@@ -131,9 +144,44 @@ class Decoder:
             s.response.append(tok)
             s.logprobs.append(lp)
             s.next_token = tok
-            if tok == self.stop or len(s.response) >= s.request.max_new_tokens:
-                done.append(self._finish(i, stopped=tok == self.stop))
+            if tok in self.stop or len(s.response) >= s.request.max_new_tokens:
+                done.append(self._finish(i, stopped=tok in self.stop))
         return done
+
+    def _finish(self, i: int, stopped: bool) -> Completion:
+        s = self.slots[i]
+        self.slots[i] = None
+        return Completion(s.request.tag, s.request.prompt, s.response, s.logprobs, stopped)
+
+    def prefill(self, slots: list[int]) -> None:
+        raise NotImplementedError
+
+    def forward_step(self, tokens: torch.Tensor, pos: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Decoder(SlotDecoder):
+    """pliant's own `LM`, walked layer by layer: keys and values of its softmax layers, the
+    state S of its linear ones."""
+
+    def __init__(self, model: LM, slots: int, max_len: int, stop_tokens: StopTokens,
+                 temperature: float = 1.0, generator: torch.Generator | None = None):
+        super().__init__(model, slots, max_len, stop_tokens, temperature, generator)
+        self._caches: list[dict[str, torch.Tensor]] = []
+        for block in model.blocks:
+            a = block.attn
+            if isinstance(a, SoftmaxAttention):
+                shape = (slots, max_len, a.kv_heads, a.head_dim)
+                self._caches.append({"k": torch.zeros(shape, dtype=self.dtype, device=self.device),
+                                     "v": torch.zeros(shape, dtype=self.dtype, device=self.device)})
+            else:
+                self._caches.append({"S": torch.zeros((slots, a.heads, a.head_dim, a.head_dim), dtype=self.acc,
+                                                      device=self.device)})
+
+    def _reset(self, slot: int) -> None:
+        for c in self._caches:  # the linear state sums every earlier token: start it at zero
+            if "S" in c:
+                c["S"][slot].zero_()
 
     @torch.no_grad()
     def prefill(self, slots: list[int]) -> None:
@@ -164,11 +212,6 @@ class Decoder:
             x = x + block.mlp(block.mlp_norm(x))
         for i, n in zip(slots, lengths):
             self.slots[i].fed = n
-
-    def _finish(self, i: int, stopped: bool) -> Completion:
-        s = self.slots[i]
-        self.slots[i] = None
-        return Completion(s.request.tag, s.request.prompt, s.response, s.logprobs, stopped)
 
     def forward_step(self, tokens: torch.Tensor, pos: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Logits [B, vocab] of one token per slot `idx` at positions `pos`."""
@@ -219,14 +262,125 @@ class Decoder:
         return a.o(o)
 
 
-def generate(model: LM, requests: list[Request], slots: int, stop_token: int, temperature: float = 1.0,
-             generator: torch.Generator | None = None) -> list[Completion]:
+@dataclass(frozen=True)
+class CacheContext:
+    """What `HFDecoder` passes a transformers model as `pliant_ctx=` in place of a `SeqContext`:
+    its softmax layers hand q, k, v (already rotated at `positions`) to `softmax_attention`,
+    which writes k, v into the decode cache and attends over it. A call is either a prefill,
+    whole prompts from position 0 packed together (causal, never across prompts), or a decode
+    step, one token per slot at that slot's own position."""
+
+    keys: list[torch.Tensor]  # per layer [slots, max_len, Hkv, d]
+    values: list[torch.Tensor]
+    slots: torch.Tensor  # [T] the cache slot of each token of the call
+    positions: torch.Tensor  # [T] each token's position in its own sequence
+    lengths: tuple[int, ...]  # prefill: the prompts' lengths; decode: () (one token per slot)
+    span: int  # keys the longest query attends to
+
+    @classmethod
+    def prefill(cls, keys: list[torch.Tensor], values: list[torch.Tensor], slots: list[int], lengths: list[int],
+                device: torch.device) -> "CacheContext":
+        n = torch.tensor(lengths, device=device)
+        positions = torch.cat([torch.arange(k, device=device) for k in lengths])
+        return cls(keys, values, torch.tensor(slots, device=device).repeat_interleave(n), positions,
+                   tuple(lengths), max(lengths))
+
+    @classmethod
+    def decode(cls, keys: list[torch.Tensor], values: list[torch.Tensor], slots: torch.Tensor,
+               positions: torch.Tensor) -> "CacheContext":
+        return cls(keys, values, slots, positions, (), int(positions.max()) + 1)
+
+    @property
+    def max_length(self) -> int:
+        """The longest sequence any query sees (the sliding-window check of `pliant_attention`)."""
+        return self.span
+
+    def softmax_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                          layer: int | None = None) -> torch.Tensor:
+        """q [T, H, d], k, v [T, Hkv, d] of layer `layer` -> [T, H, d]."""
+        if layer is None:
+            raise ValueError("decoding needs the attention layer's index (pliant_attention passes module.layer_idx)")
+        ck, cv = self.keys[layer], self.values[layer]
+        ck[self.slots, self.positions] = k
+        cv[self.slots, self.positions] = v
+        if self.lengths:  # the prompts' own keys are all they see
+            out, start = [], 0
+            for n in self.lengths:
+                out.append(causal_attention(q[start:start + n], k[start:start + n], v[start:start + n], 0, scale))
+                start += n
+            return torch.cat(out)
+        return cached_attention(q, ck[self.slots, :self.span], cv[self.slots, :self.span], self.positions, scale)
+
+
+def cached_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor,
+                     scale: float | None) -> torch.Tensor:
+    """One query per row at position `pos` over its slot's cached keys [B, span, Hkv, d] up to
+    that position (GQA: kv heads repeated) -> [B, H, d]."""
+    B, H, d = q.shape
+    if keys.shape[2] != H:
+        keys = keys.repeat_interleave(H // keys.shape[2], dim=2)
+        values = values.repeat_interleave(H // values.shape[2], dim=2)
+    mask = torch.arange(keys.shape[1], device=q.device)[None, :] <= pos[:, None]  # [B, span]
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2),
+                                         attn_mask=mask[:, None, None, :],
+                                         scale=1.0 / math.sqrt(d) if scale is None else scale)
+    return out.squeeze(2)
+
+
+class HFDecoder(SlotDecoder):
+    """A transformers causal LM (`HFCausalLM`), run whole, unchanged, with its attention
+    through pliant's registered function: the decode cache is the keys and values that
+    function receives (`CacheContext`), so RoPE, biases and q/k norms stay transformers' own."""
+
+    def __init__(self, model: HFCausalLM, slots: int, max_len: int, stop_tokens: StopTokens,
+                 temperature: float = 1.0, generator: torch.Generator | None = None):
+        super().__init__(model, slots, max_len, stop_tokens, temperature, generator)
+        cfg = model.hf.config
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        shape = (slots, max_len, kv_heads, head_dim)
+        self._keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_hidden_layers)]
+        self._values = [torch.zeros(shape, dtype=self.dtype, device=self.device)
+                        for _ in range(cfg.num_hidden_layers)]
+
+    @torch.no_grad()
+    def prefill(self, slots: list[int]) -> None:
+        """Feed the prompts of `slots` (freshly added) but their last token, packed in one
+        forward of the model, writing their keys and values into the slots' caches."""
+        prompts = [self.slots[i].request.prompt[:-1] for i in slots]
+        lengths = [len(p) for p in prompts]
+        ctx = CacheContext.prefill(self._keys, self._values, slots, lengths, self.device)
+        tokens = torch.tensor([t for p in prompts for t in p], device=self.device)
+        self.model(tokens, ctx, logits_to_keep=1)  # the caches are what it is run for
+        for i, n in zip(slots, lengths):
+            self.slots[i].fed = n
+
+    @torch.no_grad()
+    def forward_step(self, tokens: torch.Tensor, pos: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Logits [B, vocab] of one token per slot `idx` at positions `pos`."""
+        return self.model(tokens, CacheContext.decode(self._keys, self._values, idx, pos))
+
+
+def make_decoder(model: nn.Module, slots: int, max_len: int, stop_tokens: StopTokens, temperature: float = 1.0,
+                 generator: torch.Generator | None = None) -> SlotDecoder:
+    """The decoder for the model's kind: pliant's own `LM`, or a transformers model (`HFCausalLM`)."""
+    if isinstance(model, LM):
+        return Decoder(model, slots, max_len, stop_tokens, temperature, generator)
+    if isinstance(model, HFCausalLM):
+        return HFDecoder(model, slots, max_len, stop_tokens, temperature, generator)
+    raise TypeError(f"no decoder for a {type(model).__module__}.{type(model).__qualname__}: generation runs "
+                    f"pliant's LM (build_model) or an HFCausalLM (load_hf_model)")
+
+
+def generate(model: LM | HFCausalLM, requests: list[Request], slots: int, stop_tokens: StopTokens,
+             temperature: float = 1.0, generator: torch.Generator | None = None) -> list[Completion]:
     """Complete every request with continuous batching over `slots` slots; completions come
     back in the order they finished."""
+    stop = stop_set(stop_tokens)
     if not requests:
         return []
     max_len = max(len(r.prompt) + r.max_new_tokens for r in requests)
-    dec = Decoder(model, min(slots, len(requests)), max_len, stop_token, temperature, generator)
+    dec = make_decoder(model, min(slots, len(requests)), max_len, stop, temperature, generator)
     pending, out = list(requests), []
     while pending or dec.active():
         while pending and dec.free_slots():

@@ -37,7 +37,7 @@ def pliant_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
                      attention_mask, scaling: float | None = None, dropout: float = 0.0, **kwargs):
     """transformers' attention-function contract: q [1, H, T, d], k, v [1, Hkv, T, d] ->
     ([1, T, H, d], None). The SP operator comes from the call's `pliant_ctx`."""
-    ctx: SeqContext | None = kwargs.get("pliant_ctx")
+    ctx: SeqContext | None = kwargs.get("pliant_ctx")  # or generation's CacheContext (runtime/generate.py)
     if ctx is None:
         raise RuntimeError("the 'pliant' attention runs only under pliant's runtime: call the model with "
                            "pliant_ctx=SeqContext(...) (HFCausalLM does)")
@@ -46,11 +46,12 @@ def pliant_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     if dropout:
         raise ValueError(f"attention dropout {dropout} is not supported under pliant's SP attention")
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
-    if window is not None and max(ctx.layout.lengths) > window:
-        raise ValueError(f"a sequence of {max(ctx.layout.lengths)} tokens is longer than the model's sliding window "
+    if window is not None and ctx.max_length > window:
+        raise ValueError(f"a sequence of {ctx.max_length} tokens is longer than the model's sliding window "
                          f"({window}); pliant's SP attention is full causal attention")
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, d]
-    out = ctx.softmax_attention(q, k, v, scale=scaling)
+    # the layer index: a decode context keeps one key-value cache per layer
+    out = ctx.softmax_attention(q, k, v, scale=scaling, layer=getattr(module, "layer_idx", None))
     return out.unsqueeze(0), None
 
 
@@ -74,8 +75,11 @@ class HFCausalLM(nn.Module):
     def vocab_size(self) -> int:
         return int(self.hf.config.vocab_size)
 
-    def forward(self, tokens: torch.Tensor, ctx: SeqContext) -> torch.Tensor:
-        out = self.hf(input_ids=tokens[None], position_ids=ctx.positions[None], pliant_ctx=ctx, use_cache=False)
+    def forward(self, tokens: torch.Tensor, ctx: SeqContext, logits_to_keep: int = 0) -> torch.Tensor:
+        """`logits_to_keep`: 0 for every token's logits, n for the last n only (generation's
+        prefill runs for the decode cache, not the logits)."""
+        out = self.hf(input_ids=tokens[None], position_ids=ctx.positions[None], pliant_ctx=ctx, use_cache=False,
+                      logits_to_keep=logits_to_keep)
         return out.logits[0]
 
 

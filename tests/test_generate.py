@@ -36,7 +36,7 @@ def test_teacher_forced_decode_matches_full_forward(kw):
     model = model_for(kw)
     g = torch.Generator().manual_seed(1)
     seqs = [torch.randint(0, 50, (n,), generator=g).tolist() for n in (7, 1, 12, 4)]
-    dec = Decoder(model, slots=len(seqs), max_len=12, stop_token=0)
+    dec = Decoder(model, slots=len(seqs), max_len=12, stop_tokens=0)
     got = [[] for _ in seqs]
     for t in range(12):
         live = [i for i, s in enumerate(seqs) if t < len(s)]
@@ -54,7 +54,7 @@ def test_sampled_logprobs_are_the_full_forward_logprobs(kw):
     g = torch.Generator().manual_seed(2)
     reqs = [Request(torch.randint(1, 50, (n,), generator=g).tolist(), m, tag=i)
             for i, (n, m) in enumerate([(3, 9), (8, 2), (1, 6), (5, 5), (2, 0), (6, 7)])]
-    out = generate(model, reqs, slots=3, stop_token=0, temperature=0.7, generator=torch.Generator().manual_seed(3))
+    out = generate(model, reqs, slots=3, stop_tokens=0, temperature=0.7, generator=torch.Generator().manual_seed(3))
     assert sorted(c.tag for c in out) == list(range(len(reqs)))
     for c in out:
         req = reqs[c.tag]
@@ -70,7 +70,7 @@ def test_sampled_logprobs_are_the_full_forward_logprobs(kw):
 
 def test_bad_requests_are_refused_with_the_limit():
     model = model_for({})
-    dec = Decoder(model, slots=1, max_len=8, stop_token=0)
+    dec = Decoder(model, slots=1, max_len=8, stop_tokens=0)
     with pytest.raises(ValueError, match="at least one token"):
         dec.add(Request([], 3))
     with pytest.raises(ValueError, match="exceeds the decoder's max_len 8"):
@@ -85,7 +85,7 @@ def test_prefill_fills_the_caches_as_token_by_token_feeding(kw):
     sequences before: the next token's logits equal the full forward's."""
     model = model_for(kw)
     g = torch.Generator().manual_seed(4)
-    dec = Decoder(model, slots=3, max_len=16, stop_token=0)
+    dec = Decoder(model, slots=3, max_len=16, stop_tokens=0)
     for n in (9, 12, 5):  # dirty every slot's cache first
         dec.add(Request(torch.randint(1, 50, (n,), generator=g).tolist(), 3))
     while dec.active():

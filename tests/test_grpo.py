@@ -75,5 +75,5 @@ def test_stale_samples_get_the_truncated_importance_weight():
 def test_a_sample_from_a_newer_version_is_refused():
     m = model()
     logp, behav, ref, adv = inputs(m)
-    with pytest.raises(ValueError, match="policy version 4 reached the trainer at version 3"):
+    with pytest.raises(ValueError, match="policy version 4 reached the learner at version 3"):
         policy_loss(logp, behav, ref, adv, [3, 4, 3, 3], 3, 4, 0.2, 0.0, 2.0)

@@ -1,7 +1,9 @@
 """RL runs on a local Ray cluster (2 CPUs), small: the staleness bound holds on every trained
-sample, importance weights are exactly 1 when k = 0, a rollout worker killed mid-run is
-restarted with no sample lost or trained twice, and bad input (a reward function that
-raises, resources the cluster lacks) gives logged skips or a clear error."""
+sample, every group is trained exactly once, importance weights are exactly 1 when k = 0, a
+rollout worker killed mid-run is restarted with no sample lost or trained twice, and bad
+input (a reward function that raises, resources the cluster lacks) gives logged skips or a
+clear error. The staleness, exactly-once, killed-worker and reward-error runs use a learner
+of two ranks (W = 2: one process group, DeepSpeed, the planner placing each micro-batch)."""
 from __future__ import annotations
 
 import json
@@ -9,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 
 from pliant.launch.config import RLJobConfig, load_config, merge_config, parse_config
 from pliant.rl import runner
@@ -18,11 +21,16 @@ pytestmark = pytest.mark.timeout(300)
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "rl-local.yaml"
 SMALL = {"rl": {"steps": 4, "prompts_per_step": 4, "group_size": 4, "micro_batch_groups": 1, "rollout_slots": 8,
                 "sft_steps": 10, "eval_prompts": 16}, "task": {"max_digits": 12}}
+W2 = {"resources": {"learner": {"world": 2, "num_cpus": 0.5}}}  # with rollout's 1 CPU: the cluster's 2
 
 
 def config(**overlay) -> RLJobConfig:
-    base = load_config([CONFIG], RLJobConfig).model_dump(mode="json")
+    base = load_config([CONFIG], RLJobConfig).model_dump()
     return parse_config(merge_config(merge_config(base, SMALL), overlay), "test", RLJobConfig)
+
+
+def config_w2(**overlay) -> RLJobConfig:
+    return config(**merge_config(W2, overlay))
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +49,8 @@ def sft(tmp_path_factory) -> Path:
 
 def every_group_trained_once(r: runner.RunResult, cfg: RLJobConfig) -> None:
     groups = cfg.rl.steps * cfg.rl.prompts_per_step
-    assert sorted(r.trainer["trained_groups"]) == list(range(groups))
+    assert sorted(r.learner["trained_groups"]) == list(range(groups))
+    assert r.learner["world"] == cfg.resources.learner.world
     assert r.samples == groups * cfg.rl.group_size
     per_step = [s["samples"] for s in r.steps]
     assert per_step == [cfg.rl.samples_per_step] * cfg.rl.steps
@@ -49,11 +58,12 @@ def every_group_trained_once(r: runner.RunResult, cfg: RLJobConfig) -> None:
 
 @pytest.mark.parametrize("k", [1, 2])
 def test_staleness_never_exceeds_k(ray_cluster, sft, tmp_path, k):
-    cfg = config()
+    cfg = config_w2()
     r = runner.run(cfg, tmp_path, mode="async", staleness=k, sft_cache=sft)
     every_group_trained_once(r, cfg)
     staleness = [x for s in r.steps for x in s["staleness"]]
     assert len(staleness) == r.samples and max(staleness) <= k and min(staleness) >= 0
+    assert sum(r.group_sizes().values()) >= cfg.rl.steps  # the planner placed every micro-batch
 
 
 def test_k0_trains_on_policy_with_importance_weights_of_one(ray_cluster, sft, tmp_path):
@@ -75,8 +85,8 @@ def test_sync_mode_is_on_policy(ray_cluster, sft, tmp_path):
 def test_a_killed_rollout_worker_is_restarted_and_nothing_is_lost_or_trained_twice(ray_cluster, sft, tmp_path,
                                                                                     monkeypatch):
     # enough steps after the kill that the worker is still mid-run when the driver (polling
-    # every 0.5 s) gets to it: at k=1 it is at most one step ahead of the trainer
-    cfg = config(rl={"steps": 12})
+    # every 0.5 s) gets to it: at k=1 it is at most one step ahead of the learner
+    cfg = config_w2(rl={"steps": 12})
     monkeypatch.setenv(FAULT_ENV, json.dumps({"kind": "kill_rollout", "rank": 0, "step": 2}))
     r = runner.run(cfg, tmp_path, mode="async", staleness=1, sft_cache=sft)
     assert r.restarts == 1
@@ -85,7 +95,7 @@ def test_a_killed_rollout_worker_is_restarted_and_nothing_is_lost_or_trained_twi
     every_group_trained_once(r, cfg)
     assert all(n >= 1 for n in r.dispatcher["written"].values())
     # a group handed out again whose first write had landed and been trained is dropped, not lost
-    assert all(g in r.trainer["trained_groups"] for g in r.dispatcher["late"])
+    assert all(g in r.learner["trained_groups"] for g in r.dispatcher["late"])
     assert not r.dispatcher["held"] or all(not v for v in r.dispatcher["held"].values())
 
 
@@ -120,20 +130,22 @@ def test_rollout_faults_fire_once_in_the_first_incarnation_only(tmp_path, monkey
     assert killed == [("w1", True)]
 
 
-def flaky_reward(prompt, response):
-    if prompt.uid % 5 == 0:
-        raise RuntimeError(f"verifier unavailable for prompt {prompt.uid}")
-    return 1.0 if list(response) == prompt.answer else 0.0
+def flaky_reward(sample):
+    if sample.response_ids[:1] == [int(sample.row["digits"][0])]:  # right first digit: the verifier fails
+        raise RuntimeError(f"verifier unavailable for {sample.prompt}")
+    return 1.0 if sample.response == sample.row["digits"] else 0.0
 
 
 def test_a_reward_function_that_raises_is_logged_and_its_samples_skipped(ray_cluster, sft, tmp_path):
-    cfg = config(rl={"reward_fn": "test_rl_run:flaky_reward"})
+    cfg = config_w2(rl={"reward_fn": "test_rl_run:flaky_reward"})
     r = runner.run(cfg, tmp_path, mode="async", staleness=1, sft_cache=sft)
     skipped = r.reward_worker["skipped"]
     assert skipped and all("verifier unavailable" in s["error"] for s in skipped)
-    assert all(s["prompt"] % 5 == 0 for s in skipped)
-    assert sorted(r.trainer["trained_groups"]) == list(range(cfg.rl.steps * cfg.rl.prompts_per_step))
-    assert r.samples == cfg.rl.steps * cfg.rl.samples_per_step - len(skipped)
+    assert sorted(r.learner["trained_groups"]) == list(range(cfg.rl.steps * cfg.rl.prompts_per_step))
+    # a skipped sample is not trained, and a group left with fewer than two is skipped whole
+    dropped = [s for s in r.learner["skipped"] if s["why"] == "no reward"]
+    assert len(dropped) >= len(skipped)
+    assert r.samples == cfg.rl.steps * cfg.rl.samples_per_step - len(dropped)
 
 
 def test_more_resources_than_the_cluster_has_is_a_clear_error(ray_cluster, sft, tmp_path):
@@ -148,32 +160,35 @@ def test_samples_with_empty_responses_are_logged_and_skipped_without_a_stall(ray
     skipped whole); the step still completes."""
 
     from pliant.rl.dispatch import WeightStore
-    from pliant.rl.task import CopyTask
+    from pliant.rl.task import build_task
     from pliant.rl.transfer_queue import TransferQueue
-    from pliant.rl.workers import Trainer
 
-    cfg = config(rl={"steps": 1, "prompts_per_step": 2, "micro_batch_groups": 2})
-    task = CopyTask.from_spec(cfg.task, seed=0)
+    cfg = config(rl={"steps": 1, "prompts_per_step": 2, "micro_batch_groups": 2, "sft_steps": 0})
+    task = build_task(cfg.task, cfg.model, 0, 0)
     tq = TransferQueue.create(64, runner.TASKS, units=2)
     store = WeightStore.remote()
-    trainer = Trainer.remote(cfg.model, cfg.rl, task, 1, 0)
+    learners, pg = runner.start_learners(cfg, task, 0)
+    state, _ = ray.get(learners[0].warm_start.remote(None))
+    ray.get(learners[0].build.remote(state))
     prompts = task.prompts(2)
     for g, empty in ((0, {1}), (1, {0, 2, 3})):
         p = prompts[g]
         ids = tq.allocate(4, partition=0, group_size=4)
-        responses = [[] if j in empty else (p.answer if j % 2 else [3, 12]) for j in range(4)]
+        responses = [[] if j in empty else (list(p.answer) if j % 2 else [3, 12]) for j in range(4)]
         logp = [[-1.0] * len(r) for r in responses]
         tq.put(ids, {"prompt": [p] * 4, "response": responses, "behav_logp": logp, "version": [0] * 4,
-                     "group": [g] * 4, "written_at": [0.0] * 4, "reward": [float(r == p.answer) for r in responses],
+                     "group": [g] * 4, "written_at": [0.0] * 4,
+                     "reward": [float(r == list(p.answer)) for r in responses],
                      "ref_logp": [None if not r else lp for r, lp in zip(responses, logp)]})
-    out = ray.get(trainer.run.remote(tq, store, False), timeout=60)
+    out = ray.get(learners[0].run.remote(tq, store, False), timeout=60)
     (step,) = out["steps"]
     assert step["samples"] == 3
     assert sorted(s["group"] for s in out["skipped"]) == [0, 1, 1, 1]
     assert {s["why"] for s in out["skipped"]} == {"empty response"}
     assert sorted(out["trained_groups"]) == [0, 1]
-    for a in (trainer, store, tq.controller, *tq.units):
+    for a in (*learners, store, tq.controller, *tq.units):
         ray.kill(a)
+    ray.util.remove_placement_group(pg)
 
 
 def test_a_queue_too_small_for_the_staleness_bound_is_a_clear_error(ray_cluster, sft, tmp_path):
@@ -182,11 +197,15 @@ def test_a_queue_too_small_for_the_staleness_bound_is_a_clear_error(ray_cluster,
         runner.run(cfg, tmp_path, mode="async", staleness=2, sft_cache=sft)
 
 
-def dying_reward(prompt, response):
+CALLS = [0]
+
+
+def dying_reward(sample):
     import os
 
-    if prompt.uid == 6:
-        os._exit(3)  # the reward worker's process dies
+    CALLS[0] += 1
+    if CALLS[0] == 20:
+        os._exit(3)  # the reward worker's process dies mid-run
     return 0.0
 
 
@@ -197,15 +216,18 @@ def test_a_dead_reward_worker_stops_the_run_with_its_error(ray_cluster, sft, tmp
 
 
 def test_a_cached_warm_start_is_reused_only_with_the_settings_that_made_it(ray_cluster, tmp_path):
-    from pliant.rl.task import CopyTask
-    from pliant.rl.workers import Trainer
+    from pliant.rl.task import build_task
 
     cfg, cache = config(), tmp_path / "warm.pt"
-    trainer = Trainer.remote(cfg.model, cfg.rl, CopyTask.from_spec(cfg.task, seed=1), 1, 0)
+    learners, pg = runner.start_learners(cfg, build_task(cfg.task, cfg.model, 1, 0), 0)
+    lead = learners[0]
     key = runner.warm_start_key(cfg, 0)
-    assert len(runner.warm_start(trainer, cache, key)) == cfg.rl.sft_steps  # made, then cached
-    assert runner.warm_start(trainer, cache, key) == []  # the same settings: reused
+    made, losses = runner.warm_start(lead, cache, key)
+    assert len(losses) == cfg.rl.sft_steps  # made, then cached
+    again, losses = runner.warm_start(lead, cache, key)
+    assert losses == [] and all(torch.equal(made[k], again[k]) for k in made)  # the same settings: reused
     other = runner.warm_start_key(config(rl={"sft_lr": 1e-3}), 0)
-    assert len(runner.warm_start(trainer, cache, other)) == cfg.rl.sft_steps  # other settings: made again
-    assert len(runner.warm_start(trainer, cache, runner.warm_start_key(cfg, 1))) == cfg.rl.sft_steps  # other seed
-    ray.kill(trainer)
+    assert len(runner.warm_start(lead, cache, other)[1]) == cfg.rl.sft_steps  # other settings: made again
+    assert len(runner.warm_start(lead, cache, runner.warm_start_key(cfg, 1))[1]) == cfg.rl.sft_steps  # other seed
+    ray.kill(lead)
+    ray.util.remove_placement_group(pg)

@@ -1,0 +1,393 @@
+"""The learner: W Ray actors that form one torch.distributed process group (gloo on CPU,
+NCCL on GPU) and train the policy on the runtime's engine: DeepSpeed ZeRO for gradients
+and the optimizer, and the adaptive SP planner placing each micro-batch's samples (prompt +
+response) into SP groups of the learner's ranks, as `pliant train` places documents.
+
+Rank 0 is the group's door to the RL dataflow: it claims whole GRPO groups from the
+TransferQueue, computes their advantages, plans the micro-batch and broadcasts (samples,
+plan) to the other ranks (over a gloo group, also under NCCL); every rank then runs its SP
+group's share of each planned micro-batch, and the step's last one closes DeepSpeed's
+gradient accumulation. After the optimizer step rank 0 publishes the new weights, versioned,
+to the weight store (ZeRO 1 and 2 gather the updated partitions into every rank's module).
+
+    rank 0                                   every rank
+    claim groups (queue) -> advantages
+    plan the micro-batch -> broadcast  ----> for each planned micro-batch:
+                                                 my group's samples -> pack_loss -> backward
+    (the step's last groups)                 engine.step()
+    publish weights (version + 1)
+
+One sample's loss is the mean over its response tokens and the step's loss the mean over
+its samples (rl/grpo.py), whatever the plan: any grouping gives the single-process gradient.
+The supervised warm start runs on rank 0 alone, in plain torch, before the engine is built
+from its result (it is a starting point, cached per seed, not the subject of the run).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+import torch
+import torch.distributed as dist
+
+from pliant.comm import GroupRegistry, contiguous_layouts
+from pliant.planner import Plan, Planner
+from pliant.planner.spec import BandwidthSpec, ClusterSpec
+from pliant.runtime.engine import deepspeed_engine, peak_memory_bytes
+from pliant.runtime.generate import Request, generate
+from pliant.runtime.hf import DTYPES, build_model
+
+from .dispatch import pack_weights
+from .grpo import TrainSample, group_advantages, pack_loss, response_logprobs
+from .reward import load_reward_fn
+from .common import Timed, log
+from .spec import RLConfigError
+
+TRAIN_FIELDS = ["prompt", "response", "behav_logp", "version", "group", "written_at", "reward", "ref_logp"]
+
+
+@dataclass
+class Chunk:
+    """What rank 0 broadcasts: a micro-batch of whole groups' samples and its plan; `last`:
+    the step's gradient is complete after it (the optimizer steps)."""
+
+    samples: list[TrainSample]
+    plan: Plan | None  # None: no usable sample (every rank joins the gradient reduction idle)
+    last: bool
+    stats: dict[str, Any] = field(default_factory=dict)  # rank 0's bookkeeping, not trained on
+
+
+def learner_cluster(cfg) -> ClusterSpec:
+    """The learner group as the planner sees it: resources.learner.world ranks, the learner
+    section's devices per node, memory and bandwidth."""
+    res, spec = cfg.resources.learner, cfg.learner
+    world = res.world
+    per_node = spec.devices_per_node or world
+    if world % per_node:
+        raise RLConfigError(f"resources.learner.world={world} is not a multiple of learner.devices_per_node="
+                            f"{per_node}")
+    gpu = res.num_gpus > 0
+    bandwidth = spec.bandwidth
+    if bandwidth.all_to_all_gbps is not None:  # a table measured for a larger machine: the sizes this world forms
+        a2a = {k: v for k, v in bandwidth.all_to_all_gbps.items() if k <= world}
+        gather = {k: v for k, v in (bandwidth.all_gather_gbps or {}).items() if k <= world}
+        slowest = min(bandwidth.all_to_all_gbps.values())  # a world of one never communicates: any figure
+        bandwidth = BandwidthSpec(all_to_all_gbps=a2a, all_gather_gbps=gather or None) if a2a else \
+            BandwidthSpec(intra_node_gbps=slowest, inter_node_gbps=slowest)
+    try:
+        return ClusterSpec(name="rl-learner", nodes=world // per_node, devices_per_node=per_node,
+                           device="cuda" if gpu else "cpu", backend="nccl" if gpu else "gloo",
+                           device_memory_gib=spec.device_memory_gib, bandwidth=bandwidth, cores=spec.cores)
+    except ValueError as e:
+        raise RLConfigError(f"learner: {e}") from None
+
+
+def pg_timeout_s(rl) -> float:
+    """The process group's timeout: rank 0 may wait on the queue up to the stall timeout while
+    the other ranks wait in the broadcast."""
+    return rl.stall_timeout_s + 60.0
+
+
+@ray.remote(max_concurrency=2)  # run() and progress() side by side
+class Learner:
+    def __init__(self, rank: int, cfg, task, seed: int):
+        res = cfg.resources.learner
+        torch.set_num_threads(res.threads)
+        self.rank, self.world, self.cfg, self.rl, self.task, self.seed = rank, res.world, cfg, cfg.rl, task, seed
+        self.cluster = learner_cluster(cfg)
+        self.device = torch.device("cuda", 0) if self.cluster.device == "cuda" else torch.device("cpu")
+        self.dtype = DTYPES[cfg.model.dtype]
+        self.version = 0
+        self.steps: list[dict[str, Any]] = []
+        self.unrecorded: list[tuple[dict[str, Any], Any]] = []
+        self.trained_groups: dict[int, int] = {}
+        self.duplicates = 0
+        self.skipped: list[dict] = []
+
+    # ----- the process group -----
+    def address(self) -> tuple[str, int]:
+        """Rank 0: this node's address and a free port for the group's rendezvous."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+    def join(self, addr: str, port: int) -> None:
+        os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(self.rank),
+                          WORLD_SIZE=str(self.world), LOCAL_RANK="0")
+        os.environ.setdefault("DS_ACCELERATOR", self.cluster.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        dist.init_process_group(self.cluster.backend, rank=self.rank, world_size=self.world,
+                                timeout=datetime.timedelta(seconds=pg_timeout_s(self.rl)))
+        # control messages (samples, plans, stats) travel on CPU even when NCCL carries the training
+        self.control = dist.new_group(backend="gloo") if self.cluster.backend != "gloo" else dist.group.WORLD
+
+    # ----- warm start (rank 0) -----
+    def warm_start(self, state: dict | None = None) -> tuple[dict, list[float]]:
+        """Supervised steps on the task's answers in plain torch (or a given state); returns
+        the state and the losses."""
+        torch.manual_seed(self.seed)
+        model = build_model(self.cfg.model, self.device, self.dtype)
+        losses: list[float] = []
+        if state is not None:
+            model.load_state_dict(state)
+            return state, losses
+        rl, warmup = self.rl, self.rl.sft_warmup_steps
+        # a linear warm-up and the RL grad_clip: without them, some seeds' runs stalled at the
+        # unigram loss (2 of 10 seeds at loss ~2 after 400 steps; with them every one ends at 0.33-0.58)
+        opt = torch.optim.AdamW(model.parameters(), lr=rl.sft_lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        for _ in range(rl.sft_steps):
+            examples = self.task.sft_examples(rl.sft_batch)
+            if any(not p.answer for p in examples):
+                raise RLConfigError("rl.sft_steps > 0 needs answers (task.answer_key) for the supervised warm start")
+            lps = response_logprobs(model, [list(p.tokens) for p in examples], [list(p.answer) for p in examples])
+            loss = -torch.cat(lps).mean()
+            opt.zero_grad()
+            loss.backward()
+            if rl.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), rl.grad_clip)
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, losses
+
+    # ----- the engine (every rank) -----
+    def build(self, state: dict) -> None:
+        """The policy from `state` under DeepSpeed, the planner and the SP groups."""
+        torch.manual_seed(self.seed)
+        module = build_model(self.cfg.model, self.device, self.dtype)
+        module.load_state_dict(state)
+        rl = self.rl
+        opt = torch.optim.AdamW(module.parameters(), lr=rl.lr, weight_decay=rl.weight_decay)
+        self.engine, self.optimizer, _ = deepspeed_engine(module, self.world, self.cfg.model, opt, self.device,
+                                                          None, rl.grad_clip)
+        self.planner = Planner.from_specs(self.cluster, self.cfg.model, self.cfg.learner.cost,
+                                          self.cfg.learner.planner)
+        self.registry = GroupRegistry(contiguous_layouts(self.world, self.cluster.devices_per_node,
+                                                         self.planner.sizes))
+        plan = self.cfg.learner.plan
+        self.fixed_degree = None if plan == "adaptive" else (1 if plan == "dp" else self.cfg.learner.static_degree)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.engine.module
+
+    def parameters_vector(self) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1).cpu().to(torch.float64) for p in self.model.parameters()])
+
+    # ----- one micro-batch and the optimizer step (every rank) -----
+    def plan(self, samples: list[TrainSample]) -> Plan:
+        lengths = [len(s.prompt) + len(s.response) for s in samples]
+        plan = self.planner.plan_for(lengths, self.fixed_degree)
+        if plan is None:
+            raise RLConfigError(f"learner.plan {self.cfg.learner.plan!r}: a sample of {max(lengths)} tokens does not "
+                                f"fit a group of {self.fixed_degree}")
+        return plan
+
+    def train_chunk(self, chunk: Chunk, version: int | None = None) -> dict[str, Any]:
+        """Forward and backward of every planned micro-batch of `chunk` on this rank (all ranks
+        call it with the same chunk); gradients add up until the step's `last` one. Returns
+        the chunk's statistics, summed over the group: per-sample mean importance weight,
+        mean KL, clipped tokens, response tokens."""
+        version = self.version if version is None else version
+        rl, n = self.rl, len(chunk.samples)
+        self.engine.train()
+        stats = torch.zeros(max(n, 1), 4, dtype=torch.float64, device=self.device)
+        micro = chunk.plan.micro_batches if chunk.plan is not None else [None]
+        for m, mb in enumerate(micro):
+            self.engine.set_gradient_accumulation_boundary(chunk.last and m == len(micro) - 1)
+            mine = None if mb is None else next(g for g in mb.groups if g.start <= self.rank < g.start + g.size)
+            if mine is not None and mine.seq_ids:
+                group = self.registry.get(mine.start, mine.size)
+                loss, part = pack_loss(self.engine, [chunk.samples[i] for i in mine.seq_ids], group, version,
+                                       rl.samples_per_step, rl.clip_eps, rl.kl_coef, rl.is_cap, rl.temperature,
+                                       self.device, self.cfg.model.linear_sp)
+                stats[torch.tensor(mine.seq_ids, device=self.device)] += part
+            else:  # idle in this micro-batch: still join DeepSpeed's gradient reduction
+                loss = sum(p.sum() for p in self.model.parameters()) * 0.0
+            self.engine.backward(loss * self.world)  # DeepSpeed averages gradients over ranks
+        dist.all_reduce(stats)  # each sample's tokens sit in one group: the sum is the sample's
+        tokens = stats[:n, 3].clamp(min=1)
+        return {"is_weights": (stats[:n, 0] / tokens).tolist(), "kl": (stats[:n, 1] / tokens).tolist(),
+                "clipped": float(stats[:n, 2].sum()), "tokens": float(stats[:n, 3].sum())}
+
+    def optimizer_step(self) -> None:
+        self.engine.step()
+        self.version += 1
+
+    # ----- rank 0: the dataflow -----
+    def _usable(self, d: dict[str, list], members: list[int]) -> list[int]:
+        """The samples of a group that can be trained (logged skips: an empty response, no
+        reward); a group needs two to have an advantage."""
+        ok = []
+        for i in members:
+            if not d["response"][i]:
+                self.skipped.append({"group": d["group"][i], "why": "empty response"})
+                log(f"sample of group {d['group'][i]} has an empty response; skipped")
+            elif d["reward"][i] is None:
+                self.skipped.append({"group": d["group"][i], "why": "no reward"})
+            else:
+                ok.append(i)
+        return ok if len(ok) >= 2 else []
+
+    def make_chunk(self, d: dict[str, list], groups: list[list[int]], last: bool) -> Chunk:
+        """The trainable samples of whole groups, with advantages, and their plan."""
+        usable = [ok for ok in (self._usable(d, members) for members in groups) if ok]
+        samples, rewards = [], []
+        for members in usable:
+            r = torch.tensor([d["reward"][i] for i in members], dtype=torch.float64)
+            for i, a in zip(members, group_advantages(r, len(members)).tolist()):
+                samples.append(TrainSample(list(d["prompt"][i].tokens), list(d["response"][i]), d["behav_logp"][i],
+                                           d["ref_logp"][i], a, d["version"][i]))
+                rewards.append(d["reward"][i])
+        t = time.perf_counter()
+        plan = self.plan(samples) if samples else None
+        return Chunk(samples, plan, last, {"rewards": rewards, "plan_s": time.perf_counter() - t})
+
+    def _broadcast(self, msg: Any) -> Any:
+        box = [msg]
+        dist.broadcast_object_list(box, src=0, group=self.control)
+        return box[0]
+
+    def publish(self, store) -> None:
+        """Hand the store this version's weights; rank 0 goes on at once (the store keeps the
+        newest version whatever order its calls run in)."""
+        self.published = store.publish.remote(self.version, [ray.put(pack_weights(self.model))])
+
+    def _record(self, block: bool = False) -> None:
+        """Move the finished steps whose queue statistics have come to `self.steps`."""
+        while self.unrecorded:
+            row, reply = self.unrecorded[0]
+            if not block and not ray.wait([reply], timeout=0)[0]:
+                return
+            _, stats = ray.get(reply)
+            row["queue_held"] = stats["held"]
+            self.steps.append(row)
+            self.unrecorded.pop(0)
+
+    def run(self, tq=None, store=None, sync: bool = False) -> dict[str, Any]:
+        """The RL loop; rank 0 reads the queue, the others train what it broadcasts."""
+        if self.rank != 0:
+            while (chunk := self._broadcast(None)) is not None:
+                self.train_chunk(chunk)
+                if chunk.last:
+                    self.optimizer_step()
+            return {"rank": self.rank}
+        try:
+            return self._lead(tq, store, sync)
+        finally:
+            self._broadcast(None)  # the others stop (also when rank 0 failed)
+
+    def _lead(self, tq, store, sync: bool) -> dict[str, Any]:
+        rl = self.rl
+        timer = Timed()
+        self.publish(store)
+        per_step = rl.samples_per_step
+        take = per_step if sync else rl.micro_batch_groups * rl.group_size  # sync: the whole step's batch
+
+        def claim(step: int, groups_left: int):
+            """The next batch of `step`, asked for ahead: its claim travels (and waits in the
+            controller) while the learner works on the batch before. Async takes whatever
+            whole groups are ready, up to a micro-batch: groups wait for the learner only
+            while it is busy, and a step's last group is all that is left to train once it
+            lands (the gradient is the sum over the step's groups, however they are batched)."""
+            want = min(take, groups_left * rl.group_size)
+            least = want if sync else rl.group_size
+            return tq.get_async("learner", TRAIN_FIELDS, least, want, 1.0, True, step, ack_later=True)
+
+        pending = claim(0, rl.prompts_per_step)
+        for step in range(rl.steps):
+            t0 = time.perf_counter()
+            seen_groups: set[int] = set()
+            rewards, staleness, weights, kls, trained, latency = [], [], [], [], 0, []
+            tokens, plan_s, micro, mix = 0, 0.0, 0, {}
+            while len(seen_groups) < rl.prompts_per_step:
+                batch = timer.wait(pending.result)
+                if not batch.ids:  # the claim timed out: ask again
+                    pending = claim(step, rl.prompts_per_step - len(seen_groups))
+                    continue
+                d = batch.data
+                latency.append(time.time() - d["written_at"][0])  # rollout's write -> learner's read
+                fresh = [i for i in range(len(batch)) if d["group"][i] not in self.trained_groups]
+                dup_groups = {d["group"][i] for i in range(len(batch))} - {d["group"][i] for i in fresh}
+                self.duplicates += len(batch) - len(fresh)
+                seen_groups |= dup_groups
+                fresh_groups = list(dict.fromkeys(d["group"][i] for i in fresh))
+                seen_groups.update(fresh_groups)
+                last_batch = len(seen_groups) >= rl.prompts_per_step
+                if not last_batch:
+                    pending = claim(step, rl.prompts_per_step - len(seen_groups))
+                elif step + 1 < rl.steps:  # the next step's first batch (its data does not depend on this update)
+                    pending = claim(step + 1, rl.prompts_per_step)
+                parts = [fresh_groups[j:j + rl.micro_batch_groups]
+                         for j in range(0, len(fresh_groups), rl.micro_batch_groups)] or [[]]
+                for j, part in enumerate(parts):  # one chunk per micro-batch of groups
+                    for g in part:
+                        self.trained_groups[g] = step
+                    members = [[i for i in fresh if d["group"][i] == g] for g in part]
+                    self.duplicates += sum(max(0, len(m) - rl.group_size) for m in members)
+                    chunk = self.make_chunk(d, [m[:rl.group_size] for m in members],
+                                            last=last_batch and j == len(parts) - 1)
+                    if not chunk.samples and not chunk.last:
+                        continue
+                    self._broadcast(chunk)
+                    out = self.train_chunk(chunk)
+                    if chunk.plan is not None:
+                        micro += len(chunk.plan.micro_batches)
+                        for size, count in chunk.plan.group_mix().items():
+                            mix[int(size)] = mix.get(int(size), 0) + int(count)
+                    rewards += chunk.stats["rewards"]
+                    plan_s += chunk.stats["plan_s"]
+                    staleness += [step - s.version for s in chunk.samples]
+                    weights += out["is_weights"]
+                    kls += out["kl"]
+                    tokens += sum(len(s.prompt) + len(s.response) for s in chunk.samples)
+                    trained += len(chunk.samples)
+            self.optimizer_step()
+            self.publish(store)
+            row = {"step": step, "version": self.version, "wall": time.time(), "seconds": time.perf_counter() - t0,
+                   "samples": trained, "tokens": tokens, "reward": sum(rewards) / len(rewards) if rewards else None,
+                   "max_staleness": max(staleness) if staleness else 0, "staleness": staleness,
+                   "is_weight_min": min(weights) if weights else None,
+                   "is_weight_max": max(weights) if weights else None, "kl": sum(kls) / len(kls) if kls else 0.0,
+                   "queue_latency_s": max(latency) if latency else None, "group_mix": mix, "micro_batches": micro,
+                   "plan_s": plan_s, "memory_bytes": peak_memory_bytes(self.device)}
+            self.unrecorded.append((row, tq.clear_partition(step, wait=False)))
+            self._record()
+        self._record(block=True)
+        ray.get(self.published)
+        return {"steps": self.steps, "trained_groups": self.trained_groups, "duplicates": self.duplicates,
+                "skipped": self.skipped, "world": self.world, **timer.report()}
+
+    def progress(self) -> list[dict[str, Any]]:
+        return list(self.steps)
+
+    # ----- evaluation (rank 0) -----
+    def evaluate(self, prompts: list, seed: int) -> float | None:
+        """The policy's mean reward on held-out prompts (one sample each, at the rollout
+        temperature, seeded): the learning measure that does not depend on the mode. A
+        prompt whose reward function raises is left out (logged)."""
+        fn = load_reward_fn(self.rl.reward_fn)
+        model = self.model if hasattr(self, "engine") else None
+        if model is None:
+            raise RuntimeError("evaluate needs the engine: call build first")
+        model.eval()
+        try:
+            out = generate(model, [Request(list(p.tokens), self.task.max_response(), tag=p) for p in prompts],
+                           self.rl.rollout_slots, self.task.stop_tokens, self.rl.temperature,
+                           torch.Generator(device=self.device).manual_seed(seed))
+        finally:
+            model.train()
+        scores = []
+        for c in out:
+            try:
+                scores.append(float(fn(self.task.reward_sample(c.tag, c.response))))
+            except Exception as e:  # noqa: BLE001 (a user's reward function: log it, leave the prompt out)
+                log(f"reward function raised on held-out prompt {c.tag.uid}: {type(e).__name__}: {e}")
+        return sum(scores) / len(scores) if scores else None

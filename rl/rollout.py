@@ -1,0 +1,161 @@
+"""The rollout worker, a Ray actor: asks the dispatcher for prompt groups (admission within
+the staleness bound), generates each group's responses with its rollout engine
+(rl/rollout_engine.py), writes whole groups to the TransferQueue, and takes the learner's
+newer weights between decode steps.
+
+Sample fields it writes (a whole group at a time):
+    prompt, response, behav_logp, version, group, written_at
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import ray
+import torch
+
+from pliant.runtime.generate import Request
+
+from .common import Timed, log
+from .rollout_engine import build_engine
+from .spec import RLSpec
+from .transfer_queue import TransferQueue
+
+ROLLOUT_FIELDS = ["prompt", "response", "behav_logp", "version", "group", "written_at"]
+
+
+@ray.remote
+class RolloutWorker:
+    def __init__(self, worker: int, model_spec, rl: RLSpec, task, threads: int, seed: int, incarnation: int = 0):
+        torch.set_num_threads(threads)
+        self.worker, self.rl = worker, rl
+        self.key = (worker, incarnation)  # the dispatcher's name for this worker (a restart is a new one)
+        self.engine = build_engine(model_spec, rl, task, seed, worker)
+        self.max_response = task.max_response()
+        self.version = -1
+        self.samples = 0
+
+    def _load(self, reply) -> None:
+        version, wrapped = ray.get(reply)
+        if version > self.version:
+            self.engine.load_weights(ray.get(wrapped[0]), version)
+            self.version = version
+
+    def _poll_weights(self, store) -> None:
+        """A long poll for weights newer than ours, answered when the trainer publishes;
+        `self.arrived` is checked without a call into Ray on every decode step."""
+        self.newer = store.latest.remote(self.version, None)
+        self.arrived = self.newer.future()
+
+    def _take_weights(self, store, waiting: bool) -> None:
+        """Load the polled weights (`waiting`: they have not come yet, the wait counts as
+        idle) and poll again."""
+        if waiting:
+            self.timer.wait(self._load, self.newer)
+        else:
+            self._load(self.newer)
+        self._poll_weights(store)
+
+    def run(self, tq: TransferQueue, dispatcher, store) -> dict[str, Any]:
+        n = self.rl.group_size
+        self.timer = Timed()  # busy and idle from the run's start
+        self.split = {"decode_s": 0.0, "dispatch_s": 0.0, "write_s": 0.0}  # where the busy time goes
+        self.landing: list[tuple[Any, int]] = []  # (the queue's answer to a write, its group), in flight
+        self.landed: list[int] = []  # groups whose write has landed, not yet reported to the dispatcher
+        self.late: list[int] = []  # groups not written (their step was trained already), not yet reported
+        self.timer.wait(self._load, store.latest.remote(-1, None))
+        dec = self.engine
+        groups: dict[int, dict[str, Any]] = {}
+        done, wait_for = False, -1  # wait_for: the version admission asked for (no asking again before)
+        self._poll_weights(store)
+        # the next group is asked for ahead, while decoding goes on: (reply, version asked with);
+        # Ray runs one caller's calls to an actor in order and each blocking one costs a
+        # process switch, so nothing on the decode loop's path waits for an answer it could
+        # have asked for earlier
+        asked: tuple[Any, int] | None = None
+        while True:
+            if self.arrived.done():  # newer weights, taken between decode steps
+                self._take_weights(store, waiting=False)
+            while not done and dec.free_slots() >= n and self.version >= wait_for:
+                t = time.perf_counter()
+                if asked is None:
+                    asked = (self._ask(dispatcher), self.version)
+                r = ray.get(asked[0])
+                if "wait" in r and asked[1] < self.version:  # an answer for older weights: ask again
+                    r = ray.get(self._ask(dispatcher))
+                asked = None
+                self.split["dispatch_s"] += time.perf_counter() - t
+                if r.get("done"):
+                    done = True
+                elif "wait" in r:
+                    if dec.active():
+                        wait_for = r["wait"]
+                        break  # keep decoding; ask again once the weights are new enough
+                    while self.version < r["wait"]:  # nothing to do until then
+                        self._take_weights(store, waiting=True)
+                else:
+                    g, p = r["group"], r["prompt"]
+                    # its queue slots and the next group are asked for now; both answers
+                    # come while it decodes
+                    groups[g] = {"step": r["step"], "prompt": p, "version": self.version, "done": [],
+                                 "ids": tq.allocate(n, r["step"], n, wait=False)}
+                    asked = (self._ask(dispatcher), self.version)
+                    for j in range(n):
+                        dec.add(Request(list(p.tokens), self.max_response, tag=g))
+            if not dec.active():
+                if done:
+                    break
+                if self.version < wait_for:  # nothing to decode until newer weights come: wait for them
+                    self._take_weights(store, waiting=True)
+                continue
+            t = time.perf_counter()
+            finished = dec.step()
+            t1 = time.perf_counter()
+            self.split["decode_s"] += t1 - t
+            for c in finished:
+                grp = groups[c.tag]
+                grp["done"].append(c)
+                if len(grp["done"]) == n:
+                    self._write(tq, c.tag, groups.pop(c.tag))
+            self._check_landed()
+            self.split["write_s"] += time.perf_counter() - t1
+        self._check_landed(block=True)
+        ray.get(dispatcher.written_groups.remote(self.key, self.landed, self.late))
+        return {"worker": self.worker, "samples": self.samples, **self.timer.report(),
+                **{k: round(v, 4) for k, v in self.split.items()}}
+
+    def _ask(self, dispatcher):
+        """Ask the dispatcher for a group, telling it which writes have landed since."""
+        landed, late, self.landed, self.late = self.landed, self.late, [], []
+        return dispatcher.next.remote(self.key, self.version, landed, late)
+
+    def _write(self, tq: TransferQueue, group: int, grp: dict[str, Any]) -> None:
+        n = self.rl.group_size
+        ids = self.timer.wait(ray.get, grp["ids"])
+        if not ids:  # its step is trained already: a duplicate of a group handed out again
+            log(f"rollout worker {self.worker}: group {group} of step {grp['step']} came too late; dropped")
+            self.late.append(group)
+            return
+        cs = grp["done"]
+        # the write travels while decoding goes on; it is reported written only once it has
+        # landed (_check_landed), so a worker killed mid-write leaves its group to be handed
+        # out again
+        landed = tq.put(ids, {"prompt": [grp["prompt"]] * n, "response": [c.response for c in cs],
+                              "behav_logp": [list(c.logprobs) for c in cs],
+                              "version": [grp["version"]] * n, "group": [group] * n,
+                              "written_at": [time.time()] * n}, wait=False)
+        self.landing.append((landed, group))
+        self.samples += n
+
+    def _check_landed(self, block: bool = False) -> None:
+        """Move the groups whose write has landed to `self.landed` (raises if a write failed)."""
+        if not self.landing:
+            return
+        refs = [ref for ref, _ in self.landing]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=None if block else 0)
+        if not ready:
+            return
+        ready_set = set(ready)
+        ray.get(ready)
+        self.landed += [g for ref, g in self.landing if ref in ready_set]
+        self.landing = [(ref, g) for ref, g in self.landing if ref not in ready_set]

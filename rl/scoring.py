@@ -1,0 +1,97 @@
+"""The scoring workers, as Ray actors: reward (the user's function on each response) and
+reference (log-probs of the frozen initial policy, for the KL term). Each reads whole
+groups from the TransferQueue as they become ready and writes its one field back:
+
+    reward      written by the reward worker (None: the function raised; the sample is skipped, logged)
+    ref_logp    written by the reference worker
+
+Log-probs travel as lists of float (exact float64 values): a list pickles in microseconds, a
+torch tensor in a hundred, and every field is pickled at each hop through a storage unit.
+"""
+from __future__ import annotations
+
+import traceback
+from typing import Any
+
+import ray
+import torch
+
+from pliant.runtime.hf import DTYPES, build_model
+
+from .common import Timed, actor_device, log
+from .dispatch import load_weights
+from .grpo import response_logprobs
+from .reward import load_reward_fn
+from .spec import RLSpec
+from .task import Prompt
+from .transfer_queue import TransferQueue
+
+
+def consume(tq: TransferQueue, task: str, fields: list[str], rl: RLSpec, timer: Timed):
+    """Batches of up to rl.score_batch_groups groups' samples for `task` as they become ready
+    (lingering up to rl.score_linger_s for a full one), until the queue is closed and nothing
+    is left (waiting counts as idle). A batch's done_reading goes with the next claim."""
+    while True:
+        batch = timer.wait(tq.get, task, fields, 1, rl.score_batch_groups * rl.group_size, 0.5,
+                           linger_s=rl.score_linger_s, ack_later=True)
+        if batch.ids:
+            yield batch
+        elif tq.is_closed():
+            return
+
+
+@ray.remote
+class RewardWorker:
+    """The user's reward function `module:function(sample) -> float` (rl.reward_fn) on each
+    response, with the task's view of it (prompt and response text, ids, the dataset row)."""
+
+    def __init__(self, rl: RLSpec, task, threads: int):
+        torch.set_num_threads(threads)
+        self.rl, self.task, self.fn = rl, task, load_reward_fn(rl.reward_fn)
+        self.skipped: list[dict] = []
+
+    def score(self, prompt: Prompt, response: list[int]) -> float | None:
+        try:
+            return float(self.fn(self.task.reward_sample(prompt, response)))
+        except Exception as e:  # noqa: BLE001 (a user's reward function: log it, skip the sample)
+            self.skipped.append({"prompt": prompt.uid, "error": f"{type(e).__name__}: {e}"})
+            log(f"reward function raised on prompt {prompt.uid}: {type(e).__name__}: {e}; the sample is skipped\n"
+                + traceback.format_exc(limit=2))
+            return None
+
+    def run(self, tq: TransferQueue) -> dict[str, Any]:
+        timer, n = Timed(), 0
+        for batch in consume(tq, "reward", ["prompt", "response"], self.rl, timer):
+            tq.put(batch.ids, {"reward": [self.score(p, r) for p, r in zip(batch.data["prompt"],
+                                                                            batch.data["response"])]})
+            n += len(batch)
+        return {"scored": n, "skipped": self.skipped, **timer.report()}
+
+
+@ray.remote
+class ReferenceWorker:
+    """Log-probs of the frozen initial policy (the warm-started one), for the KL term."""
+
+    def __init__(self, model_spec, rl: RLSpec, threads: int, seed: int):
+        torch.set_num_threads(threads)
+        torch.manual_seed(seed)
+        self.model = build_model(model_spec, actor_device(), DTYPES[model_spec.dtype]).eval()
+        self.rl = rl
+
+    def run(self, tq: TransferQueue, store) -> dict[str, Any]:
+        timer, n = Timed(), 0
+        _, wrapped = timer.wait(ray.get, store.latest.remote(-1, None))  # version 0: the initial policy
+        load_weights(self.model, ray.get(wrapped[0]))
+        for batch in consume(tq, "reference", ["prompt", "response"], self.rl, timer):
+            prompts, responses = batch.data["prompt"], batch.data["response"]
+            out: list = [None] * len(batch)
+            keep = [i for i, r in enumerate(responses) if r]
+            if keep:
+                with torch.no_grad():
+                    lps = response_logprobs(self.model, [list(prompts[i].tokens) for i in keep],
+                                            [responses[i] for i in keep], self.rl.temperature)
+                for i, lp in zip(keep, lps):
+                    out[i] = lp.tolist()
+            tq.put(batch.ids, {"ref_logp": out})
+            n += len(batch)
+        return {"scored": n, **timer.report()}
