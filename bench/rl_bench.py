@@ -10,6 +10,12 @@ second (wall time from the workers' start to the last step), idle fractions of r
 learner, the largest staleness of any trained sample, and the held-out reward before and
 after RL. Medians over seeds, async / sync ratios, JSON, a table, and the reward curves
 against wall time and against samples (`pliant report` on the runs' directories).
+
+`--learner-world 1,2` runs every mode with each learner world at the same total learner
+CPUs (`--learner-cpus`, default the config's world x CPUs per rank): W ranks of
+learner_cpus / W CPUs and torch threads each, so W = 2 is the learner split into a process
+group of two, not a learner given more of the machine. The summary reports each world's
+medians and the W / W_first throughput ratio per mode (same seeds, same warm starts).
 """
 from __future__ import annotations
 
@@ -83,39 +89,64 @@ def summarize(records: list[dict], eval_prompts: int | None = None) -> dict[str,
     return {"modes": modes, "summary": summary}
 
 
-def run(cfg, out: Path, seeds: int, modes: list[str], last: int = 5) -> dict[str, Any]:
-    """`last`: steps whose training reward is averaged into `train_reward_last`."""
+def with_learner_world(cfg, world: int, learner_cpus: float):
+    """`cfg` with a learner of `world` ranks sharing `learner_cpus` CPUs (Ray CPUs and torch
+    threads per rank: learner_cpus / world), and a local cluster big enough for every worker."""
+    from pliant.launch.config import RLJobConfig, merge_config, parse_config
+
+    res = cfg.resources
+    per_rank = learner_cpus / world
+    learner = {"world": world, "num_cpus": per_rank, "threads": max(1, round(per_rank))}
+    need = res.rollout_workers * res.rollout.num_cpus + learner_cpus + res.reference.num_cpus + res.reward.num_cpus
+    overlay: dict[str, Any] = {"resources": {"learner": learner}}
+    if res.ray_address is None:
+        overlay["resources"]["num_cpus"] = max(res.num_cpus or 0, int(-(-need // 1)))
+    return parse_config(merge_config(cfg.model_dump(), overlay), f"learner world {world}", RLJobConfig)
+
+
+def run(cfg, out: Path, seeds: int, modes: list[str], last: int = 5, worlds: list[int] | None = None,
+        learner_cpus: float | None = None) -> dict[str, Any]:
+    """`last`: steps whose training reward is averaged into `train_reward_last`; `worlds`:
+    learner worlds to run each mode with, at `learner_cpus` learner CPUs in all."""
     import ray
 
     from pliant.launch.report import render_rl
     from pliant.rl import runner
 
+    res = cfg.resources
+    learner_cpus = learner_cpus or res.learner.world * res.learner.num_cpus
+    worlds = worlds or [res.learner.world]
+    configs = {w: with_learner_world(cfg, w, learner_cpus) if len(worlds) > 1 else cfg for w in worlds}
     runs_dir = out.parent / f"{out.stem}-runs"
-    runner.ensure_ray(cfg.resources)
+    runner.ensure_ray(max(configs.values(), key=lambda c: c.resources.num_cpus or 0).resources)
     records = []
     try:
         for seed in range(seeds):
             order = modes[seed % len(modes):] + modes[:seed % len(modes)]
-            for name in order:
-                mode, k = MODES[name]
-                run_dir = runs_dir / f"{name}-seed{seed}"
-                r = runner.run(cfg, run_dir, mode=mode, staleness=k, seed=seed,
-                               sft_cache=runs_dir / f"warm-start-seed{seed}.pt")
-                rewards = [s["reward"] for s in r.steps[-last:] if s["reward"] is not None]
-                rec = {"name": name, **r.summary(), "run_dir": str(run_dir),
-                       "train_reward_last": sum(rewards) / len(rewards) if rewards else None,
-                       "rollout": r.rollout, "reward_curve": [s["reward"] for s in r.steps],
-                       "skipped": len(r.learner["skipped"]) + len(r.reward_worker["skipped"])}
-                records.append(rec)
-                print(f"  seed {seed} {name:9s} {rec['tokens_per_s']:7.0f} tok/s {rec['samples_per_s']:6.1f} "
-                      f"samples/s  idle rollout {rec['rollout_idle_fraction']:.0%} learner "
-                      f"{rec['learner_idle_fraction']:.0%}  staleness <= {rec['max_staleness']}  held-out reward "
-                      f"{rec['eval_reward_before']} -> {rec['eval_reward_after']}", flush=True)
+            for w in worlds if seed % 2 == 0 else worlds[::-1]:
+                for name in order:
+                    mode, k = MODES[name]
+                    run_dir = runs_dir / (f"{name}-seed{seed}" if len(worlds) == 1 else f"{name}-w{w}-seed{seed}")
+                    r = runner.run(configs[w], run_dir, mode=mode, staleness=k, seed=seed,
+                                   sft_cache=runs_dir / f"warm-start-seed{seed}.pt")
+                    rewards = [s["reward"] for s in r.steps[-last:] if s["reward"] is not None]
+                    rec = {"name": name, **r.summary(), "run_dir": str(run_dir),
+                           "train_reward_last": sum(rewards) / len(rewards) if rewards else None,
+                           "rollout": r.rollout, "reward_curve": [s["reward"] for s in r.steps],
+                           "skipped": len(r.learner["skipped"]) + len(r.reward_worker["skipped"])}
+                    records.append(rec)
+                    print(f"  seed {seed} {name:9s} W={w} {rec['tokens_per_s']:7.0f} tok/s "
+                          f"{rec['samples_per_s']:6.1f} samples/s  idle rollout {rec['rollout_idle_fraction']:.0%} "
+                          f"learner {rec['learner_idle_fraction']:.0%}  staleness <= {rec['max_staleness']}  "
+                          f"held-out reward {rec['eval_reward_before']} -> {rec['eval_reward_after']}", flush=True)
     finally:
         ray.shutdown()
+    first = [r for r in records if r["learner_world"] == worlds[0]]
     body = {"config": cfg.model_dump(mode="json"), "host": {"machine": platform.machine(),
                                                              "python": platform.python_version()},
-            "modes_run": modes, **summarize(records, cfg.rl.eval_prompts), "runs": records}
+            "modes_run": modes, **summarize(first, cfg.rl.eval_prompts), "runs": records}
+    if len(worlds) > 1:
+        body["learner_worlds"] = by_world(records, worlds, learner_cpus, cfg.rl.eval_prompts)
     plot = out.with_suffix(".png")
     render_rl([Path(r["run_dir"]) for r in records], plot)
     body["plot"] = str(plot)
@@ -123,6 +154,26 @@ def run(cfg, out: Path, seeds: int, modes: list[str], last: int = 5) -> dict[str
     out.write_text(json.dumps(body, indent=1))
     print_table(body)
     return body
+
+
+def by_world(records: list[dict], worlds: list[int], learner_cpus: float, eval_prompts: int) -> dict[str, Any]:
+    """Each learner world's medians, and per mode the throughput of each world over the
+    first's (medians of per-seed ratios beside the ratio of medians)."""
+    out: dict[str, Any] = {"learner_cpus": learner_cpus, "worlds": {}}
+    for w in worlds:
+        out["worlds"][str(w)] = summarize([r for r in records if r["learner_world"] == w], eval_prompts)
+    base = out["worlds"][str(worlds[0])]["modes"]
+    by = {(r["name"], r["learner_world"], r["seed"]): r for r in records}
+    ratios: dict[str, Any] = {}
+    for w in worlds[1:]:
+        for name, m in out["worlds"][str(w)]["modes"].items():
+            per_seed = [by[(name, w, s)]["tokens_per_s"] / by[(name, worlds[0], s)]["tokens_per_s"]
+                        for (n, ww, s) in by if n == name and ww == w and (name, worlds[0], s) in by]
+            ratios[f"{name}_w{w}_over_w{worlds[0]}"] = {
+                "tokens_per_s": m["tokens_per_s"] / base[name]["tokens_per_s"],
+                "per_seed": per_seed, "median_per_seed": statistics.median(per_seed) if per_seed else None}
+    out["throughput_ratios"] = ratios
+    return out
 
 
 def print_table(body: dict) -> None:
@@ -142,3 +193,21 @@ def print_table(body: dict) -> None:
                   fmt(m["learner_idle_fraction"], ".0%"), str(m["max_staleness"]), fmt(m["eval_reward_before"], ".3f"),
                   fmt(m["eval_reward_after"], ".3f"), fmt(m["train_reward_last"], ".3f"))
     Console(width=180).print(t)
+    worlds = body.get("learner_worlds")
+    if worlds:
+        t = Table(title=f"learner worlds at {worlds['learner_cpus']:g} learner CPUs in all (medians over seeds)")
+        for col in ("mode", *(f"W={w} tok/s" for w in worlds["worlds"]), "ratio (last / first)",
+                    *(f"W={w} SP groups" for w in worlds["worlds"])):
+            t.add_column(col)
+        names = list(next(iter(worlds["worlds"].values()))["modes"])
+        for name in names:
+            cells = [fmt(worlds["worlds"][w]["modes"].get(name, {}).get("tokens_per_s"), ".0f")
+                     for w in worlds["worlds"]]
+            last = list(worlds["worlds"])[-1]
+            ratio = worlds["throughput_ratios"].get(f"{name}_w{last}_over_w{list(worlds['worlds'])[0]}", {})
+            groups = [", ".join(f"{n}x{size}" for size, n in
+                                next((r["group_sizes"] for r in body["runs"]
+                                      if r["name"] == name and str(r["learner_world"]) == w), {}).items()) or "-"
+                      for w in worlds["worlds"]]
+            t.add_row(name, *cells, fmt(ratio.get("tokens_per_s")), *groups)
+        Console(width=180).print(t)

@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--seeds", type=int, default=3)
     br.add_argument("--modes", default="sync,async_k1,async_k2")
     br.add_argument("--steps", type=int, default=None, help="override rl.steps")
+    br.add_argument("--learner-world", default=None, metavar="W[,W...]",
+                    help="run every mode with each learner world (e.g. 1,2) at the same total learner CPUs")
+    br.add_argument("--learner-cpus", type=float, default=None,
+                    help="learner CPUs in all, shared by its ranks (default: the config's world x num_cpus)")
 
     r = sub.add_parser("rl", help="RL post-training (GRPO) on Ray: sync, or async streaming with a staleness bound")
     add_config_arg(r, RL_CONFIG)
@@ -162,6 +166,15 @@ def _add_data_parsers(sub, bsub) -> None:
     ds.add_argument("--mb", type=float, default=10.0)
     ds.add_argument("--seed", type=int, default=0)
 
+    da = dsub.add_parser("arithmetic", help="the RL arithmetic task: train.jsonl and test.jsonl of small sums and "
+                                            "differences, and a tiny Llama policy directory with a tokenizer "
+                                            "trained on them (no downloads; configs/rl-dataset.yaml uses it)")
+    da.add_argument("--out", default="data/arithmetic", metavar="DIR")
+    da.add_argument("--train", type=int, default=1000, help="training problems")
+    da.add_argument("--test", type=int, default=100, help="held-out problems (none of them in train.jsonl)")
+    da.add_argument("--seed", type=int, default=0)
+    da.add_argument("--overwrite", action="store_true", help="replace DIR/policy if it exists")
+
     bpp = bsub.add_parser("prepare", help="pliant data prepare vs the tokenizer's own encode_batch, tokens/s")
     bpp.add_argument("--out", default="bench-prepare.json")
     bpp.add_argument("--mb", type=float, default=50.0, help="size of the generated JSONL corpus")
@@ -171,6 +184,16 @@ def _add_data_parsers(sub, bsub) -> None:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
+    if args.data == "arithmetic":
+        from pliant.rl.arithmetic import prepare_arithmetic
+
+        out = Path(args.out)
+        if (out / "policy").exists() and not args.overwrite:
+            print(f"{out / 'policy'} exists: keeping it and its dataset (--overwrite makes them again)")
+            return 0
+        files = prepare_arithmetic(out, train=args.train, test=args.test, seed=args.seed, overwrite=args.overwrite)
+        print(f"wrote {files.train} ({args.train} problems), {files.test} ({args.test}) and the policy {files.policy}")
+        return 0
     if args.data == "sample-corpus":
         from pliant.bench.prepare_bench import make_corpus
 
@@ -330,7 +353,16 @@ def cmd_bench_rl(args: argparse.Namespace) -> int:
     if args.seeds < 1 or not modes or any(m not in MODES for m in modes) or "sync" not in modes:
         raise PlanningError(f"--seeds {args.seeds} must be >= 1; --modes {args.modes!r} must include sync, from "
                             f"{', '.join(MODES)}")
-    run(rl_config(args.config, steps=args.steps), Path(args.out), args.seeds, modes)
+    try:
+        worlds = [int(w) for w in args.learner_world.split(",")] if args.learner_world else None
+    except ValueError:
+        worlds = [0]
+    if worlds is not None and (not worlds or min(worlds) < 1 or len(set(worlds)) != len(worlds)):
+        raise PlanningError(f"--learner-world {args.learner_world!r} must be distinct positive integers, e.g. 1,2")
+    if args.learner_cpus is not None and args.learner_cpus <= 0:
+        raise PlanningError(f"--learner-cpus {args.learner_cpus} must be positive")
+    run(rl_config(args.config, steps=args.steps), Path(args.out), args.seeds, modes, worlds=worlds,
+        learner_cpus=args.learner_cpus)
     print(f"wrote {args.out}")
     return 0
 

@@ -62,7 +62,7 @@ def cmd_rl(args: argparse.Namespace) -> int:
         console.print(f"step {row['step'] + 1:>4}/{cfg.rl.steps}  reward {reward}  "
                       f"{totals['tokens'] / el:7.0f} tok/s  {totals['samples'] / el:6.1f} samples/s  "
                       f"staleness <= {row['max_staleness']}  queue {row['queue_held']}  kl {row['kl']:.4f}  "
-                      f"SP groups {groups(row['group_mix'])}")
+                      f"SP groups {groups(row['group_mix'])}", soft_wrap=True)
 
     result = runner.run(cfg, run_dir, sft_cache=run_dir / "warm_start.pt", on_step=on_step)
     summary = result.summary()
@@ -72,5 +72,5 @@ def cmd_rl(args: argparse.Namespace) -> int:
                   f"{fmt(summary['reward_last'])}, held-out reward {held_out(summary)}; rollout idle "
                   f"{summary['rollout_idle_fraction']:.0%}, learner idle {summary['learner_idle_fraction']:.0%}; "
                   f"learner of {summary['learner_world']} rank(s), SP groups {groups(summary['group_sizes'])}; "
-                  f"wrote {run_dir / 'summary.json'}")
+                  f"wrote {run_dir / 'summary.json'}", soft_wrap=True)
     return 0

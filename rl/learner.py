@@ -67,6 +67,9 @@ def learner_cluster(cfg) -> ClusterSpec:
     section's devices per node, memory and bandwidth."""
     res, spec = cfg.resources.learner, cfg.learner
     world = res.world
+    if cfg.model.zero_stage == 3:  # rank 0 alone packs the weights for rollout and evaluates
+        raise RLConfigError("model.zero_stage=3: the RL learner runs ZeRO stages 0-2 (parameters whole on every "
+                            "rank, optimizer states and gradients partitioned)")
     per_node = spec.devices_per_node or world
     if world % per_node:
         raise RLConfigError(f"resources.learner.world={world} is not a multiple of learner.devices_per_node="

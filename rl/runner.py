@@ -27,7 +27,9 @@ from pliant.runtime.faults import RolloutFaults
 from .common import log
 from .dispatch import Dispatcher, WeightStore
 from .learner import Learner, learner_cluster
+from .reward import load_function, load_reward_fn
 from .rollout import RolloutWorker
+from .rollout_engine import BUILTIN
 from .scoring import ReferenceWorker, RewardWorker
 from .spec import RLConfigError, RLResourceError
 from .task import build_task
@@ -89,7 +91,7 @@ class RunResult:
                 "rollout_idle_fraction": sum(roll_idle) / len(roll_idle) if roll_idle else None,
                 "learner_idle_fraction": self.learner["idle_fraction"], "restarts": self.restarts,
                 "learner_world": self.learner["world"], "group_sizes": self.group_sizes(),
-                "skipped_prompts": self.learner.get("task_counts", {}),
+                "task": self.learner.get("task_counts", {}),
                 "reward_first": self.steps[0]["reward"], "reward_last": self.steps[-1]["reward"],
                 "eval_reward_before": self.eval_reward.get("before"), "eval_reward_after": self.eval_reward.get("after")}
 
@@ -183,8 +185,30 @@ def start_learners(cfg, task, seed: int) -> tuple[list, Any]:
     return learners, pg
 
 
+def absolute_file(path: str) -> str:
+    """`path/to/file.py:function` made absolute from this directory (workers run elsewhere);
+    `module:function` as it is."""
+    target, sep, name = path.rpartition(":")
+    if sep and (target.endswith(".py") or "/" in target or "\\" in target):
+        return f"{Path(target).resolve()}:{name}"
+    return path
+
+
+def checked_functions(cfg):
+    """The config with its user functions (rl.reward_fn, a rollout engine factory) loaded once
+    here, so a bad path or an import error is a clear error before any worker starts, and
+    their file paths absolute for the workers."""
+    rl = cfg.rl
+    load_reward_fn(rl.reward_fn)
+    if rl.rollout_engine != BUILTIN:
+        load_function(rl.rollout_engine, "rl.rollout_engine")
+    update = {"reward_fn": absolute_file(rl.reward_fn), "rollout_engine": absolute_file(rl.rollout_engine)}
+    return cfg.model_copy(update={"rl": rl.model_copy(update=update)})
+
+
 def run(cfg, run_dir: Path, mode: str | None = None, staleness: int | None = None, seed: int | None = None,
         sft_cache: Path | None = None, on_step: Callable[[dict], None] | None = None) -> RunResult:
+    cfg = checked_functions(cfg)
     rl, res = cfg.rl, cfg.resources
     mode = mode or rl.mode
     k = 0 if mode == "sync" else (rl.staleness if staleness is None else staleness)

@@ -47,6 +47,30 @@ def test_pliant_rl_runs_and_reports(tmp_path, overlay):
     assert (run_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_pliant_rl_on_a_dataset_with_a_hugging_face_policy(tmp_path):
+    """The README's dataset job: `pliant data arithmetic` makes the task and its policy, and
+    `pliant rl --config configs/rl-dataset.yaml` (the reward function a file outside the
+    package, named relative to the directory pliant runs in) trains a learner of 2 ranks."""
+    data = tmp_path / "arith"
+    r = pliant("data", "arithmetic", "--out", str(data), "--train", "200", "--test", "40")
+    assert r.returncode == 0 and (data / "policy" / "config.json").is_file(), r.stderr
+    small = tmp_path / "small.yaml"
+    small.write_text(yaml.safe_dump({
+        "model": {"hf_path": str(data / "policy")},
+        "task": {"dataset": str(data / "train.jsonl"), "eval_dataset": str(data / "test.jsonl")},
+        "rl": {"steps": 2, "prompts_per_step": 4, "group_size": 4, "micro_batch_groups": 2, "rollout_slots": 8,
+               "sft_steps": 10, "eval_prompts": 8}}))
+    run_dir = tmp_path / "run"
+    r = pliant("rl", "--config", "configs/rl-dataset.yaml", "--config", str(small), "--run-dir", str(run_dir))
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["learner_world"] == 2 and summary["samples"] == 2 * 16
+    assert sum(summary["group_sizes"].values()) >= 2 and summary["task"]["train_prompts"] == 200
+    assert "learner of 2 rank(s), SP groups" in r.stderr
+    r = pliant("data", "arithmetic", "--out", str(data))
+    assert r.returncode == 0 and "exists: keeping it" in r.stdout
+
+
 def test_pliant_rl_errors_are_clear(tmp_path, overlay):
     r = pliant("rl", "--config", "configs/rl-local.yaml", "--config", overlay, "--staleness", "-1",
                "--run-dir", str(tmp_path))

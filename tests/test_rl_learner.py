@@ -155,3 +155,25 @@ def test_a_learner_of_two_ranks_takes_the_single_process_step(ray_cluster):
         print(f"rank {rank}: parameters vs the single-process step: relative L2 {rel:.1e} (step size {moved:.1e})")
         assert rel <= RTOL, f"rank {rank}: relative L2 error {rel:.3e}"
     assert torch.equal(got[0], got[1])
+
+
+def test_the_learner_group_as_the_planner_sees_it():
+    """resources.learner.world ranks; a bandwidth table measured for a larger machine keeps the
+    sizes this world forms; settings the learner cannot run are clear errors."""
+    from pliant.launch.config import ConfigError
+    from pliant.rl.learner import learner_cluster
+    from pliant.rl.spec import RLConfigError
+
+    c = learner_cluster(config(learner={"bandwidth": {"intra_node_gbps": None, "inter_node_gbps": None,
+                                                      "all_to_all_gbps": {2: 1.0, 4: 2.0}}}))
+    assert (c.world_size, c.device, c.backend, sorted(c.bandwidth.all_to_all_gbps)) == (2, "cpu", "gloo", [2])
+    one = learner_cluster(config(resources={"learner": {"world": 1}}))
+    assert one.world_size == 1
+    with pytest.raises(RLConfigError, match=r"zero_stage=3: the RL learner runs ZeRO stages 0-2"):
+        learner_cluster(config(model={"zero_stage": 3}))
+    with pytest.raises(RLConfigError, match=r"world=3 is not a multiple of learner.devices_per_node=2"):
+        learner_cluster(config(resources={"learner": {"world": 3}}, learner={"devices_per_node": 2}))
+    with pytest.raises(ConfigError, match=r"plan 'static' needs static_degree"):
+        config(learner={"plan": "static"})
+    with pytest.raises(ConfigError, match=r"num_gpus=0.5: a learner rank drives one whole GPU"):
+        config(resources={"learner": {"num_gpus": 0.5}})

@@ -231,3 +231,80 @@ def test_a_cached_warm_start_is_reused_only_with_the_settings_that_made_it(ray_c
     assert len(runner.warm_start(lead, cache, runner.warm_start_key(cfg, 1))[1]) == cfg.rl.sft_steps  # other seed
     ray.kill(lead)
     ray.util.remove_placement_group(pg)
+
+
+# ----- the dataset path: a Hugging Face policy, prompts from a file, a reward function from a file -----
+
+@pytest.fixture(scope="module")
+def arithmetic(tmp_path_factory) -> Path:
+    from pliant.rl.arithmetic import prepare_arithmetic
+
+    out = tmp_path_factory.mktemp("arith")
+    prepare_arithmetic(out, train=200, test=40, hidden=32, layers=1, ffn_hidden=64)
+    return out
+
+
+def dataset_config(arith: Path, **overlay) -> RLJobConfig:
+    reward = Path(__file__).resolve().parents[1] / "examples" / "arithmetic_reward.py"
+    job = {"model": {"name": "arith", "hf_path": str(arith / "policy"), "attention": ["softmax"], "zero_stage": 0,
+                     "dtype": "fp32"},
+           "task": {"kind": "dataset", "dataset": str(arith / "train.jsonl"), "eval_dataset": str(arith / "test.jsonl"),
+                    "prompt_key": "question", "answer_key": "answer", "chat_template": True,
+                    "max_response_tokens": 6},
+           "rl": {"steps": 2, "prompts_per_step": 4, "group_size": 4, "micro_batch_groups": 2, "rollout_slots": 8,
+                  "sft_steps": 5, "eval_prompts": 8, "reward_fn": f"{reward}:reward"}}
+    base = load_config([CONFIG], RLJobConfig).model_dump()
+    data = merge_config(merge_config(base, {k: v for k, v in job.items() if k != "model"}), overlay)
+    data["model"] = merge_config(job["model"], overlay.get("model", {}))
+    data["task"] = merge_config(job["task"], overlay.get("task", {}))
+    return parse_config(data, "test", RLJobConfig)
+
+
+def test_a_hugging_face_policy_trains_on_a_prompt_dataset_with_a_reward_from_a_file(ray_cluster, arithmetic,
+                                                                                    tmp_path):
+    """The dataset path end to end with W = 2: the HF policy generates (HFDecoder), scores
+    (reference) and trains (learner, DeepSpeed); prompts over the context are skipped and
+    counted, not trained."""
+    import json as _json
+
+    rows = [_json.loads(line) for line in (arithmetic / "train.jsonl").read_text().splitlines()]
+    long = tmp_path / "train.jsonl"  # a few prompts made longer than the context below
+    long.write_text("".join(_json.dumps({**r, "question": r["question"] + " Think of it as a sum of many small"
+                                         " steps, and take your time." * (3 if i % 7 == 0 else 0)}) + "\n"
+                            for i, r in enumerate(rows)))
+    cfg = dataset_config(arithmetic, task={"dataset": str(long), "max_context_tokens": 40},
+                         resources={"learner": {"world": 2, "num_cpus": 0.5}})
+    r = runner.run(cfg, tmp_path / "run", mode="async", staleness=1)
+    every_group_trained_once(r, cfg)
+    s = r.summary()
+    assert s["learner_world"] == 2 and sum(s["group_sizes"].values()) >= 2
+    assert s["task"]["overlong_skipped"]["train"] > 0
+    assert s["eval_reward_before"] is not None and 0.0 <= s["eval_reward_after"] <= 1.0
+
+
+def test_bad_input_is_a_clear_error_before_any_worker_starts(ray_cluster, arithmetic, tmp_path):
+    from pliant.rl.prompts import PromptDataError
+    from pliant.rl.reward import RewardFnError
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "What is 1 + 1?", "answer": "2"}\n{"prompt": "What is 2 + 2?", "answer": "4"}\n')
+    with pytest.raises(PromptDataError, match=rf"{bad}: row 2: no key 'question' .*the row's keys: 'prompt', 'answer'"):
+        runner.run(dataset_config(arithmetic, task={"dataset": str(bad)}), tmp_path / "a")
+    broken = tmp_path / "broken_reward.py"
+    broken.write_text("import not_a_module_anywhere\n\ndef reward(sample):\n    return 0.0\n")
+    with pytest.raises(RewardFnError, match=rf"rl.reward_fn=.*{broken.name}.*ModuleNotFoundError.*not_a_module"):
+        runner.run(dataset_config(arithmetic, rl={"reward_fn": f"{broken}:reward"}), tmp_path / "b")
+    with pytest.raises(RewardFnError, match=r"cannot import module no_such_rewards: ModuleNotFoundError"):
+        runner.run(dataset_config(arithmetic, rl={"reward_fn": "no_such_rewards:score"}), tmp_path / "c")
+    with pytest.raises(PromptDataError, match=r"train.jsonl: row 1: the prompt is \d+ tokens.* above the policy.s context of 12 tokens"):
+        runner.run(dataset_config(arithmetic, task={"max_context_tokens": 12, "overlong": "error"}), tmp_path / "d")
+    assert not (tmp_path / "a").exists()  # nothing started, nothing written
+
+
+@pytest.mark.parametrize("learner, message", [
+    ({"world": 3, "num_cpus": 1}, r"ask for 4 CPU \(rollout 1 x 1, learner 3 x 1.*the Ray cluster has 2"),
+    ({"world": 1, "num_gpus": 1}, r"ask for 1 GPU .*learner 1 x 1.* the Ray cluster has 0")])
+def test_a_learner_larger_than_the_cluster_is_a_clear_error(ray_cluster, sft, tmp_path, learner, message):
+    cfg = config(resources={"learner": learner})
+    with pytest.raises(runner.RLResourceError, match=message):
+        runner.run(cfg, tmp_path, sft_cache=sft)
