@@ -171,7 +171,7 @@ def _add_data_parsers(sub, bsub) -> None:
                                             "trained on them (no downloads; configs/rl-dataset.yaml uses it)")
     da.add_argument("--out", default="data/arithmetic", metavar="DIR")
     da.add_argument("--train", type=int, default=1000, help="training problems")
-    da.add_argument("--test", type=int, default=100, help="held-out problems (none of them in train.jsonl)")
+    da.add_argument("--test", type=int, default=200, help="held-out problems (none of them in train.jsonl)")
     da.add_argument("--seed", type=int, default=0)
     da.add_argument("--overwrite", action="store_true", help="replace DIR/policy if it exists")
 

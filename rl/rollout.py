@@ -121,7 +121,8 @@ class RolloutWorker:
             self.split["write_s"] += time.perf_counter() - t1
         self._check_landed(block=True)
         ray.get(dispatcher.written_groups.remote(self.key, self.landed, self.late))
-        return {"worker": self.worker, "samples": self.samples, **self.timer.report(),
+        return {"worker": self.worker, "engine": type(self.engine).__name__, "samples": self.samples,
+                **self.timer.report(),
                 **{k: round(v, 4) for k, v in self.split.items()}}
 
     def _ask(self, dispatcher):

@@ -50,14 +50,20 @@ def test_pliant_rl_runs_and_reports(tmp_path, overlay):
 def test_pliant_rl_on_a_dataset_with_a_hugging_face_policy(tmp_path):
     """The README's dataset job: `pliant data arithmetic` makes the task and its policy, and
     `pliant rl --config configs/rl-dataset.yaml` (the reward function a file outside the
-    package, named relative to the directory pliant runs in) trains a learner of 2 ranks."""
+    package, named relative to the directory pliant runs in) trains a learner of 2 ranks: the
+    HF policy generates (HFDecoder), scores (reference) and trains (DeepSpeed, the planner);
+    prompts that do not fit the context with their response are skipped and counted."""
     data = tmp_path / "arith"
     r = pliant("data", "arithmetic", "--out", str(data), "--train", "200", "--test", "40")
     assert r.returncode == 0 and (data / "policy" / "config.json").is_file(), r.stderr
+    rows = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
+    train = tmp_path / "train.jsonl"  # every 7th prompt made too long for the context below
+    train.write_text("".join(json.dumps({**row, "question": row["question"] + " Take your time." * (6 * (i % 7 == 0))})
+                             + "\n" for i, row in enumerate(rows)))
     small = tmp_path / "small.yaml"
     small.write_text(yaml.safe_dump({
         "model": {"hf_path": str(data / "policy")},
-        "task": {"dataset": str(data / "train.jsonl"), "eval_dataset": str(data / "test.jsonl")},
+        "task": {"dataset": str(train), "eval_dataset": str(data / "test.jsonl"), "max_context_tokens": 30},
         "rl": {"steps": 2, "prompts_per_step": 4, "group_size": 4, "micro_batch_groups": 2, "rollout_slots": 8,
                "sft_steps": 10, "eval_prompts": 8}}))
     run_dir = tmp_path / "run"
@@ -65,7 +71,10 @@ def test_pliant_rl_on_a_dataset_with_a_hugging_face_policy(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["learner_world"] == 2 and summary["samples"] == 2 * 16
-    assert sum(summary["group_sizes"].values()) >= 2 and summary["task"]["train_prompts"] == 200
+    skipped = summary["task"]["overlong_skipped"]["train"]
+    assert skipped == len(range(0, 200, 7)) and summary["task"]["train_prompts"] == 200 - skipped
+    assert sum(summary["group_sizes"].values()) >= 2
+    assert summary["eval_reward_before"] is not None and 0.0 <= summary["eval_reward_after"] <= 1.0
     assert "learner of 2 rank(s), SP groups" in r.stderr
     r = pliant("data", "arithmetic", "--out", str(data))
     assert r.returncode == 0 and "exists: keeping it" in r.stdout

@@ -66,12 +66,49 @@ def test_staleness_never_exceeds_k(ray_cluster, sft, tmp_path, k):
     assert sum(r.group_sizes().values()) >= cfg.rl.steps  # the planner placed every micro-batch
 
 
+class CountingEngine:
+    """A rollout engine attached through rl.rollout_engine (as a vLLM adapter would be): here
+    it wraps the built-in one and counts the calls of the interface."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, {"add": 0, "step": 0, "load_weights": 0}
+
+    def add(self, request):
+        self.calls["add"] += 1
+        self.inner.add(request)
+
+    def free_slots(self):
+        return self.inner.free_slots()
+
+    def active(self):
+        return self.inner.active()
+
+    def step(self):
+        self.calls["step"] += 1
+        return self.inner.step()
+
+    def load_weights(self, packed, version):
+        self.calls["load_weights"] += 1
+        self.inner.load_weights(packed, version)
+
+
+def counting_engine(model_spec, rl, task, seed, worker):
+    from pliant.rl.rollout_engine import BuiltinEngine
+
+    return CountingEngine(BuiltinEngine(model_spec, rl, task, seed, worker))
+
+
 def test_k0_trains_on_policy_with_importance_weights_of_one(ray_cluster, sft, tmp_path):
-    cfg = config()
+    """Also: the rollout runs through an engine attached by rl.rollout_engine."""
+    cfg = config(rl={"rollout_engine": "test_rl_run:counting_engine"})
     r = runner.run(cfg, tmp_path, mode="async", staleness=0, sft_cache=sft)
     every_group_trained_once(r, cfg)
     assert all(s["max_staleness"] == 0 for s in r.steps)
     assert all(s["is_weight_min"] == 1.0 and s["is_weight_max"] == 1.0 for s in r.steps)
+    assert [w["engine"] for w in r.rollout] == ["CountingEngine"]
+    with pytest.raises(runner.RLConfigError, match=r"rl.rollout_engine='test_rl_run:no_such_factory'.*has no "
+                                                    r"attribute 'no_such_factory'"):
+        runner.run(config(rl={"rollout_engine": "test_rl_run:no_such_factory"}), tmp_path / "bad")
 
 
 def test_sync_mode_is_on_policy(ray_cluster, sft, tmp_path):
@@ -258,28 +295,6 @@ def dataset_config(arith: Path, **overlay) -> RLJobConfig:
     data["model"] = merge_config(job["model"], overlay.get("model", {}))
     data["task"] = merge_config(job["task"], overlay.get("task", {}))
     return parse_config(data, "test", RLJobConfig)
-
-
-def test_a_hugging_face_policy_trains_on_a_prompt_dataset_with_a_reward_from_a_file(ray_cluster, arithmetic,
-                                                                                    tmp_path):
-    """The dataset path end to end with W = 2: the HF policy generates (HFDecoder), scores
-    (reference) and trains (learner, DeepSpeed); prompts over the context are skipped and
-    counted, not trained."""
-    import json as _json
-
-    rows = [_json.loads(line) for line in (arithmetic / "train.jsonl").read_text().splitlines()]
-    long = tmp_path / "train.jsonl"  # a few prompts made longer than the context below
-    long.write_text("".join(_json.dumps({**r, "question": r["question"] + " Think of it as a sum of many small"
-                                         " steps, and take your time." * (3 if i % 7 == 0 else 0)}) + "\n"
-                            for i, r in enumerate(rows)))
-    cfg = dataset_config(arithmetic, task={"dataset": str(long), "max_context_tokens": 40},
-                         resources={"learner": {"world": 2, "num_cpus": 0.5}})
-    r = runner.run(cfg, tmp_path / "run", mode="async", staleness=1)
-    every_group_trained_once(r, cfg)
-    s = r.summary()
-    assert s["learner_world"] == 2 and sum(s["group_sizes"].values()) >= 2
-    assert s["task"]["overlong_skipped"]["train"] > 0
-    assert s["eval_reward_before"] is not None and 0.0 <= s["eval_reward_after"] <= 1.0
 
 
 def test_bad_input_is_a_clear_error_before_any_worker_starts(ray_cluster, arithmetic, tmp_path):
