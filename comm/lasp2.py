@@ -20,22 +20,19 @@ import torch
 
 from .collectives import all_gather
 from .groups import SPGroup
-from .linear_local import (acc_dtype, chunk_decay, chunk_forward, dense_fits, dense_pack, load_linear, pack_outputs,
-                           pack_states, prepare_linear, recompute_local, save_linear, split_pack)
+from .linear_blocks import LocalPack, decay_powers, prefix_grad
+from .linear_local import acc_dtype, dense_fits, dense_pack, load_linear, prepare_linear, save_linear
 from .pack import PackLayout
 
 
 def _decayed_sum(gathered: torch.Tensor, lo: int, hi: int, hops: torch.Tensor, chunks: tuple[int, ...], rates,
                  dtype) -> torch.Tensor:
     """For every sequence j: sum over c in [lo, hi) of lambda^(C_j * hops[c - lo]) gathered[c, j]."""
-    out = gathered.new_zeros(gathered.shape[1:])
     if hi <= lo:
-        return out
-    H = gathered.shape[2]
-    for j in range(gathered.shape[1]):
-        w = chunk_decay(rates, chunks[j], hops, dtype).expand(hi - lo, H)
-        out[j] = torch.einsum("ch,chde->hde", w, gathered[lo:hi, j])
-    return out
+        return gathered.new_zeros(gathered.shape[1:])
+    C = torch.tensor(chunks, device=gathered.device)
+    w = decay_powers(rates, hops[:, None] * C[None, :], gathered.shape[2], dtype)  # [c, n, H]
+    return torch.einsum("cnh,cnhde->nhde", w, gathered[lo:hi])
 
 
 def _prefix(gathered: torch.Tensor, idx: int, chunks: tuple[int, ...], rates, dtype) -> torch.Tensor:
@@ -54,34 +51,31 @@ class _Lasp2(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, rates, layout: PackLayout, g: SPGroup, block: int):
         dtype = acc_dtype(q.dtype)
-        cu = layout.cu_seqlens().tolist()
-        qs, ks, vs = (split_pack(t.to(dtype), cu) for t in (q, k, v))
+        local = LocalPack(q.to(dtype), k.to(dtype), v.to(dtype), rates, layout.chunks, block)
         # the states first, so that their AllGather runs while the intra-chunk outputs are computed
-        gathered, work = all_gather(pack_states(ks, vs, rates), g, "lasp2.states", async_op=True)
-        intra = [chunk_forward(a, b, c, rates, block) for a, b, c in zip(qs, ks, vs)]
+        gathered, work = all_gather(local.states(), g, "lasp2.states", async_op=True)
+        local.intra()
         if work is not None:
             work.wait()
         prefix = _prefix(gathered, g.index, layout.chunks, rates, dtype)
         save_linear(ctx, q, k, v, prefix, rates, layout, g, block)
-        return torch.cat(pack_outputs(qs, ks, vs, prefix, rates, block, intra)).to(q.dtype)
+        return local.output(prefix).to(q.dtype)
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, prefix, rates, layout, g, dtype, cu = load_linear(ctx)
-        do = split_pack(dout.to(dtype), cu)
-        qs = split_pack(q.to(dtype), cu)
+        q, k, v, prefix, rates, layout, g, dtype = load_linear(ctx)
+        do = dout.to(dtype)
+        leaves = tuple(t.detach().to(dtype).requires_grad_(True) for t in (q, k, v))
+        local = LocalPack(*leaves, rates, layout.chunks, ctx.block)
         # dP = (lambda^(tau+1) q)^T dO per sequence: gathered while the local part is recomputed
-        dps = []
-        for j in range(layout.n_seqs):
-            C, H = qs[j].shape[0], qs[j].shape[1]
-            scale = chunk_decay(rates, 1, torch.arange(1, C + 1, device=q.device), dtype).expand(C, H).unsqueeze(-1)
-            dps.append(torch.einsum("thd,the->hde", scale * qs[j], do[j]))
-        gathered, work = all_gather(torch.stack(dps), g, "lasp2.grad_states", async_op=True)
-        leaves, outs, states = recompute_local(q, k, v, prefix, rates, ctx.block, cu, dtype)
+        gathered, work = all_gather(prefix_grad(leaves[0].detach(), do, rates, local.bl), g, "lasp2.grad_states",
+                                    async_op=True)
+        with torch.enable_grad():
+            out, states = local.output(prefix), local.states()
         if work is not None:
             work.wait()
         dm = _suffix(gathered, g.index, g.size, layout.chunks, rates, dtype)
-        grads = torch.autograd.grad(outs + [states], leaves, list(do) + [dm], allow_unused=True)
+        grads = torch.autograd.grad([out, states], leaves, [do, dm], allow_unused=True)
         dq, dk, dv = (torch.zeros_like(t) if gr is None else gr for gr, t in zip(grads, leaves))
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 

@@ -7,12 +7,13 @@ dK and dV back to the ranks that own them. Works for any head count, unlike Ulys
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .collectives import all_gather, check_metadata, reduce_scatter
 from .groups import SPGroup
 from .pack import PackLayout
-from .softmax_local import causal_attention, check_softmax_inputs
+from .softmax_local import causal_attention, check_softmax_inputs, varlen_causal_attention
 from .ulysses import sequence_order
 
 
@@ -42,11 +43,14 @@ def lasp2h_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
     order = sequence_order(layout).to(q.device)
     kf = _GatherKV.apply(k, group).reshape(s * T, *k.shape[1:])[order]
     vf = _GatherKV.apply(v, group).reshape(s * T, *v.shape[1:])[order]
-    cu = layout.cu_seqlens().tolist()
-    outs, pos = [], 0
-    for j, c in enumerate(layout.chunks):
-        seen = (group.index + 1) * c  # keys of chunks 0..index of this sequence
-        outs.append(causal_attention(q[cu[j]:cu[j + 1]], kf[pos:pos + seen], vf[pos:pos + seen],
-                                     group.index * c, scale))
-        pos += c * s
-    return torch.cat(outs)
+    if layout.n_seqs == 1:
+        c = layout.chunks[0]
+        seen = (group.index + 1) * c  # keys of chunks 0..index of the sequence
+        return causal_attention(q, kf[:seen], vf[:seen], group.index * c, scale)
+    # every sequence at once: its keys of chunks 0..index, its queries after the chunks before
+    chunks = np.asarray(layout.chunks, dtype=np.int64)
+    seen = (group.index + 1) * chunks
+    starts = np.cumsum(chunks * s) - chunks * s
+    rows = torch.from_numpy(np.concatenate([np.arange(a, a + n) for a, n in zip(starts, seen)])).to(q.device)
+    return varlen_causal_attention(q, kf.index_select(0, rows), vf.index_select(0, rows), seen.tolist(),
+                                   (group.index * chunks).tolist(), scale)

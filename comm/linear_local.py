@@ -8,9 +8,10 @@ For one sequence, token t attends to every earlier token i of the same sequence:
 rank holds one contiguous chunk of C tokens. Within it, the output splits into an
 intra-chunk part and an inter-chunk part q_t (lambda^(tau+1)) S, where S is the state
 carried in from earlier chunks; the chunk's own contribution to later chunks is its
-memory state M = sum_tau lambda^(C-1-tau) k_tau^T v_tau. Both are computed blockwise
-(blocks of `block` tokens) so memory stays O(C x block), with torch ops that autograd
-differentiates.
+memory state M = sum_tau lambda^(C-1-tau) k_tau^T v_tau. The SP operators compute both
+for every sequence of a pack at once, in blocks (comm/linear_blocks.py); this module holds
+the shared checks, the dense form for short single-rank packs, and the per-sequence state
+the decoder's prefill uses.
 """
 from __future__ import annotations
 
@@ -38,56 +39,11 @@ def _powers(rates: torch.Tensor | None, exponents: torch.Tensor, heads: int, dty
     return torch.exp(-e.unsqueeze(-1) * rates.to(dtype=dtype, device=e.device))
 
 
-def chunk_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rates: torch.Tensor | None, block: int = 256
-                  ) -> torch.Tensor:
-    """Intra-chunk output [C, H, dv]: the chunk attending to itself only.
-
-    q, k: [C, H, dk]; v: [C, H, dv], already in the accumulation dtype.
-    """
-    C, H, _ = q.shape
-    dv = v.shape[-1]
-    dtype, dev = q.dtype, q.device
-    state = q.new_zeros((H, q.shape[-1], dv))
-    outs = []
-    for b0 in range(0, C, block):
-        b1 = min(C, b0 + block)
-        qb, kb, vb = q[b0:b1], k[b0:b1], v[b0:b1]
-        n = b1 - b0
-        idx = torch.arange(n, device=dev)
-        rel = idx[:, None] - idx[None, :]  # tau - sigma
-        decay = _powers(rates, rel.clamp(min=0), H, dtype)  # [n, n, H]
-        decay = decay * (rel >= 0).unsqueeze(-1).to(dtype)
-        scores = torch.einsum("thd,shd->tsh", qb, kb) * decay
-        o = torch.einsum("tsh,she->the", scores, vb)
-        # the state from earlier blocks of this chunk, decayed to each position: lambda^(tau+1)
-        o = o + _powers(rates, idx + 1, H, dtype).unsqueeze(-1) * torch.einsum("thd,hde->the", qb, state)
-        outs.append(o)
-        # carry the within-chunk state to the end of this block
-        kdec = _powers(rates, (n - 1 - idx), H, dtype).unsqueeze(-1) * kb  # lambda^(n-1-sigma) k_sigma
-        state = _powers(rates, torch.tensor(n, device=dev), H, dtype).view(H, 1, 1) * state + torch.einsum(
-            "shd,she->hde", kdec, vb)
-    return torch.cat(outs)
-
-
 def chunk_state(k: torch.Tensor, v: torch.Tensor, rates: torch.Tensor | None) -> torch.Tensor:
     """The chunk's memory state M = sum_tau lambda^(C-1-tau) k_tau^T v_tau: [H, dk, dv]."""
     C, H, _ = k.shape
     w = _powers(rates, torch.arange(C - 1, -1, -1, device=k.device), H, k.dtype).unsqueeze(-1)
     return torch.einsum("thd,the->hde", w * k, v)
-
-
-def inter_output(q: torch.Tensor, prefix: torch.Tensor, rates: torch.Tensor | None) -> torch.Tensor:
-    """q_t lambda^(tau+1) S for a chunk whose incoming state is `prefix` [H, dk, dv]."""
-    C, H, _ = q.shape
-    scale = _powers(rates, torch.arange(1, C + 1, device=q.device), H, q.dtype).unsqueeze(-1)
-    return scale * torch.einsum("thd,hde->the", q, prefix)
-
-
-def chunk_decay(rates: torch.Tensor | None, chunk: int, hops: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """lambda_h ** (chunk * hops) for each hop count: shape hops.shape + (H,) (or 1s without decay)."""
-    if rates is None:
-        return torch.ones(tuple(hops.shape) + (1,), dtype=dtype, device=hops.device)
-    return torch.exp(-(hops.to(dtype) * chunk).unsqueeze(-1) * rates.to(dtype=dtype, device=hops.device))
 
 
 def check_inputs(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rates: torch.Tensor | None) -> None:
@@ -136,7 +92,7 @@ def dense_fits(group, q: torch.Tensor) -> bool:
     return group.size == 1 and q.shape[0] ** 2 * q.shape[1] <= DENSE_MAX_ELEMENTS
 
 
-# ----- a rank's chunks of a whole pack (shared by LASP-2 and the ring) -----
+# ----- per-sequence states (the decoder's prefill) and the operators' saved context -----
 
 def split_pack(x: torch.Tensor, cu: list[int]) -> list[torch.Tensor]:
     """The per-sequence chunks of a rank's local tensor."""
@@ -148,35 +104,15 @@ def pack_states(ks: list[torch.Tensor], vs: list[torch.Tensor], rates) -> torch.
     return torch.stack([chunk_state(k, v, rates) for k, v in zip(ks, vs)])
 
 
-def pack_outputs(qs, ks, vs, prefix: torch.Tensor, rates, block: int, intra: list[torch.Tensor] | None = None
-                 ) -> list[torch.Tensor]:
-    """Every sequence's chunk output: intra-chunk part plus the incoming state's part."""
-    if intra is None:
-        intra = [chunk_forward(q, k, v, rates, block) for q, k, v in zip(qs, ks, vs)]
-    return [o + inter_output(q, prefix[j], rates) for j, (o, q) in enumerate(zip(intra, qs))]
-
-
-def recompute_local(q, k, v, prefix: torch.Tensor, rates, block: int, cu: list[int], dtype: torch.dtype):
-    """Backward's graph of a rank's local part, rebuilt from the saved inputs: returns the
-    leaves (q, k, v in the accumulation dtype), every sequence's output, and the chunk states."""
-    with torch.enable_grad():
-        leaves = tuple(t.detach().to(dtype).requires_grad_(True) for t in (q, k, v))
-        qs, ks, vs = (split_pack(t, cu) for t in leaves)
-        outs = pack_outputs(qs, ks, vs, prefix, rates, block)
-        states = pack_states(ks, vs, rates)
-    return leaves, outs, states
-
-
 def save_linear(ctx, q, k, v, prefix, rates, layout, g, block) -> None:
     ctx.save_for_backward(q, k, v, prefix, rates if rates is not None else torch.empty(0))
     ctx.layout, ctx.g, ctx.block, ctx.has_rates = layout, g, block, rates is not None
 
 
 def load_linear(ctx):
-    """(q, k, v, prefix, rates, layout, group, accumulation dtype, cu_seqlens list) saved by save_linear."""
+    """(q, k, v, prefix, rates, layout, group, accumulation dtype) saved by save_linear."""
     q, k, v, prefix, rates = ctx.saved_tensors
-    return (q, k, v, prefix, rates if ctx.has_rates else None, ctx.layout, ctx.g, acc_dtype(q.dtype),
-            ctx.layout.cu_seqlens().tolist())
+    return q, k, v, prefix, rates if ctx.has_rates else None, ctx.layout, ctx.g, acc_dtype(q.dtype)
 
 
 def prepare_linear(op: str, q, k, v, layout, group, decay_rates, cu_seqlens):

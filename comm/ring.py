@@ -10,43 +10,43 @@ import torch
 
 from .collectives import recv, send
 from .groups import SPGroup
-from .linear_local import (acc_dtype, chunk_decay, chunk_forward, dense_fits, dense_pack, load_linear, pack_outputs,
-                           pack_states, prepare_linear, recompute_local, save_linear, split_pack)
+from .linear_blocks import LocalPack, decay_powers
+from .linear_local import acc_dtype, dense_fits, dense_pack, load_linear, prepare_linear, save_linear
 from .pack import PackLayout
 
 
 def _hop(rates, chunks, H, dtype, device) -> torch.Tensor:
     """lambda^C per sequence and head: [n, H, 1, 1]."""
-    one = torch.ones(1, dtype=torch.int64, device=device)
-    return torch.stack([chunk_decay(rates, c, one, dtype)[0].expand(H) for c in chunks]).view(len(chunks), H, 1, 1)
+    return decay_powers(rates, torch.tensor(chunks, device=device), H, dtype).view(len(chunks), H, 1, 1)
 
 
 class _Ring(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, rates, layout: PackLayout, g: SPGroup, block: int):
         dtype = acc_dtype(q.dtype)
-        cu = layout.cu_seqlens().tolist()
-        qs, ks, vs = (split_pack(t.to(dtype), cu) for t in (q, k, v))
-        states = pack_states(ks, vs, rates)
-        intra = [chunk_forward(a, b, c, rates, block) for a, b, c in zip(qs, ks, vs)]
+        local = LocalPack(q.to(dtype), k.to(dtype), v.to(dtype), rates, layout.chunks, block)
+        states = local.states()
+        local.intra()
         prefix = torch.zeros_like(states) if g.index == 0 else recv(states, g, g.index - 1, "ring.states")
         if g.index < g.size - 1:
             send(_hop(rates, layout.chunks, q.shape[1], dtype, q.device) * prefix + states, g, g.index + 1, "ring.states")
         save_linear(ctx, q, k, v, prefix, rates, layout, g, block)
-        return torch.cat(pack_outputs(qs, ks, vs, prefix, rates, block, intra)).to(q.dtype)
+        return local.output(prefix).to(q.dtype)
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, prefix, rates, layout, g, dtype, cu = load_linear(ctx)
-        do = split_pack(dout.to(dtype), cu)
+        q, k, v, prefix, rates, layout, g, dtype = load_linear(ctx)
+        do = dout.to(dtype)
         pd = prefix.detach().requires_grad_(True)
-        leaves, outs, states = recompute_local(q, k, v, pd, rates, ctx.block, cu, dtype)
+        leaves = tuple(t.detach().to(dtype).requires_grad_(True) for t in (q, k, v))
         with torch.enable_grad():
+            local = LocalPack(*leaves, rates, layout.chunks, ctx.block)
+            out, states = local.output(pd), local.states()
             passed = _hop(rates, layout.chunks, q.shape[1], dtype, q.device) * pd + states  # what went to rank r+1
         # the gradient of the state sent forward comes back from rank r+1
         d_passed = torch.zeros_like(prefix) if g.index == g.size - 1 else recv(prefix, g, g.index + 1, "ring.grad")
         wrt = (*leaves, pd)
-        grads = torch.autograd.grad(outs + [passed], wrt, list(do) + [d_passed], allow_unused=True)
+        grads = torch.autograd.grad([out, passed], wrt, [do, d_passed], allow_unused=True)
         dq, dk, dv, dprefix = (torch.zeros_like(t) if gr is None else gr for gr, t in zip(grads, wrt))
         if g.index > 0:
             send(dprefix, g, g.index - 1, "ring.grad")

@@ -5,8 +5,10 @@ positions <= its own. torch SDPA on any device; long sequences are processed in 
 blocks so the mask and scores stay bounded."""
 from __future__ import annotations
 
+import functools
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -52,3 +54,94 @@ def check_softmax_inputs(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         raise ValueError(f"{op}: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} disagree")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"{op}: {q.shape[1]} query heads are not a multiple of {k.shape[1]} kv heads (GQA)")
+
+
+# ----- a whole pack at once: a few padded length buckets, one SDPA call each -----
+
+MAX_BUCKETS = 8
+BUCKET_COST = 256 ** 2  # a bucket's fixed cost (its call, its padding copies) in attention-score units
+
+
+def length_buckets(lengths: list[int] | tuple[int, ...], max_buckets: int = MAX_BUCKETS) -> list[list[int]]:
+    """Sequence indices grouped into at most `max_buckets` buckets of similar lengths, chosen
+    (dynamic programming over the sorted distinct lengths) to minimise the padded attention
+    work, sum over buckets of members x longest^2: compute stays close to the sum of the
+    per-sequence work, and the number of attention calls does not grow with the sequences.
+    Cached per pack: every layer of a step asks for the same lengths."""
+    return [list(b) for b in _buckets(tuple(int(x) for x in lengths), max_buckets)]
+
+
+@functools.lru_cache(maxsize=256)
+def _buckets(lengths: tuple[int, ...], max_buckets: int) -> tuple[tuple[int, ...], ...]:
+    distinct, counts = np.unique(np.asarray(lengths, dtype=np.int64), return_counts=True)
+    n, K = len(distinct), min(max_buckets, len(distinct))
+    members = np.concatenate([[0], np.cumsum(counts)]).astype(np.float64)  # sequences of the first i lengths
+    square = distinct.astype(np.float64) ** 2
+    best = np.full((K + 1, n + 1), np.inf)
+    cut = np.zeros((K + 1, n + 1), dtype=np.int64)
+    best[0, 0] = 0.0
+    for b in range(1, K + 1):
+        for i in range(b, n + 1):  # the first i lengths in b buckets, the last bucket (j, i]
+            j = np.arange(b - 1, i)
+            cost = best[b - 1, j] + (members[i] - members[j]) * square[i - 1] + BUCKET_COST
+            k = int(np.argmin(cost))
+            best[b, i], cut[b, i] = cost[k], j[k]
+    b, i, bounds = int(np.argmin(best[1:, n])) + 1, n, []
+    while b > 0:
+        j = int(cut[b, i])
+        bounds.append((int(distinct[j]), int(distinct[i - 1])))
+        i, b = j, b - 1
+    arr = np.asarray(lengths)
+    return tuple(tuple(int(s) for s in np.nonzero((arr >= lo) & (arr <= hi))[0]) for lo, hi in reversed(bounds))
+
+
+def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int],
+                            q_offsets: list[int] | None = None, scale: float | None = None) -> torch.Tensor:
+    """Causal attention of every sequence of a pack with itself, in a constant number of calls.
+
+    k, v [sum(keys), Hkv, d]: each sequence's keys, packed; q [sum(queries), H, d]: each
+    sequence's queries, the last `lengths[j] - q_offsets[j]` positions of sequence j (LASP-2H:
+    a rank's chunk after the chunks before it; default: all of them). Sequences are padded
+    at their end into a few length buckets and each bucket is one SDPA call; padding sits
+    after every real key, so causality keeps it out of every real query."""
+    H, d = q.shape[1], q.shape[2]
+    Hkv = k.shape[1]
+    if Hkv != H:
+        k = k.repeat_interleave(H // Hkv, dim=1)
+        v = v.repeat_interleave(H // Hkv, dim=1)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    offsets = q_offsets or [0] * len(lengths)
+    nq = [L - o for L, o in zip(lengths, offsets)]
+    kstart = [0]
+    qstart = [0]
+    for L, m in zip(lengths, nq):
+        kstart.append(kstart[-1] + L)
+        qstart.append(qstart[-1] + m)
+    out = q.new_empty((q.shape[0], H, v.shape[2]))
+    pieces, rows = [], []
+    for members in length_buckets(lengths):
+        Lk = max(lengths[j] for j in members)
+        Lq = max(nq[j] for j in members)
+        n = len(members)
+        # index arithmetic on the host (numpy), so that the torch ops do not grow with the sequences
+        kidx = np.concatenate([np.arange(kstart[j], kstart[j + 1]) for j in members])
+        kslot = np.concatenate([np.arange(lengths[j]) + i * Lk for i, j in enumerate(members)])
+        qidx = np.concatenate([np.arange(qstart[j], qstart[j + 1]) for j in members])
+        qslot = np.concatenate([np.arange(nq[j]) + i * Lq for i, j in enumerate(members)])
+        kidx, kslot, qidx, qslot = (torch.from_numpy(t).to(q.device) for t in (kidx, kslot, qidx, qslot))
+
+        def grid(x, idx, slot, length):
+            g = x.new_zeros((n * length, H, x.shape[2]))
+            return g.index_copy(0, slot, x.index_select(0, idx)).view(n, length, H, x.shape[2]).transpose(1, 2)
+
+        qb, kb, vb = grid(q, qidx, qslot, Lq), grid(k, kidx, kslot, Lk), grid(v, kidx, kslot, Lk)
+        if all(offsets[j] == 0 for j in members) and Lq == Lk:  # plain causal: SDPA's own mask, flash kernels
+            ob = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale)
+        else:  # queries start at their own offsets: key position <= the query's position in its sequence
+            off = torch.tensor([offsets[j] for j in members], device=q.device)
+            qpos = off[:, None] + torch.arange(Lq, device=q.device)[None, :]
+            mask = torch.arange(Lk, device=q.device)[None, None, :] <= qpos[:, :, None]  # [n, Lq, Lk]
+            ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask[:, None], scale=scale)
+        pieces.append(ob.transpose(1, 2).reshape(n * Lq, H, v.shape[2]).index_select(0, qslot))
+        rows.append(qidx)
+    return out.index_copy(0, torch.cat(rows), torch.cat(pieces))

@@ -13,7 +13,7 @@ import torch
 from .collectives import all_to_all, check_metadata
 from .groups import SPGroup
 from .pack import PackLayout
-from .softmax_local import causal_attention, check_softmax_inputs
+from .softmax_local import causal_attention, check_softmax_inputs, varlen_causal_attention
 
 
 class _AllToAll(torch.autograd.Function):
@@ -75,12 +75,10 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout:
         return x if order is None else x[order]  # whole sequences, in order
 
     qf, kf, vf = scatter_heads(q, "ulysses.q"), scatter_heads(k, "ulysses.k"), scatter_heads(v, "ulysses.v")
-    outs, pos = [], 0
-    for c in layout.chunks:
-        L = c * s
-        outs.append(causal_attention(qf[pos:pos + L], kf[pos:pos + L], vf[pos:pos + L], 0, scale))
-        pos += L
-    of = torch.cat(outs)
+    if layout.n_seqs == 1:
+        of = causal_attention(qf, kf, vf, 0, scale)
+    else:  # every sequence at once: a few length buckets, one attention call each
+        of = varlen_causal_attention(qf, kf, vf, [c * s for c in layout.chunks], None, scale)
     if order is not None:
         of = of[inverse]  # back to rank-major order: [s * T, h, d]
     h = of.shape[1]
