@@ -20,7 +20,7 @@ import torch
 
 from .collectives import all_gather
 from .groups import SPGroup
-from .linear_blocks import LocalPack, decay_powers, prefix_grad
+from .linear_blocks import LocalPack, decay_powers
 from .linear_local import acc_dtype, dense_fits, dense_pack, load_linear, prepare_linear, save_linear
 from .pack import PackLayout
 
@@ -66,10 +66,10 @@ class _Lasp2(torch.autograd.Function):
         q, k, v, prefix, rates, layout, g, dtype = load_linear(ctx)
         do = dout.to(dtype)
         leaves = tuple(t.detach().to(dtype).requires_grad_(True) for t in (q, k, v))
-        local = LocalPack(*leaves, rates, layout.chunks, ctx.block)
+        with torch.enable_grad():
+            local = LocalPack(*leaves, rates, layout.chunks, ctx.block)
         # dP = (lambda^(tau+1) q)^T dO per sequence: gathered while the local part is recomputed
-        gathered, work = all_gather(prefix_grad(leaves[0].detach(), do, rates, local.bl), g, "lasp2.grad_states",
-                                    async_op=True)
+        gathered, work = all_gather(local.prefix_grad(do), g, "lasp2.grad_states", async_op=True)
         with torch.enable_grad():
             out, states = local.output(prefix), local.states()
         if work is not None:

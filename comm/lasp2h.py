@@ -13,7 +13,7 @@ import torch
 from .collectives import all_gather, check_metadata, reduce_scatter
 from .groups import SPGroup
 from .pack import PackLayout
-from .softmax_local import causal_attention, check_softmax_inputs, varlen_causal_attention
+from .softmax_local import check_softmax_inputs, varlen_causal_attention
 from .ulysses import sequence_order
 
 
@@ -43,10 +43,6 @@ def lasp2h_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
     order = sequence_order(layout).to(q.device)
     kf = _GatherKV.apply(k, group).reshape(s * T, *k.shape[1:])[order]
     vf = _GatherKV.apply(v, group).reshape(s * T, *v.shape[1:])[order]
-    if layout.n_seqs == 1:
-        c = layout.chunks[0]
-        seen = (group.index + 1) * c  # keys of chunks 0..index of the sequence
-        return causal_attention(q, kf[:seen], vf[:seen], group.index * c, scale)
     # every sequence at once: its keys of chunks 0..index, its queries after the chunks before
     chunks = np.asarray(layout.chunks, dtype=np.int64)
     seen = (group.index + 1) * chunks

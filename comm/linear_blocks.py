@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 BLOCKS = (16, 32, 64, 128, 256)
 
@@ -50,40 +51,48 @@ def choose_block(chunks: tuple[int, ...], largest: int = 256, head_dim: int = 64
 
 @dataclass(frozen=True)
 class BlockLayout:
-    """Where each local token sits in the [n_blocks, block] grid, and what each block is."""
+    """Where each local token sits in the [n_blocks, block] grid, what each block is, and the
+    decay exponents every step needs, all built on the host in one piece (their torch ops do
+    not grow with the sequences). Exponents are in the accumulation dtype."""
 
     block: int
     n_seqs: int
     n_blocks: int
     token_slot: torch.Tensor  # [T]: index into the flattened [n_blocks * block] grid
-    pos: torch.Tensor  # [T]: position of the token in its sequence's chunk
-    tok_seq: torch.Tensor  # [T]: the token's sequence
     block_seq: torch.Tensor  # [NB]: the block's sequence
-    block_index: torch.Tensor  # [NB]: the block's index within its sequence's chunk
-    chunk: torch.Tensor  # [n]: chunk length of each sequence on this rank
+    first: torch.Tensor  # [NB, 1, 1, 1]: 1.0 where a block is not its sequence's first (dtype)
+    enter_exp: torch.Tensor  # [NB]: B x (the block's index in its sequence): the chunk's incoming state's decay
+    state_exp: torch.Tensor  # [NB, B]: C_j - 1 - position (0 on empty slots): the chunk state's weights
+    grad_exp: torch.Tensor  # [NB, B]: position + 1: the incoming state's gradient weights
+    scan_exp: torch.Tensor  # [steps]: B x stride of each scan step
     shifts: tuple[int, ...]  # the scan's strides: 1, 2, 4, ... below the most blocks of a sequence
-    same: tuple[torch.Tensor, ...]  # per stride d: [NB] block b and b - d are of the same sequence
+    same: tuple[torch.Tensor, ...]  # per stride d: [NB, 1, 1, 1] 1.0 where blocks b and b - d share a sequence
 
     @classmethod
-    def build(cls, chunks: tuple[int, ...], device: torch.device | str, block: int) -> "BlockLayout":
+    def build(cls, chunks: tuple[int, ...], device: torch.device | str, block: int,
+              dtype: torch.dtype = torch.float32) -> "BlockLayout":
         c = np.asarray(chunks, dtype=np.int64)
         nb = -(-c // block)
+        NB = int(nb.sum())
         boff = np.cumsum(nb) - nb
         cu = np.cumsum(c) - c
         tok_seq = np.repeat(np.arange(len(c)), c)
         pos = np.arange(int(c.sum())) - np.repeat(cu, c)
         token_slot = (boff[tok_seq] + pos // block) * block + pos % block
         block_seq = np.repeat(np.arange(len(c)), nb)
-        block_index = np.arange(int(nb.sum())) - np.repeat(boff, nb)
+        block_index = np.arange(NB) - np.repeat(boff, nb)
+        slot_pos = block_index[:, None] * block + np.arange(block)[None, :]  # [NB, B]
+        state_exp = np.maximum(c[block_seq][:, None] - 1 - slot_pos, 0)
         shifts = tuple(2 ** i for i in range(max(0, math.ceil(math.log2(max(int(nb.max()), 1))))))
-        same = tuple(np.concatenate([np.zeros(min(d, len(block_seq)), bool),
-                                     block_seq[d:] == block_seq[:-d]]) for d in shifts)
+        same = [np.concatenate([np.zeros(d, bool), block_seq[d:] == block_seq[:-d]]) for d in shifts]
 
-        def t(a, dtype=torch.int64):
-            return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dtype)
+        def t(a, kind=None):
+            return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=kind or dtype)
 
-        return cls(block, len(c), int(nb.sum()), t(token_slot), t(pos), t(tok_seq), t(block_seq), t(block_index),
-                   t(c), shifts, tuple(t(m, torch.bool) for m in same))
+        return cls(block, len(c), NB, t(token_slot, torch.int64), t(block_seq, torch.int64),
+                   t((block_index > 0).reshape(-1, 1, 1, 1)), t(block_index * block), t(state_exp),
+                   t(slot_pos + 1), t(np.asarray(shifts, dtype=np.int64) * block), shifts,
+                   tuple(t(m.reshape(-1, 1, 1, 1)) for m in same))
 
 
 def to_blocks(x: torch.Tensor, bl: BlockLayout) -> torch.Tensor:
@@ -98,11 +107,10 @@ def from_blocks(xb: torch.Tensor, bl: BlockLayout) -> torch.Tensor:
 
 
 def decay_powers(rates: torch.Tensor | None, exponents: torch.Tensor, heads: int, dtype: torch.dtype) -> torch.Tensor:
-    """lambda_h ** e: exponents.shape + (heads,)."""
-    e = exponents.to(dtype)
+    """lambda_h ** e: exponents.shape + (heads,), in `dtype`."""
     if rates is None:
-        return torch.ones(tuple(e.shape) + (heads,), dtype=dtype, device=e.device)
-    return torch.exp(-e.unsqueeze(-1) * rates.to(dtype=dtype, device=e.device))
+        return torch.ones(tuple(exponents.shape) + (heads,), dtype=dtype, device=exponents.device)
+    return torch.exp(exponents.to(dtype).unsqueeze(-1) * -rates.to(dtype=dtype, device=exponents.device))
 
 
 def intra_blocks(qb: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, rates: torch.Tensor | None
@@ -111,7 +119,7 @@ def intra_blocks(qb: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, rates: to
     NB, B, H, _ = qb.shape
     idx = torch.arange(B, device=qb.device)
     rel = idx[:, None] - idx[None, :]
-    decay = decay_powers(rates, rel.clamp(min=0), H, qb.dtype) * (rel >= 0).unsqueeze(-1).to(qb.dtype)  # [B, B, H]
+    decay = decay_powers(rates, rel.clamp(min=0), H, qb.dtype) * (rel >= 0).unsqueeze(-1)  # [B, B, H]
     scores = torch.einsum("nthd,nshd->ntsh", qb, kb) * decay
     out = torch.einsum("ntsh,nshe->nthe", scores, vb)
     w_end = decay_powers(rates, B - 1 - idx, H, qb.dtype).unsqueeze(-1)  # lambda^(B-1-s): [B, H, 1]
@@ -123,17 +131,15 @@ def entering_states(ends: torch.Tensor, prefix: torch.Tensor | None, rates: torc
     """S_b [NB, H, dk, dv]: the state entering each block from the earlier blocks of its own
     sequence (a segmented, decayed inclusive scan of the end states, shifted by one block) and
     from `prefix` [n, H, dk, dv], the state entering each sequence's chunk."""
-    H, dtype = ends.shape[1], ends.dtype
+    H = ends.shape[1]
     scan = ends
-    for d, same in zip(bl.shifts, bl.same):
-        hop = decay_powers(rates, torch.tensor(bl.block * d, device=ends.device), H, dtype).view(1, H, 1, 1)
-        shifted = torch.cat([scan.new_zeros((d,) + tuple(scan.shape[1:])), scan[:-d]])
-        scan = scan + hop * shifted * same.view(-1, 1, 1, 1).to(dtype)
-    first = bl.block_index == 0
-    entering = torch.cat([scan.new_zeros((1,) + tuple(scan.shape[1:])), scan[:-1]]) * \
-        (~first).view(-1, 1, 1, 1).to(dtype)
+    if bl.shifts:
+        hops = decay_powers(rates, bl.scan_exp, H, ends.dtype).view(len(bl.shifts), 1, H, 1, 1)
+        for i, (d, same) in enumerate(zip(bl.shifts, bl.same)):
+            scan = scan + F.pad(scan[:-d], (0, 0, 0, 0, 0, 0, d, 0)) * (hops[i] * same)
+    entering = F.pad(scan[:-1], (0, 0, 0, 0, 0, 0, 1, 0)) * bl.first
     if prefix is not None:
-        entering = entering + decay_powers(rates, bl.block_index * bl.block, H, dtype).view(-1, H, 1, 1) * \
+        entering = entering + decay_powers(rates, bl.enter_exp, H, ends.dtype).view(-1, H, 1, 1) * \
             prefix.index_select(0, bl.block_seq)
     return entering
 
@@ -142,25 +148,24 @@ def inter_blocks(qb: torch.Tensor, entering: torch.Tensor, rates: torch.Tensor |
     """lambda^(t+1) q_t S_b for every block slot: [NB, B, H, dv]."""
     B, H = qb.shape[1], qb.shape[2]
     w = decay_powers(rates, torch.arange(1, B + 1, device=qb.device), H, qb.dtype).unsqueeze(-1)  # [B, H, 1]
-    return w * torch.einsum("nthd,nhde->nthe", qb, entering)
+    return torch.einsum("nthd,nhde->nthe", qb * w, entering)
 
 
-def chunk_states(k: torch.Tensor, v: torch.Tensor, rates: torch.Tensor | None, bl: BlockLayout) -> torch.Tensor:
+def _per_sequence(per_block: torch.Tensor, bl: BlockLayout) -> torch.Tensor:
+    out = per_block.new_zeros((bl.n_seqs,) + tuple(per_block.shape[1:]))
+    return out.index_add(0, bl.block_seq, per_block)
+
+
+def chunk_states(kb: torch.Tensor, vb: torch.Tensor, rates: torch.Tensor | None, bl: BlockLayout) -> torch.Tensor:
     """M_j = sum_tau lambda^(C_j-1-tau) k_tau^T v_tau for every sequence's chunk: [n, H, dk, dv]."""
-    H = k.shape[1]
-    w = decay_powers(rates, bl.chunk.index_select(0, bl.tok_seq) - 1 - bl.pos, H, k.dtype).unsqueeze(-1)  # [T, H, 1]
-    per_block = torch.einsum("nshd,nshe->nhde", to_blocks(w * k, bl), to_blocks(v, bl))
-    out = per_block.new_zeros((bl.n_seqs,) + tuple(per_block.shape[1:]))
-    return out.index_add(0, bl.block_seq, per_block)
+    w = decay_powers(rates, bl.state_exp, kb.shape[2], kb.dtype).unsqueeze(-1)  # [NB, B, H, 1]
+    return _per_sequence(torch.einsum("nshd,nshe->nhde", kb * w, vb), bl)
 
 
-def prefix_grad(q: torch.Tensor, dout: torch.Tensor, rates: torch.Tensor | None, bl: BlockLayout) -> torch.Tensor:
+def prefix_grad(qb: torch.Tensor, dob: torch.Tensor, rates: torch.Tensor | None, bl: BlockLayout) -> torch.Tensor:
     """dP_j = sum_tau (lambda^(tau+1) q_tau)^T dO_tau for every sequence: [n, H, dk, dv]."""
-    H = q.shape[1]
-    w = decay_powers(rates, bl.pos + 1, H, q.dtype).unsqueeze(-1)
-    per_block = torch.einsum("nthd,nthe->nhde", to_blocks(w * q, bl), to_blocks(dout, bl))
-    out = per_block.new_zeros((bl.n_seqs,) + tuple(per_block.shape[1:]))
-    return out.index_add(0, bl.block_seq, per_block)
+    w = decay_powers(rates, bl.grad_exp, qb.shape[2], qb.dtype).unsqueeze(-1)
+    return _per_sequence(torch.einsum("nthd,nthe->nhde", qb * w, dob), bl)
 
 
 class LocalPack:
@@ -170,16 +175,15 @@ class LocalPack:
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rates: torch.Tensor | None,
                  chunks: tuple[int, ...], block: int):
-        self.rates = rates
-        self.bl = BlockLayout.build(chunks, q.device, choose_block(chunks, block, q.shape[-1]))
-        self.q, self.k, self.v = q, k, v
+        self.rates = None if rates is None else rates.to(dtype=q.dtype, device=q.device)
+        self.bl = BlockLayout.build(chunks, q.device, choose_block(chunks, block, q.shape[-1]), q.dtype)
+        self.qb, self.kb, self.vb = (to_blocks(t, self.bl) for t in (q, k, v))
 
     def states(self) -> torch.Tensor:
-        return chunk_states(self.k, self.v, self.rates, self.bl)
+        return chunk_states(self.kb, self.vb, self.rates, self.bl)
 
     def intra(self) -> None:
-        self.qb, kb, vb = (to_blocks(t, self.bl) for t in (self.q, self.k, self.v))
-        self.intra_out, self.ends = intra_blocks(self.qb, kb, vb, self.rates)
+        self.intra_out, self.ends = intra_blocks(self.qb, self.kb, self.vb, self.rates)
 
     def output(self, prefix: torch.Tensor | None) -> torch.Tensor:
         """[T, H, dv]: intra-block + the state entering each block (earlier blocks and `prefix`)."""
@@ -187,3 +191,7 @@ class LocalPack:
             self.intra()
         entering = entering_states(self.ends, prefix, self.rates, self.bl)
         return from_blocks(self.intra_out + inter_blocks(self.qb, entering, self.rates), self.bl)
+
+    def prefix_grad(self, dout: torch.Tensor) -> torch.Tensor:
+        """dP per sequence for `dout` [T, H, dv] (the gradient of the state entering each chunk)."""
+        return prefix_grad(self.qb.detach(), to_blocks(dout, self.bl), self.rates, self.bl)

@@ -8,12 +8,13 @@ otherwise use LASP-2H, which gathers K and V instead of sharding heads.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .collectives import all_to_all, check_metadata
 from .groups import SPGroup
 from .pack import PackLayout
-from .softmax_local import causal_attention, check_softmax_inputs, varlen_causal_attention
+from .softmax_local import check_softmax_inputs, varlen_causal_attention
 
 
 class _AllToAll(torch.autograd.Function):
@@ -31,14 +32,15 @@ class _AllToAll(torch.autograd.Function):
 
 def sequence_order(layout: PackLayout) -> torch.Tensor:
     """Index into the [s * local_tokens] received tokens (rank-major) that puts each
-    sequence's chunks back in order: the packed full sequences, padded."""
-    s, cu = layout.group_size, layout.cu_seqlens().tolist()
-    T = layout.local_tokens
-    parts = []
-    for j, c in enumerate(layout.chunks):
-        for r in range(s):
-            parts.append(torch.arange(r * T + cu[j], r * T + cu[j] + c))
-    return torch.cat(parts)
+    sequence's chunks back in order: the packed full sequences, padded. Built on the host in
+    one piece, so the torch ops do not grow with the number of sequences."""
+    s, T = layout.group_size, layout.local_tokens
+    chunks = np.asarray(layout.chunks, dtype=np.int64)
+    starts = np.cumsum(chunks) - chunks  # each sequence's chunk offset on a rank
+    seq = np.repeat(np.arange(len(chunks)), chunks * s)  # sequence of each output token
+    pos = np.arange(int((chunks * s).sum())) - np.repeat(np.cumsum(chunks * s) - chunks * s, chunks * s)
+    rank, within = pos // chunks[seq], pos % chunks[seq]
+    return torch.from_numpy(rank * T + starts[seq] + within)
 
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackLayout, group: SPGroup,
@@ -75,10 +77,8 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout:
         return x if order is None else x[order]  # whole sequences, in order
 
     qf, kf, vf = scatter_heads(q, "ulysses.q"), scatter_heads(k, "ulysses.k"), scatter_heads(v, "ulysses.v")
-    if layout.n_seqs == 1:
-        of = causal_attention(qf, kf, vf, 0, scale)
-    else:  # every sequence at once: a few length buckets, one attention call each
-        of = varlen_causal_attention(qf, kf, vf, [c * s for c in layout.chunks], None, scale)
+    # every sequence at once: a few length buckets, one attention call each
+    of = varlen_causal_attention(qf, kf, vf, [c * s for c in layout.chunks], None, scale)
     if order is not None:
         of = of[inverse]  # back to rank-major order: [s * T, h, d]
     h = of.shape[1]
