@@ -117,24 +117,35 @@ def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
     for L, m in zip(lengths, nq):
         kstart.append(kstart[-1] + L)
         qstart.append(qstart[-1] + m)
-    out = q.new_empty((q.shape[0], H, v.shape[2]))
+    buckets = length_buckets(lengths)
+    out = q.new_empty((q.shape[0], H, v.shape[2])) if len(buckets) > 1 else None
     pieces, rows = [], []
-    for members in length_buckets(lengths):
+    for members in buckets:
         Lk = max(lengths[j] for j in members)
         Lq = max(nq[j] for j in members)
         n = len(members)
-        # index arithmetic on the host (numpy), so that the torch ops do not grow with the sequences
-        kidx = np.concatenate([np.arange(kstart[j], kstart[j + 1]) for j in members])
-        kslot = np.concatenate([np.arange(lengths[j]) + i * Lk for i, j in enumerate(members)])
-        qidx = np.concatenate([np.arange(qstart[j], qstart[j + 1]) for j in members])
-        qslot = np.concatenate([np.arange(nq[j]) + i * Lq for i, j in enumerate(members)])
-        kidx, kslot, qidx, qslot = (torch.from_numpy(t).to(q.device) for t in (kidx, kslot, qidx, qslot))
+        flush = all(lengths[j] == Lk and nq[j] == Lq for j in members) and members == list(
+            range(members[0], members[0] + n))
+        if flush:  # equal lengths, adjacent in the pack: the bucket is a view, no padding copies
+            k0, q0 = kstart[members[0]], qstart[members[0]]
 
-        def grid(x, idx, slot, length):
-            g = x.new_zeros((n * length, H, x.shape[2]))
-            return g.index_copy(0, slot, x.index_select(0, idx)).view(n, length, H, x.shape[2]).transpose(1, 2)
+            def grid(x, start, length):
+                return x[start:start + n * length].view(n, length, H, x.shape[2]).transpose(1, 2)
 
-        qb, kb, vb = grid(q, qidx, qslot, Lq), grid(k, kidx, kslot, Lk), grid(v, kidx, kslot, Lk)
+            qb, kb, vb = grid(q, q0, Lq), grid(k, k0, Lk), grid(v, k0, Lk)
+        else:
+            # index arithmetic on the host (numpy), so that the torch ops do not grow with the sequences
+            kidx = np.concatenate([np.arange(kstart[j], kstart[j + 1]) for j in members])
+            kslot = np.concatenate([np.arange(lengths[j]) + i * Lk for i, j in enumerate(members)])
+            qidx = np.concatenate([np.arange(qstart[j], qstart[j + 1]) for j in members])
+            qslot = np.concatenate([np.arange(nq[j]) + i * Lq for i, j in enumerate(members)])
+            kidx, kslot, qidx, qslot = (torch.from_numpy(t).to(q.device) for t in (kidx, kslot, qidx, qslot))
+
+            def grid(x, idx, slot, length):
+                g = x.new_zeros((n * length, H, x.shape[2]))
+                return g.index_copy(0, slot, x.index_select(0, idx)).view(n, length, H, x.shape[2]).transpose(1, 2)
+
+            qb, kb, vb = grid(q, qidx, qslot, Lq), grid(k, kidx, kslot, Lk), grid(v, kidx, kslot, Lk)
         if all(offsets[j] == 0 for j in members) and Lq == Lk:  # plain causal: SDPA's own mask, flash kernels
             ob = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale)
         else:  # queries start at their own offsets: key position <= the query's position in its sequence
@@ -142,6 +153,9 @@ def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
             qpos = off[:, None] + torch.arange(Lq, device=q.device)[None, :]
             mask = torch.arange(Lk, device=q.device)[None, None, :] <= qpos[:, :, None]  # [n, Lq, Lk]
             ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask[:, None], scale=scale)
-        pieces.append(ob.transpose(1, 2).reshape(n * Lq, H, v.shape[2]).index_select(0, qslot))
-        rows.append(qidx)
+        flat = ob.transpose(1, 2).reshape(n * Lq, H, v.shape[2])
+        if out is None:  # one bucket holding the whole pack in order
+            return flat if flush else flat.index_select(0, qslot).index_select(0, torch.argsort(qidx))
+        pieces.append(flat if flush else flat.index_select(0, qslot))
+        rows.append(torch.arange(qstart[members[0]], qstart[members[0]] + n * Lq, device=q.device) if flush else qidx)
     return out.index_copy(0, torch.cat(rows), torch.cat(pieces))
