@@ -44,8 +44,14 @@ setup(
         # ray[default]: the dashboard's job server, for the `ray job submit -- pliant rl` test
         "test": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100", "ray[default]>=2.9",
                  # the oracle for Megatron's indexed dataset format (CPU)
-                 "megatron-core>=0.12"],
+                 "megatron-core>=0.12",
+                 # fla's pure-torch naive simple-GLA recurrence: the fused linear path's contract on CPU
+                 "fla-core>=0.6"],
         "bench": ["torchft>=0.2"],  # pliant bench faults runs torchft side by side
+        # fused varlen kernels for the SP operators' local attention on CUDA (comm/kernels.py): fla's
+        # chunk_simple_gla (triton) and flash-attn's varlen kernel (built against the installed CUDA torch:
+        # pip install "pliant[cuda]" --no-build-isolation)
+        "cuda": ["fla-core[cuda]>=0.6", "flash-attn>=2.6"],
     },
     entry_points={"console_scripts": ["pliant=pliant.launch.cli:main"]},
 )

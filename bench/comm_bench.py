@@ -2,8 +2,10 @@
 
 Runs under torchrun (`pliant bench comm` starts it): every rank builds the same sequence,
 keeps its chunk, and times forward + backward of LASP-2, the LASP-1 ring, Ulysses and
-LASP-2H (median over repeats, after a warm-up), reads the bytes each rank moved from the
-comm counters and sets them beside the analytic volume. DeepSpeed's Ulysses
+LASP-2H (median over repeats, after a warm-up), counts their aten ops (torch.profiler; each
+one a kernel launch on a GPU), reads the bytes each rank moved from the comm counters and
+sets them beside the analytic volume. Every length runs as one sequence and as many short
+sequences of the same tokens (`--short`), the common case of real corpora. DeepSpeed's Ulysses
 `DistributedAttention` runs on the same inputs as a peer: time ratio and max output
 difference. Rank 0 writes JSON and prints a table.
 """
@@ -22,12 +24,12 @@ from typing import Any
 METHODS = ("lasp2", "ring", "ulysses", "lasp2h", "deepspeed")
 
 
-def analytic_bytes(method: str, L: int, s: int, heads: int, kv_heads: int, d: int, elem: int) -> float:
-    """Bytes one rank sends per forward + backward (the busiest rank for the ring)."""
+def analytic_bytes(method: str, lengths: list[int], s: int, heads: int, kv_heads: int, d: int, elem: int) -> float:
+    """Bytes one rank sends per forward + backward of a pack (the busiest rank for the ring)."""
     if s == 1:
         return 0.0
-    local = -(-L // s)
-    state = heads * d * d * (8 if elem == 8 else 4)  # LASP states: float32, or float64 for float64 inputs
+    local = sum(-(-L // s) for L in lengths)
+    state = len(lengths) * heads * d * d * (8 if elem == 8 else 4)  # LASP states per sequence: float32 (float64)
     if method == "lasp2":
         return 2 * (s - 1) * state  # AllGather of states forward, of their gradients backward
     if method == "ring":
@@ -40,6 +42,23 @@ def analytic_bytes(method: str, L: int, s: int, heads: int, kv_heads: int, d: in
         kv = 2 * kv_heads * local * d * elem
         return kv * (s - 1) + kv * (s - 1)  # AllGather K, V; reduce-scatter dK, dV
     raise ValueError(method)
+
+
+def packs(L: int, short: int) -> list[tuple[str, list[int]]]:
+    """The packs of L tokens each length runs: one sequence, and L / short sequences of `short` tokens."""
+    out = [("one", [L])]
+    if short and L // short > 1:
+        out.append(("many", [short] * (L // short) + ([L % short] if L % short else [])))
+    return out
+
+
+def aten_ops(step) -> int:
+    """aten ops of one call of `step` on this rank (torch.profiler; each a kernel launch on a GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::"))
 
 
 def _worker(args: argparse.Namespace) -> None:
@@ -91,50 +110,63 @@ def _worker(args: argparse.Namespace) -> None:
         return step
 
     rows: list[dict[str, Any]] = []
+    elem = torch.tensor([], dtype=dtype).element_size()
+
+    def gathered(x: float) -> list[float]:
+        everyone = torch.zeros(world, dtype=torch.float64)
+        dist.all_gather_into_tensor(everyone, torch.tensor([float(x)], dtype=torch.float64))
+        return everyone.tolist()
+
     for L in args.lengths:
-        layout = C.PackLayout.from_lengths([L], world)
-        gen = torch.Generator().manual_seed(1234 + L)
-        full = [torch.randn(L, h, d, generator=gen, dtype=dtype) * 0.5 for h in (H, Hkv, Hkv, H)]
-        q0, k0, v0, w = (layout.shard([x], g.index) for x in full)
-        outputs: dict[str, torch.Tensor] = {}
-        steps = {}
-        for method in args.methods:
-            if method in ("ulysses", "deepspeed") and H % world:
-                continue
-            if L > args.softmax_max_len and method in ("ulysses", "lasp2h", "deepspeed"):
-                continue
-            steps[method] = make_step(method, layout, q0, k0, v0, w)
-        times: dict[str, list[float]] = {m: [] for m in steps}
-        sent: dict[str, float] = {}
-        # round-robin over the methods, so that every method sees the same machine conditions
-        for rep in range(args.repeats + 1):  # the first round is a warm-up
+        for case, lengths in packs(L, args.short):
+            layout = C.PackLayout.from_lengths(lengths, world)
+            gen = torch.Generator().manual_seed(1234 + L)
+            full = [[torch.randn(n, h, d, generator=gen, dtype=dtype) * 0.5 for n in lengths] for h in (H, Hkv, Hkv, H)]
+            q0, k0, v0, w = (layout.shard(x, g.index) for x in full)
+            outputs: dict[str, torch.Tensor] = {}
+            steps = {}
+            for method in args.methods:
+                if method in ("ulysses", "deepspeed") and H % world:
+                    continue
+                if L > args.softmax_max_len and method in ("ulysses", "lasp2h", "deepspeed"):
+                    continue
+                if method == "deepspeed" and case != "one":  # its local attention knows no sequence boundaries
+                    continue
+                steps[method] = make_step(method, layout, q0, k0, v0, w)
+            times: dict[str, list[float]] = {m: [] for m in steps}
+            sent: dict[str, float] = {}
+            # round-robin over the methods, so that every method sees the same machine conditions
+            for rep in range(args.repeats + 1):  # the first round is a warm-up
+                for method, step in steps.items():
+                    C.COUNTERS.reset()
+                    dist.barrier()
+                    t0 = time.perf_counter()
+                    outputs[method] = step()
+                    dist.barrier()
+                    if rep:
+                        times[method].append(time.perf_counter() - t0)
+                    sent[method] = C.COUNTERS.total().bytes_sent
             for method, step in steps.items():
-                C.COUNTERS.reset()
-                dist.barrier()
-                t0 = time.perf_counter()
-                outputs[method] = step()
-                dist.barrier()
-                if rep:
-                    times[method].append(time.perf_counter() - t0)
-                sent[method] = C.COUNTERS.total().bytes_sent
-        elem = torch.tensor([], dtype=dtype).element_size()
-        for method in steps:
-            everyone = torch.zeros(world, dtype=torch.float64)
-            dist.all_gather_into_tensor(everyone, torch.tensor([sent[method]], dtype=torch.float64))
-            rows.append({
-                "method": method, "length": L, "time_s": statistics.median(times[method]), "times_s": times[method],
-                "bytes_per_rank": None if method == "deepspeed" else float(everyone.max()),
-                "bytes_per_rank_by_rank": None if method == "deepspeed" else everyone.tolist(),
-                "analytic_bytes_per_rank": analytic_bytes(method, L, world, H, Hkv, d, elem),
-            })
-            if rank == 0:
-                print(f"  {method:9s} L={L:>7d}  {statistics.median(times[method]):8.3f} s", flush=True)
-        if "ulysses" in outputs and "deepspeed" in outputs:
-            diff = torch.tensor([(outputs["ulysses"] - outputs["deepspeed"]).abs().max().item()], dtype=torch.float64)
-            dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-            for r in rows:
-                if r["length"] == L and r["method"] == "deepspeed":
-                    r["max_diff_vs_ulysses"] = float(diff)
+                by_rank = gathered(sent[method])
+                ops = gathered(aten_ops(step))
+                rows.append({
+                    "method": method, "length": L, "case": case, "sequences": len(lengths),
+                    "time_s": statistics.median(times[method]), "times_s": times[method],
+                    "aten_ops": int(max(ops)), "aten_ops_by_rank": [int(x) for x in ops],
+                    "bytes_per_rank": None if method == "deepspeed" else max(by_rank),
+                    "bytes_per_rank_by_rank": None if method == "deepspeed" else by_rank,
+                    "analytic_bytes_per_rank": analytic_bytes(method, lengths, world, H, Hkv, d, elem),
+                })
+                if rank == 0:
+                    print(f"  {method:9s} L={L:>7d} {case:4s} x{len(lengths):<5d} "
+                          f"{statistics.median(times[method]):8.3f} s {int(max(ops)):>7d} ops", flush=True)
+            if "ulysses" in outputs and "deepspeed" in outputs:
+                diff = torch.tensor([(outputs["ulysses"] - outputs["deepspeed"]).abs().max().item()],
+                                    dtype=torch.float64)
+                dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+                for r in rows:
+                    if r["length"] == L and r["method"] == "deepspeed":
+                        r["max_diff_vs_ulysses"] = float(diff)
     if rank == 0:
         result = summarise(rows, args, world)
         Path(args.out).write_text(json.dumps(result, indent=1))
@@ -144,20 +176,33 @@ def _worker(args: argparse.Namespace) -> None:
 
 
 def summarise(rows: list[dict[str, Any]], args, world: int) -> dict[str, Any]:
+    def row(method, L, case="one"):
+        return next((r for r in rows if r["method"] == method and r["length"] == L and r["case"] == case), None)
+
     def t(method, L):
-        return next((r["time_s"] for r in rows if r["method"] == method and r["length"] == L), None)
+        r = row(method, L)
+        return None if r is None else r["time_s"]
 
     lengths = sorted({r["length"] for r in rows})
-    lasp2_bytes = {str(L): next(r["bytes_per_rank"] for r in rows if r["method"] == "lasp2" and r["length"] == L)
-                   for L in lengths if t("lasp2", L) is not None}
+    lasp2_bytes = {str(L): row("lasp2", L)["bytes_per_rank"] for L in lengths if row("lasp2", L)}
     ratio_ring = {str(L): t("lasp2", L) / t("ring", L) for L in lengths if t("lasp2", L) and t("ring", L)}
     ratio_ds = {str(L): t("ulysses", L) / t("deepspeed", L) for L in lengths if t("ulysses", L) and t("deepspeed", L)}
     diffs = [r["max_diff_vs_ulysses"] for r in rows if "max_diff_vs_ulysses" in r]
     longest = str(max(lengths))
+    one_vs_many: dict[str, dict[str, Any]] = {}
+    for method in sorted({r["method"] for r in rows}, key=METHODS.index):
+        for L in lengths:
+            one, many = row(method, L), row(method, L, "many")
+            if one and many:
+                one_vs_many.setdefault(method, {})[str(L)] = {
+                    "sequences": many["sequences"], "ops_one": one["aten_ops"], "ops_many": many["aten_ops"],
+                    "ops_many_over_one": many["aten_ops"] / one["aten_ops"],
+                    "time_one_s": one["time_s"], "time_many_s": many["time_s"],
+                    "time_many_over_one": many["time_s"] / one["time_s"]}
     return {
         "benchmark": "comm",
         "world": world, "heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim,
-        "dtype": args.dtype, "repeats": args.repeats, "lengths": lengths, "backend": "gloo",
+        "dtype": args.dtype, "repeats": args.repeats, "lengths": lengths, "short": args.short, "backend": "gloo",
         "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "rows": rows,
         "summary": {
@@ -168,6 +213,7 @@ def summarise(rows: list[dict[str, Any]], args, world: int) -> dict[str, Any]:
             "ulysses_over_deepspeed_time_by_length": ratio_ds,
             "ulysses_over_deepspeed_time": statistics.median(ratio_ds.values()) if ratio_ds else None,
             "ulysses_vs_deepspeed_max_diff": max(diffs) if diffs else None,
+            "one_vs_many": one_vs_many,
         },
     }
 
@@ -178,15 +224,27 @@ def print_table(result: dict[str, Any]) -> None:
 
     t = Table(title=f"SP attention, world {result['world']} (gloo), {result['heads']} heads x {result['head_dim']}, "
                     f"{result['dtype']}: forward+backward, median of {result['repeats']}", title_justify="left")
-    for col in ("method", "length", "time s", "bytes/rank", "analytic", "note"):
-        t.add_column(col, justify="left" if col in ("method", "note") else "right")
+    for col in ("method", "length", "case", "time s", "aten ops", "bytes/rank", "analytic", "note"):
+        t.add_column(col, justify="left" if col in ("method", "case", "note") else "right")
     for r in result["rows"]:
         note = f"max diff {r['max_diff_vs_ulysses']:.1e}" if "max_diff_vs_ulysses" in r else ""
-        t.add_row(r["method"], str(r["length"]), f"{r['time_s']:.3f}",
+        case = "1 seq" if r["case"] == "one" else f"{r['sequences']} x {result['short']}"
+        t.add_row(r["method"], str(r["length"]), case, f"{r['time_s']:.3f}", f"{r['aten_ops']:,}",
                   "-" if r["bytes_per_rank"] is None else f"{r['bytes_per_rank']:,.0f}",
                   f"{r['analytic_bytes_per_rank']:,.0f}", note)
     Console().print(t)
     s = result["summary"]
+    if s["one_vs_many"]:
+        m = Table(title="one sequence against many short ones of the same tokens (many / one)", title_justify="left")
+        for col in ("method", "length", "sequences", "ops one", "ops many", "ops ratio", "time one s", "time many s",
+                    "time ratio"):
+            m.add_column(col, justify="left" if col == "method" else "right")
+        for method, by_len in s["one_vs_many"].items():
+            for L, x in by_len.items():
+                m.add_row(method, L, str(x["sequences"]), f"{x['ops_one']:,}", f"{x['ops_many']:,}",
+                          f"{x['ops_many_over_one']:.2f}", f"{x['time_one_s']:.3f}", f"{x['time_many_s']:.3f}",
+                          f"{x['time_many_over_one']:.2f}")
+        Console().print(m)
     Console().print(f"LASP-2 bytes/rank by length: {s['lasp2_bytes_per_rank']}; LASP-2 / ring time: "
                     f"{ {k: round(v, 3) for k, v in s['lasp2_over_ring_time'].items()} }; Ulysses / DeepSpeed time: "
                     f"{ {k: round(v, 3) for k, v in s['ulysses_over_deepspeed_time_by_length'].items()} }, "
@@ -204,6 +262,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
     p.add_argument("--softmax-max-len", type=int, default=1 << 30)
+    p.add_argument("--short", type=int, default=64)
     return p.parse_args(argv)
 
 

@@ -20,7 +20,9 @@ import torch
 
 from .collectives import all_gather
 from .groups import SPGroup
-from .linear_blocks import LocalPack, decay_powers
+from .kernels import linear_kernel
+from .linear_blocks import decay_powers
+from .linear_fused import fused_pack, local_pack
 from .linear_local import acc_dtype, dense_fits, dense_pack, load_linear, prepare_linear, save_linear
 from .pack import PackLayout
 
@@ -51,7 +53,7 @@ class _Lasp2(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, rates, layout: PackLayout, g: SPGroup, block: int):
         dtype = acc_dtype(q.dtype)
-        local = LocalPack(q.to(dtype), k.to(dtype), v.to(dtype), rates, layout.chunks, block)
+        local = local_pack(q, k, v, rates, layout.chunks, block)
         # the states first, so that their AllGather runs while the intra-chunk outputs are computed
         gathered, work = all_gather(local.states(), g, "lasp2.states", async_op=True)
         local.intra()
@@ -65,9 +67,9 @@ class _Lasp2(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, prefix, rates, layout, g, dtype = load_linear(ctx)
         do = dout.to(dtype)
-        leaves = tuple(t.detach().to(dtype).requires_grad_(True) for t in (q, k, v))
+        leaves = tuple(t.detach().requires_grad_(True) for t in (q, k, v))
         with torch.enable_grad():
-            local = LocalPack(*leaves, rates, layout.chunks, ctx.block)
+            local = local_pack(*leaves, rates, layout.chunks, ctx.block)
         # dP = (lambda^(tau+1) q)^T dO per sequence: gathered while the local part is recomputed
         gathered, work = all_gather(local.prefix_grad(do), g, "lasp2.grad_states", async_op=True)
         with torch.enable_grad():
@@ -90,6 +92,9 @@ def lasp2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: P
     learned), or None for no decay. Returns [local_tokens, heads, dv].
     """
     rates = prepare_linear("lasp2_attention", q, k, v, layout, group, decay_rates, cu_seqlens)
+    kernel = linear_kernel(q)
+    if group.size == 1 and kernel is not None:  # one rank: the fused kernel over the whole pack
+        return fused_pack(kernel, q, k, v, layout.lengths, rates)
     if dense_fits(group, q):  # one rank, a short pack: no states to pass
         return dense_pack(q, k, v, layout.lengths, rates)
     return _Lasp2.apply(q, k, v, rates, layout, group, block)

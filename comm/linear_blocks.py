@@ -31,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .linear_local import acc_dtype
+
 BLOCKS = (16, 32, 64, 128, 256)
 
 
@@ -138,10 +140,14 @@ def entering_states(ends: torch.Tensor, prefix: torch.Tensor | None, rates: torc
         for i, (d, same) in enumerate(zip(bl.shifts, bl.same)):
             scan = scan + F.pad(scan[:-d], (0, 0, 0, 0, 0, 0, d, 0)) * (hops[i] * same)
     entering = F.pad(scan[:-1], (0, 0, 0, 0, 0, 0, 1, 0)) * bl.first
-    if prefix is not None:
-        entering = entering + decay_powers(rates, bl.enter_exp, H, ends.dtype).view(-1, H, 1, 1) * \
-            prefix.index_select(0, bl.block_seq)
-    return entering
+    return entering if prefix is None else entering + prefix_entering(prefix, rates, bl)
+
+
+def prefix_entering(prefix: torch.Tensor, rates: torch.Tensor | None, bl: BlockLayout) -> torch.Tensor:
+    """The part of each block's entering state that comes from its chunk's incoming state:
+    lambda^(B i_b) P_seq(b), [NB, H, dk, dv]."""
+    H = prefix.shape[1]
+    return decay_powers(rates, bl.enter_exp, H, prefix.dtype).view(-1, H, 1, 1) * prefix.index_select(0, bl.block_seq)
 
 
 def inter_blocks(qb: torch.Tensor, entering: torch.Tensor, rates: torch.Tensor | None) -> torch.Tensor:
@@ -175,9 +181,10 @@ class LocalPack:
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rates: torch.Tensor | None,
                  chunks: tuple[int, ...], block: int):
-        self.rates = None if rates is None else rates.to(dtype=q.dtype, device=q.device)
-        self.bl = BlockLayout.build(chunks, q.device, choose_block(chunks, block, q.shape[-1]), q.dtype)
-        self.qb, self.kb, self.vb = (to_blocks(t, self.bl) for t in (q, k, v))
+        dtype = acc_dtype(q.dtype)  # computed in float32 (float64 for float64 inputs), differentiably cast
+        self.rates = None if rates is None else rates.to(dtype=dtype, device=q.device)
+        self.bl = BlockLayout.build(chunks, q.device, choose_block(chunks, block, q.shape[-1]), dtype)
+        self.qb, self.kb, self.vb = (to_blocks(t.to(dtype), self.bl) for t in (q, k, v))
 
     def states(self) -> torch.Tensor:
         return chunk_states(self.kb, self.vb, self.rates, self.bl)

@@ -10,7 +10,9 @@ import torch
 
 from .collectives import recv, send
 from .groups import SPGroup
-from .linear_blocks import LocalPack, decay_powers
+from .kernels import linear_kernel
+from .linear_blocks import decay_powers
+from .linear_fused import fused_pack, local_pack
 from .linear_local import acc_dtype, dense_fits, dense_pack, load_linear, prepare_linear, save_linear
 from .pack import PackLayout
 
@@ -24,7 +26,7 @@ class _Ring(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, rates, layout: PackLayout, g: SPGroup, block: int):
         dtype = acc_dtype(q.dtype)
-        local = LocalPack(q.to(dtype), k.to(dtype), v.to(dtype), rates, layout.chunks, block)
+        local = local_pack(q, k, v, rates, layout.chunks, block)
         states = local.states()
         local.intra()
         prefix = torch.zeros_like(states) if g.index == 0 else recv(states, g, g.index - 1, "ring.states")
@@ -38,9 +40,9 @@ class _Ring(torch.autograd.Function):
         q, k, v, prefix, rates, layout, g, dtype = load_linear(ctx)
         do = dout.to(dtype)
         pd = prefix.detach().requires_grad_(True)
-        leaves = tuple(t.detach().to(dtype).requires_grad_(True) for t in (q, k, v))
+        leaves = tuple(t.detach().requires_grad_(True) for t in (q, k, v))
         with torch.enable_grad():
-            local = LocalPack(*leaves, rates, layout.chunks, ctx.block)
+            local = local_pack(*leaves, rates, layout.chunks, ctx.block)
             out, states = local.output(pd), local.states()
             passed = _hop(rates, layout.chunks, q.shape[1], dtype, q.device) * pd + states  # what went to rank r+1
         # the gradient of the state sent forward comes back from rank r+1
@@ -58,6 +60,9 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Pa
                    block: int = 256) -> torch.Tensor:
     """Causal linear attention over an SP group with the LASP-1 ring; same contract as lasp2_attention."""
     rates = prepare_linear("ring_attention", q, k, v, layout, group, decay_rates, cu_seqlens)
+    kernel = linear_kernel(q)
+    if group.size == 1 and kernel is not None:  # one rank: the fused kernel over the whole pack
+        return fused_pack(kernel, q, k, v, layout.lengths, rates)
     if dense_fits(group, q):  # one rank, a short pack: no states to pass
         return dense_pack(q, k, v, layout.lengths, rates)
     return _Ring.apply(q, k, v, rates, layout, group, block)

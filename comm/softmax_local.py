@@ -12,6 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .kernels import cumulative, softmax_kernel
+
 MAX_SCORES = 1 << 24  # query x key entries per SDPA call before blocking over queries
 
 
@@ -101,17 +103,22 @@ def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
 
     k, v [sum(keys), Hkv, d]: each sequence's keys, packed; q [sum(queries), H, d]: each
     sequence's queries, the last `lengths[j] - q_offsets[j]` positions of sequence j (LASP-2H:
-    a rank's chunk after the chunks before it; default: all of them). Sequences are padded
-    at their end into a few length buckets and each bucket is one SDPA call; padding sits
-    after every real key, so causality keeps it out of every real query."""
+    a rank's chunk after the chunks before it; default: all of them). On CUDA with flash-attn
+    installed, one varlen kernel call (comm/kernels.py). Otherwise sequences are padded at
+    their end into a few length buckets and each bucket is one SDPA call; padding sits after
+    every real key, so causality keeps it out of every real query."""
     H, d = q.shape[1], q.shape[2]
+    offsets = q_offsets or [0] * len(lengths)
+    nq = [L - o for L, o in zip(lengths, offsets)]
+    kernel = softmax_kernel(q)
+    if kernel is not None:  # flash-attn varlen: causal aligned to the bottom right, so queries end with their keys
+        return kernel(q, k, v, cumulative(nq, q.device, torch.int32), cumulative(lengths, q.device, torch.int32),
+                      max(nq), max(lengths), softmax_scale=scale, causal=True)
     Hkv = k.shape[1]
     if Hkv != H:
         k = k.repeat_interleave(H // Hkv, dim=1)
         v = v.repeat_interleave(H // Hkv, dim=1)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    offsets = q_offsets or [0] * len(lengths)
-    nq = [L - o for L, o in zip(lengths, offsets)]
     kstart = [0]
     qstart = [0]
     for L, m in zip(lengths, nq):

@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     bc.add_argument("--repeats", type=int, default=3)
     bc.add_argument("--methods", default="lasp2,ring,ulysses,lasp2h,deepspeed")
+    bc.add_argument("--short", type=int, default=64,
+                    help="every length also runs as sequences of this many tokens (0: one sequence only)")
     bc.add_argument("--softmax-max-len", type=int, default=None,
                     help="skip the softmax methods above this length (they are quadratic)")
 
@@ -279,6 +281,9 @@ def cmd_bench_comm(args: argparse.Namespace) -> int:
               "--repeats", str(args.repeats), "--methods", ",".join(methods)]
     if args.softmax_max_len is not None:
         worker += ["--softmax-max-len", str(args.softmax_max_len)]
+    if args.short < 0:
+        raise PlanningError(f"--short must be >= 0 (0: one sequence per length only), got {args.short}")
+    worker += ["--short", str(args.short)]
     rc = launch(args.world, worker)
     if rc == 0:
         print(f"wrote {args.out}")

@@ -107,8 +107,13 @@ class Progress(Callback):
         self._bar = None
 
     def on_train_start(self, trainer: "Trainer") -> None:
+        from pliant.comm import kernel_names
+
         self.total = trainer.train_spec.steps
         self.every = max(1, self.total // 20)
+        kernels = kernel_names(torch.empty(0, 1, 1, device=trainer.device, dtype=trainer.dtype))
+        print(f"attention kernels ({trainer.device.type}, {str(trainer.dtype).removeprefix('torch.')}): "
+              f"linear {kernels['linear']}, softmax {kernels['softmax']}", flush=True)
         if self.live:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn

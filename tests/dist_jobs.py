@@ -1,6 +1,7 @@
 """Jobs the distributed test pool runs on every rank (see dist_pool.py)."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -29,26 +30,33 @@ def run_op(ctx, method, lengths, start, size, heads, kv_heads, dk, dv, seed, dec
     import pliant.comm as C
     from pliant.comm.linear_local import default_decay_rates
 
-    options = options or {}
+    options = dict(options or {})
+    kernels = options.pop("kernels", None)  # "reference": the fused paths, with the kernels' contracts in torch
     g = ctx.registry.get(start, size)
     layout = PackLayout.from_lengths(lengths, size)
     seqs = make_inputs(lengths, heads, kv_heads, dk, dv, seed)
     q, k, v, w = (layout.shard([s[i] for s in seqs], g.index) for i in range(4))
     q, k, v = (t.clone().requires_grad_(True) for t in (q, k, v))
     COUNTERS.reset()
-    if method == "lasp2":
-        rates = default_decay_rates(heads) if decay else None
-        out = C.lasp2_attention(q, k, v, layout, g, rates, **options)
-    elif method == "ring":
-        rates = default_decay_rates(heads) if decay else None
-        out = C.ring_attention(q, k, v, layout, g, rates, **options)
-    elif method == "ulysses":
-        out = C.ulysses_attention(q, k, v, layout, g, **options)
-    elif method == "lasp2h":
-        out = C.lasp2h_attention(q, k, v, layout, g, **options)
+    if kernels == "reference":
+        from kernel_references import fla_simple_gla_varlen, flash_varlen
+        chosen = C.use_kernels(linear=fla_simple_gla_varlen, softmax=flash_varlen)
     else:
-        raise ValueError(method)
-    (out * w).sum().backward()  # padding rows of w are zero: padding never reaches the loss
+        chosen = contextlib.nullcontext()
+    with chosen:
+        if method == "lasp2":
+            rates = default_decay_rates(heads) if decay else None
+            out = C.lasp2_attention(q, k, v, layout, g, rates, **options)
+        elif method == "ring":
+            rates = default_decay_rates(heads) if decay else None
+            out = C.ring_attention(q, k, v, layout, g, rates, **options)
+        elif method == "ulysses":
+            out = C.ulysses_attention(q, k, v, layout, g, **options)
+        elif method == "lasp2h":
+            out = C.lasp2h_attention(q, k, v, layout, g, **options)
+        else:
+            raise ValueError(method)
+        (out * w).sum().backward()  # padding rows of w are zero: padding never reaches the loss
     return g.index, out.detach(), q.grad, k.grad, v.grad, COUNTERS.snapshot()
 
 
