@@ -34,7 +34,8 @@ def _decayed_sum(gathered: torch.Tensor, lo: int, hi: int, hops: torch.Tensor, c
         return gathered.new_zeros(gathered.shape[1:])
     C = torch.tensor(chunks, device=gathered.device)
     w = decay_powers(rates, hops[:, None] * C[None, :], gathered.shape[2], dtype)  # [c, n, H]
-    return torch.einsum("cnh,cnhde->nhde", w, gathered[lo:hi])
+    # a product and a sum, not an einsum: CPU bmm would loop over the (sequence, head) batch
+    return (w[..., None, None] * gathered[lo:hi]).sum(0)
 
 
 def _prefix(gathered: torch.Tensor, idx: int, chunks: tuple[int, ...], rates, dtype) -> torch.Tensor:

@@ -201,3 +201,25 @@ def save_initial_checkpoint(ctx, config_path, run_dir):
         return trainer.parameters_vector()
     finally:
         trainer.close()
+
+
+def count_ops(ctx, method, lengths, heads=4, head_dim=32):
+    """aten ops of one forward + backward of an SP operator on this rank (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import pliant.comm as C
+    from pliant.comm.linear_local import default_decay_rates
+
+    g = ctx.registry.get(0, ctx.world)
+    layout = PackLayout.from_lengths(lengths, ctx.world)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (layout.shard([torch.randn(n, heads, head_dim, generator=gen) for n in lengths], g.index)
+               .requires_grad_(True) for _ in range(3))
+    ops = {"lasp2": lambda: C.lasp2_attention(q, k, v, layout, g, default_decay_rates(heads)),
+           "ring": lambda: C.ring_attention(q, k, v, layout, g, default_decay_rates(heads)),
+           "ulysses": lambda: C.ulysses_attention(q, k, v, layout, g),
+           "lasp2h": lambda: C.lasp2h_attention(q, k, v, layout, g)}
+    ops[method]().sum().backward()  # first-call work is not the steady state
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        ops[method]().sum().backward()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::"))

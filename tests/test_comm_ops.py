@@ -39,3 +39,14 @@ def test_ops_per_pass_do_not_grow_with_sequences_or_length(op):
     assert max(one, many, longer) <= 2000, (one, many, longer)
     assert many <= 1.5 * one, f"{op}: {many} ops for 64 sequences against {one} for one of the same tokens"
     assert longer <= 1.2 * one, f"{op}: {longer} ops for 8192 tokens against {one} for 4096"
+
+
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("world", [2, 4])
+def test_ops_per_pass_do_not_grow_with_sequences_over_ranks(pools, op, world):
+    """The same on every rank of a group: the global part (states gathered and summed per
+    sequence, K and V gathered, tokens exchanged) is batched over the sequences too."""
+    one = pools[world].run("dist_jobs:count_ops", op, [4096])
+    many = pools[world].run("dist_jobs:count_ops", op, [64] * 64)
+    for rank, (a, b) in enumerate(zip(one, many)):
+        assert max(a, b) <= 2000 and b <= 1.5 * a, f"{op}, rank {rank} of {world}: {b} ops for 64 sequences, {a} for one"
