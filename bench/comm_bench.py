@@ -135,9 +135,13 @@ def _worker(args: argparse.Namespace) -> None:
                 steps[method] = make_step(method, layout, q0, k0, v0, w)
             times: dict[str, list[float]] = {m: [] for m in steps}
             sent: dict[str, float] = {}
-            # round-robin over the methods, so that every method sees the same machine conditions
+            # round-robin over the methods, so that every method sees the same machine conditions; every
+            # other round runs in reverse, so that no method always follows the same one (a method run right
+            # after a long, memory-hungry one pays for the memory that one gave back to the system)
+            names = list(steps)
             for rep in range(args.repeats + 1):  # the first round is a warm-up
-                for method, step in steps.items():
+                for method in (names if rep % 2 == 0 else names[::-1]):
+                    step = steps[method]
                     C.COUNTERS.reset()
                     dist.barrier()
                     t0 = time.perf_counter()
