@@ -12,7 +12,6 @@ difference. Rank 0 writes JSON and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -20,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from pliant.planner.io import strict_dumps
 
 METHODS = ("lasp2", "ring", "ulysses", "lasp2h", "deepspeed")
 
@@ -173,7 +174,7 @@ def _worker(args: argparse.Namespace) -> None:
                         r["max_diff_vs_ulysses"] = float(diff)
     if rank == 0:
         result = summarise(rows, args, world)
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        Path(args.out).write_text(strict_dumps(result, indent=1))
         print_table(result)
     dist.barrier()
     dist.destroy_process_group()

@@ -16,7 +16,6 @@ non-communication hang must still be found and named (its latency is reported).
 """
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import tempfile
@@ -25,6 +24,8 @@ from pathlib import Path
 from . import torchft_compare
 from .fault_runs import DETECT_S, Job, run_job
 from .stress import stress
+
+from pliant.planner.io import strict_dumps
 
 # class -> (faults, config overlay, expected incident kind, expected culprit ranks or link)
 CLASSES: dict[str, tuple[list[dict], dict, str, list[int]]] = {
@@ -315,7 +316,7 @@ def run(config: Path, out: Path, repeats: int, classes: list[str], overhead_step
     body = {"config": str(config), "summary": summary, "classes": results, "overhead": overhead,
             "false_alarm_run": alarms, "torchft": torchft, "vs_torchft": side_by_side(results, torchft),
             "stress": busy, "multinode": nodes}
-    out.write_text(json.dumps(body, indent=1))
+    out.write_text(strict_dumps(body, indent=1))
     print_table(body)
     return body
 

@@ -7,7 +7,6 @@ and a summary with medians and p95s), a PNG, and prints a table.
 """
 from __future__ import annotations
 
-import json
 import platform
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from pliant.planner import ClusterSpec, ModelSpec, Planner, baselines, resolve_source, token_batches
-from pliant.planner.io import atomic_write_text
+from pliant.planner.io import atomic_write_text, strict_dumps
 
 
 def _q(values: list[float], q: float) -> float | None:
@@ -115,7 +114,7 @@ def run(planner: Planner, cluster: ClusterSpec, model: ModelSpec, config_path: s
         "per_batch": rows,
         "summary": summary,
     }
-    atomic_write_text(out, json.dumps(result, indent=1))
+    atomic_write_text(out, strict_dumps(result, indent=1))
     if plot is not None:
         write_plot(rows, static, plot)
     print_summary(result, console)

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from pliant.planner.io import strict_dumps
+
 
 _TRIPLE = re.compile(r'(?s)"""(.+?)"""|\'\'\'(.+?)\'\'\'')
 
@@ -187,7 +189,7 @@ def run(out: Path, mb: float = 50.0, workers: tuple[int, ...] = (1, 2), repeats:
         "ratio_to_encode_batch": {k: medians[k] / base for k in medians if k != "encode_batch"},
         "target_ratio": 0.8,
     }
-    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out, strict_dumps(result, indent=2) + "\n")
 
     table = Table(title=f"pliant data prepare vs the tokenizer's encode_batch ({corpus['bytes'] / 1e6:.0f} MB JSONL, "
                         f"{last['tokens']:,} tokens, median of {repeats})")

@@ -19,11 +19,12 @@ medians and the W / W_first throughput ratio per mode (same seeds, same warm sta
 """
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 from pathlib import Path
 from typing import Any
+
+from pliant.planner.io import strict_dumps
 
 MODES: dict[str, tuple[str, int]] = {"sync": ("sync", 0), "async_k1": ("async", 1), "async_k2": ("async", 2)}
 
@@ -151,7 +152,7 @@ def run(cfg, out: Path, seeds: int, modes: list[str], last: int = 5, worlds: lis
     render_rl([Path(r["run_dir"]) for r in records], plot)
     body["plot"] = str(plot)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(body, indent=1))
+    out.write_text(strict_dumps(body, indent=1))
     print_table(body)
     return body
 

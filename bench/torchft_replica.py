@@ -9,7 +9,6 @@ to --log (wall time, step, quorum size, committed or not, the error the manager 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from datetime import timedelta
@@ -18,10 +17,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from pliant.planner.io import strict_dumps
+
 
 def log(path: Path, row: dict) -> None:
     with path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
+        f.write(strict_dumps(row) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,10 +11,11 @@ written as JSON by rank 0, with a table.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 from pathlib import Path
+
+from pliant.planner.io import strict_dumps
 
 
 def summarize(records: list[dict], warmup: int) -> dict:
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         doc = {"benchmark": "train", "config": args.config, "world_size": world, "device": c.device,
                "host": platform.node(), "rounds": args.rounds, "steps_per_round": args.steps_per_round,
                "warmup": args.warmup, "cost": cfg.cost.model_dump(mode="json"), **result, "records": records}
-        Path(args.out).write_text(json.dumps(doc, indent=1))
+        Path(args.out).write_text(strict_dumps(doc, indent=1))
         print_table(result)
         print(f"wrote {args.out}", flush=True)
     dist.barrier()

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import socket
 import statistics
 from pathlib import Path
 
 import yaml
+
+from pliant.planner.io import strict_dumps
 
 
 def _sig(x: float, digits: int = 4) -> float:
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = {"config": args.config, "cost": cost.model_dump(mode="json"), "bandwidth": bandwidth,
                    "pack_fit_median_rel_error": fit.median_rel_error, "pack_fit_max_rel_error": fit.max_rel_error,
                    "calibration_step_error_median": float(np.median(err))}
-        report.write_text(json.dumps({"summary": summary, **result.to_dict()}, indent=1))
+        report.write_text(strict_dumps({"summary": summary, **result.to_dict()}, indent=1))
         print_profile(result, cost, float(np.median(err)))
         print(f"wrote {args.out} and {report}", flush=True)
     dist.barrier()

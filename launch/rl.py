@@ -5,11 +5,11 @@ RUN_DIR/metrics.jsonl, the run's summary in RUN_DIR/summary.json."""
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 from pliant.launch.config import RLJobConfig, load_config, merge_config, parse_config
+from pliant.planner.io import strict_dumps
 
 RL_CONFIG = "configs/rl-local.yaml"
 
@@ -66,7 +66,7 @@ def cmd_rl(args: argparse.Namespace) -> int:
 
     result = runner.run(cfg, run_dir, sft_cache=run_dir / "warm_start.pt", on_step=on_step)
     summary = result.summary()
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    (run_dir / "summary.json").write_text(strict_dumps(summary, indent=1))
     console.print(f"{summary['mode']} (k={summary['staleness']}): {summary['tokens_per_s']:.0f} trained tokens/s, "
                   f"{summary['samples_per_s']:.1f} samples/s, training reward {fmt(summary['reward_first'])} -> "
                   f"{fmt(summary['reward_last'])}, held-out reward {held_out(summary)}; rollout idle "

@@ -37,7 +37,7 @@ from pliant.comm.monitor.master import read_incidents
 from pliant.comm.monitor.node_agent import NodeAgent, NodeAgentError
 from pliant.launch.config import ConfigError, JobConfig, load_config
 from pliant.launch.nodes import NodePlacement, interface_of
-from pliant.planner.io import atomic_write_text
+from pliant.planner.io import atomic_write_text, strict_dumps
 
 POLL_S = 0.1
 
@@ -230,7 +230,7 @@ class Supervisor:
         for path in sorted((self.run_dir / "incidents").glob(f"incident-a{attempt}-*.json")):
             body = json.loads(path.read_text())
             if body.get("action") == "restart" and "restart" not in body:
-                atomic_write_text(path, json.dumps({**body, "restart": note}, indent=1))
+                atomic_write_text(path, strict_dumps({**body, "restart": note}, indent=1))
 
     @staticmethod
     def _too_small(cfg: JobConfig) -> str | None:
@@ -411,7 +411,7 @@ class Supervisor:
         body = {"slots": self.slots, "bad_slots": {str(k): v for k, v in self.bad.items()},
                 "attempts": [asdict(a) for a in self.attempts]}
         name = f"supervisor-node{self.node.rank}.json" if self.multi and not self.node.first else "supervisor.json"
-        atomic_write_text(self.run_dir / "monitor" / name, json.dumps(body, indent=1))
+        atomic_write_text(self.run_dir / "monitor" / name, strict_dumps(body, indent=1))
 
 
 def rendezvous_id(cfg: JobConfig) -> str:

@@ -1,9 +1,12 @@
-"""Small file helpers shared by the planner's writers."""
+"""Small file helpers shared by every writer: atomic writes and strict JSON."""
 from __future__ import annotations
 
+import json
+import math
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -27,3 +30,23 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def finite(obj: Any) -> Any:
+    """`obj` with every non-finite float (inf, -inf, nan; numpy's too) replaced by None, and
+    numpy scalars and arrays turned into Python numbers and lists: what strict JSON can hold."""
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):  # numpy arrays and scalars, torch scalars
+        return finite(obj.tolist())
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    return obj
+
+
+def strict_dumps(obj: Any, **kw: Any) -> str:
+    """Strict JSON (RFC 8259): a figure that is not finite is written as null, never as
+    Infinity or NaN, which other parsers reject."""
+    return json.dumps(finite(obj), allow_nan=False, **kw)

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .io import atomic_write_text
+from .io import atomic_write_text, strict_dumps
 
 
 @dataclass
@@ -95,7 +95,7 @@ class Plan:
         return d
 
     def to_json(self, path: str | Path | None = None, indent: int | None = 1) -> str:
-        text = json.dumps(self.to_dict(), indent=indent)
+        text = strict_dumps(self.to_dict(), indent=indent)
         if path is not None:
             atomic_write_text(Path(path), text)
         return text

@@ -11,7 +11,6 @@ handed out again.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,8 @@ from .scoring import ReferenceWorker, RewardWorker
 from .spec import RLConfigError, RLResourceError
 from .task import build_task
 from .transfer_queue import TransferQueue
+
+from pliant.planner.io import strict_dumps
 
 TASKS = ["reward", "reference", "learner"]
 PLACEMENT_TIMEOUT_S = 60.0
@@ -281,7 +282,7 @@ def run(cfg, run_dir: Path, mode: str | None = None, staleness: int | None = Non
             for s in steps[shown:]:
                 row = {"mode": mode, "staleness_bound": k, "seed": seed, **{x: y for x, y in s.items()
                                                                               if x != "staleness"}}
-                metrics.write(json.dumps(row) + "\n")
+                metrics.write(strict_dumps(row) + "\n")
                 metrics.flush()
                 if on_step:
                     on_step(row)

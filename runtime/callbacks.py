@@ -8,7 +8,6 @@ the exception that ended the run, or None).
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pliant.planner.io import atomic_write_bytes
+from pliant.planner.io import atomic_write_bytes, strict_dumps
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpointer
@@ -46,7 +45,7 @@ class JsonlMetrics(Callback):
         self._file = open(self.path, "a")
 
     def on_step_end(self, trainer: "Trainer", result: "StepResult") -> None:
-        self._file.write(json.dumps({**vars(result), "wall": time.time()}) + "\n")
+        self._file.write(strict_dumps({**vars(result), "wall": time.time()}) + "\n")
         self._file.flush()
 
     def on_train_end(self, trainer: "Trainer", error: BaseException | None) -> None:

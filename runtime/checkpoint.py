@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pliant.planner.io import atomic_write_text
+from pliant.planner.io import atomic_write_text, strict_dumps
 
 COMPLETE = "COMPLETE"
 UNIVERSAL = "universal"
@@ -140,7 +140,7 @@ class Checkpointer:
         self.on_stage("written")
         dist.barrier()
         if self.rank == 0:
-            atomic_write_text(tmp / "meta.json", json.dumps(meta))
+            atomic_write_text(tmp / "meta.json", strict_dumps(meta))
             atomic_write_text(tmp / COMPLETE, f"step {step}\n")
             _fsync_dir(tmp)
             if final.exists():

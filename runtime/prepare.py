@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from pliant.runtime.indexed import DataError, IndexedTokensWriter, bin_path, idx_path, optimal_dtype
+from pliant.planner.io import strict_dumps
 
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 COMPRESSION = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd"}
@@ -475,7 +476,7 @@ def prepare(inputs: Sequence[str | Path], tokenizer_dir: str | Path, out_prefix:
         summary.doc_len_median, summary.doc_len_p99, summary.doc_len_max = _describe(writer.document_lengths())
     # the .bin/.idx are in place; the summary follows, and if it cannot be written neither stays
     try:
-        atomic_write_text(summary_path, json.dumps(summary.to_dict(), indent=2) + "\n")
+        atomic_write_text(summary_path, strict_dumps(summary.to_dict(), indent=2) + "\n")
     except BaseException:
         for p in (idx_path(out_prefix), bin_path(out_prefix)):
             p.unlink(missing_ok=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 import psutil
 import zmq
 
-from pliant.planner.io import atomic_write_text
+from pliant.planner.io import atomic_write_text, strict_dumps
 
 from .classify import Incident, JobPicture
 from .progress import py_spy_stack, read_thread
@@ -152,7 +152,7 @@ class Master:
                     inc.evidence.setdefault("stack_outside", {})[str(r)] = py_spy_stack(st.pid)
         self.incidents.append(inc)
         path = incident_path(self.run_dir, self.attempt, len(self.incidents))
-        atomic_write_text(path, json.dumps(inc.to_dict(), indent=1))
+        atomic_write_text(path, strict_dumps(inc.to_dict(), indent=1))
         where = f" link {inc.link[0]}->{inc.link[1]}" if inc.link else ""
         if inc.exclude_nodes:
             where += f" (node {', '.join(map(str, inc.exclude_nodes))})"
@@ -168,7 +168,7 @@ class Master:
         body = {"attempt": self.attempt, "uptime_s": round(time.monotonic() - self.started, 3),
                 "messages": self.messages, "ranks": ranks, "incidents": [i.to_dict() for i in self.incidents],
                 "baselines": {str(k): len(v) for k, v in self.picture.durations.items()}}
-        atomic_write_text(self.run_dir / "monitor" / f"master-a{self.attempt}.json", json.dumps(body, indent=1))
+        atomic_write_text(self.run_dir / "monitor" / f"master-a{self.attempt}.json", strict_dumps(body, indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:
