@@ -27,7 +27,7 @@ def _sent(counters: dict, prefix: str) -> int:
 def test_counted_bytes_match_the_analytic_volume(pool, method, heads, kv_heads):
     L, d = 37, 3
     ranks = check(pool, method, [L], 0, 4, heads=heads, kv_heads=kv_heads, dk=d, dv=d)
-    expect = analytic_bytes(method, L, 4, heads, kv_heads, d, elem=8)
+    expect = analytic_bytes(method, [L], 4, heads, kv_heads, d, elem=8)
     sent = [_sent(r[5], method) for r in ranks]
     if method == "ring":
         assert sent == [expect / 2, expect, expect, expect / 2]  # the ends send in one direction only
