@@ -20,10 +20,9 @@ import torch
 
 from .collectives import all_gather
 from .groups import SPGroup
-from .kernels import linear_kernel
 from .linear_blocks import decay_powers
-from .linear_fused import fused_pack, local_pack
-from .linear_local import acc_dtype, dense_fits, dense_pack, load_linear, prepare_linear, save_linear
+from .linear_fused import local_pack, one_rank
+from .linear_local import acc_dtype, load_linear, prepare_linear, save_linear
 from .pack import PackLayout
 
 
@@ -93,9 +92,7 @@ def lasp2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: P
     learned), or None for no decay. Returns [local_tokens, heads, dv].
     """
     rates = prepare_linear("lasp2_attention", q, k, v, layout, group, decay_rates, cu_seqlens)
-    kernel = linear_kernel(q)
-    if group.size == 1 and kernel is not None:  # one rank: the fused kernel over the whole pack
-        return fused_pack(kernel, q, k, v, layout.lengths, rates)
-    if dense_fits(group, q):  # one rank, a short pack: no states to pass
-        return dense_pack(q, k, v, layout.lengths, rates)
+    out = one_rank(q, k, v, layout.lengths, group, rates)
+    if out is not None:
+        return out
     return _Lasp2.apply(q, k, v, rates, layout, group, block)

@@ -21,7 +21,7 @@ import torch
 from .kernels import cumulative, linear_kernel
 from .linear_blocks import BlockLayout, LocalPack, choose_block, from_blocks, inter_blocks, prefix_entering, \
     prefix_grad, to_blocks
-from .linear_local import acc_dtype
+from .linear_local import acc_dtype, dense_fits, dense_pack
 
 
 def _log_decay(rates: torch.Tensor | None, device) -> torch.Tensor | None:
@@ -35,6 +35,19 @@ def fused_pack(kernel: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                   cu_seqlens=cumulative(lengths, q.device, torch.long),
                   cu_seqlens_cpu=cumulative(lengths, "cpu", torch.long))
     return o[0].to(q.dtype)
+
+
+def one_rank(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: tuple[int, ...], group,
+             rates: torch.Tensor | None) -> torch.Tensor | None:
+    """A rank holding whole sequences (a group of one) needs no states passed: the fused kernel
+    over the pack where it runs, else one masked product for a short pack; None otherwise (the
+    operator's own path). LASP-2 and the ring share it."""
+    kernel = linear_kernel(q)
+    if group.size == 1 and kernel is not None:
+        return fused_pack(kernel, q, k, v, lengths, rates)
+    if dense_fits(group, q):
+        return dense_pack(q, k, v, lengths, rates)
+    return None
 
 
 class FusedLocalPack:
