@@ -236,7 +236,7 @@ class Planner:
             lengths=[int(x) for x in arr],
             micro_batches=micro,
             predicted_ms=float(sum(mb.predicted_ms for mb in micro)),
-            lower_bound_ms=self.cost.lower_bound_ms(arr),
+            lower_bound_ms=self.cost.lower_bound_ms(arr, self.sizes, min_micro_batches(arr, self.cost)),
             solve_s=time.perf_counter() - t0,
             micro_batch_candidates=candidates,
         )

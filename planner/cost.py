@@ -224,6 +224,36 @@ class CostModel:
         base, per_token, per_seq = self.memory_coeffs(s)
         return base + per_token * self.padded(lengths, s) + per_seq <= self.device_memory_bytes
 
-    def lower_bound_ms(self, lengths: np.ndarray) -> float:
-        """Total single-device compute / N plus one group overhead; no communication or memory."""
-        return float(self.single_device_ms(lengths).sum() / self.world_size + self.beta_ms)
+    def lower_bound_ms(self, lengths: np.ndarray, sizes: list[int] | None = None, micro_batches: int = 1) -> float:
+        """A time no plan of these sequences can beat, with groups of `sizes` (default: every
+        size) and at least `micro_batches` micro-batches:
+
+        * every micro-batch pays the group overhead beta once;
+        * the devices together spend at least each sequence's least device-time, s x its time in
+          a group of s, minimised over the sizes it fits (its communication included), spread
+          over all N devices;
+        * the micro-batch holding the slowest sequence lasts at least that sequence's best time
+          on any group it fits (the floor of one very long sequence).
+
+        On shared CPU cores (`cores`), group times shrink when neighbours idle, so the floor
+        of one sequence is priced as the cost model prices a group running alone."""
+        L = np.asarray(lengths, dtype=np.int64)
+        if L.size == 0:
+            return 0.0
+        sizes = sizes or [1] + [s for s in range(2, self.world_size + 1)]
+        shared = self.cores is not None and self.cores < self.world_size
+        best_time = np.full(L.shape, np.inf)
+        best_device_time = np.full(L.shape, np.inf)
+        for s in sizes:
+            t = np.where(self.seq_fits(L, s), self.seq_ms(L, s), np.inf)
+            if shared:  # a group alone: (beta + its load) at its best speed (micro_batch_ms)
+                t_alone = (self.beta_ms + t) * (self.cores / self.world_size) * max(1.0, s / self.cores)
+            else:
+                t_alone = self.beta_ms + t
+            best_time = np.minimum(best_time, t_alone)
+            best_device_time = np.minimum(best_device_time, s * t)
+        spread = float(best_device_time.sum() / self.world_size)
+        floor = float(best_time.max())
+        if shared:  # each micro-batch: at least its spread, which holds beta once per device of a busy group
+            return max(floor, spread + micro_batches * self.beta_ms / self.world_size)
+        return max(floor + (micro_batches - 1) * self.beta_ms, spread + micro_batches * self.beta_ms)

@@ -87,5 +87,21 @@ def test_memory_and_capacity(cost7b):
 
 def test_lower_bound(cost7b):
     L = np.array([1000, 2000, 50_000])
+    sizes = [1, 2, 4, 8, 16, 32, 64]
     single = 5.128e-6 * L.astype(float) ** 2 + 0.184 * L
-    assert cost7b.lower_bound_ms(L) == pytest.approx(single.sum() / 64 + 629.0)
+    # short sequences: their least device-time is on one device, no communication
+    per_seq = {s: [cost7b.seq_ms(np.array([x]), s)[0] if cost7b.seq_fits(np.array([x]), s)[0] else np.inf
+                   for x in L] for s in sizes}
+    device_time = [min(s * per_seq[s][j] for s in sizes) for j in range(3)]
+    assert device_time[:2] == pytest.approx(single[:2])
+    assert device_time[2] > single[2]  # 50K tokens do not fit one device: its least device-time communicates
+    best = [min(per_seq[s][j] for s in sizes) for j in range(3)]
+    spread, floor = sum(device_time) / 64, max(best)
+    assert cost7b.lower_bound_ms(L, sizes) == pytest.approx(629.0 + max(spread, floor))
+    # one very long sequence: its own best time is the bound, far above compute / N
+    long = np.array([196_608])
+    fastest = min(cost7b.seq_ms(long, s)[0] for s in sizes if cost7b.seq_fits(long, s)[0])
+    assert cost7b.lower_bound_ms(long, sizes) == pytest.approx(629.0 + fastest)
+    assert cost7b.lower_bound_ms(long, sizes) > 2 * (cost7b.single_device_ms(long)[0] / 64 + 629.0)
+    # every further micro-batch pays the group overhead once more
+    assert cost7b.lower_bound_ms(L, sizes, 3) == pytest.approx(cost7b.lower_bound_ms(L, sizes) + 2 * 629.0)
