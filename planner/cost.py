@@ -82,6 +82,7 @@ class CostModel:
     gamma_ms: float = 0.0  # per sequence, on every rank of its group
     step_overhead_ms: float = 0.0  # per step, outside the micro-batches; changes no plan
     cores: int | None = None  # CPU cores the ranks share (None: dedicated devices)
+    comm_scale: float = 1.0  # measured / modelled communication time (planner/calibrate.py refits it)
     _mem_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
@@ -146,7 +147,7 @@ class CostModel:
         if s == 1:
             return np.zeros(np.shape(lengths))
         table = self.a2a if self.uses_ulysses(s) else self.all_gather
-        return self.softmax_comm_bytes(lengths, s) / (table.gbps(s) * 1e9) * 1e3
+        return self.comm_scale * self.softmax_comm_bytes(lengths, s) / (table.gbps(s) * 1e9) * 1e3
 
     @property
     def linear_state_bytes(self) -> int:
@@ -162,7 +163,7 @@ class CostModel:
     def linear_comm_ms(self, s: int) -> float:
         if s == 1:
             return 0.0
-        return self.linear_comm_bytes(s) / (self.all_gather.gbps(s) * 1e9) * 1e3
+        return self.comm_scale * self.linear_comm_bytes(s) / (self.all_gather.gbps(s) * 1e9) * 1e3
 
     def seq_ms(self, lengths: np.ndarray, s: int) -> np.ndarray:
         """Predicted time of each sequence in a group of s devices, group overhead excluded."""

@@ -1,0 +1,138 @@
+"""Online calibration of the cost model from measured group times.
+
+The runtime measures every micro-batch: each busy SP group's forward + backward time. A
+group of size s holding sequences of padded lengths L_j is predicted (planner/cost.py) as
+
+    beta + n * gamma + a1 * sum L_j^2 / s + a2 * sum L_j / s + comm(L, s)
+
+so every measured group time is one linear equation in the coefficients
+(beta, gamma, a1, a2, comm scale). `Calibration` keeps a window of recent groups and refits
+the coefficients by non-negative least squares, made robust by Huber reweighting (a few
+stragglers or a slow first step do not drag the fit) and bounded (a refit moves each
+coefficient by at most `max_step` x, and never beyond `max_drift` x of the configured value),
+so that plans and predictions follow the machine the job actually runs on. A coefficient the
+window cannot tell apart from the others (its feature never varies) keeps its value. Every
+refit is returned as a `Refit` record for the run's log.
+"""
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+
+from .cost import CostModel
+
+TERMS = ("beta_ms", "gamma_ms", "a1_ms", "a2_ms", "comm_scale")
+
+
+@dataclass(frozen=True)
+class GroupSample:
+    """One busy group of one micro-batch: its size, its sequences' lengths, its measured time."""
+
+    size: int
+    lengths: tuple[int, ...]
+    measured_ms: float
+
+
+@dataclass
+class Refit:
+    """What one refit changed, for the run's log (calibration.jsonl)."""
+
+    step: int
+    samples: int
+    before: dict[str, float]
+    after: dict[str, float]
+    error_before: float  # median |predicted - measured| / measured over the window, old coefficients
+    error_after: float
+    clamped: list[str] = field(default_factory=list)  # coefficients held back by the bounds
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def features(cost: CostModel, size: int, lengths) -> np.ndarray:
+    """The group's prediction as a linear form in TERMS: [1, n, sum L^2 / s, sum L / s, comm ms at scale 1]."""
+    L = cost.padded(np.asarray(lengths, dtype=np.int64), size)
+    comm = float(cost.softmax_comm_ms(L, size).sum() + len(L) * cost.linear_comm_ms(size)) / cost.comm_scale
+    return np.array([1.0, float(len(L)), float((L * L).sum()) / size, float(L.sum()) / size, comm])
+
+
+def coefficients(cost: CostModel) -> np.ndarray:
+    return np.array([getattr(cost, t) for t in TERMS], dtype=np.float64)
+
+
+def nnls_small(A: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Non-negative least squares for a handful of unknowns: the best least-squares solution
+    over every support (2^k small solves), keeping only non-negative ones. Exact, no scipy."""
+    k = A.shape[1]
+    best, best_res = np.zeros(k), float(b @ b)
+    for r in range(1, k + 1):
+        for support in itertools.combinations(range(k), r):
+            cols = list(support)
+            x, *_ = np.linalg.lstsq(A[:, cols], b, rcond=None)
+            if np.all(x >= 0):
+                full = np.zeros(k)
+                full[cols] = x
+                res = float(np.sum((A @ full - b) ** 2))
+                if res < best_res - 1e-12:
+                    best, best_res = full, res
+    return best
+
+
+class Calibration:
+    """A window of measured groups and the refit of the cost model's coefficients."""
+
+    def __init__(self, cost: CostModel, window: int = 256, min_samples: int = 8, max_step: float = 2.0,
+                 max_drift: float = 8.0, huber: float = 1.5, iterations: int = 5):
+        self.configured = cost
+        self.cost = cost
+        self.samples: deque[tuple[np.ndarray, float]] = deque(maxlen=window)
+        self.min_samples, self.max_step, self.max_drift = min_samples, max_step, max_drift
+        self.huber, self.iterations = huber, iterations
+
+    def observe(self, groups: list[GroupSample]) -> None:
+        for g in groups:
+            if g.measured_ms > 0 and g.lengths:
+                self.samples.append((features(self.cost, g.size, g.lengths), float(g.measured_ms)))
+
+    def _fit(self, A: np.ndarray, y: np.ndarray, current: np.ndarray) -> np.ndarray:
+        """Relative NNLS (each equation divided by its measured time: errors are relative) with
+        Huber weights; the unknowns are multipliers of the current coefficients, so a term whose
+        coefficient is 0 stays 0 and the scales are comparable."""
+        scaled = A * np.where(current > 0, current, 0.0)[None, :]
+        live = np.flatnonzero(scaled.std(axis=0) > 0)
+        const = [i for i in range(A.shape[1]) if i not in set(live) and np.any(scaled[:, i] > 0)]
+        cols = sorted(set(live) | set(const[:1]))  # at most one constant column: the intercept
+        w = np.ones(len(y))
+        mult = np.ones(A.shape[1])
+        for _ in range(self.iterations):
+            rows = np.sqrt(w)[:, None] / y[:, None]
+            x = nnls_small(scaled[:, cols] * rows, np.ones(len(y)) * np.sqrt(w))
+            mult = np.ones(A.shape[1])
+            mult[cols] = x
+            r = (scaled @ mult - y) / y
+            scale = 1.4826 * np.median(np.abs(r - np.median(r))) or 1e-12
+            u = np.abs(r) / (self.huber * scale)
+            w = np.where(u <= 1, 1.0, 1.0 / np.maximum(u, 1e-12))
+        return current * mult
+
+    def refit(self, step: int) -> Refit | None:
+        """Refit from the window; None until it holds `min_samples` groups."""
+        if len(self.samples) < self.min_samples:
+            return None
+        A = np.stack([f for f, _ in self.samples])
+        y = np.array([m for _, m in self.samples])
+        current = coefficients(self.cost)
+        target = self._fit(A, y, current)
+        base = coefficients(self.configured)
+        lo = np.maximum(current / self.max_step, base / self.max_drift)
+        hi = np.minimum(current * self.max_step, base * self.max_drift)
+        new = np.clip(target, lo, hi)
+        clamped = [t for t, a, b in zip(TERMS, new, target) if not np.isclose(a, b, rtol=1e-9, atol=0)]
+        self.cost = replace(self.cost, **{t: float(v) for t, v in zip(TERMS, new)})
+        err = lambda c: float(np.median(np.abs(A @ c - y) / y))  # noqa: E731
+        return Refit(step=step, samples=len(y), before=dict(zip(TERMS, current.tolist())),
+                     after=dict(zip(TERMS, new.tolist())), error_before=err(current), error_after=err(new),
+                     clamped=clamped)
