@@ -91,11 +91,33 @@ class Calibration:
         self.samples: deque[tuple[np.ndarray, float]] = deque(maxlen=window)
         self.min_samples, self.max_step, self.max_drift = min_samples, max_step, max_drift
         self.huber, self.iterations = huber, iterations
+        self.steps: deque[tuple[list[list[tuple[int, tuple[int, ...]]]], float]] = deque(maxlen=max(8, window // 8))
 
     def observe(self, groups: list[GroupSample]) -> None:
         for g in groups:
             if g.measured_ms > 0 and g.lengths:
                 self.samples.append((features(self.cost, g.size, g.lengths), float(g.measured_ms)))
+
+    def observe_step(self, micro_batches: list[list[GroupSample]], step_ms: float, fit_last: bool = False) -> None:
+        """A whole step: its micro-batches' busy groups and the step's measured time. The
+        groups refit the coefficients (those of the last micro-batch only with `fit_last`: its
+        backward also carries the step's gradient reduction); the step refits the time
+        outside the micro-batches (`step_overhead_ms`)."""
+        for i, groups in enumerate(micro_batches):
+            if fit_last or i < len(micro_batches) - 1 or len(micro_batches) == 1:
+                self.observe(groups)
+        self.steps.append(([[(g.size, g.lengths) for g in groups] for groups in micro_batches], float(step_ms)))
+
+    def _step_overhead(self, cost: CostModel) -> float | None:
+        """Median of measured step time minus the micro-batches as `cost` prices them."""
+        if not self.steps:
+            return None
+        rest = []
+        for mbs, step_ms in self.steps:
+            priced = sum(cost.micro_batch_ms([(s, cost.beta_ms + float(cost.seq_ms(np.array(L), s).sum()))
+                                              for s, L in groups]) for groups in mbs)
+            rest.append(step_ms - priced)
+        return max(0.0, float(np.median(rest)))
 
     def _fit(self, A: np.ndarray, y: np.ndarray, current: np.ndarray) -> np.ndarray:
         """Relative NNLS (each equation divided by its measured time: errors are relative) with
@@ -131,8 +153,13 @@ class Calibration:
         hi = np.minimum(current * self.max_step, base * self.max_drift)
         new = np.clip(target, lo, hi)
         clamped = [t for t, a, b in zip(TERMS, new, target) if not np.isclose(a, b, rtol=1e-9, atol=0)]
-        self.cost = replace(self.cost, **{t: float(v) for t, v in zip(TERMS, new)})
+        before = {**dict(zip(TERMS, current.tolist())), "step_overhead_ms": self.cost.step_overhead_ms}
+        cost = replace(self.cost, **{t: float(v) for t, v in zip(TERMS, new)})
+        overhead = self._step_overhead(cost)
+        if overhead is not None:
+            cost = replace(cost, step_overhead_ms=overhead)
+        self.cost = cost
         err = lambda c: float(np.median(np.abs(A @ c - y) / y))  # noqa: E731
-        return Refit(step=step, samples=len(y), before=dict(zip(TERMS, current.tolist())),
-                     after=dict(zip(TERMS, new.tolist())), error_before=err(current), error_after=err(new),
-                     clamped=clamped)
+        return Refit(step=step, samples=len(y), before=before,
+                     after={**dict(zip(TERMS, new.tolist())), "step_overhead_ms": cost.step_overhead_ms},
+                     error_before=err(current), error_after=err(new), clamped=clamped)

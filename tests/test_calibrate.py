@@ -77,3 +77,15 @@ def test_a_refit_is_bounded(truth):
     for step in range(2, 6):
         cal.refit(step)
     assert cal.cost.a2_ms == pytest.approx(far.a2_ms / 8)  # never beyond 8x of the configured value
+
+
+def test_steps_refit_the_time_outside_the_micro_batches(truth):
+    rng = np.random.default_rng(4)
+    cal = Calibration(replace(truth, step_overhead_ms=0.0))
+    for _ in range(12):
+        mbs = [measured(truth, rng, 4, noise=0.0) for _ in range(int(rng.integers(1, 4)))]
+        step = sum(max(g.measured_ms for g in groups) for groups in mbs) + 500.0
+        cal.observe_step(mbs, step)
+    r = cal.refit(12)
+    assert r.before["step_overhead_ms"] == 0.0
+    assert r.after["step_overhead_ms"] == pytest.approx(500.0, rel=1e-6)
