@@ -43,6 +43,9 @@ def summarize(records: list[dict], warmup: int) -> dict:
     ad, st, dp = modes["adaptive"], modes[best], modes["dp"]
     per_round = [s / a for s, a in zip(st["round_medians_s"], ad["round_medians_s"])]
     all_errors = [abs(r["predicted_s"] - r["seconds"]) / r["seconds"] for r in records if r["step"] > warmup]
+    # with calibration on: the same steps as the configured coefficients price them
+    configured = [abs(r["predicted_configured_s"] - r["seconds"]) / r["seconds"] for r in records
+                  if r["step"] > warmup and r.get("predicted_configured_s") is not None]
     return {
         "modes": modes,
         "summary": {
@@ -55,6 +58,7 @@ def summarize(records: list[dict], warmup: int) -> dict:
             "speedup_vs_static_per_round": per_round,
             "prediction_error_median": statistics.median(all_errors),
             "prediction_error_median_adaptive": ad["prediction_error_median"],
+            "prediction_error_median_uncalibrated": statistics.median(configured) if configured else None,
         },
     }
 
@@ -98,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                 for _ in range(args.steps_per_round):
                     r = trainer.train_step()
                     records.append({"mode": name, "round": rnd, "step": r.step, "seconds": r.seconds,
-                                    "predicted_s": r.predicted_s, "loss": r.loss, "tokens": r.tokens,
+                                    "predicted_s": r.predicted_s, "predicted_configured_s": r.predicted_configured_s,
+                                    "loss": r.loss, "tokens": r.tokens,
                                     "group_mix": r.group_mix, "micro_batches": r.micro_batches})
                 if rank == 0:
                     done = records[-1]
@@ -136,6 +141,9 @@ def print_table(result: dict) -> None:
     print(f"adaptive {s['adaptive_step_s']:.3f}s  best static (SP={s['static_degree']}) {s['static_step_s']:.3f}s  "
           f"dp {s['dp_step_s']:.3f}s  speedup vs static {s['speedup_vs_static']:.2f}x  vs dp "
           f"{s['speedup_vs_dp']:.2f}x  prediction error median {s['prediction_error_median']:.1%}")
+    if s.get("prediction_error_median_uncalibrated") is not None:
+        print(f"online calibration: prediction error median {s['prediction_error_median']:.1%} calibrated, "
+              f"{s['prediction_error_median_uncalibrated']:.1%} with the configured coefficients on the same steps")
 
 
 if __name__ == "__main__":

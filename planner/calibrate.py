@@ -59,6 +59,19 @@ def features(cost: CostModel, size: int, lengths) -> np.ndarray:
     return np.array([1.0, float(len(L)), float((L * L).sum()) / size, float(L.sum()) / size, comm])
 
 
+def price_micro_batches(micro_batches, cost: CostModel) -> float:
+    """ms of micro-batches given as lists of busy groups (size, lengths), priced by `cost`."""
+    return sum(cost.micro_batch_ms([(s, cost.beta_ms + float(cost.seq_ms(np.asarray(L, dtype=np.int64), s).sum()))
+                                    for s, L in groups]) for groups in micro_batches)
+
+
+def price_plan(plan, lengths, cost: CostModel) -> float:
+    """A plan's step time in ms as `cost` prices it (its micro-batches and the step overhead)."""
+    mbs = [[(g.size, [int(lengths[j]) for j in g.seq_ids]) for g in mb.groups if g.seq_ids]
+           for mb in plan.micro_batches]
+    return price_micro_batches(mbs, cost) + cost.step_overhead_ms
+
+
 def coefficients(cost: CostModel) -> np.ndarray:
     return np.array([getattr(cost, t) for t in TERMS], dtype=np.float64)
 
@@ -112,12 +125,7 @@ class Calibration:
         """Median of measured step time minus the micro-batches as `cost` prices them."""
         if not self.steps:
             return None
-        rest = []
-        for mbs, step_ms in self.steps:
-            priced = sum(cost.micro_batch_ms([(s, cost.beta_ms + float(cost.seq_ms(np.array(L), s).sum()))
-                                              for s, L in groups]) for groups in mbs)
-            rest.append(step_ms - priced)
-        return max(0.0, float(np.median(rest)))
+        return max(0.0, float(np.median([step_ms - price_micro_batches(mbs, cost) for mbs, step_ms in self.steps])))
 
     def _fit(self, A: np.ndarray, y: np.ndarray, current: np.ndarray) -> np.ndarray:
         """Relative NNLS (each equation divided by its measured time: errors are relative) with

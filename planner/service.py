@@ -49,21 +49,28 @@ def _init(planner: Planner, parent_pid: int) -> None:
     _planner = planner
 
 
-def _plan(lengths: np.ndarray, degree: int | None) -> Plan | None:
+def _plan(lengths: np.ndarray, degree: int | None, cost=None) -> Plan | None:
     assert _planner is not None
+    if cost is not None:  # a refit cost model (planner/calibrate.py) replaces the one it started with
+        _planner.cost = cost
     return _planner.plan_for(lengths, degree)
 
 
 class PlanningService:
     def __init__(self, planner: Planner):
         self.planner = planner
+        self._sent_cost = planner.cost
         self._pool = ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"),
                                          initializer=_init, initargs=(planner, os.getpid()))
 
     def submit(self, lengths, degree: int | None = None) -> "Future[Plan | None]":
         """The adaptive plan of a batch; with `degree`, the plan with every group of that size
-        (None when some sequence does not fit it, as `Planner.plan_fixed`)."""
-        return self._pool.submit(_plan, np.asarray(lengths, dtype=np.int64), degree)
+        (None when some sequence does not fit it, as `Planner.plan_fixed`). Plans with
+        `self.planner.cost`: a cost model refit since the last call travels with this one."""
+        cost = self.planner.cost
+        changed = cost is not self._sent_cost
+        self._sent_cost = cost
+        return self._pool.submit(_plan, np.asarray(lengths, dtype=np.int64), degree, cost if changed else None)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -211,6 +211,19 @@ class CostSpec(_Strict):
     source: str | None = None
 
 
+class CalibrationSpec(_Strict):
+    """Online calibration of the cost model from measured group and step times
+    (planner/calibrate.py). Off by default: plans then depend on measured times, so two runs of
+    the same job may plan differently (equal losses, not bit-equal parameters)."""
+
+    enabled: bool = False
+    every: PositiveInt = Field(default=1, description="refit every this many steps")
+    window: PositiveInt = Field(default=256, description="groups kept for the fit")
+    min_samples: PositiveInt = 8
+    max_step: float = Field(default=2.0, gt=1.0, description="a refit moves a coefficient by at most this factor")
+    max_drift: float = Field(default=8.0, gt=1.0, description="never beyond this factor of the configured value")
+
+
 class PlannerSpec(_Strict):
     """Solver options. These are tuning knobs, not cluster facts, so they have defaults."""
 
@@ -224,3 +237,4 @@ class PlannerSpec(_Strict):
     memory_reserve_gib: NonNegativeFloat = 0.0
     max_micro_batches: PositiveInt = 16
     threads: PositiveInt = 1
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)

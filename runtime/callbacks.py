@@ -54,6 +54,21 @@ class JsonlMetrics(Callback):
             self._file = None
 
 
+class CalibrationLog(Callback):
+    """RUN_DIR/calibration.jsonl: one JSON line per refit of the cost model (rank 0): the
+    coefficients before and after, the window's prediction error both ways, what the bounds
+    held back (planner/calibrate.py)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / "calibration.jsonl"
+
+    def on_step_end(self, trainer: "Trainer", result: "StepResult") -> None:
+        refit = trainer.last_refit
+        if refit is not None and refit.step == result.step:
+            with open(self.path, "a") as f:
+                f.write(strict_dumps(refit.to_dict()) + "\n")
+
+
 class TensorBoardMetrics(Callback):
     """TensorBoard event files in RUN_DIR/tensorboard (rank 0): loss, learning rate, step time
     measured and predicted, tokens/s, peak memory, group mix."""
@@ -164,6 +179,8 @@ def standard_callbacks(trainer: "Trainer", run_dir: Path | None, checkpointer: "
     if trainer.rank == 0:
         if run_dir is not None:
             out.append(JsonlMetrics(run_dir))
+            if trainer.calibration is not None:
+                out.append(CalibrationLog(run_dir))
             if trainer.train_spec.tensorboard:
                 out.append(TensorBoardMetrics(run_dir))
             if save_params:

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from pliant.comm import GroupRegistry, contiguous_layouts
 from pliant.planner import Plan, Planner, PlanningService, get_distribution, load_length_file
 from pliant.planner.baselines import static_degree
+from pliant.planner.calibrate import Calibration, GroupSample, Refit, price_plan
 from pliant.planner.spec import ClusterSpec, CostSpec, ModelSpec, PlannerSpec
 
 from .checkpoint import Checkpointer, CheckpointError
@@ -123,6 +124,7 @@ class StepResult:
     micro_batches: int
     memory_bytes: int  # this rank's peak: CUDA max allocated, or the process's max RSS on CPU
     predicted_memory_bytes: float  # the plan's largest per-device peak
+    predicted_configured_s: float | None = None  # with calibration: the plan as the configured coefficients price it
 
 
 class Trainer:
@@ -162,6 +164,13 @@ class Trainer:
         module = build_model(model, self.device, self.dtype)  # loads model.hf_path when given
         self.engine, self.optimizer, self.scheduler = self._deepspeed(module, model, train)
         self.step_no = 0
+        self.calibrating = planner.calibration.enabled
+        self.calibration: Calibration | None = None  # rank 0 refits the cost model from measured times
+        if self.calibrating and self.rank == 0:
+            c = planner.calibration
+            self.calibration = Calibration(self.planner.cost, window=c.window, min_samples=c.min_samples,
+                                           max_step=c.max_step, max_drift=c.max_drift)
+        self.last_refit: Refit | None = None
         self._service = PlanningService(self.planner) if self.rank == 0 else None
         self._pending: tuple[np.ndarray, np.ndarray, Future | Plan] | None = None
 
@@ -218,7 +227,9 @@ class Trainer:
         self.engine.train()
         total = torch.zeros((), dtype=torch.float64, device=self.device)  # NCCL reduces device tensors only
         n_mb = len(plan.micro_batches)
+        mb_ms = torch.zeros(n_mb, dtype=torch.float64)  # this rank's group time per micro-batch (calibration)
         for m, mb in enumerate(plan.micro_batches):
+            t_mb = time.perf_counter()
             self.engine.set_gradient_accumulation_boundary(m == n_mb - 1)
             mine = next(g for g in mb.groups if g.start <= self.rank < g.start + g.size)
             if mine.seq_ids:
@@ -230,17 +241,47 @@ class Trainer:
                 loss = sum(p.sum() for p in self.engine.module.parameters()) * 0.0
             total += loss.detach().to(torch.float64)
             self.engine.backward(loss * self.world)  # DeepSpeed averages gradients over ranks
+            if self.calibrating and mine.seq_ids:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                mb_ms[m] = (time.perf_counter() - t_mb) * 1e3
         lr = self.optimizer.param_groups[0]["lr"]
         self.engine.step()
         dist.all_reduce(total)
         self.step_no += 1
         mix = plan.group_mix()
         predicted_mem = max(g.peak_memory_bytes for mb in plan.micro_batches for g in mb.groups)
+        seconds = time.perf_counter() - t0
+        configured = None
+        if self.calibrating:
+            if self.calibration is not None:
+                configured = price_plan(plan, lengths, self.calibration.configured) / 1e3
+            self._calibrate(plan, lengths, mb_ms, seconds)
         return StepResult(step=self.step_no, loss=float(total), tokens=int(lengths.sum()), targets=norm,
-                          seconds=time.perf_counter() - t0, lr=lr,
+                          seconds=seconds, lr=lr,
                           predicted_s=(plan.predicted_ms + self.planner.cost.step_overhead_ms) / 1e3,
                           group_mix={int(k): int(v) for k, v in sorted(mix.items())}, micro_batches=n_mb,
-                          memory_bytes=peak_memory_bytes(self.device), predicted_memory_bytes=predicted_mem)
+                          memory_bytes=peak_memory_bytes(self.device), predicted_memory_bytes=predicted_mem,
+                          predicted_configured_s=configured)
+
+    def _calibrate(self, plan: Plan, lengths: np.ndarray, mb_ms: torch.Tensor, seconds: float) -> None:
+        """Every rank's group times reach rank 0, which refits the planner's cost model: a
+        group's time is its slowest rank's (planner/calibrate.py)."""
+        dev = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        everyone = torch.zeros(self.world * len(mb_ms), dtype=torch.float64, device=dev)
+        dist.all_gather_into_tensor(everyone, mb_ms.to(dev))
+        if self.calibration is None:
+            return
+        times = everyone.view(self.world, -1).cpu().numpy()
+        steps = [[GroupSample(g.size, tuple(int(lengths[j]) for j in g.seq_ids),
+                              float(times[g.start:g.start + g.size, m].max()))
+                  for g in mb.groups if g.seq_ids] for m, mb in enumerate(plan.micro_batches)]
+        self.calibration.observe_step(steps, seconds * 1e3)
+        if self.step_no % self.planner.spec.calibration.every == 0:
+            refit = self.calibration.refit(self.step_no)
+            if refit is not None:
+                self.planner.cost = self.calibration.cost  # the background planner gets it with the next batch
+                self.last_refit = refit
 
     def train(self, callbacks: list | tuple = ()) -> None:
         """Steps until train.steps (from wherever a resume left off), callbacks around each."""
