@@ -67,6 +67,15 @@ def _import_file(path: Path) -> Any:
     return module
 
 
+def split_function_path(path: str) -> tuple[str, str, bool]:
+    """(target, function name, whether the target is a file) of `module:function` or
+    `path/to/file.py:function`; target or name is empty when the path has no such form."""
+    target, sep, name = path.rpartition(":")
+    if not sep:
+        return "", "", False
+    return target, name, target.endswith(".py") or "/" in target or "\\" in target
+
+
 def load_function(path: str, key: str, error: type[FunctionLoadError] = FunctionLoadError) -> Callable[..., Any]:
     """The callable `path` names: `module:function` (an importable module) or
     `path/to/file.py:function` (a file anywhere, relative to the working directory).
@@ -74,10 +83,9 @@ def load_function(path: str, key: str, error: type[FunctionLoadError] = Function
     Raises `error` naming `key` (the config key it came from), the path and the cause
     when the module or file cannot be imported (the import's own error quoted), has no such
     attribute, or the attribute is not callable."""
-    target, sep, name = path.rpartition(":")
-    if not sep or not target or not name:
+    target, name, is_file = split_function_path(path)
+    if not target or not name:
         raise error(f"{key}={path!r}: expected 'module:function' or 'path/to/file.py:function'")
-    is_file = target.endswith(".py") or "/" in target or "\\" in target
     where = f"file {target}" if is_file else f"module {target}"
     try:
         if is_file:

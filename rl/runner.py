@@ -26,7 +26,7 @@ from pliant.runtime.faults import RolloutFaults
 from .common import log
 from .dispatch import Dispatcher, WeightStore
 from .learner import Learner, learner_cluster
-from .reward import load_function, load_reward_fn
+from .reward import load_function, load_reward_fn, split_function_path
 from .rollout import RolloutWorker
 from .rollout_engine import BUILTIN
 from .scoring import ReferenceWorker, RewardWorker
@@ -189,10 +189,8 @@ def start_learners(cfg, task, seed: int) -> tuple[list, Any]:
 def absolute_file(path: str) -> str:
     """`path/to/file.py:function` made absolute from this directory (workers run elsewhere);
     `module:function` as it is."""
-    target, sep, name = path.rpartition(":")
-    if sep and (target.endswith(".py") or "/" in target or "\\" in target):
-        return f"{Path(target).resolve()}:{name}"
-    return path
+    target, name, is_file = split_function_path(path)
+    return f"{Path(target).resolve()}:{name}" if is_file else path
 
 
 def checked_functions(cfg):

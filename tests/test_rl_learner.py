@@ -117,13 +117,6 @@ def test_pack_loss_of_one_rank_is_the_single_process_policy_loss():
     assert weights[0] == 1.0 and weights[2] != 1.0  # version 0 is current; version -1 is stale
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
 def test_a_learner_of_two_ranks_takes_the_single_process_step(ray_cluster):
     cfg = config()
     task = build_task(cfg.task, cfg.model, 0, 0)

@@ -106,13 +106,6 @@ def test_a_cleared_partition_takes_no_late_writes():
 
 
 # ----- on Ray -----
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
 def test_tensors_round_trip_through_the_units(ray_cluster):
     tq = TransferQueue.create(capacity=8, tasks=["trainer"], units=3)
     ids = tq.allocate(5, group_size=1)
