@@ -23,12 +23,16 @@ class SeqTable:
     t: np.ndarray  # [n, m] ms per sequence; inf where the sequence alone does not fit
     pad: np.ndarray  # [n, m] padded tokens
     col: dict[int, int]  # size -> column
+    mem: np.ndarray  # [n, m] bytes each sequence adds to a device of its group (per padded token, per sequence)
+    room: float  # bytes a device has for sequences: usable memory minus model states, less a rounding margin
     t_rows: list[list[float]] = field(default_factory=list, repr=False)  # t as lists: fast scalar reads
     pad_rows: list[list[float]] = field(default_factory=list, repr=False)
+    mem_rows: list[list[float]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         self.t_rows = self.t.tolist()
         self.pad_rows = self.pad.tolist()
+        self.mem_rows = self.mem.tolist()
 
     @classmethod
     def build(cls, cost: CostModel, lengths: np.ndarray, ids: np.ndarray, sizes: list[int]) -> "SeqTable":
@@ -36,17 +40,23 @@ class SeqTable:
         n, m = len(lengths), len(sizes)
         t = np.empty((n, m))
         pad = np.empty((n, m))
+        mem = np.empty((n, m))
         for c, s in enumerate(sizes):
             pad[:, c] = cost.padded(lengths, s)
             t[:, c] = np.where(cost.seq_fits(lengths, s), cost.seq_ms(lengths, s), np.inf)
-        return cls(lengths, np.asarray(ids, dtype=np.int64), list(sizes), t, pad, {s: c for c, s in enumerate(sizes)})
+            _, per_token, per_seq = cost.memory_coeffs(s)
+            mem[:, c] = per_token * pad[:, c] + per_seq
+        room = (cost.device_memory_bytes - cost.model_state_bytes) * (1 - 1e-12)
+        return cls(lengths, np.asarray(ids, dtype=np.int64), list(sizes), t, pad, {s: c for c, s in enumerate(sizes)},
+                   mem, room)
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def subset(self, rows: np.ndarray) -> "SeqTable":
         """The table of some of these sequences (rows in this table's order)."""
-        return SeqTable(self.lengths[rows], self.ids[rows], self.sizes, self.t[rows], self.pad[rows], self.col)
+        return SeqTable(self.lengths[rows], self.ids[rows], self.sizes, self.t[rows], self.pad[rows], self.col,
+                        self.mem[rows], self.room)
 
 
 @dataclass
@@ -56,25 +66,25 @@ class WorkGroup:
     seqs: list[int] = field(default_factory=list)  # local sequence indices
     load: float = 0.0  # ms, without beta
     tokens_pad: float = 0.0
+    used: float = 0.0  # bytes its sequences take on each device (SeqTable.mem summed)
 
     def can_hold(self, j: int, table: SeqTable, cost: CostModel) -> bool:
-        if table.t_rows[j][self.col] == np.inf:
-            return False
-        base, per_token, per_seq = cost.memory_coeffs(self.size)
-        tokens = self.tokens_pad + table.pad_rows[j][self.col]
-        return base + per_token * tokens + per_seq * (len(self.seqs) + 1) <= cost.device_memory_bytes
+        """Whether sequence j also fits (one comparison: the planner asks this in every inner loop)."""
+        return table.t_rows[j][self.col] != np.inf and self.used + table.mem_rows[j][self.col] <= table.room
 
     def add(self, j: int, table: SeqTable) -> None:
         self.seqs.append(j)
         self.load += table.t_rows[j][self.col]
         self.tokens_pad += table.pad_rows[j][self.col]
+        self.used += table.mem_rows[j][self.col]
 
     def remove(self, j: int, table: SeqTable) -> None:
         self.seqs.remove(j)
         self.load -= table.t_rows[j][self.col]
         self.tokens_pad -= table.pad_rows[j][self.col]
+        self.used -= table.mem_rows[j][self.col]
         if not self.seqs:
-            self.load, self.tokens_pad = 0.0, 0.0
+            self.load, self.tokens_pad, self.used = 0.0, 0.0, 0.0
 
 
 def priced_ms(groups: list[WorkGroup], cost: CostModel) -> float:
