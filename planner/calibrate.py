@@ -98,12 +98,12 @@ class Calibration:
     """A window of measured groups and the refit of the cost model's coefficients."""
 
     def __init__(self, cost: CostModel, window: int = 256, min_samples: int = 8, max_step: float = 2.0,
-                 max_drift: float = 8.0, huber: float = 1.5, iterations: int = 5):
+                 max_drift: float = 8.0, huber: float = 1.5, iterations: int = 5, prior: float = 0.1):
         self.configured = cost
         self.cost = cost
         self.samples: deque[tuple[np.ndarray, float]] = deque(maxlen=window)
         self.min_samples, self.max_step, self.max_drift = min_samples, max_step, max_drift
-        self.huber, self.iterations = huber, iterations
+        self.huber, self.iterations, self.prior = huber, iterations, prior
         self.steps: deque[tuple[list[list[tuple[int, tuple[int, ...]]]], float]] = deque(maxlen=max(8, window // 8))
 
     def observe(self, groups: list[GroupSample]) -> None:
@@ -137,9 +137,14 @@ class Calibration:
         cols = sorted(set(live) | set(const[:1]))  # at most one constant column: the intercept
         w = np.ones(len(y))
         mult = np.ones(A.shape[1])
+        # a weak pull of every multiplier toward 1 (keep the current value): directions the window
+        # cannot tell apart (beta against a2 when every group holds a similar number of tokens) stay
+        # where they are instead of running to a bound
+        prior = np.sqrt(self.prior) * np.eye(len(cols))
         for _ in range(self.iterations):
             rows = np.sqrt(w)[:, None] / y[:, None]
-            x = nnls_small(scaled[:, cols] * rows, np.ones(len(y)) * np.sqrt(w))
+            x = nnls_small(np.vstack([scaled[:, cols] * rows, prior]),
+                           np.concatenate([np.ones(len(y)) * np.sqrt(w), np.sqrt(self.prior) * np.ones(len(cols))]))
             mult = np.ones(A.shape[1])
             mult[cols] = x
             r = (scaled @ mult - y) / y
@@ -162,12 +167,14 @@ class Calibration:
         new = np.clip(target, lo, hi)
         clamped = [t for t, a, b in zip(TERMS, new, target) if not np.isclose(a, b, rtol=1e-9, atol=0)]
         before = {**dict(zip(TERMS, current.tolist())), "step_overhead_ms": self.cost.step_overhead_ms}
+        err = lambda c: float(np.median(np.abs(A @ c - y) / y))  # noqa: E731
+        if err(new) > err(current):  # the bounds cut the fit short of anything better: keep what there is
+            new, clamped = current, clamped + ["rejected: no better on the window"]
         cost = replace(self.cost, **{t: float(v) for t, v in zip(TERMS, new)})
         overhead = self._step_overhead(cost)
         if overhead is not None:
             cost = replace(cost, step_overhead_ms=overhead)
         self.cost = cost
-        err = lambda c: float(np.median(np.abs(A @ c - y) / y))  # noqa: E731
         return Refit(step=step, samples=len(y), before=before,
                      after={**dict(zip(TERMS, new.tolist())), "step_overhead_ms": cost.step_overhead_ms},
                      error_before=err(current), error_after=err(new), clamped=clamped)
