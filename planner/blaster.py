@@ -56,12 +56,14 @@ def split_min_max(lengths: np.ndarray, k: int, cost: CostModel) -> list[np.ndarr
 
 
 def _count_parts(w: np.ndarray, limit: float) -> int:
-    count, acc = 1, 0.0
-    for wi in w:
-        if acc + wi > limit and acc > 0:
-            count += 1
-            acc = 0.0
-        acc += wi
+    """Parts of the greedy left-to-right cut with at most `limit` weight each (a part holds at
+    least one item): one binary search per part on the prefix sums."""
+    cum = np.concatenate([[0.0], np.cumsum(w)])
+    count, start, n = 0, 0, len(w)
+    while start < n:
+        end = int(np.searchsorted(cum, cum[start] + limit, side="right")) - 1
+        start = max(end, start + 1)
+        count += 1
     return count
 
 

@@ -23,6 +23,18 @@ from .schedule import SeqTable, WorkGroup, improve, list_schedule, new_groups, p
 from .spec import ClusterSpec, CostSpec, ModelSpec, PlannerSpec
 
 
+# The MILP is only started with this much of the budget left for it: PuLP builds the model
+# (not interruptible) in 0.1-0.4 s at 64 GPUs, so a shorter share would overrun the wall.
+MILP_MIN_S = 0.5
+
+
+def _better(a: tuple[float, list] | None, b: tuple[float, list] | None) -> tuple[float, list] | None:
+    """The cheaper of two searches' answers; the first on a tie, so search order decides ties."""
+    if b is None or (a is not None and b[0] >= a[0] - 1e-9):
+        return a
+    return b
+
+
 @dataclass
 class _Draft:
     """A micro-batch scheduled by the heuristic (or as a uniform mix), waiting for the MILP."""
@@ -30,6 +42,16 @@ class _Draft:
     table: SeqTable
     groups: list[WorkGroup]
     ms: float
+
+
+def _widen(draft: _Draft, full: SeqTable) -> _Draft:
+    """A draft found with some of the sizes, restated on the table of all of them."""
+    if draft.table.sizes == full.sizes:
+        return draft
+    table = full.subset(draft.table.ids)
+    for g in draft.groups:
+        g.col = table.col[g.size]
+    return _Draft(table, draft.groups, draft.ms)
 
 
 class Planner:
@@ -88,14 +110,17 @@ class Planner:
         return arr
 
     # ----- micro-batch search, shared by the adaptive and the fixed-degree plans -----
-    def _search(self, arr: np.ndarray, solve_part: Callable[[np.ndarray, float], _Draft | None], deadline: float
-                ) -> tuple[dict[int, float | None], tuple[float, list[_Draft]] | None]:
+    def _search(self, arr: np.ndarray, solve_part: Callable[[np.ndarray, float], _Draft | None], deadline: float,
+                sizes: list[int]) -> tuple[dict[int, float | None], tuple[float, list[_Draft]] | None]:
         """Try micro-batch counts from the memory minimum up; stop at the first count that is
-        worse than the best feasible one (or at the deadline)."""
+        worse than the best feasible one, or whose lower bound (with groups of `sizes`) is
+        (or at the deadline)."""
         candidates: dict[int, float | None] = {}
         best: tuple[float, list[_Draft]] | None = None
         k = min_micro_batches(arr, self.cost)
         while k <= min(self.spec.max_micro_batches, len(arr)):
+            if best is not None and self.cost.lower_bound_ms(arr, sizes, k) >= best[0] - 1e-9:
+                break  # no split into k (or more) micro-batches can beat the best found
             found: tuple[float, list[_Draft]] | None = None
             for _, parts in candidate_splits(arr, k, self.cost):
                 drafts = []
@@ -121,7 +146,7 @@ class Planner:
     def _heuristic_part(self, full: SeqTable) -> Callable[[np.ndarray, float], _Draft | None]:
         def solve(ids: np.ndarray, deadline: float) -> _Draft | None:
             table = full.subset(ids)
-            solved = solve_heuristic(table, self.cost, max(deadline, time.perf_counter() + 0.02))
+            solved = solve_heuristic(table, self.cost, deadline)
             return None if solved is None else _Draft(table, *solved)
         return solve
 
@@ -131,33 +156,55 @@ class Planner:
             groups = new_groups(table, [s] * (self.cost.world_size // s))
             if not list_schedule(list(range(len(table))), groups, table, self.cost):
                 return None
-            improve(groups, table, self.cost, max(deadline, time.perf_counter() + 0.02))
+            improve(groups, table, self.cost, deadline)
             return _Draft(table, groups, priced_ms(groups, self.cost))
         return solve
 
     # ----- adaptive -----
+    def families(self) -> list[list[int]]:
+        """The size sets the adaptive search runs over: the allowed sizes, then their powers of
+        two. Each runs the same deterministic search a planner restricted to it would run, so
+        allowing more sizes never gives a worse plan than the power-of-two subset (the search
+        is a heuristic: more choices can lead its greedy steps elsewhere)."""
+        pow2 = [s for s in self.sizes if s & (s - 1) == 0]
+        return [self.sizes] if pow2 == self.sizes else [self.sizes, pow2]
+
     def plan(self, lengths) -> Plan:
+        """The adaptive plan. `planner.time_limit_s` is a wall on the whole call: every search
+        loop checks it, and the best plan found so far is returned when it passes."""
         t0 = time.perf_counter()
         arr = self.check_lengths(lengths)
-        budget = self.spec.time_limit_s
+        search_end = t0 + 0.9 * self.spec.time_limit_s  # leaves time to place and price the answer
         full = SeqTable.build(self.cost, arr, np.arange(len(arr)), self.sizes)
-        candidates, best = self._search(arr, self._heuristic_part(full), t0 + 0.3 * budget)
-        # uniform mixes are part of the adaptive search space: start from the best of them
-        # when it beats the heuristic, so adaptive is never worse than one degree for all
-        for s in self.sizes:
-            if time.perf_counter() > t0 + 0.4 * budget:
+        candidates: dict[int, float | None] = {}
+        best: tuple[float, list[_Draft]] | None = None
+        for sizes in self.families():
+            if best is not None and time.perf_counter() > search_end:
                 break
-            if self.fixed_degree_ok(s) and np.isfinite(full.t[:, full.col[s]]).all():
-                _, uni = self._search(arr, self._uniform_part(full, s), t0 + 0.4 * budget)
-                if uni is not None and (best is None or uni[0] < best[0] - 1e-9):
-                    best = uni
+            table = full if sizes == self.sizes else full.restrict(sizes)
+            found_k, found = self._search(arr, self._heuristic_part(table), search_end, sizes)
+            candidates = candidates or found_k
+            best = _better(best, found)
+        # every uniform degree is in the adaptive space too, searched as `plan_fixed` searches it,
+        # so the plan is never worse than one degree for all (BatchAda); a degree whose own lower
+        # bound cannot beat the best found is skipped
+        k_min = min_micro_batches(arr, self.cost)
+        for s in self.fixed_degrees():
+            if best is not None and time.perf_counter() > search_end:
+                break
+            if s not in full.col or not np.isfinite(full.t[:, full.col[s]]).all():
+                continue
+            if best is not None and self.cost.lower_bound_ms(arr, [s], k_min) >= best[0] - 1e-9:
+                continue
+            _, uni = self._search(arr, self._uniform_part(full.restrict([s]), s), search_end, [s])
+            best = _better(best, uni)
         if best is None:
             raise PlanningError(
                 f"no plan fits device memory with up to {self.spec.max_micro_batches} micro-batches "
                 f"(planner.max_micro_batches); the batch holds {int(arr.sum())} tokens in {len(arr)} sequences"
             )
-        drafts = best[1]
-        micro = [self._refine(d, t0 + budget, len(drafts) - i) for i, d in enumerate(drafts)]
+        drafts = [_widen(d, full) for d in best[1]]  # the MILP may use every allowed size
+        micro = [self._refine(d, search_end, len(drafts) - i) for i, d in enumerate(drafts)]
         return self._assemble("adaptive", arr, micro, t0, candidates)
 
     def _refine(self, draft: _Draft, deadline: float, left: int) -> MicroBatchPlan:
@@ -166,7 +213,7 @@ class Planner:
         groups, ms = draft.groups, draft.ms
         share = (deadline - t0) / max(left, 1)
         polish_s = min(0.1, 0.1 * share)  # kept back to polish the MILP's answer
-        if self.solver != "heuristic" and share - polish_s > 0.1 and len(draft.table) > 1:
+        if self.solver != "heuristic" and share - polish_s > MILP_MIN_S and len(draft.table) > 1:
             res = solve_milp(draft.table, self.cost, draft.groups, draft.ms, solver=self.solver,
                              time_limit_s=share - polish_s - 0.02, n_buckets=self.spec.buckets,
                              max_long=self.spec.max_long_sequences, threads=self.spec.threads,
@@ -174,6 +221,7 @@ class Planner:
             stats.status, stats.n_variables, stats.n_constraints = res.status, res.n_variables, res.n_constraints
             stats.milp_objective_ms, stats.milp_bound_ms = res.objective_ms, res.bound_ms
             stats.warm_start = res.warm_start
+            stats.milp_exact = len(draft.table) <= self.spec.max_long_sequences
             if res.groups is not None:
                 improve(res.groups, draft.table, self.cost, time.perf_counter() + polish_s)
                 milp_ms = priced_ms(res.groups, self.cost)
@@ -210,7 +258,7 @@ class Planner:
         if not self.cost.seq_fits(arr, s).all():
             return None
         full = SeqTable.build(self.cost, arr, np.arange(len(arr)), [s])
-        candidates, best = self._search(arr, self._uniform_part(full, s), t0 + time_budget_s)
+        candidates, best = self._search(arr, self._uniform_part(full, s), t0 + time_budget_s, [s])
         if best is None:
             return None
         micro = []
@@ -236,7 +284,24 @@ class Planner:
             lengths=[int(x) for x in arr],
             micro_batches=micro,
             predicted_ms=float(sum(mb.predicted_ms for mb in micro)),
-            lower_bound_ms=self.cost.lower_bound_ms(arr, self.sizes, min_micro_batches(arr, self.cost)),
+            lower_bound_ms=self.lower_bound_ms(arr, micro),
             solve_s=time.perf_counter() - t0,
             micro_batch_candidates=candidates,
         )
+
+    def lower_bound_ms(self, arr: np.ndarray, micro: list[MicroBatchPlan] | None = None) -> float:
+        """The cost model's bound (the divisible LP's optimum, `CostModel.lower_bound_ms`), raised
+        to the MILP's dual bound where that bounds every plan: the MILP placed every sequence
+        individually (its model is then exact), over the whole batch as one micro-batch, on
+        dedicated devices; a split into more micro-batches is bounded by the model's bound for two."""
+        k_min = min_micro_batches(arr, self.cost)
+        bound = self.cost.lower_bound_ms(arr, self.sizes, k_min)
+        shared = self.cost.cores is not None and self.cost.cores < self.cost.world_size
+        if micro and len(micro) == 1 and k_min == 1 and not shared:
+            stats = micro[0].stats
+            if stats.milp_bound_ms is not None and stats.milp_exact:
+                split = self.cost.lower_bound_ms(arr, self.sizes, 2)
+                # a solver reports its bound to its own tolerance (CBC: 5 digits): never above the plan
+                proven = min(stats.milp_bound_ms, micro[0].predicted_ms)
+                bound = max(bound, min(proven, split))
+        return bound

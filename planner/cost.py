@@ -227,34 +227,66 @@ class CostModel:
 
     def lower_bound_ms(self, lengths: np.ndarray, sizes: list[int] | None = None, micro_batches: int = 1) -> float:
         """A time no plan of these sequences can beat, with groups of `sizes` (default: every
-        size) and at least `micro_batches` micro-batches:
+        size) and at least `micro_batches` micro-batches.
 
-        * every micro-batch pays the group overhead beta once;
-        * the devices together spend at least each sequence's least device-time, s x its time in
-          a group of s, minimised over the sizes it fits (its communication included), spread
-          over all N devices;
-        * the micro-batch holding the slowest sequence lasts at least that sequence's best time
-          on any group it fits (the floor of one very long sequence).
+        Dedicated devices: the optimum of the divisible relaxation, an LP solved exactly. Let C
+        be the longest micro-batch's time less beta. Every sequence then runs in a group where
+        its time is at most C, and the groups' device-time, s x (their load), fits in the N
+        devices' C each. Relaxing which sequences share a group, the least device-time under the
+        cap C is each sequence's own minimum over the sizes where it finishes within C,
+        f(C) = sum_j min {s t_js : t_js <= C}, and every micro-batch pays beta once:
 
-        On shared CPU cores (`cores`), group times shrink when neighbours idle, so the floor
-        of one sequence is priced as the cost model prices a group running alone."""
+            total >= k beta + min over C of max(C, f(C) / N).
+
+        f falls as C grows, so the minimum is where the two terms cross, found by bisection on
+        the breakpoints t_js. It is at least the older two bounds, the slowest sequence's best
+        time (the least feasible C) and the least device-time spread over N (f at C = inf), and
+        binds where both are loose: one very long sequence has to take a large group to meet
+        C, paying more device-time than its cheapest group would.
+
+        Shared CPU cores (`cores`): group times shrink when neighbours idle, so the slowest
+        sequence's floor is priced as the cost model prices a group running alone, and the
+        spread holds beta once per device of a busy group."""
         L = np.asarray(lengths, dtype=np.int64)
         if L.size == 0:
             return 0.0
         sizes = sizes or [1] + [s for s in range(2, self.world_size + 1)]
-        shared = self.cores is not None and self.cores < self.world_size
-        best_time = np.full(L.shape, np.inf)
-        best_device_time = np.full(L.shape, np.inf)
-        for s in sizes:
-            t = np.where(self.seq_fits(L, s), self.seq_ms(L, s), np.inf)
-            if shared:  # a group alone: (beta + its load) at its best speed (micro_batch_ms)
-                t_alone = (self.beta_ms + t) * (self.cores / self.world_size) * max(1.0, s / self.cores)
-            else:
-                t_alone = self.beta_ms + t
-            best_time = np.minimum(best_time, t_alone)
-            best_device_time = np.minimum(best_device_time, s * t)
-        spread = float(best_device_time.sum() / self.world_size)
-        floor = float(best_time.max())
-        if shared:  # each micro-batch: at least its spread, which holds beta once per device of a busy group
-            return max(floor, spread + micro_batches * self.beta_ms / self.world_size)
-        return max(floor + (micro_batches - 1) * self.beta_ms, spread + micro_batches * self.beta_ms)
+        k = max(1, int(micro_batches))
+        t = np.stack([np.where(self.seq_fits(L, s), self.seq_ms(L, s), np.inf) for s in sizes], axis=1)
+        device_time = t * np.asarray(sizes, dtype=np.float64)[None, :]
+        if self.cores is not None and self.cores < self.world_size:
+            share = self.cores / self.world_size
+            scale = np.array([share * max(1.0, s / self.cores) for s in sizes])
+            floor = float(((self.beta_ms + t) * scale[None, :]).min(axis=1).max())
+            spread = float(device_time.min(axis=1).sum() / self.world_size)
+            return max(floor, spread + k * self.beta_ms / self.world_size)
+        return k * self.beta_ms + _divisible_bound(t, device_time, self.world_size)
+
+
+def _divisible_bound(t: np.ndarray, device_time: np.ndarray, world: int) -> float:
+    """min over C of max(C, f(C) / world), f(C) = sum over rows of min {device_time : t <= C}."""
+    least = float(t.min(axis=1).max())  # the least feasible C: every sequence finishes in some group
+    cheapest = device_time.argmin(axis=1)
+    # rows whose cheapest group already finishes within the least C add a constant; only the others move
+    moving = t[np.arange(len(t)), cheapest] > least
+    fixed = float(device_time[~moving].min(axis=1).sum()) if (~moving).any() else 0.0
+    t_m, d_m = t[moving], device_time[moving]
+
+    def f(c: float) -> float:
+        if not len(t_m):
+            return fixed
+        return fixed + float(np.where(t_m <= c, d_m, np.inf).min(axis=1).sum())
+
+    points = np.unique(np.concatenate([[least], t_m[np.isfinite(t_m) & (t_m > least)]]))
+    # first breakpoint where C >= f(C)/world; the answer is C there or f just before it
+    lo, hi = 0, len(points) - 1
+    if points[hi] < f(points[hi]) / world:
+        return f(points[hi]) / world
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if points[mid] >= f(points[mid]) / world:
+            hi = mid
+        else:
+            lo = mid + 1
+    c = float(points[lo])
+    return c if lo == 0 else min(c, f(float(points[lo - 1])) / world)

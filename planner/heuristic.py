@@ -21,25 +21,27 @@ from .layout import place_groups
 from .schedule import SeqTable, WorkGroup, improve, list_schedule, new_groups, priced_ms
 
 
-def greedy_for_target(table: SeqTable, cost: CostModel, target_ms: float) -> list[WorkGroup] | None:
+def long_groups(table: SeqTable, cost: CostModel, target_ms: float
+                ) -> tuple[list[WorkGroup], list[int]] | None:
+    """Groups for the sequences that need SP to finish within the target, and the others.
+
+    Each such sequence gets the smallest size that finishes it within the target (its
+    fastest if none does) and joins, best-fit, an SP group of at least that size it still
+    fits under the target, or opens one. None if the groups exceed the cluster or its nodes."""
     cap = target_ms - cost.beta_ms
     world, per_node = cost.world_size, cost.devices_per_node
-    groups: list[WorkGroup] = []
-    short: list[int] = []
-    used = 0
     within = np.isfinite(table.t) & (table.t <= cap)
-    # the smallest size that finishes the sequence within the target; if none does, its fastest
     need = np.where(within.any(axis=1), within.argmax(axis=1), table.t.argmin(axis=1))
-    for j in np.argsort(-table.lengths, kind="stable"):
-        j = int(j)
-        c = int(need[j])
-        row = table.t[j]
-        if row[c] == np.inf:
-            return None
+    if not np.isfinite(table.t[np.arange(len(table)), need]).all():
+        return None
+    order = table.order
+    sizes = np.asarray(table.sizes)[need[order]]
+    short = order[sizes == 1].tolist()
+    groups: list[WorkGroup] = []
+    used = 0
+    for j, c in zip(order[sizes > 1].tolist(), need[order[sizes > 1]].tolist()):
         s = table.sizes[c]
-        if s == 1:
-            short.append(j)
-            continue
+        row = table.t_rows[j]
         best, best_load = None, -1.0
         for g in groups:
             if g.size >= s:
@@ -55,47 +57,133 @@ def greedy_for_target(table: SeqTable, cost: CostModel, target_ms: float) -> lis
         best.add(j, table)
     if place_groups([g.size for g in groups], world, per_node) is None:
         return None
-    groups += new_groups(table, [1] * (world - used))
+    return groups, short
+
+
+def complete(table: SeqTable, cost: CostModel, long: list[WorkGroup], short: list[int], cap: float,
+             fill_large: bool) -> list[WorkGroup] | None:
+    """Cover the free ranks with groups of one and list-schedule the short sequences.
+
+    With `fill_large`, the SP groups' room under the cap goes first to the longest short
+    sequences that fit it: a sequence's device-time in a group of s, s x t_s, exceeds its
+    time on one device by the communication, which weighs less the longer it is."""
+    groups = [WorkGroup(g.size, g.col, list(g.seqs), g.load, g.tokens_pad, g.used) for g in long]
+    if fill_large and groups and np.isfinite(cap):
+        rest = []
+        for j in short:
+            row = table.t_rows[j]
+            best, best_load = None, -1.0
+            for g in groups:
+                load = g.load + row[g.col]
+                if load <= cap and load > best_load and g.can_hold(j, table, cost):
+                    best, best_load = g, load
+            if best is None:
+                rest.append(j)
+            else:
+                best.add(j, table)
+        short = rest
+    groups += new_groups(table, [1] * (cost.world_size - sum(g.size for g in groups)))
     if not list_schedule(short, groups, table, cost):
         return None
     return groups
 
 
-def solve_heuristic(table: SeqTable, cost: CostModel, deadline: float, grid: int = 10, refine: int = 6
+def greedy_for_target(table: SeqTable, cost: CostModel, target_ms: float, fill_large: bool = False
+                      ) -> list[WorkGroup] | None:
+    """One schedule for a makespan target: `long_groups`, then `complete`."""
+    part = long_groups(table, cost, target_ms)
+    if part is None:
+        return None
+    return complete(table, cost, *part, target_ms - cost.beta_ms, fill_large)
+
+
+def solve_heuristic(table: SeqTable, cost: CostModel, deadline: float, steps: int = 14, refine: int = 4,
+                    breakpoints: int = 12, keep: int = 3
                     ) -> tuple[list[WorkGroup], float] | None:
-    """Best schedule found over a sweep of makespan targets, locally improved."""
+    """Best schedule found over a sweep of makespan targets, locally improved.
+
+    The targets climb geometrically from the micro-batch's lower bound (step 0.2%, doubling)
+    and stop once a target passes the best makespan found (a looser target only lets long
+    sequences take smaller groups and finish later); then the best target's neighbourhood
+    is bisected. Every choice depends on the costs only, never on the clock, so the same
+    table always gives the same schedule; the deadline only cuts the search short."""
     if len(table) == 0:
         return [], 0.0
-    lower = float(cost.single_device_ms(table.lengths).sum() / cost.world_size + cost.beta_ms)
+    lower = micro_batch_lower_bound(table, cost)
     best: tuple[float, float, list[WorkGroup]] | None = None  # (makespan, target, groups)
+
+    top: list[tuple[float, float, list[WorkGroup]]] = []  # the best few schedules, for local search
+
+    seen: set[tuple] = set()
 
     def attempt(target: float) -> None:
         nonlocal best
-        groups = greedy_for_target(table, cost, target)
-        if groups is None:
+        part = long_groups(table, cost, target)
+        if part is None:
             return
-        ms = priced_ms(groups, cost)
-        if best is None or ms < best[0]:
-            best = (ms, target, groups)
+        cap = target - cost.beta_ms
+        # the plain completion depends on the SP groups only; the filling one on the cap too
+        key = tuple((g.size, tuple(g.seqs)) for g in part[0])
+        for fill in (False, True):
+            if (key, fill and cap) in seen:
+                continue
+            seen.add((key, fill and cap))
+            groups = complete(table, cost, *part, cap, fill)
+            if groups is None:
+                continue
+            ms = priced_ms(groups, cost)
+            if best is None or ms < best[0] - 1e-9:
+                best = (ms, target, groups)
+            if all(abs(ms - other[0]) > 1e-9 for other in top):
+                top.append((ms, target, groups))
+                top.sort(key=lambda x: x[0])
+                del top[keep:]
 
     attempt(np.inf)
     if best is None:
         return None
-    upper = best[0]
-    targets = np.geomspace(lower, max(upper, lower * 1.0001), grid)
-    for tgt in targets:
-        attempt(float(tgt))
+    tried = []
+    for i in range(steps):
+        target = lower * (1 + 0.001 * (2 ** i - 1))
+        if target > best[0] or time.perf_counter() > deadline:
+            break
+        tried.append(target)
+        attempt(target)
+    # the configuration changes only where some sequence's time in some size meets the cap:
+    # try those breakpoints below the best makespan (evenly thinned to `breakpoints`)
+    points = cost.beta_ms + table.t[np.isfinite(table.t)]
+    points = np.unique(points[(points >= lower) & (points < best[0])])
+    if len(points) > breakpoints:
+        points = points[np.linspace(0, len(points) - 1, breakpoints).round().astype(int)]
+    for target in points.tolist():
         if time.perf_counter() > deadline:
             break
-    # refine around the best target
-    step = (targets[1] / targets[0]) if grid > 1 else 1.05
-    for _ in range(refine):
-        if time.perf_counter() > deadline:
-            break
-        step = step ** 0.5
-        centre = best[1] if np.isfinite(best[1]) else upper
-        attempt(centre / step)
-        attempt(centre * step)
-    ms, _, groups = best
-    improve(groups, table, cost, deadline)
-    return groups, priced_ms(groups, cost)
+        tried.append(target)
+        attempt(target)
+    # bisect between the best target and its nearest tried neighbours
+    tried.sort()
+    centre = best[1]
+    if np.isfinite(centre):
+        k = tried.index(centre)
+        lo = tried[k - 1] if k > 0 else centre
+        hi = tried[k + 1] if k + 1 < len(tried) else min(best[0], centre * 1.002)
+        for _ in range(refine):
+            if time.perf_counter() > deadline:
+                break
+            centre = best[1]
+            lo, hi = (lo + centre) / 2, (centre + hi) / 2
+            attempt(lo)
+            attempt(hi)
+    # local search on each of the best few: the best raw schedule is not always the best improved
+    polished = []
+    for _, _, groups in top:
+        improve(groups, table, cost, deadline)
+        polished.append((priced_ms(groups, cost), groups))
+    ms, groups = min(polished, key=lambda x: x[0])
+    return groups, ms
+
+
+def micro_batch_lower_bound(table: SeqTable, cost: CostModel) -> float:
+    """The cost model's lower bound for one micro-batch of this table's sequences and sizes."""
+    return cost.lower_bound_ms(table.lengths, table.sizes, 1)
+

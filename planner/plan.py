@@ -44,6 +44,7 @@ class SolverStats:
     n_variables: int | None = None
     n_constraints: int | None = None
     warm_start: bool | None = None  # whether the heuristic's schedule was accepted as the MILP's start
+    milp_exact: bool | None = None  # every sequence placed individually: the MILP's bound bounds the micro-batch
 
 
 @dataclass

@@ -30,6 +30,7 @@ class SeqTable:
     mem_rows: list[list[float]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
+        self.order = np.argsort(-self.lengths, kind="stable")  # longest first
         self.t_rows = self.t.tolist()
         self.pad_rows = self.pad.tolist()
         self.mem_rows = self.mem.tolist()
@@ -52,6 +53,12 @@ class SeqTable:
 
     def __len__(self) -> int:
         return len(self.lengths)
+
+    def restrict(self, sizes: list[int]) -> "SeqTable":
+        """The same sequences with only some of the group sizes."""
+        cols = [self.col[s] for s in sizes]
+        return SeqTable(self.lengths, self.ids, list(sizes), self.t[:, cols], self.pad[:, cols],
+                        {s: c for c, s in enumerate(sizes)}, self.mem[:, cols], self.room)
 
     def subset(self, rows: np.ndarray) -> "SeqTable":
         """The table of some of these sequences (rows in this table's order)."""
@@ -100,36 +107,48 @@ def new_groups(table: SeqTable, sizes: list[int]) -> list[WorkGroup]:
 def list_schedule(seqs: list[int], groups: list[WorkGroup], table: SeqTable, cost: CostModel) -> bool:
     """Give each sequence, longest first, to the group where it finishes earliest (memory
     permitting). Groups of the same size are kept in a heap by load. False if some
-    sequence fits nowhere."""
-    by_size: dict[int, list[tuple[float, int]]] = {}
+    sequence fits nowhere.
+
+    The planner runs this in its inner loop, so it reads plain lists and asks a group's
+    memory only when that group would beat the best finish found so far."""
+    heaps: dict[int, list[tuple[float, int]]] = {}
     for gi, g in enumerate(groups):
-        by_size.setdefault(g.size, []).append((g.load, gi))
-    for h in by_size.values():
+        heaps.setdefault(g.col, []).append((g.load, gi))
+    for h in heaps.values():
         heapq.heapify(h)
-    cols = {s: table.col[s] for s in by_size}
-    for j in sorted(seqs, key=lambda j: -table.lengths[j]):
-        best: tuple[float, int] | None = None  # (finish, size)
-        skipped: dict[int, list[tuple[float, int]]] = {}
-        row = table.t_rows[j]
-        for s, heap in by_size.items():
-            tj = row[cols[s]]
-            if tj == np.inf:
+    classes = list(heaps.items())
+    t_rows, mem_rows, pad_rows, room = table.t_rows, table.mem_rows, table.pad_rows, table.room
+    order = np.asarray(seqs, dtype=np.int64)
+    order = order[np.argsort(-table.lengths[order], kind="stable")].tolist()
+    inf = np.inf
+    for j in order:
+        rt, rm = t_rows[j], mem_rows[j]
+        best, best_c = inf, -1
+        skipped: list[tuple[int, tuple[float, int]]] = []
+        for c, heap in classes:
+            if not heap:
                 continue
-            while heap and not groups[heap[0][1]].can_hold(j, table, cost):
-                skipped.setdefault(s, []).append(heapq.heappop(heap))
+            fin = heap[0][0] + rt[c]
+            if fin >= best:  # also where j does not fit this size (inf)
+                continue
+            need = rm[c]
+            while heap and groups[heap[0][1]].used + need > room:
+                skipped.append((c, heapq.heappop(heap)))
             if heap:
-                cand = (heap[0][0] + tj, s)
-                if best is None or cand < best:
-                    best = cand
-        if best is not None:
-            heap = by_size[best[1]]
-            gi = heap[0][1]
-            groups[gi].add(j, table)
-            heapq.heapreplace(heap, (groups[gi].load, gi))
-        for s, items in skipped.items():
-            for item in items:
-                heapq.heappush(by_size[s], item)
-        if best is None:
+                fin = heap[0][0] + rt[c]
+                if fin < best:
+                    best, best_c = fin, c
+        if best_c >= 0:
+            heap = heaps[best_c]
+            g = groups[heap[0][1]]
+            g.seqs.append(j)
+            g.load += rt[best_c]
+            g.tokens_pad += pad_rows[j][best_c]
+            g.used += rm[best_c]
+            heapq.heapreplace(heap, (g.load, heap[0][1]))
+        for c, item in skipped:
+            heapq.heappush(heaps[c], item)
+        if best_c < 0:
             return False
     return True
 

@@ -106,6 +106,11 @@ def test_milp_matches_brute_force_optimum(solver, seed):
     assert plan.predicted_ms <= optimum * (1 + 1e-6)
     assert plan.predicted_ms >= optimum * (1 - 1e-9)
     assert mb.stats.heuristic_ms >= optimum * (1 - 1e-9)
+    # the bound: the MILP's, proven optimal over the whole batch, equals the optimum; the cost
+    # model's own (the divisible LP) is below it
+    assert plan.lower_bound_ms == pytest.approx(optimum, rel=1e-6)
+    assert plan.lower_bound_ms <= plan.predicted_ms
+    assert planner.cost.lower_bound_ms(lengths, planner.sizes) <= optimum * (1 + 1e-12)
 
 
 def test_mixed_group_sizes_for_a_long_tail_batch():
