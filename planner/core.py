@@ -15,17 +15,17 @@ import numpy as np
 from .blaster import candidate_splits, min_micro_batches
 from .cost import CostModel
 from .errors import PlanningError, SequenceTooLongError
-from .heuristic import solve_heuristic
+from .heuristic import micro_batch_lower_bound, solve_heuristic
 from .layout import allowed_sizes
-from .milp import pick_solver, solve_milp
+from .milp import build_estimate_s, pick_solver, solve_milp
 from .plan import MicroBatchPlan, Plan, SolverStats
 from .schedule import SeqTable, WorkGroup, improve, list_schedule, new_groups, priced_ms, to_micro_batch
 from .spec import ClusterSpec, CostSpec, ModelSpec, PlannerSpec
 
 
-# The MILP is only started with this much of the budget left for it: PuLP builds the model
-# (not interruptible) in 0.1-0.4 s at 64 GPUs, so a shorter share would overrun the wall.
-MILP_MIN_S = 0.5
+# The MILP is only started with its estimated (not interruptible) build time plus this much
+# left for the solver, so that it cannot overrun the wall.
+MILP_MIN_S = 0.2
 
 
 def _better(a: tuple[float, list] | None, b: tuple[float, list] | None) -> tuple[float, list] | None:
@@ -111,15 +111,15 @@ class Planner:
 
     # ----- micro-batch search, shared by the adaptive and the fixed-degree plans -----
     def _search(self, arr: np.ndarray, solve_part: Callable[[np.ndarray, float], _Draft | None], deadline: float,
-                sizes: list[int]) -> tuple[dict[int, float | None], tuple[float, list[_Draft]] | None]:
+                table: SeqTable) -> tuple[dict[int, float | None], tuple[float, list[_Draft]] | None]:
         """Try micro-batch counts from the memory minimum up; stop at the first count that is
-        worse than the best feasible one, or whose lower bound (with groups of `sizes`) is
+        worse than the best feasible one, or whose lower bound (with the table's sizes) is
         (or at the deadline)."""
         candidates: dict[int, float | None] = {}
         best: tuple[float, list[_Draft]] | None = None
         k = min_micro_batches(arr, self.cost)
         while k <= min(self.spec.max_micro_batches, len(arr)):
-            if best is not None and self.cost.lower_bound_ms(arr, sizes, k) >= best[0] - 1e-9:
+            if best is not None and micro_batch_lower_bound(table, self.cost, k) >= best[0] - 1e-9:
                 break  # no split into k (or more) micro-batches can beat the best found
             found: tuple[float, list[_Draft]] | None = None
             for _, parts in candidate_splits(arr, k, self.cost):
@@ -174,15 +174,20 @@ class Planner:
         loop checks it, and the best plan found so far is returned when it passes."""
         t0 = time.perf_counter()
         arr = self.check_lengths(lengths)
-        search_end = t0 + 0.9 * self.spec.time_limit_s  # leaves time to place and price the answer
+        search_end = t0 + 0.85 * self.spec.time_limit_s  # leaves time to place and price the answer
         full = SeqTable.build(self.cost, arr, np.arange(len(arr)), self.sizes)
         candidates: dict[int, float | None] = {}
         best: tuple[float, list[_Draft]] | None = None
+        bound = micro_batch_lower_bound(full, self.cost, min_micro_batches(arr, self.cost))
+
+        def done() -> bool:  # out of time, or at the bound: nothing can be better
+            return best is not None and (time.perf_counter() > search_end or best[0] <= bound * (1 + 1e-9))
+
         for sizes in self.families():
-            if best is not None and time.perf_counter() > search_end:
+            if done():
                 break
             table = full if sizes == self.sizes else full.restrict(sizes)
-            found_k, found = self._search(arr, self._heuristic_part(table), search_end, sizes)
+            found_k, found = self._search(arr, self._heuristic_part(table), search_end, table)
             candidates = candidates or found_k
             best = _better(best, found)
         # every uniform degree is in the adaptive space too, searched as `plan_fixed` searches it,
@@ -190,13 +195,14 @@ class Planner:
         # bound cannot beat the best found is skipped
         k_min = min_micro_batches(arr, self.cost)
         for s in self.fixed_degrees():
-            if best is not None and time.perf_counter() > search_end:
+            if done():
                 break
             if s not in full.col or not np.isfinite(full.t[:, full.col[s]]).all():
                 continue
-            if best is not None and self.cost.lower_bound_ms(arr, [s], k_min) >= best[0] - 1e-9:
+            one = full.restrict([s])
+            if best is not None and micro_batch_lower_bound(one, self.cost, k_min) >= best[0] - 1e-9:
                 continue
-            _, uni = self._search(arr, self._uniform_part(full.restrict([s]), s), search_end, [s])
+            _, uni = self._search(arr, self._uniform_part(one, s), search_end, one)
             best = _better(best, uni)
         if best is None:
             raise PlanningError(
@@ -205,7 +211,7 @@ class Planner:
             )
         drafts = [_widen(d, full) for d in best[1]]  # the MILP may use every allowed size
         micro = [self._refine(d, search_end, len(drafts) - i) for i, d in enumerate(drafts)]
-        return self._assemble("adaptive", arr, micro, t0, candidates)
+        return self._assemble("adaptive", arr, micro, t0, candidates, full)
 
     def _refine(self, draft: _Draft, deadline: float, left: int) -> MicroBatchPlan:
         t0 = time.perf_counter()
@@ -213,7 +219,10 @@ class Planner:
         groups, ms = draft.groups, draft.ms
         share = (deadline - t0) / max(left, 1)
         polish_s = min(0.1, 0.1 * share)  # kept back to polish the MILP's answer
-        if self.solver != "heuristic" and share - polish_s > MILP_MIN_S and len(draft.table) > 1:
+        at_bound = ms <= micro_batch_lower_bound(draft.table, self.cost) * (1 + 1e-9)  # proven optimal already
+        build_s = build_estimate_s(self.cost, draft.table.sizes, len(draft.table))
+        if (self.solver != "heuristic" and not at_bound and share - polish_s > build_s + MILP_MIN_S
+                and len(draft.table) > 1):
             res = solve_milp(draft.table, self.cost, draft.groups, draft.ms, solver=self.solver,
                              time_limit_s=share - polish_s - 0.02, n_buckets=self.spec.buckets,
                              max_long=self.spec.max_long_sequences, threads=self.spec.threads,
@@ -258,7 +267,7 @@ class Planner:
         if not self.cost.seq_fits(arr, s).all():
             return None
         full = SeqTable.build(self.cost, arr, np.arange(len(arr)), [s])
-        candidates, best = self._search(arr, self._uniform_part(full, s), t0 + time_budget_s, [s])
+        candidates, best = self._search(arr, self._uniform_part(full, s), t0 + time_budget_s, full)
         if best is None:
             return None
         micro = []
@@ -276,7 +285,7 @@ class Planner:
 
     # ----- common -----
     def _assemble(self, strategy: str, arr: np.ndarray, micro: list[MicroBatchPlan], t0: float,
-                  candidates: dict[int, float | None]) -> Plan:
+                  candidates: dict[int, float | None], table: SeqTable | None = None) -> Plan:
         return Plan(
             strategy=strategy,
             world_size=self.cost.world_size,
@@ -284,23 +293,27 @@ class Planner:
             lengths=[int(x) for x in arr],
             micro_batches=micro,
             predicted_ms=float(sum(mb.predicted_ms for mb in micro)),
-            lower_bound_ms=self.lower_bound_ms(arr, micro),
+            lower_bound_ms=self.lower_bound_ms(arr, micro, table),
             solve_s=time.perf_counter() - t0,
             micro_batch_candidates=candidates,
         )
 
-    def lower_bound_ms(self, arr: np.ndarray, micro: list[MicroBatchPlan] | None = None) -> float:
+    def lower_bound_ms(self, arr: np.ndarray, micro: list[MicroBatchPlan] | None = None,
+                       table: SeqTable | None = None) -> float:
         """The cost model's bound (the divisible LP's optimum, `CostModel.lower_bound_ms`), raised
         to the MILP's dual bound where that bounds every plan: the MILP placed every sequence
         individually (its model is then exact), over the whole batch as one micro-batch, on
         dedicated devices; a split into more micro-batches is bounded by the model's bound for two."""
         k_min = min_micro_batches(arr, self.cost)
-        bound = self.cost.lower_bound_ms(arr, self.sizes, k_min)
+        if table is not None and table.sizes == self.sizes and len(table) == len(arr):
+            bound = micro_batch_lower_bound(table, self.cost, k_min)  # the same figure, from the table's costs
+        else:
+            bound = self.cost.lower_bound_ms(arr, self.sizes, k_min)
         shared = self.cost.cores is not None and self.cost.cores < self.cost.world_size
         if micro and len(micro) == 1 and k_min == 1 and not shared:
             stats = micro[0].stats
             if stats.milp_bound_ms is not None and stats.milp_exact:
-                split = self.cost.lower_bound_ms(arr, self.sizes, 2)
+                split = bound - k_min * self.cost.beta_ms + 2 * self.cost.beta_ms
                 # a solver reports its bound to its own tolerance (CBC: 5 digits): never above the plan
                 proven = min(stats.milp_bound_ms, micro[0].predicted_ms)
                 bound = max(bound, min(proven, split))

@@ -260,10 +260,10 @@ class CostModel:
             floor = float(((self.beta_ms + t) * scale[None, :]).min(axis=1).max())
             spread = float(device_time.min(axis=1).sum() / self.world_size)
             return max(floor, spread + k * self.beta_ms / self.world_size)
-        return k * self.beta_ms + _divisible_bound(t, device_time, self.world_size)
+        return k * self.beta_ms + divisible_bound(t, device_time, self.world_size)
 
 
-def _divisible_bound(t: np.ndarray, device_time: np.ndarray, world: int) -> float:
+def divisible_bound(t: np.ndarray, device_time: np.ndarray, world: int) -> float:
     """min over C of max(C, f(C) / world), f(C) = sum over rows of min {device_time : t <= C}."""
     least = float(t.min(axis=1).max())  # the least feasible C: every sequence finishes in some group
     cheapest = device_time.argmin(axis=1)

@@ -67,10 +67,16 @@ def complete(table: SeqTable, cost: CostModel, long: list[WorkGroup], short: lis
     With `fill_large`, the SP groups' room under the cap goes first to the longest short
     sequences that fit it: a sequence's device-time in a group of s, s x t_s, exceeds its
     time on one device by the communication, which weighs less the longer it is."""
-    groups = [WorkGroup(g.size, g.col, list(g.seqs), g.load, g.tokens_pad, g.used) for g in long]
+    groups = [WorkGroup(g.size, g.col, list(g.seqs), g.load, g.used) for g in long]
     if fill_large and groups and np.isfinite(cap):
         rest = []
-        for j in short:
+        # a short sequence's least time in any SP group present, to skip it in O(1) when no room is that large
+        fastest = table.t[short][:, sorted({g.col for g in groups})].min(axis=1).tolist()
+        room = max(cap - g.load for g in groups)
+        for j, quickest in zip(short, fastest):
+            if quickest > room:
+                rest.append(j)
+                continue
             row = table.t_rows[j]
             best, best_load = None, -1.0
             for g in groups:
@@ -81,6 +87,7 @@ def complete(table: SeqTable, cost: CostModel, long: list[WorkGroup], short: lis
                 rest.append(j)
             else:
                 best.add(j, table)
+                room = max(cap - g.load for g in groups)
         short = rest
     groups += new_groups(table, [1] * (cost.world_size - sum(g.size for g in groups)))
     if not list_schedule(short, groups, table, cost):
@@ -98,92 +105,94 @@ def greedy_for_target(table: SeqTable, cost: CostModel, target_ms: float, fill_l
 
 
 def solve_heuristic(table: SeqTable, cost: CostModel, deadline: float, steps: int = 14, refine: int = 4,
-                    breakpoints: int = 12, keep: int = 3
-                    ) -> tuple[list[WorkGroup], float] | None:
+                    breakpoints: int = 12, keep: int = 3) -> tuple[list[WorkGroup], float] | None:
     """Best schedule found over a sweep of makespan targets, locally improved.
 
-    The targets climb geometrically from the micro-batch's lower bound (step 0.2%, doubling)
-    and stop once a target passes the best makespan found (a looser target only lets long
-    sequences take smaller groups and finish later); then the best target's neighbourhood
-    is bisected. Every choice depends on the costs only, never on the clock, so the same
-    table always gives the same schedule; the deadline only cuts the search short."""
+    1. Targets climb geometrically from the micro-batch's lower bound (0.1%, doubling) and stop
+       once one passes the best makespan found (a looser target only lets long sequences take
+       smaller groups and finish later); the configuration changes only where some sequence's
+       time in some size meets the cap, so those breakpoints are tried too (thinned evenly to
+       `breakpoints`); then the best target's neighbourhood is bisected. Targets that give SP
+       groups already completed are not completed again.
+    2. The `keep` best targets are completed a second way, SP groups filled first (`complete`).
+    3. The `keep` best schedules get local search: the best raw one is not always the best after it.
+
+    Every choice depends on the costs only, never on the clock, so a table always gives the
+    same schedule; the deadline only cuts the search short, an attempt before it would pass."""
     if len(table) == 0:
         return [], 0.0
     lower = micro_batch_lower_bound(table, cost)
-    best: tuple[float, float, list[WorkGroup]] | None = None  # (makespan, target, groups)
-
-    top: list[tuple[float, float, list[WorkGroup]]] = []  # the best few schedules, for local search
-
+    found: list[tuple[float, float, list[WorkGroup]]] = []  # (makespan, target, groups), best first
     seen: set[tuple] = set()
+    slowest = 0.0
 
-    def attempt(target: float) -> None:
-        nonlocal best
+    def time_left() -> bool:  # and not yet proven optimal: at the bound
+        return time.perf_counter() + slowest <= deadline and found[0][0] > lower * (1 + 1e-9)
+
+    def attempt(target: float, fill: bool = False) -> None:
+        nonlocal slowest
+        t0 = time.perf_counter()
         part = long_groups(table, cost, target)
-        if part is None:
-            return
-        cap = target - cost.beta_ms
-        # the plain completion depends on the SP groups only; the filling one on the cap too
-        key = tuple((g.size, tuple(g.seqs)) for g in part[0])
-        for fill in (False, True):
-            if (key, fill and cap) in seen:
-                continue
-            seen.add((key, fill and cap))
-            groups = complete(table, cost, *part, cap, fill)
-            if groups is None:
-                continue
-            ms = priced_ms(groups, cost)
-            if best is None or ms < best[0] - 1e-9:
-                best = (ms, target, groups)
-            if all(abs(ms - other[0]) > 1e-9 for other in top):
-                top.append((ms, target, groups))
-                top.sort(key=lambda x: x[0])
-                del top[keep:]
+        if part is not None:
+            cap = target - cost.beta_ms
+            key = (tuple((g.size, tuple(g.seqs)) for g in part[0]), fill and cap)  # filling depends on the cap
+            if key not in seen:
+                seen.add(key)
+                groups = complete(table, cost, *part, cap, fill)
+                if groups is not None:
+                    ms = priced_ms(groups, cost)
+                    if all(abs(ms - other[0]) > 1e-9 for other in found):
+                        found.append((ms, target, groups))
+                        found.sort(key=lambda x: x[0])
+        slowest = max(slowest, time.perf_counter() - t0)
 
     attempt(np.inf)
-    if best is None:
+    if not found:
         return None
     tried = []
     for i in range(steps):
         target = lower * (1 + 0.001 * (2 ** i - 1))
-        if target > best[0] or time.perf_counter() > deadline:
+        if target > found[0][0] or not time_left():
             break
         tried.append(target)
         attempt(target)
-    # the configuration changes only where some sequence's time in some size meets the cap:
-    # try those breakpoints below the best makespan (evenly thinned to `breakpoints`)
     points = cost.beta_ms + table.t[np.isfinite(table.t)]
-    points = np.unique(points[(points >= lower) & (points < best[0])])
+    points = np.unique(points[(points >= lower) & (points < found[0][0])])
     if len(points) > breakpoints:
         points = points[np.linspace(0, len(points) - 1, breakpoints).round().astype(int)]
     for target in points.tolist():
-        if time.perf_counter() > deadline:
+        if not time_left():
             break
         tried.append(target)
         attempt(target)
-    # bisect between the best target and its nearest tried neighbours
     tried.sort()
-    centre = best[1]
+    centre = found[0][1]
     if np.isfinite(centre):
         k = tried.index(centre)
         lo = tried[k - 1] if k > 0 else centre
-        hi = tried[k + 1] if k + 1 < len(tried) else min(best[0], centre * 1.002)
+        hi = tried[k + 1] if k + 1 < len(tried) else min(found[0][0], centre * 1.002)
         for _ in range(refine):
-            if time.perf_counter() > deadline:
+            if not time_left():
                 break
-            centre = best[1]
+            centre = found[0][1]
             lo, hi = (lo + centre) / 2, (centre + hi) / 2
             attempt(lo)
             attempt(hi)
-    # local search on each of the best few: the best raw schedule is not always the best improved
+    for _, target, _ in found[:keep]:
+        if np.isfinite(target) and time_left():
+            attempt(target, fill=True)
     polished = []
-    for _, _, groups in top:
+    for _, _, groups in found[:keep]:
         improve(groups, table, cost, deadline)
         polished.append((priced_ms(groups, cost), groups))
     ms, groups = min(polished, key=lambda x: x[0])
     return groups, ms
 
 
-def micro_batch_lower_bound(table: SeqTable, cost: CostModel) -> float:
-    """The cost model's lower bound for one micro-batch of this table's sequences and sizes."""
-    return cost.lower_bound_ms(table.lengths, table.sizes, 1)
+def micro_batch_lower_bound(table: SeqTable, cost: CostModel, micro_batches: int = 1) -> float:
+    """The cost model's lower bound (`CostModel.lower_bound_ms`) for this table's sequences
+    and sizes, from the costs the table already holds where the devices are dedicated."""
+    if cost.cores is not None and cost.cores < cost.world_size:
+        return cost.lower_bound_ms(table.lengths, table.sizes, micro_batches)
+    return micro_batches * cost.beta_ms + table.bound_ms
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import heapq
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
-from .cost import CostModel
+from .cost import CostModel, divisible_bound
 from .layout import free_ranks, place_groups
 from .plan import GroupPlan, MicroBatchPlan, SolverStats
 
@@ -25,15 +26,28 @@ class SeqTable:
     col: dict[int, int]  # size -> column
     mem: np.ndarray  # [n, m] bytes each sequence adds to a device of its group (per padded token, per sequence)
     room: float  # bytes a device has for sequences: usable memory minus model states, less a rounding margin
-    t_rows: list[list[float]] = field(default_factory=list, repr=False)  # t as lists: fast scalar reads
-    pad_rows: list[list[float]] = field(default_factory=list, repr=False)
-    mem_rows: list[list[float]] = field(default_factory=list, repr=False)
+    world: int  # devices in the cluster
 
-    def __post_init__(self) -> None:
-        self.order = np.argsort(-self.lengths, kind="stable")  # longest first
-        self.t_rows = self.t.tolist()
-        self.pad_rows = self.pad.tolist()
-        self.mem_rows = self.mem.tolist()
+    # rows as lists, for fast scalar reads in the inner loops; each row is made on first use
+    # (at 1024 GPUs a table has 135 sizes, and most rows are only read through numpy)
+    @cached_property
+    def t_rows(self) -> "_Rows":
+        return _Rows(self.t)
+
+    @cached_property
+    def mem_rows(self) -> "_Rows":
+        return _Rows(self.mem)
+
+    @cached_property
+    def order(self) -> np.ndarray:
+        """Rows, longest sequence first."""
+        return np.argsort(-self.lengths, kind="stable")
+
+    @cached_property
+    def bound_ms(self) -> float:
+        """The divisible LP's optimum (CostModel.lower_bound_ms) for one micro-batch of these
+        sequences with these sizes, less beta: the table already holds every t_js."""
+        return divisible_bound(self.t, self.t * np.asarray(self.sizes, dtype=np.float64)[None, :], self.world)
 
     @classmethod
     def build(cls, cost: CostModel, lengths: np.ndarray, ids: np.ndarray, sizes: list[int]) -> "SeqTable":
@@ -49,7 +63,7 @@ class SeqTable:
             mem[:, c] = per_token * pad[:, c] + per_seq
         room = (cost.device_memory_bytes - cost.model_state_bytes) * (1 - 1e-12)
         return cls(lengths, np.asarray(ids, dtype=np.int64), list(sizes), t, pad, {s: c for c, s in enumerate(sizes)},
-                   mem, room)
+                   mem, room, cost.world_size)
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -58,12 +72,26 @@ class SeqTable:
         """The same sequences with only some of the group sizes."""
         cols = [self.col[s] for s in sizes]
         return SeqTable(self.lengths, self.ids, list(sizes), self.t[:, cols], self.pad[:, cols],
-                        {s: c for c, s in enumerate(sizes)}, self.mem[:, cols], self.room)
+                        {s: c for c, s in enumerate(sizes)}, self.mem[:, cols], self.room, self.world)
 
     def subset(self, rows: np.ndarray) -> "SeqTable":
         """The table of some of these sequences (rows in this table's order)."""
         return SeqTable(self.lengths[rows], self.ids[rows], self.sizes, self.t[rows], self.pad[rows], self.col,
-                        self.mem[rows], self.room)
+                        self.mem[rows], self.room, self.world)
+
+
+class _Rows:
+    """row j of a 2-D array as a list, converted when first read."""
+
+    def __init__(self, a: np.ndarray):
+        self._a = a
+        self._rows: dict[int, list[float]] = {}
+
+    def __getitem__(self, j: int) -> list[float]:
+        row = self._rows.get(j)
+        if row is None:
+            row = self._rows[j] = self._a[j].tolist()
+        return row
 
 
 @dataclass
@@ -72,7 +100,6 @@ class WorkGroup:
     col: int
     seqs: list[int] = field(default_factory=list)  # local sequence indices
     load: float = 0.0  # ms, without beta
-    tokens_pad: float = 0.0
     used: float = 0.0  # bytes its sequences take on each device (SeqTable.mem summed)
 
     def can_hold(self, j: int, table: SeqTable, cost: CostModel) -> bool:
@@ -82,16 +109,14 @@ class WorkGroup:
     def add(self, j: int, table: SeqTable) -> None:
         self.seqs.append(j)
         self.load += table.t_rows[j][self.col]
-        self.tokens_pad += table.pad_rows[j][self.col]
         self.used += table.mem_rows[j][self.col]
 
     def remove(self, j: int, table: SeqTable) -> None:
         self.seqs.remove(j)
         self.load -= table.t_rows[j][self.col]
-        self.tokens_pad -= table.pad_rows[j][self.col]
         self.used -= table.mem_rows[j][self.col]
         if not self.seqs:
-            self.load, self.tokens_pad, self.used = 0.0, 0.0, 0.0
+            self.load, self.used = 0.0, 0.0
 
 
 def priced_ms(groups: list[WorkGroup], cost: CostModel) -> float:
@@ -116,13 +141,16 @@ def list_schedule(seqs: list[int], groups: list[WorkGroup], table: SeqTable, cos
         heaps.setdefault(g.col, []).append((g.load, gi))
     for h in heaps.values():
         heapq.heapify(h)
-    classes = list(heaps.items())
-    t_rows, mem_rows, pad_rows, room = table.t_rows, table.mem_rows, table.pad_rows, table.room
+    cols = list(heaps)
+    classes = list(enumerate(heaps.values()))  # (position among the present sizes, heap)
     order = np.asarray(seqs, dtype=np.int64)
-    order = order[np.argsort(-table.lengths[order], kind="stable")].tolist()
+    order = order[np.argsort(-table.lengths[order], kind="stable")]
+    # only the present sizes' columns, as lists: cheap scalar reads without converting the whole table
+    t_rows = table.t[order][:, cols].tolist()
+    mem_rows = table.mem[order][:, cols].tolist()
+    room = table.room
     inf = np.inf
-    for j in order:
-        rt, rm = t_rows[j], mem_rows[j]
+    for j, rt, rm in zip(order.tolist(), t_rows, mem_rows):
         best, best_c = inf, -1
         skipped: list[tuple[int, tuple[float, int]]] = []
         for c, heap in classes:
@@ -139,15 +167,14 @@ def list_schedule(seqs: list[int], groups: list[WorkGroup], table: SeqTable, cos
                 if fin < best:
                     best, best_c = fin, c
         if best_c >= 0:
-            heap = heaps[best_c]
+            heap = classes[best_c][1]
             g = groups[heap[0][1]]
             g.seqs.append(j)
             g.load += rt[best_c]
-            g.tokens_pad += pad_rows[j][best_c]
             g.used += rm[best_c]
             heapq.heapreplace(heap, (g.load, heap[0][1]))
         for c, item in skipped:
-            heapq.heappush(heaps[c], item)
+            heapq.heappush(classes[c][1], item)
         if best_c < 0:
             return False
     return True

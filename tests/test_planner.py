@@ -3,6 +3,7 @@ tiny clusters, micro-batching under memory pressure, and clear errors for bad ba
 from __future__ import annotations
 
 import itertools
+import json
 import time
 
 import numpy as np
@@ -147,6 +148,35 @@ def test_node_boundaries_on_the_64_gpu_config(flexsp_cfg, solver):
         _check(plan, planner)
 
 
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    nodes=st.integers(2, 3),
+    per_node=st.sampled_from([6, 8]),
+    memory=st.sampled_from([0.25, 0.5]),
+    short=st.lists(st.integers(50, 3000), min_size=8, max_size=48),
+    long=st.lists(st.integers(3000, 14000), min_size=1, max_size=4),
+)
+def test_more_sizes_never_plan_worse(nodes, per_node, memory, short, long):
+    """Monotone by construction: the planner over all sizes also runs, unchanged, the search a
+    power-of-two planner runs and every uniform degree's, so it is never worse than either.
+    (The search is deterministic; the MILP, off here, only ever lowers a plan further.)"""
+    lengths = long + short
+    every = small_planner(nodes, per_node, memory, time_limit_s=30.0, solver="heuristic")
+    pow2 = small_planner(nodes, per_node, memory, time_limit_s=30.0, solver="heuristic", power_of_two=True)
+    try:
+        every.check_lengths(lengths)
+        pow2.check_lengths(lengths)
+    except SequenceTooLongError:
+        assume(False)
+    plan = every.plan(lengths)
+    _check(plan, every)
+    assert plan.predicted_ms <= pow2.plan(lengths).predicted_ms * (1 + 1e-9)
+    for s in every.fixed_degrees():
+        fixed = every.plan_fixed(lengths, s)
+        if fixed is not None:
+            assert plan.predicted_ms <= fixed.predicted_ms * (1 + 1e-9)
+
+
 def test_plan_json_round_trip(tmp_path):
     planner = small_planner(2, 4)
     plan = planner.plan([5000, 300, 200, 100, 2000])
@@ -154,6 +184,11 @@ def test_plan_json_round_trip(tmp_path):
     back = Plan.from_json((tmp_path / "plan.json").read_text())
     assert back == plan
     assert plan_problems(back, planner.cost, planner.sizes) == []
+    # strict JSON: a figure the solver could not give (an unbounded MILP bound) is null, not Infinity
+    plan.micro_batches[0].stats.milp_bound_ms = float("inf")
+    text = plan.to_json()
+    back = Plan.from_json(json.loads(text, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}")) and text)
+    assert back.micro_batches[0].stats.milp_bound_ms is None
 
 
 def test_validator_catches_broken_plans():
