@@ -7,6 +7,7 @@ and a summary with medians and p95s), a PNG, and prints a table.
 """
 from __future__ import annotations
 
+import json
 import platform
 import time
 from pathlib import Path
@@ -17,7 +18,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from pliant.planner import ClusterSpec, ModelSpec, Planner, baselines, resolve_source, token_batches
+from pliant.planner import ClusterSpec, ModelSpec, Planner, PlanningError, baselines, resolve_source, token_batches
+from pliant.planner.blaster import min_micro_batches
 from pliant.planner.io import atomic_write_text, strict_dumps
 
 
@@ -26,10 +28,25 @@ def _q(values: list[float], q: float) -> float | None:
     return float(np.quantile(v, q)) if v else None
 
 
+def load_reference(path: str | Path, lengths_file: str | None, dist: str | None, batch_tokens: int,
+                   max_len: int | None, seed: int) -> list[dict[str, Any]]:
+    """The per-batch rows of an earlier run on the same batches (checked: same source, sizes, seed)."""
+    ref = json.loads(Path(path).read_text())
+    mine = {"lengths": lengths_file or dist, "batch_tokens": batch_tokens, "max_len": max_len, "seed": seed}
+    differ = {k: (ref.get(k), v) for k, v in mine.items() if ref.get(k) != v}
+    if differ:
+        raise PlanningError(f"--reference {path}: not the same batches: " +
+                            ", ".join(f"{k} {a!r} there, {b!r} here" for k, (a, b) in differ.items()))
+    return ref["per_batch"]
+
+
 def run(planner: Planner, cluster: ClusterSpec, model: ModelSpec, config_path: str, lengths_file: str | None,
         dist: str | None, batch_tokens: int, max_len: int | None, n_batches: int, seed: int, out: Path,
-        plot: Path | None, console: Console | None = None) -> dict[str, Any]:
+        plot: Path | None, console: Console | None = None, reference: str | Path | None = None) -> dict[str, Any]:
     console = console or Console()
+    ref_rows = None if reference is None else load_reference(reference, lengths_file, dist, batch_tokens, max_len, seed)
+    if ref_rows is not None and len(ref_rows) < n_batches:
+        raise PlanningError(f"--reference {reference} has {len(ref_rows)} batches, fewer than --batches {n_batches}")
     source = resolve_source(lengths_file, dist)
     stream = token_batches(source, batch_tokens, max_len, seed)
     run_max = max_len
@@ -46,6 +63,8 @@ def run(planner: Planner, cluster: ClusterSpec, model: ModelSpec, config_path: s
             plan = planner.plan(lengths)
             solve_s = time.perf_counter() - t0
             base = baselines(planner, lengths, max(run_max, int(lengths.max())))
+            floor_ms, spread_ms = planner.cost.simple_bounds_ms(lengths, planner.sizes,
+                                                                 min_micro_batches(lengths, planner.cost))
             static = base.static_degree if static is None else static
             st = base.fixed_ms[static] if static in base.fixed_ms else None
             rows.append({
@@ -66,6 +85,12 @@ def run(planner: Planner, cluster: ClusterSpec, model: ModelSpec, config_path: s
                 "device_share_by_size": {str(k): v for k, v in plan.device_share_by_size().items()},
                 "group_mix": {str(k): v for k, v in sorted(plan.group_mix().items())},
                 "answer_from": [mb.stats.source for mb in plan.micro_batches],
+                # what the MILP changed: the heuristic's makespan less the kept answer, per micro-batch
+                "milp_gain_ms": [(mb.stats.heuristic_ms - mb.predicted_ms) if mb.stats.source == "milp" else 0.0
+                                 for mb in plan.micro_batches],
+                # what the LP bound adds over the older max(slowest sequence's floor, device-time / N)
+                "simple_bound_s": max(floor_ms, spread_ms) / 1e3,
+                "reference_s": None if ref_rows is None else ref_rows[i]["adaptive_s"],
                 "milp_status": [mb.stats.status for mb in plan.micro_batches],
                 "milp_gap": [mb.stats.gap for mb in plan.micro_batches],
             })
@@ -77,6 +102,9 @@ def run(planner: Planner, cluster: ClusterSpec, model: ModelSpec, config_path: s
     sp_static = [r["static_s"] / r["adaptive_s"] for r in rows if r["static_s"] is not None]
     sp_bada = [r["batchada_s"] / r["adaptive_s"] for r in rows]
     gap_lb = [r["adaptive_s"] / r["lower_bound_s"] - 1 for r in rows]
+    gains = [g for r in rows for g in r["milp_gain_ms"] if g > 0]
+    lp_gain = [r["lower_bound_s"] / r["simple_bound_s"] - 1 for r in rows]
+    vs_ref = [r["adaptive_s"] / r["reference_s"] for r in rows if r["reference_s"] is not None]
     summary: dict[str, Any] = {"static_degree": static}
     for key in ("adaptive_s", "static_s", "batchada_s", "no_sp_s", "lower_bound_s", "solve_s"):
         summary[f"{key}_median"] = _q(col(key), 0.5)
@@ -90,6 +118,17 @@ def run(planner: Planner, cluster: ClusterSpec, model: ModelSpec, config_path: s
         "gap_to_lower_bound_p95": _q(gap_lb, 0.95),
         "adaptive_worse_than_batchada": sum(1 for x in sp_bada if x < 1 - 1e-9),
         "answers_from_milp": sum(r["answer_from"].count("milp") for r in rows),
+        "milp_gain_ms_median": _q(gains, 0.5),
+        "milp_gain_ms_max": max(gains) if gains else None,
+        "lp_bound_raised": sum(1 for x in lp_gain if x > 1e-9),
+        "lp_bound_raise_median": _q([x for x in lp_gain if x > 1e-9], 0.5),
+        "lp_bound_raise_max": max(lp_gain),
+        "over_time_limit": sum(1 for r in rows if r["solve_s"] > planner.spec.time_limit_s),
+        "reference": None if reference is None else str(reference),
+        "vs_reference_median": _q(vs_ref, 0.5),
+        "vs_reference_max": max(vs_ref) if vs_ref else None,
+        "worse_than_reference": sum(1 for x in vs_ref if x > 1 + 1e-9),
+        "better_than_reference": sum(1 for x in vs_ref if x < 1 - 1e-9),
         "micro_batches": sum(r["micro_batches"] for r in rows),
         "fixed_s_median": {
             s: _q([r["fixed_s"][s] for r in rows if r["fixed_s"][s] is not None], 0.5)
@@ -145,9 +184,17 @@ def print_summary(result: dict[str, Any], console: Console) -> None:
     t.add_row("lower bound", fmt(s["lower_bound_s_median"]), fmt(s["lower_bound_s_p95"]),
               f"gap {s['gap_to_lower_bound_median']:.1%}")
     console.print(t)
-    console.print(f"solve time: median {s['solve_s_median']:.2f} s, p95 {s['solve_s_p95']:.2f} s "
-                  f"(budget {result['time_limit_s']} s, solver {result['solver']}); "
-                  f"MILP answer kept in {s['answers_from_milp']} of {s['micro_batches']} micro-batches")
+    console.print(f"solve time: median {s['solve_s_median']:.3f} s, p95 {s['solve_s_p95']:.3f} s "
+                  f"(wall {result['time_limit_s']} s, passed in {s['over_time_limit']} batches; solver {result['solver']})")
+    gain = "" if not s["answers_from_milp"] else (f", by {s['milp_gain_ms_median']:.1f} ms median, "
+                                                  f"{s['milp_gain_ms_max']:.1f} ms most")
+    console.print(f"MILP answer kept in {s['answers_from_milp']} of {s['micro_batches']} micro-batches{gain}; "
+                  f"the LP bound raised the simple bound in {s['lp_bound_raised']} of {result['batches']} batches "
+                  f"(by {s['lp_bound_raise_max']:.1%} at most)")
+    if s["reference"] is not None:
+        console.print(f"against {s['reference']}: median ratio {s['vs_reference_median']:.4f}, "
+                      f"worst {s['vs_reference_max']:.4f}; better on {s['better_than_reference']}, "
+                      f"worse on {s['worse_than_reference']} of {result['batches']} batches")
 
 
 def write_plot(rows: list[dict[str, Any]], static: int | None, path: Path) -> None:

@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--batches", type=int, default=20, metavar="K")
     bp.add_argument("--out", default="bench-planner.json")
     bp.add_argument("--plot", default=None, help="PNG path (default: next to --out)")
+    bp.add_argument("--reference", default=None, metavar="JSON",
+                    help="an earlier `bench planner` result on the same batches (same lengths, tokens, seed): "
+                         "each plan is set against its plan")
 
     bc = bsub.add_parser("comm", help="LASP-2, ring, Ulysses, LASP-2H and DeepSpeed-Ulysses on local ranks")
     bc.add_argument("--world", type=int, default=4)
@@ -262,7 +265,7 @@ def cmd_bench_planner(args: argparse.Namespace) -> int:
     plot = Path(args.plot) if args.plot else out.with_suffix(".png")
     cfg, planner = load_planner(args)
     run(planner, cfg.cluster, cfg.model, " + ".join(args.config), args.lengths, args.dist, args.batch_tokens, args.max_len,
-        args.batches, args.seed, out, plot)
+        args.batches, args.seed, out, plot, reference=args.reference)
     print(f"wrote {out} and {plot}")
     return 0
 

@@ -262,6 +262,15 @@ class CostModel:
             return max(floor, spread + k * self.beta_ms / self.world_size)
         return k * self.beta_ms + divisible_bound(t, device_time, self.world_size)
 
+    def simple_bounds_ms(self, lengths: np.ndarray, sizes: list[int], micro_batches: int = 1) -> tuple[float, float]:
+        """The two bounds the LP bound improves on, for reports: (the slowest sequence's best
+        time on any group + beta per micro-batch, the least device-time / N + beta per micro-batch)."""
+        L = np.asarray(lengths, dtype=np.int64)
+        t = np.stack([np.where(self.seq_fits(L, s), self.seq_ms(L, s), np.inf) for s in sizes], axis=1)
+        spread = float((t * np.asarray(sizes, dtype=np.float64)[None, :]).min(axis=1).sum() / self.world_size)
+        k = max(1, int(micro_batches))
+        return float(t.min(axis=1).max()) + k * self.beta_ms, spread + k * self.beta_ms
+
 
 def divisible_bound(t: np.ndarray, device_time: np.ndarray, world: int) -> float:
     """min over C of max(C, f(C) / world), f(C) = sum over rows of min {device_time : t <= C}."""
