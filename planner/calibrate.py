@@ -10,9 +10,15 @@ so every measured group time is one linear equation in the coefficients
 the coefficients by non-negative least squares, made robust by Huber reweighting (a few
 stragglers or a slow first step do not drag the fit) and bounded (a refit moves each
 coefficient by at most `max_step` x, and never beyond `max_drift` x of the configured value),
-so that plans and predictions follow the machine the job actually runs on. A coefficient the
-window cannot tell apart from the others (its feature never varies) keeps its value. Every
-refit is returned as a `Refit` record for the run's log.
+so that plans and predictions follow the machine the job actually runs on.
+
+Which coefficients a window can tell apart depends on what it holds: the planner balances its
+groups, so groups of one often hold similar token counts, and then beta and a2 (and gamma,
+through the sequence count) are nearly collinear; a free fit would trade one against the
+other until both hit their bounds. So the fit moves coefficients together in `TIES`, from the
+finest tie the window conditions well (every term free) down to one scale for all, and keeps
+the finest whose design has a condition number under `max_condition`. Every refit is returned
+as a `Refit` record for the run's log, with the tie it used.
 """
 from __future__ import annotations
 
@@ -25,6 +31,14 @@ import numpy as np
 from .cost import CostModel
 
 TERMS = ("beta_ms", "gamma_ms", "a1_ms", "a2_ms", "comm_scale")
+
+# ways to tie the terms' multipliers, finest first: each is a list of groups of TERMS moving together
+TIES: list[tuple[str, list[tuple[str, ...]]]] = [
+    ("each", [(t,) for t in TERMS]),
+    ("beta, compute, comm", [("beta_ms",), ("gamma_ms", "a1_ms", "a2_ms"), ("comm_scale",)]),
+    ("beta, compute+comm", [("beta_ms",), ("gamma_ms", "a1_ms", "a2_ms", "comm_scale")]),
+    ("all", [TERMS]),
+]
 
 
 @dataclass(frozen=True)
@@ -47,6 +61,8 @@ class Refit:
     error_before: float  # median |predicted - measured| / measured over the window, old coefficients
     error_after: float
     clamped: list[str] = field(default_factory=list)  # coefficients held back by the bounds
+    tie: str = "each"  # which terms moved together (TIES): the finest the window conditioned well
+    condition: float | None = None  # that tie's condition number on the window
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -98,7 +114,9 @@ class Calibration:
     """A window of measured groups and the refit of the cost model's coefficients."""
 
     def __init__(self, cost: CostModel, window: int = 256, min_samples: int = 8, max_step: float = 2.0,
-                 max_drift: float = 8.0, huber: float = 1.5, iterations: int = 5, prior: float = 0.1):
+                 max_drift: float = 8.0, huber: float = 1.5, iterations: int = 5, prior: float = 0.1,
+                 max_condition: float = 30.0):
+        self.max_condition = max_condition
         self.configured = cost
         self.cost = cost
         self.samples: deque[tuple[np.ndarray, float]] = deque(maxlen=window)
@@ -127,31 +145,50 @@ class Calibration:
             return None
         return max(0.0, float(np.median([step_ms - price_micro_batches(mbs, cost) for mbs, step_ms in self.steps])))
 
-    def _fit(self, A: np.ndarray, y: np.ndarray, current: np.ndarray) -> np.ndarray:
+    def _tie(self, scaled: np.ndarray, y: np.ndarray) -> tuple[str, np.ndarray, float]:
+        """The finest tie of the terms the window conditions well: (name, terms x groups map,
+        condition number). Columns that are all zero (a term the model does not use) drop out."""
+        used = [i for i in range(len(TERMS)) if np.any(scaled[:, i] > 0)]
+        fallback = None
+        for name, groups in TIES:
+            M = np.zeros((len(TERMS), len(groups)))
+            for g, members in enumerate(groups):
+                for t in members:
+                    if TERMS.index(t) in used:
+                        M[TERMS.index(t), g] = 1.0
+            M = M[:, M.sum(axis=0) > 0]
+            G = (scaled @ M) / y[:, None]  # relative rows
+            norms = np.linalg.norm(G, axis=0)
+            if G.shape[1] == 0 or np.any(norms == 0):
+                continue
+            cond = float(np.linalg.cond(G / norms))
+            if cond <= self.max_condition:
+                return name, M, cond
+            fallback = (name, M, cond)
+        assert fallback is not None
+        return fallback
+
+    def _fit(self, A: np.ndarray, y: np.ndarray, current: np.ndarray) -> tuple[np.ndarray, str, float]:
         """Relative NNLS (each equation divided by its measured time: errors are relative) with
-        Huber weights; the unknowns are multipliers of the current coefficients, so a term whose
-        coefficient is 0 stays 0 and the scales are comparable."""
+        Huber weights; the unknowns are multipliers of the current coefficients, tied in groups
+        (`_tie`), so a term whose coefficient is 0 stays 0 and the scales are comparable."""
         scaled = A * np.where(current > 0, current, 0.0)[None, :]
-        live = np.flatnonzero(scaled.std(axis=0) > 0)
-        const = [i for i in range(A.shape[1]) if i not in set(live) and np.any(scaled[:, i] > 0)]
-        cols = sorted(set(live) | set(const[:1]))  # at most one constant column: the intercept
+        name, M, cond = self._tie(scaled, y)
+        G = scaled @ M
         w = np.ones(len(y))
         mult = np.ones(A.shape[1])
-        # a weak pull of every multiplier toward 1 (keep the current value): directions the window
-        # cannot tell apart (beta against a2 when every group holds a similar number of tokens) stay
-        # where they are instead of running to a bound
-        prior = np.sqrt(self.prior) * np.eye(len(cols))
+        # a weak pull of every multiplier toward 1 (keep the current value)
+        prior = np.sqrt(self.prior) * np.eye(M.shape[1])
         for _ in range(self.iterations):
             rows = np.sqrt(w)[:, None] / y[:, None]
-            x = nnls_small(np.vstack([scaled[:, cols] * rows, prior]),
-                           np.concatenate([np.ones(len(y)) * np.sqrt(w), np.sqrt(self.prior) * np.ones(len(cols))]))
-            mult = np.ones(A.shape[1])
-            mult[cols] = x
+            x = nnls_small(np.vstack([G * rows, prior]),
+                           np.concatenate([np.ones(len(y)) * np.sqrt(w), np.sqrt(self.prior) * np.ones(M.shape[1])]))
+            mult = np.where(M.sum(axis=1) > 0, M @ x, 1.0)
             r = (scaled @ mult - y) / y
             scale = 1.4826 * np.median(np.abs(r - np.median(r))) or 1e-12
             u = np.abs(r) / (self.huber * scale)
             w = np.where(u <= 1, 1.0, 1.0 / np.maximum(u, 1e-12))
-        return current * mult
+        return current * mult, name, cond
 
     def refit(self, step: int) -> Refit | None:
         """Refit from the window; None until it holds `min_samples` groups."""
@@ -160,7 +197,7 @@ class Calibration:
         A = np.stack([f for f, _ in self.samples])
         y = np.array([m for _, m in self.samples])
         current = coefficients(self.cost)
-        target = self._fit(A, y, current)
+        target, tie, cond = self._fit(A, y, current)
         base = coefficients(self.configured)
         lo = np.maximum(current / self.max_step, base / self.max_drift)
         hi = np.minimum(current * self.max_step, base * self.max_drift)
@@ -177,4 +214,4 @@ class Calibration:
         self.cost = cost
         return Refit(step=step, samples=len(y), before=before,
                      after={**dict(zip(TERMS, new.tolist())), "step_overhead_ms": cost.step_overhead_ms},
-                     error_before=err(current), error_after=err(new), clamped=clamped)
+                     error_before=err(current), error_after=err(new), clamped=clamped, tie=tie, condition=cond)
