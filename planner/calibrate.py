@@ -115,7 +115,7 @@ class Calibration:
 
     def __init__(self, cost: CostModel, window: int = 256, min_samples: int = 8, max_step: float = 2.0,
                  max_drift: float = 8.0, huber: float = 1.5, iterations: int = 5, prior: float = 0.1,
-                 max_condition: float = 30.0):
+                 max_condition: float = 10.0):
         self.max_condition = max_condition
         self.configured = cost
         self.cost = cost
@@ -177,12 +177,17 @@ class Calibration:
         G = scaled @ M
         w = np.ones(len(y))
         mult = np.ones(A.shape[1])
-        # a weak pull of every multiplier toward 1 (keep the current value)
+        # a weak pull of each tied group toward the configured values: where the window says
+        # little (beta against compute when groups hold similar token counts) the configured
+        # ratio holds; where it says much, the data win
+        base = coefficients(self.configured)
+        ratio = np.where(current > 0, base / np.where(current > 0, current, 1.0), 1.0)
+        anchor = np.array([float(np.median(ratio[M[:, g] > 0])) for g in range(M.shape[1])])
         prior = np.sqrt(self.prior) * np.eye(M.shape[1])
         for _ in range(self.iterations):
             rows = np.sqrt(w)[:, None] / y[:, None]
             x = nnls_small(np.vstack([G * rows, prior]),
-                           np.concatenate([np.ones(len(y)) * np.sqrt(w), np.sqrt(self.prior) * np.ones(M.shape[1])]))
+                           np.concatenate([np.ones(len(y)) * np.sqrt(w), np.sqrt(self.prior) * anchor]))
             mult = np.where(M.sum(axis=1) > 0, M @ x, 1.0)
             r = (scaled @ mult - y) / y
             scale = 1.4826 * np.median(np.abs(r - np.median(r))) or 1e-12
