@@ -185,7 +185,8 @@ def print_summary(result: dict[str, Any], console: Console) -> None:
               f"gap {s['gap_to_lower_bound_median']:.1%}")
     console.print(t)
     console.print(f"solve time: median {s['solve_s_median']:.3f} s, p95 {s['solve_s_p95']:.3f} s "
-                  f"(wall {result['time_limit_s']} s, passed in {s['over_time_limit']} batches; solver {result['solver']})")
+                  f"(wall {result['time_limit_s']} s, passed in {s['over_time_limit']} batches; "
+                  f"solver {result['solver']})")
     gain = "" if not s["answers_from_milp"] else (f", by {s['milp_gain_ms_median']:.1f} ms median, "
                                                   f"{s['milp_gain_ms_max']:.1f} ms most")
     console.print(f"MILP answer kept in {s['answers_from_milp']} of {s['micro_batches']} micro-batches{gain}; "
