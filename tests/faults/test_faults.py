@@ -206,11 +206,13 @@ def test_no_spare_slot_restarts_with_a_smaller_world(tmp_path, clean):
     assert job.steps[-1] == LAST_STEP
     resumed = [m for m in job.metrics if m["wall"] >= sup["attempts"][1]["started"]]
     assert [m["step"] for m in resumed] == [5, 6, 7, 8]
-    # the first loss after the restart is the fault-free run's (the state loaded whole), and
-    # the parameters stay within 1e-6 of it: ZeRO's fp32 master weights round differently when
-    # gradients are reduced in another order; a lost optimizer state would be off by ~lr (2e-3)
+    # the first loss after the restart is the fault-free run's (the parameters loaded whole: a
+    # wrong or partial load moves it by far more than 1e-3), to the rounding of another plan: 3
+    # ranks group the sequences differently from 4, and ZeRO's fp32 master weights the universal
+    # checkpoint holds round the fp64 parameters (measured: 2.3e-9 relative); the parameters stay
+    # within 1e-6 of the fault-free run's, while a lost optimizer state would be off by ~lr (2e-3)
     clean_loss = {m["step"]: m["loss"] for m in clean.metrics}
-    assert abs(resumed[0]["loss"] - clean_loss[5]) < 1e-9 * abs(clean_loss[5])
+    assert abs(resumed[0]["loss"] - clean_loss[5]) < 1e-7 * abs(clean_loss[5])
     torch.testing.assert_close(job.params, clean.params, rtol=0, atol=1e-6)
 
 
