@@ -122,10 +122,13 @@ class Planner:
             if best is not None and micro_batch_lower_bound(table, self.cost, k) >= best[0] - 1e-9:
                 break  # no split into k (or more) micro-batches can beat the best found
             found: tuple[float, list[_Draft]] | None = None
-            for _, parts in candidate_splits(arr, k, self.cost):
+            splits = candidate_splits(arr, k, self.cost)
+            for si, (_, parts) in enumerate(splits):
                 drafts = []
-                for ids in parts:
-                    d = solve_part(ids, deadline)
+                for i, ids in enumerate(parts):
+                    # every part still to solve in this count gets an equal share of the time left
+                    left = (len(splits) - si) * len(parts) - i
+                    d = solve_part(ids, time.perf_counter() + max(0.0, deadline - time.perf_counter()) / left)
                     if d is None:
                         break
                     drafts.append(d)
@@ -143,10 +146,11 @@ class Planner:
             k += 1
         return candidates, best
 
-    def _heuristic_part(self, full: SeqTable) -> Callable[[np.ndarray, float], _Draft | None]:
+    def _heuristic_part(self, full: SeqTable, done: dict | None = None
+                        ) -> Callable[[np.ndarray, float], _Draft | None]:
         def solve(ids: np.ndarray, deadline: float) -> _Draft | None:
             table = full.subset(ids)
-            solved = solve_heuristic(table, self.cost, deadline)
+            solved = solve_heuristic(table, self.cost, deadline, done=done)
             return None if solved is None else _Draft(table, *solved)
         return solve
 
@@ -183,11 +187,17 @@ class Planner:
         def done() -> bool:  # out of time, or at the bound: nothing can be better
             return best is not None and (time.perf_counter() > search_end or best[0] <= bound * (1 + 1e-9))
 
-        for sizes in self.families():
+        families = self.families()
+        completed: dict = {}  # completions the families share
+        for fi, sizes in enumerate(families):
             if done():
                 break
             table = full if sizes == self.sizes else full.restrict(sizes)
-            found_k, found = self._search(arr, self._heuristic_part(table), search_end, table)
+            # the full family may take 60% of the time left, the power-of-two family 80% of the rest;
+            # the uniform degrees (mostly skipped by their bounds) get what remains
+            share = (search_end - time.perf_counter()) * (0.6 if fi == 0 else 0.8)
+            found_k, found = self._search(arr, self._heuristic_part(table, completed), time.perf_counter() + share,
+                                          table)
             candidates = candidates or found_k
             best = _better(best, found)
         # every uniform degree is in the adaptive space too, searched as `plan_fixed` searches it,

@@ -60,6 +60,31 @@ def long_groups(table: SeqTable, cost: CostModel, target_ms: float
     return groups, short
 
 
+def merge_smallest(table: SeqTable, cost: CostModel, long: list[WorkGroup], cap: float) -> list[WorkGroup] | None:
+    """The SP groups with the smallest one freed: its sequences and those of the SP groups at
+    least as large are packed again, best-fit decreasing, into the larger groups under the cap.
+    Sizing each long sequence on its own, the greedy can open a group of two for a sequence
+    that a rearrangement of the groups of eight would hold (a bin-packing step the MILP takes).
+    None if no SP group can be freed so."""
+    for a in sorted(long, key=lambda g: (g.size, g.load)):
+        hosts = [g for g in long if g is not a and g.size >= a.size]
+        if not hosts:
+            continue
+        items = sorted((j for g in hosts + [a] for j in g.seqs), key=lambda j: -table.lengths[j])
+        for tightest in (True, False):  # best fit, then worst fit (spreads the largest first)
+            packed = [WorkGroup(g.size, g.col) for g in hosts]
+            for j in items:
+                row = table.t_rows[j]
+                fit = [g for g in packed if g.load + row[g.col] <= cap and g.can_hold(j, table, cost)]
+                if not fit:
+                    break
+                pick = max if tightest else min
+                pick(fit, key=lambda g: g.load + row[g.col]).add(j, table)
+            else:
+                return [g for g in long if g is not a and g not in hosts] + packed
+    return None
+
+
 def complete(table: SeqTable, cost: CostModel, long: list[WorkGroup], short: list[int], cap: float,
              fill_large: bool) -> list[WorkGroup] | None:
     """Cover the free ranks with groups of one and list-schedule the short sequences.
@@ -105,7 +130,8 @@ def greedy_for_target(table: SeqTable, cost: CostModel, target_ms: float, fill_l
 
 
 def solve_heuristic(table: SeqTable, cost: CostModel, deadline: float, steps: int = 14, refine: int = 4,
-                    breakpoints: int = 12, keep: int = 3) -> tuple[list[WorkGroup], float] | None:
+                    breakpoints: int = 12, keep: int = 2, levels: int = 4, done: dict | None = None
+                    ) -> tuple[list[WorkGroup], float] | None:
     """Best schedule found over a sweep of makespan targets, locally improved.
 
     1. Targets climb geometrically from the micro-batch's lower bound (0.1%, doubling) and stop
@@ -117,33 +143,67 @@ def solve_heuristic(table: SeqTable, cost: CostModel, deadline: float, steps: in
     2. The `keep` best targets are completed a second way, SP groups filled first (`complete`).
     3. The `keep` best schedules get local search: the best raw one is not always the best after it.
 
+    `done` carries completions from one call to the next (the planner's power-of-two family
+    meets most of the configurations the full family met: a completion depends only on the SP
+    groups, the short sequences and the cap, not on which sizes were allowed).
+
     Every choice depends on the costs only, never on the clock, so a table always gives the
     same schedule; the deadline only cuts the search short, an attempt before it would pass."""
     if len(table) == 0:
         return [], 0.0
     lower = micro_batch_lower_bound(table, cost)
     found: list[tuple[float, float, list[WorkGroup]]] = []  # (makespan, target, groups), best first
+    done = {} if done is None else done  # completion key -> (makespan, [(size, sequences)]) or None
+    part_id = hash(table.ids.tobytes())
     seen: set[tuple] = set()
     slowest = 0.0
+
+    def rebuild(spec: list[tuple[int, list[int]]]) -> list[WorkGroup]:
+        groups = []
+        for size, seqs in spec:
+            g = WorkGroup(size, table.col[size])
+            for j in seqs:
+                g.add(j, table)
+            groups.append(g)
+        return groups
+
+    def record(ms: float, target: float, groups: list[WorkGroup]) -> None:
+        if all(abs(ms - other[0]) > 1e-9 for other in found):
+            found.append((ms, target, groups))
+            found.sort(key=lambda x: x[0])
 
     def time_left() -> bool:  # and not yet proven optimal: at the bound
         return time.perf_counter() + slowest <= deadline and found[0][0] > lower * (1 + 1e-9)
 
-    def attempt(target: float, fill: bool = False) -> None:
+    def attempt(target: float, fill: bool = False, merge: bool = False, level: float | None = None) -> None:
         nonlocal slowest
         t0 = time.perf_counter()
         part = long_groups(table, cost, target)
         if part is not None:
-            cap = target - cost.beta_ms
-            key = (tuple((g.size, tuple(g.seqs)) for g in part[0]), fill and cap)  # filling depends on the cap
-            if key not in seen:
+            cap = target - cost.beta_ms if level is None else level
+            configs = [part[0]]
+            # merging aims below the best makespan found: the SP groups' loads must stay under it
+            merged = merge_smallest(table, cost, part[0], found[0][0] - cost.beta_ms) if merge else None
+            if merged is not None:
+                configs.append(merged)
+            for sp in configs:
+                # filling depends on the cap
+                key = (part_id, tuple((g.size, tuple(g.seqs)) for g in sp), fill and cap)
+                if key in seen:
+                    continue
                 seen.add(key)
-                groups = complete(table, cost, *part, cap, fill)
-                if groups is not None:
-                    ms = priced_ms(groups, cost)
-                    if all(abs(ms - other[0]) > 1e-9 for other in found):
-                        found.append((ms, target, groups))
-                        found.sort(key=lambda x: x[0])
+                if key in done:  # completed by an earlier call: rebuild it only if it would rank
+                    hit = done[key]
+                    if hit is not None and (len(found) < keep or hit[0] < found[keep - 1][0]):
+                        record(hit[0], target, rebuild(hit[1]))
+                    continue
+                groups = complete(table, cost, sp, part[1], cap, fill)
+                if groups is None:
+                    done[key] = None
+                    continue
+                ms = priced_ms(groups, cost)
+                done[key] = (ms, [(g.size, list(g.seqs)) for g in groups])
+                record(ms, target, groups)
         slowest = max(slowest, time.perf_counter() - t0)
 
     attempt(np.inf)
@@ -181,9 +241,25 @@ def solve_heuristic(table: SeqTable, cost: CostModel, deadline: float, steps: in
     for _, target, _ in found[:keep]:
         if np.isfinite(target) and time_left():
             attempt(target, fill=True)
+    polish = list(found[:keep])
+    # second ways to complete the best configurations: a small SP group merged into the larger
+    # ones, and the SP groups filled to levels between the bound and the best makespan
+    for _, target, _ in found[:keep]:
+        if np.isfinite(target) and time_left():
+            attempt(target, fill=False, merge=True)
+            attempt(target, fill=True, merge=True)
+    best_target = found[0][1]
+    if np.isfinite(best_target):
+        for level in np.linspace(lower, found[0][0], levels + 2)[1:-1].tolist():
+            if not time_left():
+                break
+            attempt(best_target, fill=True, level=level - cost.beta_ms)
+    # local search on the best few of each phase: the best raw schedule is not always the best
+    # after it, and a phase's candidates never push out the earlier phase's
+    polish += [f for f in found[:keep] if all(f is not p for p in polish)]
     polished = []
-    for _, _, groups in found[:keep]:
-        improve(groups, table, cost, deadline)
+    for _, _, groups in polish:
+        improve(groups, table, cost, deadline)  # returns at once past the deadline
         polished.append((priced_ms(groups, cost), groups))
     ms, groups = min(polished, key=lambda x: x[0])
     return groups, ms
