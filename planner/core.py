@@ -112,9 +112,9 @@ class Planner:
     # ----- micro-batch search, shared by the adaptive and the fixed-degree plans -----
     def _search(self, arr: np.ndarray, solve_part: Callable[[np.ndarray, float], _Draft | None], deadline: float,
                 table: SeqTable) -> tuple[dict[int, float | None], tuple[float, list[_Draft]] | None]:
-        """Try micro-batch counts from the memory minimum up; stop at the first count that is
-        worse than the best feasible one, or whose lower bound (with the table's sizes) is
-        (or at the deadline)."""
+        """Try micro-batch counts from the memory minimum up; stop at the first count whose
+        plan is worse than the best found or whose lower bound (with the table's sizes) cannot
+        beat it, or at the deadline."""
         candidates: dict[int, float | None] = {}
         best: tuple[float, list[_Draft]] | None = None
         k = min_micro_batches(arr, self.cost)
@@ -182,7 +182,8 @@ class Planner:
         full = SeqTable.build(self.cost, arr, np.arange(len(arr)), self.sizes)
         candidates: dict[int, float | None] = {}
         best: tuple[float, list[_Draft]] | None = None
-        bound = micro_batch_lower_bound(full, self.cost, min_micro_batches(arr, self.cost))
+        k_min = min_micro_batches(arr, self.cost)
+        bound = micro_batch_lower_bound(full, self.cost, k_min)
 
         def done() -> bool:  # out of time, or at the bound: nothing can be better
             return best is not None and (time.perf_counter() > search_end or best[0] <= bound * (1 + 1e-9))
@@ -203,7 +204,6 @@ class Planner:
         # every uniform degree is in the adaptive space too, searched as `plan_fixed` searches it,
         # so the plan is never worse than one degree for all (BatchAda); a degree whose own lower
         # bound cannot beat the best found is skipped
-        k_min = min_micro_batches(arr, self.cost)
         for s in self.fixed_degrees():
             if done():
                 break

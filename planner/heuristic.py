@@ -120,15 +120,6 @@ def complete(table: SeqTable, cost: CostModel, long: list[WorkGroup], short: lis
     return groups
 
 
-def greedy_for_target(table: SeqTable, cost: CostModel, target_ms: float, fill_large: bool = False
-                      ) -> list[WorkGroup] | None:
-    """One schedule for a makespan target: `long_groups`, then `complete`."""
-    part = long_groups(table, cost, target_ms)
-    if part is None:
-        return None
-    return complete(table, cost, *part, target_ms - cost.beta_ms, fill_large)
-
-
 def solve_heuristic(table: SeqTable, cost: CostModel, deadline: float, steps: int = 14, refine: int = 4,
                     breakpoints: int = 12, keep: int = 2, levels: int = 4, done: dict | None = None
                     ) -> tuple[list[WorkGroup], float] | None:
@@ -140,8 +131,11 @@ def solve_heuristic(table: SeqTable, cost: CostModel, deadline: float, steps: in
        time in some size meets the cap, so those breakpoints are tried too (thinned evenly to
        `breakpoints`); then the best target's neighbourhood is bisected. Targets that give SP
        groups already completed are not completed again.
-    2. The `keep` best targets are completed a second way, SP groups filled first (`complete`).
-    3. The `keep` best schedules get local search: the best raw one is not always the best after it.
+    2. The `keep` best targets are completed a second way, SP groups filled first (`complete`),
+       and with their smallest SP group freed (`merge_smallest`); the best configuration is
+       filled to `levels` levels between the bound and its makespan.
+    3. The `keep` best schedules of each phase get local search: the best raw one is not always
+       the best after it.
 
     `done` carries completions from one call to the next (the planner's power-of-two family
     meets most of the configurations the full family met: a completion depends only on the SP
