@@ -6,9 +6,10 @@ sequence that alone would exceed the makespan target needs a larger group. For a
 the heuristic therefore (1) gives each such long sequence the smallest group size that
 finishes it within T, sharing groups best-fit, (2) covers the remaining ranks with groups
 of one, and (3) list-schedules the short sequences, earliest finish first. It sweeps T
-between the lower bound and the no-target answer and keeps the best makespan, then
-improves that with local search. Its answer is the MILP's warm start and the fallback
-when the MILP's time runs out.
+between the lower bound and the no-target answer and keeps the best makespan, rearranges
+the best targets' SP groups onto fewer devices (a bin-packing step that sizing each long
+sequence on its own misses), and improves the best schedules with local search. Its answer
+is the MILP's warm start and the fallback when the MILP's time runs out.
 """
 from __future__ import annotations
 
@@ -60,29 +61,89 @@ def long_groups(table: SeqTable, cost: CostModel, target_ms: float
     return groups, short
 
 
-def merge_smallest(table: SeqTable, cost: CostModel, long: list[WorkGroup], cap: float) -> list[WorkGroup] | None:
-    """The SP groups with the smallest one freed: its sequences and those of the SP groups at
-    least as large are packed again, best-fit decreasing, into the larger groups under the cap.
-    Sizing each long sequence on its own, the greedy can open a group of two for a sequence
-    that a rearrangement of the groups of eight would hold (a bin-packing step the MILP takes).
-    None if no SP group can be freed so."""
+def repack(table: SeqTable, cost: CostModel, keep: list[WorkGroup], seeds: list[WorkGroup], items: list[int],
+           cap: float, tightest: bool) -> list[WorkGroup] | None:
+    """The kept SP groups as they are, plus the seed groups with `items` packed into them under
+    the cap, longest first, best fit (`tightest`) or worst fit (spreading the longest first).
+    An item no seed holds runs on one device if it finishes there within the cap (the caller
+    schedules it with the short sequences); otherwise it opens the smallest group that finishes
+    it within the cap, which later items may join. None if that exceeds the cluster or its nodes."""
+    world, per_node = cost.world_size, cost.devices_per_node
+    one = table.col.get(1)
+    packed = [WorkGroup(g.size, g.col, list(g.seqs), g.load, g.used) for g in seeds]
+    for j in sorted(items, key=lambda j: -table.lengths[j]):
+        row = table.t_rows[j]
+        fit = [g for g in packed if g.load + row[g.col] <= cap and g.can_hold(j, table, cost)]
+        if fit:
+            (max if tightest else min)(fit, key=lambda g: g.load + row[g.col]).add(j, table)
+            continue
+        if one is not None and row[one] <= cap:
+            continue  # a short sequence at this cap
+        cols = [c for c, s in enumerate(table.sizes) if s > 1 and row[c] <= cap]
+        if not cols:
+            return None
+        g = WorkGroup(table.sizes[cols[0]], cols[0])
+        if not g.can_hold(j, table, cost):
+            return None
+        g.add(j, table)
+        packed.append(g)
+    groups = keep + packed
+    if sum(g.size for g in groups) > world or place_groups([g.size for g in groups], world, per_node) is None:
+        return None
+    return groups
+
+
+def merges(table: SeqTable, cost: CostModel, long: list[WorkGroup], cap: float, max_merged: int = 4
+           ) -> list[list[WorkGroup]]:
+    """Rearrangements of the SP groups that free devices, a bin-packing step the target sweep
+    cannot take (it sizes each long sequence on its own):
+
+    - the smallest SP group freed: its sequences and those of the SP groups at least as large
+      packed again into the larger ones (the first that succeeds, best fit then worst fit);
+    - several SP groups of one size merged into one larger group that still saves devices
+      (three groups of four into one of eight), up to `max_merged` of them, those whose longest
+      sequences are shortest first,
+      the sequences that no longer fit moved to one device or to a new smallest group.
+
+    Each is a list of SP groups on fewer devices (the short sequences are the others)."""
+    out = []
+    devices = sum(g.size for g in long)
     for a in sorted(long, key=lambda g: (g.size, g.load)):
         hosts = [g for g in long if g is not a and g.size >= a.size]
         if not hosts:
             continue
-        items = sorted((j for g in hosts + [a] for j in g.seqs), key=lambda j: -table.lengths[j])
-        for tightest in (True, False):  # best fit, then worst fit (spreads the largest first)
-            packed = [WorkGroup(g.size, g.col) for g in hosts]
-            for j in items:
-                row = table.t_rows[j]
-                fit = [g for g in packed if g.load + row[g.col] <= cap and g.can_hold(j, table, cost)]
-                if not fit:
-                    break
-                pick = max if tightest else min
-                pick(fit, key=lambda g: g.load + row[g.col]).add(j, table)
-            else:
-                return [g for g in long if g is not a and g not in hosts] + packed
-    return None
+        rest = [g for g in long if g is not a and g not in hosts]
+        items = [j for g in hosts + [a] for j in g.seqs]
+        seeds = [WorkGroup(g.size, g.col) for g in hosts]
+        for tightest in (True, False):
+            found = repack(table, cost, rest, seeds, items, cap, tightest)
+            if found is not None and sum(g.size for g in found) < devices:
+                break
+        else:
+            continue
+        out.append(found)
+        break
+    by_size: dict[int, list[WorkGroup]] = {}
+    for g in long:
+        by_size.setdefault(g.size, []).append(g)
+    for s, same in by_size.items():
+        if len(same) < 2:
+            continue
+        heads = [(int(g.seqs[np.argmax(table.lengths[g.seqs])]), g) for g in same]  # each group's longest
+        heads.sort(key=lambda x: table.lengths[x[0]])
+        for m in range(2, min(len(heads), max_merged) + 1):
+            # the smallest size that saves devices and finishes the m longest sequences within the cap
+            rows = [j for j, _ in heads[:m]]
+            fits = [b for b in table.sizes if s < b < m * s and table.t[rows, table.col[b]].sum() <= cap]
+            if not fits:
+                continue
+            merged = [g for _, g in heads[:m]]
+            rest = [g for g in long if all(g is not x for x in merged)]
+            found = repack(table, cost, rest, [WorkGroup(fits[0], table.col[fits[0]])],
+                           [j for g in merged for j in g.seqs], cap, True)
+            if found is not None and sum(g.size for g in found) < devices:
+                out.append(found)
+    return out
 
 
 def complete(table: SeqTable, cost: CostModel, long: list[WorkGroup], short: list[int], cap: float,
@@ -121,8 +182,8 @@ def complete(table: SeqTable, cost: CostModel, long: list[WorkGroup], short: lis
 
 
 def solve_heuristic(table: SeqTable, cost: CostModel, deadline: float, steps: int = 14, refine: int = 4,
-                    breakpoints: int = 12, keep: int = 2, levels: int = 4, done: dict | None = None
-                    ) -> tuple[list[WorkGroup], float] | None:
+                    breakpoints: int = 12, keep: int = 2, levels: int = 4, finish: int = 2,
+                    sweep_share: float = 0.6, done: dict | None = None) -> tuple[list[WorkGroup], float] | None:
     """Best schedule found over a sweep of makespan targets, locally improved.
 
     1. Targets climb geometrically from the micro-batch's lower bound (0.1%, doubling) and stop
@@ -132,10 +193,14 @@ def solve_heuristic(table: SeqTable, cost: CostModel, deadline: float, steps: in
        `breakpoints`); then the best target's neighbourhood is bisected. Targets that give SP
        groups already completed are not completed again.
     2. The `keep` best targets are completed a second way, SP groups filled first (`complete`),
-       and with their smallest SP group freed (`merge_smallest`); the best configuration is
-       filled to `levels` levels between the bound and its makespan.
-    3. The `keep` best schedules of each phase get local search: the best raw one is not always
-       the best after it.
+       and with their SP groups rearranged onto fewer devices (`merges`); the best configuration
+       is filled to `levels` levels between the bound and its makespan.
+    3. The `keep` best schedules of each phase get local search (`improve`) without its pair
+       exchanges, and the `finish` best of those with them: the best raw schedule is not always
+       the best after it, and the exchanges cost most.
+
+    Phases 1 and 2 stop at `sweep_share` of the time to the deadline, so that a search cut
+    short still gets its local search.
 
     `done` carries completions from one call to the next (the planner's power-of-two family
     meets most of the configurations the full family met: a completion depends only on the SP
@@ -166,10 +231,15 @@ def solve_heuristic(table: SeqTable, cost: CostModel, deadline: float, steps: in
             found.append((ms, target, groups))
             found.sort(key=lambda x: x[0])
 
+    # the sweep and its second ways stop in time to leave the local search a share of the time
+    sweep_end = time.perf_counter() + sweep_share * max(0.0, deadline - time.perf_counter())
+
     def time_left() -> bool:  # and not yet proven optimal: at the bound
-        return time.perf_counter() + slowest <= deadline and found[0][0] > lower * (1 + 1e-9)
+        return time.perf_counter() + slowest <= sweep_end and found[0][0] > lower * (1 + 1e-9)
 
     def attempt(target: float, fill: bool = False, merge: bool = False, level: float | None = None) -> None:
+        """Complete the SP groups the target gives (and with `merge` their rearrangements); the
+        slowest completion so far, with what led to it, is the guard against passing the deadline."""
         nonlocal slowest
         t0 = time.perf_counter()
         part = long_groups(table, cost, target)
@@ -177,9 +247,8 @@ def solve_heuristic(table: SeqTable, cost: CostModel, deadline: float, steps: in
             cap = target - cost.beta_ms if level is None else level
             configs = [part[0]]
             # merging aims below the best makespan found: the SP groups' loads must stay under it
-            merged = merge_smallest(table, cost, part[0], found[0][0] - cost.beta_ms) if merge else None
-            if merged is not None:
-                configs.append(merged)
+            if merge:
+                configs += merges(table, cost, part[0], found[0][0] - cost.beta_ms)
             for sp in configs:
                 # filling depends on the cap
                 key = (part_id, tuple((g.size, tuple(g.seqs)) for g in sp), fill and cap)
@@ -191,14 +260,16 @@ def solve_heuristic(table: SeqTable, cost: CostModel, deadline: float, steps: in
                     if hit is not None and (len(found) < keep or hit[0] < found[keep - 1][0]):
                         record(hit[0], target, rebuild(hit[1]))
                     continue
-                groups = complete(table, cost, sp, part[1], cap, fill)
-                if groups is None:
-                    done[key] = None
-                    continue
-                ms = priced_ms(groups, cost)
-                done[key] = (ms, [(g.size, list(g.seqs)) for g in groups])
-                record(ms, target, groups)
-        slowest = max(slowest, time.perf_counter() - t0)
+                if time.perf_counter() + slowest > sweep_end:  # a merge attempt completes several
+                    break
+                short = part[1] if sp is part[0] else _others(table, sp)
+                groups = complete(table, cost, sp, short, cap, fill)
+                if groups is not None:
+                    ms = priced_ms(groups, cost)
+                    record(ms, target, groups)
+                done[key] = None if groups is None else (ms, [(g.size, list(g.seqs)) for g in groups])
+                slowest = max(slowest, time.perf_counter() - t0)
+                t0 = time.perf_counter()
 
     attempt(np.inf)
     if not found:
@@ -253,10 +324,23 @@ def solve_heuristic(table: SeqTable, cost: CostModel, deadline: float, steps: in
     polish += [f for f in found[:keep] if all(f is not p for p in polish)]
     polished = []
     for _, _, groups in polish:
-        improve(groups, table, cost, deadline)  # returns at once past the deadline
+        improve(groups, table, cost, deadline, exchange=False)  # returns at once past the deadline
         polished.append((priced_ms(groups, cost), groups))
+    # the exchanges of sequence pairs (finer balance, dearer) on the `finish` best only
+    polished.sort(key=lambda x: x[0])
+    for i, (_, groups) in enumerate(polished[:finish]):
+        improve(groups, table, cost, deadline)
+        polished[i] = (priced_ms(groups, cost), groups)
     ms, groups = min(polished, key=lambda x: x[0])
     return groups, ms
+
+
+def _others(table: SeqTable, groups: list[WorkGroup]) -> list[int]:
+    """The sequences in none of the groups, longest first."""
+    placed = np.zeros(len(table), dtype=bool)
+    for g in groups:
+        placed[g.seqs] = True
+    return [j for j in table.order.tolist() if not placed[j]]
 
 
 def micro_batch_lower_bound(table: SeqTable, cost: CostModel, micro_batches: int = 1) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import heapq
 import time
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import numpy as np
 
@@ -37,6 +37,15 @@ class SeqTable:
     @cached_property
     def mem_rows(self) -> "_Rows":
         return _Rows(self.mem)
+
+    @cached_property
+    def t_pad(self) -> np.ndarray:
+        """t with a row of zeros appended: index -1 reads as no sequence."""
+        return np.vstack([self.t, np.zeros((1, self.t.shape[1]))])
+
+    @cached_property
+    def mem_pad(self) -> np.ndarray:
+        return np.vstack([self.mem, np.zeros((1, self.mem.shape[1]))])
 
     @cached_property
     def order(self) -> np.ndarray:
@@ -181,55 +190,64 @@ def list_schedule(seqs: list[int], groups: list[WorkGroup], table: SeqTable, cos
 
 
 def improve(groups: list[WorkGroup], table: SeqTable, cost: CostModel, deadline: float,
-            max_iter: int = 400) -> None:
-    """Local search on the makespan: move or swap sequences off the most loaded group while
-    that lowers the larger of the two groups' loads."""
+            max_iter: int = 400, exchange: bool = True, partners: int = 4, few: int = 12) -> None:
+    """Local search on the makespan: while it lowers the larger of the two groups' loads, move
+    one sequence off the most loaded group, or swap one of its sequences with one of another
+    group, or exchange up to two of its sequences for up to two of a partner's: one of the
+    `partners` least loaded groups, or an SP group of its size. The exchange balances groups
+    whose spread is finer than any one sequence's time (groups of one filled with short
+    sequences: a single move or swap overshoots); its pairs are drawn from each group's `few`
+    quickest sequences; `exchange=False` leaves it out (a cheaper first pass)."""
     if not groups:
         return
     cols = np.array([g.col for g in groups])
+    owner = np.full(len(table), -1)
+    for gi, g in enumerate(groups):
+        owner[g.seqs] = gi
     for _ in range(max_iter):
         if time.perf_counter() > deadline:
             return
         loads = np.array([g.load if g.seqs else 0.0 for g in groups])
         gi = int(np.argmax(loads))
-        crit = groups[gi]
-        peak = loads[gi]
-        if _best_move(groups, gi, crit, peak, loads, cols, table, cost):
-            continue
-        if _best_swap(groups, gi, crit, peak, loads, cols, table, cost):
-            continue
-        return
+        if not groups[gi].seqs:
+            return
+        moved = (_best_move(groups, gi, loads, cols, table, cost)
+                 or _best_swap(groups, gi, loads, cols, owner, table, cost)
+                 or (exchange and _best_exchange(groups, gi, loads, partners, few, table, cost)))
+        if not moved:
+            return
+        for hi in moved:
+            owner[groups[hi].seqs] = hi
 
 
-def _best_move(groups, gi, crit, peak, loads, cols, table, cost) -> bool:
-    best = (peak, -1, -1)
-    for j in crit.seqs:
-        left = peak - table.t[j, crit.col]
-        arrive = loads + table.t[j, cols]  # inf where j does not fit that size
-        arrive[gi] = np.inf
-        new_peak = np.maximum(arrive, left)
-        top = np.argpartition(new_peak, 3)[:4] if len(new_peak) > 4 else np.arange(len(new_peak))
-        for hi in top[np.argsort(new_peak[top])]:
-            if new_peak[hi] >= best[0] - 1e-9:
-                break
-            if groups[hi].can_hold(j, table, cost):
-                best = (float(new_peak[hi]), j, int(hi))
-                break
-    if best[1] < 0:
-        return False
-    _, j, hi = best
-    crit.remove(j, table)
-    groups[hi].add(j, table)
-    return True
+def _best_move(groups, gi, loads, cols, table, cost) -> tuple[int, int] | None:
+    """Best move of one sequence of the critical group to another group."""
+    crit, peak = groups[gi], loads[gi]
+    js = np.array(crit.seqs)
+    left = peak - table.t[js, crit.col]
+    new_peak = np.maximum(loads[None, :] + table.t[js][:, cols], left[:, None])  # inf where j does not fit
+    new_peak[:, gi] = np.inf
+    flat = new_peak.ravel()
+    top = np.argpartition(flat, 7)[:8] if flat.size > 8 else np.arange(flat.size)
+    for f in top[np.argsort(flat[top])]:
+        if not flat[f] < peak - 1e-9:
+            return None
+        a, hi = np.unravel_index(f, new_peak.shape)
+        j, h = int(js[a]), groups[int(hi)]
+        if h.can_hold(j, table, cost):
+            crit.remove(j, table)
+            h.add(j, table)
+            return gi, int(hi)
+    return None
 
 
-def _best_swap(groups, gi, crit, peak, loads, cols, table, cost) -> bool:
+def _best_swap(groups, gi, loads, cols, owner, table, cost) -> tuple[int, int] | None:
     """Best exchange of one sequence of the critical group with one of another group."""
-    others = [(k, hi) for hi, h in enumerate(groups) if hi != gi for k in h.seqs]
-    if not others or not crit.seqs:
-        return False
-    ks = np.array([k for k, _ in others])
-    hs = np.array([hi for _, hi in others])
+    crit, peak = groups[gi], loads[gi]
+    ks = np.flatnonzero((owner >= 0) & (owner != gi))
+    if not len(ks) or not crit.seqs:
+        return None
+    hs = owner[ks]
     js = np.array(crit.seqs)
     h_cols = cols[hs]
     # new loads of the critical group and of the partner group, for every (j, k) pair
@@ -241,17 +259,80 @@ def _best_swap(groups, gi, crit, peak, loads, cols, table, cost) -> bool:
     for f in top[np.argsort(flat[top])]:
         a, b = np.unravel_index(f, worst.shape)
         if not worst[a, b] < peak - 1e-9:
-            return False
-        j, k, h = int(js[a]), int(ks[b]), groups[int(hs[b])]
+            return None
+        j, k, hi = int(js[a]), int(ks[b]), int(hs[b])
+        h = groups[hi]
         crit.remove(j, table)
         h.remove(k, table)
         if crit.can_hold(k, table, cost) and h.can_hold(j, table, cost):
             crit.add(k, table)
             h.add(j, table)
-            return True
+            return gi, hi
         crit.add(j, table)
         h.add(k, table)
-    return False
+    return None
+
+
+@lru_cache(maxsize=64)
+def _pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.triu_indices(n, 1)
+
+
+def _subsets(seqs: list[int], table: SeqTable, col: int, few: int) -> np.ndarray:
+    """[k, 2] rows of a group's subsets of at most two of its `few` quickest sequences (-1: none),
+    the empty subset first."""
+    js = np.asarray(seqs)
+    if len(js) > few:
+        js = js[np.argpartition(table.t[js, col], few - 1)[:few]]
+    a, b = _pairs(len(js))
+    first = np.concatenate([[-1], js, js[a]])
+    second = np.concatenate([[-1], np.full(len(js), -1), js[b]])
+    return np.stack([first, second], axis=1)
+
+
+def _sums(rows: np.ndarray, padded: np.ndarray, col: int) -> np.ndarray:
+    """Per subset, the sum over its sequences of one column of a padded table (t_pad, mem_pad)."""
+    return padded[rows[:, 0], col] + padded[rows[:, 1], col]
+
+
+def _best_exchange(groups, gi, loads, partners, few, table, cost) -> tuple[int, int] | None:
+    """Best exchange of up to two sequences of the critical group with up to two of one partner
+    group, memory permitting."""
+    crit, peak = groups[gi], loads[gi]
+    order = [int(h) for h in np.argsort(loads) if h != gi and groups[h].seqs]
+    cand = order[:partners] + [h for h in order[partners:] if groups[h].size == crit.size > 1]
+    if not cand:
+        return None
+    sa = _subsets(crit.seqs, table, crit.col, few)
+    best = (peak - 1e-9, None)
+    for hi in cand:
+        h = groups[hi]
+        sb = _subsets(h.seqs, table, h.col, few)
+        t, mem, ca, cb = table.t_pad, table.mem_pad, crit.col, h.col
+        new_a = peak - _sums(sa, t, ca)[:, None] + _sums(sb, t, ca)[None, :]
+        new_b = loads[hi] - _sums(sb, t, cb)[None, :] + _sums(sa, t, cb)[:, None]
+        worst = np.maximum(new_a, new_b)
+        fits = ((crit.used - _sums(sa, mem, ca)[:, None] + _sums(sb, mem, ca)[None, :] <= table.room)
+                & (h.used - _sums(sb, mem, cb)[None, :] + _sums(sa, mem, cb)[:, None] <= table.room))
+        worst[~fits] = np.inf  # also nan-free: inf - inf cannot occur, a group's own sequences fit it
+        worst[0, 0] = np.inf
+        x, y = np.unravel_index(np.argmin(worst), worst.shape)
+        if worst[x, y] < best[0]:
+            best = (float(worst[x, y]), (hi, sa[x], sb[y]))
+    if best[1] is None:
+        return None
+    hi, out_a, out_b = best[1]
+    h = groups[hi]
+    out_a, out_b = [int(j) for j in out_a if j >= 0], [int(k) for k in out_b if k >= 0]
+    for j in out_a:
+        crit.remove(j, table)
+    for k in out_b:
+        h.remove(k, table)
+    for k in out_b:
+        crit.add(k, table)
+    for j in out_a:
+        h.add(j, table)
+    return gi, hi
 
 
 def to_micro_batch(groups: list[WorkGroup], table: SeqTable, cost: CostModel, stats: SolverStats
