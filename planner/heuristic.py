@@ -202,8 +202,8 @@ def solve_heuristic(table: SeqTable, cost: CostModel, deadline: float, steps: in
     Phases 1 and 2 stop at `sweep_share` of the time to the deadline, so that a search cut
     short still gets its local search.
 
-    `done` carries completions from one call to the next (the planner's power-of-two family
-    meets most of the configurations the full family met: a completion depends only on the SP
+    `done` carries completions from one call to the next (the planner's second family meets
+    most of the configurations the first one met: a completion depends only on the SP
     groups, the short sequences and the cap, not on which sizes were allowed).
 
     Every choice depends on the costs only, never on the clock, so a table always gives the
