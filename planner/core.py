@@ -62,7 +62,8 @@ def _collector_held():
     """Python's cyclic garbage collector off for the duration. The search makes and drops many
     small objects, so the collector would run inside it, and in a large process (a training job,
     a benchmark holding its plans) one full collection takes 50-100 ms: a third of a 0.25 s wall,
-    at random. Reference counting still frees nearly everything; the cycles wait until after."""
+    at random. Reference counting still frees nearly everything; the cycles wait until after
+    (the switch is process-wide: another thread's cycles wait too, for at most the wall)."""
     was = gc.isenabled()
     gc.disable()
     try:
@@ -271,14 +272,15 @@ class Planner:
         groups, ms = draft.groups, draft.ms
         share = (deadline - t0) / max(left, 1)
         polish_s = min(0.1, 0.1 * share)  # kept back to polish the MILP's answer
-        run = (self.solver != "heuristic" and len(draft.table) > 1
-               and share - polish_s > build_estimate_s(self.cost, full.sizes, len(draft.table)) + MILP_MIN_S)
+        build_s = build_estimate_s(self.cost, full.sizes, len(draft.table))
+        run = self.solver != "heuristic" and len(draft.table) > 1 and share - polish_s > build_s + MILP_MIN_S
         if run:
             draft = _widen(draft, full)
             run = ms > micro_batch_lower_bound(draft.table, self.cost) * (1 + 1e-9)  # else proven optimal already
-        if run:
+        milp_s = t0 + share - polish_s - 0.02 - time.perf_counter()  # what widening left
+        if run and milp_s > build_s + MILP_MIN_S:
             res = solve_milp(draft.table, self.cost, draft.groups, draft.ms, solver=self.solver,
-                             time_limit_s=share - polish_s - 0.02, n_buckets=self.spec.buckets,
+                             time_limit_s=milp_s, n_buckets=self.spec.buckets,
                              max_long=self.spec.max_long_sequences, threads=self.spec.threads,
                              mip_gap=self.spec.mip_gap)
             stats.status, stats.n_variables, stats.n_constraints = res.status, res.n_variables, res.n_constraints

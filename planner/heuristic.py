@@ -93,25 +93,28 @@ def repack(table: SeqTable, cost: CostModel, keep: list[WorkGroup], seeds: list[
     return groups
 
 
-def merges(table: SeqTable, cost: CostModel, long: list[WorkGroup], cap: float, max_merged: int = 4
-           ) -> list[list[WorkGroup]]:
+def merges(table: SeqTable, cost: CostModel, long: list[WorkGroup], cap: float, max_merged: int = 4,
+           until: float = np.inf) -> list[list[WorkGroup]]:
     """Rearrangements of the SP groups that free devices, a bin-packing step the target sweep
     cannot take (it sizes each long sequence on its own):
 
-    - the smallest SP group freed: its sequences and those of the SP groups at least as large
-      packed again into the larger ones (the first that succeeds, best fit then worst fit);
+    - an SP group freed, the smallest first until one succeeds: its sequences and those of the
+      SP groups at least as large packed again into the larger ones (best fit, then worst fit);
     - several SP groups of one size merged into one larger group that still saves devices
       (three groups of four into one of eight), up to `max_merged` of them, those whose longest
-      sequences are shortest first,
-      the sequences that no longer fit moved to one device or to a new smallest group.
+      sequences are shortest first; the sequences that no longer fit go to one device or to a
+      new smallest group.
 
-    Each is a list of SP groups on fewer devices (the short sequences are the others)."""
+    Each is a list of SP groups on fewer devices (the short sequences are the others); those
+    found by `until` (a perf_counter time)."""
     out = []
     devices = sum(g.size for g in long)
     for a in sorted(long, key=lambda g: (g.size, g.load)):
         hosts = [g for g in long if g is not a and g.size >= a.size]
         if not hosts:
             continue
+        if time.perf_counter() > until:
+            return out
         rest = [g for g in long if g is not a and g not in hosts]
         items = [j for g in hosts + [a] for j in g.seqs]
         seeds = [WorkGroup(g.size, g.col) for g in hosts]
@@ -137,6 +140,8 @@ def merges(table: SeqTable, cost: CostModel, long: list[WorkGroup], cap: float, 
             fits = [b for b in table.sizes if s < b < m * s and table.t[rows, table.col[b]].sum() <= cap]
             if not fits:
                 continue
+            if time.perf_counter() > until:
+                return out
             merged = [g for _, g in heads[:m]]
             rest = [g for g in long if all(g is not x for x in merged)]
             found = repack(table, cost, rest, [WorkGroup(fits[0], table.col[fits[0]])],
@@ -215,6 +220,7 @@ def solve_heuristic(table: SeqTable, cost: CostModel, deadline: float, steps: in
     done = {} if done is None else done  # completion key -> (makespan, [(size, sequences)]) or None
     part_id = hash(table.ids.tobytes())
     seen: set[tuple] = set()
+    merged: dict[tuple, list[list[WorkGroup]]] = {}
     slowest = 0.0
 
     def rebuild(spec: list[tuple[int, list[int]]]) -> list[WorkGroup]:
@@ -246,22 +252,29 @@ def solve_heuristic(table: SeqTable, cost: CostModel, deadline: float, steps: in
         if part is not None:
             cap = target - cost.beta_ms if level is None else level
             configs = [part[0]]
-            # merging aims below the best makespan found: the SP groups' loads must stay under it
             if merge:
-                configs += merges(table, cost, part[0], found[0][0] - cost.beta_ms)
+                # merging aims below the best makespan found: the SP groups' loads must stay under it;
+                # the same for both ways of filling, so made once
+                merge_cap = found[0][0] - cost.beta_ms
+                mkey = (tuple((g.size, tuple(g.seqs)) for g in part[0]), merge_cap)
+                if mkey not in merged:
+                    merged[mkey] = merges(table, cost, part[0], merge_cap, until=sweep_end)
+                configs += merged[mkey]
             for sp in configs:
                 # filling depends on the cap
-                key = (part_id, tuple((g.size, tuple(g.seqs)) for g in sp), fill and cap)
+                key = (part_id, tuple((g.size, tuple(g.seqs)) for g in sp), (fill, cap if fill else None))
                 if key in seen:
                     continue
-                seen.add(key)
                 if key in done:  # completed by an earlier call: rebuild it only if it would rank
+                    seen.add(key)
                     hit = done[key]
                     if hit is not None and (len(found) < keep or hit[0] < found[keep - 1][0]):
                         record(hit[0], target, rebuild(hit[1]))
                     continue
-                if time.perf_counter() + slowest > sweep_end:  # a merge attempt completes several
+                # a merge attempt completes several; the first completion of all always runs
+                if found and time.perf_counter() + slowest > sweep_end:
                     break
+                seen.add(key)
                 short = part[1] if sp is part[0] else _others(table, sp)
                 groups = complete(table, cost, sp, short, cap, fill)
                 if groups is not None:

@@ -220,6 +220,18 @@ def improve(groups: list[WorkGroup], table: SeqTable, cost: CostModel, deadline:
             owner[groups[hi].seqs] = hi
 
 
+def _ascending(flat: np.ndarray, first: int = 8, most: int = 256):
+    """Indices of the `most` smallest values of `flat`, smallest first: the `first` few from a
+    partial sort, the rest (read only when memory turned all of those down) from a second one."""
+    for k in (first, most):
+        if flat.size <= k:
+            yield from np.argsort(flat, kind="stable")[first if k == most else 0:].tolist()
+            return
+        top = np.argpartition(flat, k - 1)[:k]
+        top = top[np.argsort(flat[top], kind="stable")]
+        yield from (top[first:] if k == most else top).tolist()
+
+
 def _best_move(groups, gi, loads, cols, table, cost) -> tuple[int, int] | None:
     """Best move of one sequence of the critical group to another group."""
     crit, peak = groups[gi], loads[gi]
@@ -228,8 +240,7 @@ def _best_move(groups, gi, loads, cols, table, cost) -> tuple[int, int] | None:
     new_peak = np.maximum(loads[None, :] + table.t[js][:, cols], left[:, None])  # inf where j does not fit
     new_peak[:, gi] = np.inf
     flat = new_peak.ravel()
-    top = np.argpartition(flat, 7)[:8] if flat.size > 8 else np.arange(flat.size)
-    for f in top[np.argsort(flat[top])]:
+    for f in _ascending(flat):
         if not flat[f] < peak - 1e-9:
             return None
         a, hi = np.unravel_index(f, new_peak.shape)
@@ -255,8 +266,7 @@ def _best_swap(groups, gi, loads, cols, owner, table, cost) -> tuple[int, int] |
     new_h = (loads[hs] - table.t[ks, h_cols])[None, :] + table.t[js[:, None], h_cols[None, :]]
     worst = np.maximum(new_crit, new_h)  # inf where a sequence does not fit the other size
     flat = worst.ravel()
-    top = np.argpartition(flat, 7)[:8] if flat.size > 8 else np.arange(flat.size)
-    for f in top[np.argsort(flat[top])]:
+    for f in _ascending(flat):
         a, b = np.unravel_index(f, worst.shape)
         if not worst[a, b] < peak - 1e-9:
             return None

@@ -10,7 +10,7 @@ import numpy as np
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from pliant.planner.heuristic import long_groups, merges
+from pliant.planner.heuristic import merges
 from pliant.planner.schedule import SeqTable, WorkGroup, improve, priced_ms
 
 from conftest import small_planner
@@ -87,28 +87,67 @@ def test_improve_stops_only_where_no_exchange_helps(sizes, lengths, seed):
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    per_node=st.sampled_from([4, 8]),
-    long=st.lists(st.integers(3000, 14000), min_size=2, max_size=8),
-    short=st.lists(st.integers(50, 3000), min_size=4, max_size=30),
-    slack=st.floats(1.0, 1.6),
+    sizes=st.lists(st.integers(1, 8), min_size=2, max_size=30),
+    lengths=st.lists(st.integers(20, 6000), min_size=30, max_size=90),
+    memory=st.sampled_from([0.06, 0.1, 4.0]),
+    seed=st.integers(0, 2**16),
 )
-def test_merges_keep_every_sequence_on_fewer_devices(per_node, long, short, slack):
-    planner = small_planner(2, per_node, memory_gib=0.5, solver="heuristic")
-    table = _table(planner, long + short)
+def test_improve_keeps_a_large_schedule_consistent(sizes, lengths, memory, seed):
+    """Groups of more than `few` sequences, more than `partners` others, SP groups of one size
+    as partners, and memory that binds: every sequence stays placed once, loads and memory
+    stay the table's sums, no group passes its memory, and the makespan never rises."""
+    planner = small_planner(2, 8, memory_gib=memory)
+    table = _table(planner, lengths)
+    sizes = [s for s in sizes if s in table.col]
+    assume(len(sizes) >= 2)
+    rng = np.random.default_rng(seed)
+    groups = [WorkGroup(s, table.col[s]) for s in sizes]
+    for j in rng.permutation(len(lengths)).tolist():  # each sequence to a random group that holds it
+        fits = [g for g in groups if g.can_hold(j, table, planner.cost)]
+        assume(fits)
+        fits[int(rng.integers(len(fits)))].add(j, table)
+    before = priced_ms(groups, planner.cost)
+    improve(groups, table, planner.cost, time.perf_counter() + 60.0, max_iter=2_000)
+    assert sorted(j for g in groups for j in g.seqs) == list(range(len(lengths)))
+    for g in groups:
+        assert _fits(table, g)
+        assert abs(g.load - table.t[g.seqs, g.col].sum()) < 1e-6
+        assert abs(g.used - table.mem[g.seqs, g.col].sum()) <= 1e-9 * table.room
+    assert priced_ms(groups, planner.cost) <= before + 1e-9
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    size=st.sampled_from([2, 4]),
+    long=st.lists(st.integers(2000, 12000), min_size=2, max_size=4),
+    short=st.lists(st.integers(50, 3000), min_size=4, max_size=30),
+    slack=st.floats(1.0, 2.5),
+)
+def test_merges_keep_every_sequence_on_fewer_devices(size, long, short, slack):
+    planner = small_planner(2, 8, memory_gib=1.0, solver="heuristic")
     cost = planner.cost
-    # the SP groups the sweep would build for a target some way above the longest sequence's best time
-    target = cost.beta_ms + slack * float(np.nanmin(np.where(np.isfinite(table.t), table.t, np.nan), axis=1).max())
-    part = long_groups(table, cost, target)
-    assume(part is not None and len(part[0]) >= 2)
-    sp, _ = part
+    table = _table(planner, long + short)
+    # one SP group of `size` per long sequence, each also holding a short one where that fits
+    sp = []
+    for j in range(len(long)):
+        g = WorkGroup(size, table.col[size])
+        assume(g.can_hold(j, table, cost))
+        g.add(j, table)
+        k = len(long) + j
+        if k < len(table) and g.can_hold(k, table, cost):
+            g.add(k, table)
+        sp.append(g)
     cap = max(g.load for g in sp) * slack
     devices = sum(g.size for g in sp)
     in_sp = sorted(j for g in sp for j in g.seqs)
-    for config in merges(table, cost, sp, cap):
+    configs = merges(table, cost, sp, cap)
+    for config in configs:
         assert sum(g.size for g in config) < devices
         placed = [j for g in config for j in g.seqs]
         assert len(placed) == len(set(placed))
+        assert set(placed) <= set(in_sp)
         for g in config:
+            assert abs(g.load - table.t[g.seqs, g.col].sum()) < 1e-6
             if any(g is x for x in sp):
                 continue  # kept as it was
             assert g.load <= cap + 1e-9 and _fits(table, g)
