@@ -236,9 +236,8 @@ class Planner:
                                           started + left * (0.75 if fi == 0 else 0.8), table, best is not None)
             first_s = first_s or time.perf_counter() - started
             for k, v in found_k.items():  # each count's best over the families
-                if v is not None and (candidates.get(k) is None or v < candidates[k]):
+                if candidates.get(k) is None or (v is not None and v < candidates[k]):
                     candidates[k] = v
-                candidates.setdefault(k, v)
             best = _better(best, found)
         # every uniform degree is in the adaptive space too, searched as `plan_fixed` searches it,
         # so the plan is never worse than one degree for all (BatchAda); a degree whose own lower

@@ -32,6 +32,17 @@ def _fits(table: SeqTable, g: WorkGroup) -> bool:
     return bool(np.isfinite(table.t[g.seqs, g.col]).all() and table.mem[g.seqs, g.col].sum() <= table.room)
 
 
+def _assert_consistent(groups: list[WorkGroup], table: SeqTable, cost, before_ms: float) -> None:
+    """Every sequence placed once, loads and memory the table's sums, every group within its
+    memory, and the makespan no higher than before."""
+    assert sorted(j for g in groups for j in g.seqs) == list(range(len(table)))
+    for g in groups:
+        assert _fits(table, g)
+        assert abs(g.load - table.t[g.seqs, g.col].sum()) < 1e-6
+        assert abs(g.used - table.mem[g.seqs, g.col].sum()) <= 1e-9 * table.room
+    assert priced_ms(groups, cost) <= before_ms + 1e-9
+
+
 def _subsets(seqs: list[int]):
     for r in range(3):
         yield from itertools.combinations(seqs, r)
@@ -53,13 +64,7 @@ def test_improve_stops_only_where_no_exchange_helps(sizes, lengths, seed):
     before = priced_ms(groups, planner.cost)
     improve(groups, table, planner.cost, time.perf_counter() + 60.0, max_iter=10_000)
 
-    # the same sequences, each once; loads and memory as the table sums them
-    assert sorted(j for g in groups for j in g.seqs) == list(range(len(lengths)))
-    for g in groups:
-        assert _fits(table, g)
-        assert abs(g.load - table.t[g.seqs, g.col].sum()) < 1e-6
-    after = priced_ms(groups, planner.cost)
-    assert after <= before + 1e-9
+    _assert_consistent(groups, table, planner.cost, before)
 
     # local optimality, enumerated: every group is a partner here (at most 4 others) and every
     # sequence is among its group's quickest (at most 24 in all, fewer than `few` per group)
@@ -108,12 +113,7 @@ def test_improve_keeps_a_large_schedule_consistent(sizes, lengths, memory, seed)
         fits[int(rng.integers(len(fits)))].add(j, table)
     before = priced_ms(groups, planner.cost)
     improve(groups, table, planner.cost, time.perf_counter() + 60.0, max_iter=2_000)
-    assert sorted(j for g in groups for j in g.seqs) == list(range(len(lengths)))
-    for g in groups:
-        assert _fits(table, g)
-        assert abs(g.load - table.t[g.seqs, g.col].sum()) < 1e-6
-        assert abs(g.used - table.mem[g.seqs, g.col].sum()) <= 1e-9 * table.room
-    assert priced_ms(groups, planner.cost) <= before + 1e-9
+    _assert_consistent(groups, table, planner.cost, before)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
