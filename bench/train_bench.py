@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     from pliant.launch.config import load_config
     from pliant.runtime.distributed import init_distributed
     from pliant.planner import Planner
-    from pliant.runtime.engine import Trainer
+    from pliant.runtime.trainer import Trainer
 
     cfg = load_config(args.config)
     init_distributed(cfg.cluster)

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     from pliant.planner.cost import CostModel
     from pliant.planner.spec import BandwidthSpec, CostSpec
     from pliant.runtime import profiler as prof
-    from pliant.runtime.engine import Trainer, rank_device
+    from pliant.runtime.trainer import Trainer, rank_device
     from pliant.runtime.hf import build_model
 
     cfg = load_config(args.config)

@@ -51,7 +51,7 @@ def _train(args, cfg, run_dir: Path | None, monitor) -> int:
     """Build the trainer from the config and run it, the extras attached as callbacks."""
     from pliant.runtime.callbacks import standard_callbacks
     from pliant.runtime.checkpoint import Checkpointer
-    from pliant.runtime.engine import Trainer
+    from pliant.runtime.trainer import Trainer
     from pliant.runtime.faults import test_hooks_from_env
 
     trainer = Trainer.from_config(cfg)

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from pliant.comm import GroupRegistry, contiguous_layouts
 from pliant.planner import Plan, Planner
 from pliant.planner.spec import BandwidthSpec, ClusterSpec
-from pliant.runtime.engine import deepspeed_engine, peak_memory_bytes
+from pliant.runtime.trainer import deepspeed_engine, peak_memory_bytes
 from pliant.runtime.generate import Request, generate
 from pliant.runtime.hf import DTYPES, build_model
 

@@ -19,7 +19,7 @@ from pliant.planner.io import atomic_write_bytes, strict_dumps
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpointer
-    from .engine import StepResult, Trainer
+    from .trainer import StepResult, Trainer
 
 
 class Callback:

@@ -83,7 +83,7 @@ class FaultInjector(CollectiveHook):
             ctypes.PyDLL(None).sleep(100000)  # a C call that keeps the GIL: no other thread runs
         for f in self._due("desync"):
             self._fire(f)
-            from .engine import rank_device
+            from .trainer import rank_device
 
             on = rank_device("cuda" if dist.get_backend() == "nccl" else "cpu")
             dist.all_reduce(torch.zeros(3, dtype=torch.float32, device=on))  # the others issue something else

@@ -191,7 +191,7 @@ def save_initial_checkpoint(ctx, config_path, run_dir):
 
     from pliant.launch.config import load_config
     from pliant.runtime.checkpoint import Checkpointer
-    from pliant.runtime.engine import Trainer
+    from pliant.runtime.trainer import Trainer
 
     for key, value in (("LOCAL_RANK", ctx.rank), ("RANK", ctx.rank), ("WORLD_SIZE", ctx.world)):
         os.environ.setdefault(key, str(value))  # what torchrun would have set: DeepSpeed reads them

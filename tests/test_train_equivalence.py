@@ -22,7 +22,7 @@ import torch
 from pliant.comm import SPGroup
 from pliant.launch.config import load_config
 from pliant.runtime.data import GlobalBatcher
-from pliant.runtime.engine import build_source, lr_multiplier
+from pliant.runtime.trainer import build_source, lr_multiplier
 from pliant.runtime.model import LM, SeqContext, lm_loss_sum
 from pliant.runtime.packing import next_token_targets
 
