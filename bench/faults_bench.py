@@ -123,7 +123,7 @@ def measure_overhead(config: Path, work: Path, repeats: int, steps: int, skip: i
 def measure_false_alarms(config: Path, work: Path, steps: int, compute_s: float) -> dict:
     """Clean steps with every rank's compute stretched by uniform(0, 2c) per step: with c
     the measured compute time, a step's compute ranges over [c, 3c], +-50% around its mean."""
-    from pliant.launch.config import load_config
+    from pliant.config import load_config
 
     world = load_config(config).cluster.world_size
     jitter = [{"kind": "jitter", "rank": r, "step": 1, "seconds": 2 * compute_s} for r in range(world)]

@@ -93,7 +93,7 @@ def summarize(records: list[dict], eval_prompts: int | None = None) -> dict[str,
 def with_learner_world(cfg, world: int, learner_cpus: float):
     """`cfg` with a learner of `world` ranks sharing `learner_cpus` CPUs (Ray CPUs and torch
     threads per rank: learner_cpus / world), and a local cluster big enough for every worker."""
-    from pliant.launch.config import RLJobConfig, merge_config, parse_config
+    from pliant.config import RLJobConfig, merge_config, parse_config
 
     res = cfg.resources
     per_rank = learner_cpus / world
@@ -111,7 +111,7 @@ def run(cfg, out: Path, seeds: int, modes: list[str], last: int = 5, worlds: lis
     learner worlds to run each mode with, at `learner_cpus` learner CPUs in all."""
     import ray
 
-    from pliant.launch.report import render_rl
+    from pliant.bench.report import render_rl
     from pliant.rl import runner
 
     res = cfg.resources

@@ -75,18 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch.distributed as dist
 
-    from pliant.comm import GroupRegistry, contiguous_layouts
-    from pliant.launch.config import load_config
-    from pliant.runtime.distributed import init_distributed
-    from pliant.planner import Planner
+    from pliant.config import load_config
+    from pliant.runtime.rank import setup_rank
     from pliant.runtime.trainer import Trainer
 
     cfg = load_config(args.config)
-    init_distributed(cfg.cluster)
-    rank, world = dist.get_rank(), dist.get_world_size()
     c = cfg.cluster
-    planner = Planner.from_specs(c, cfg.model, cfg.cost, cfg.planner)
-    registry = GroupRegistry(contiguous_layouts(world, c.devices_per_node, planner.sizes))
+    setup = setup_rank(c, cfg.model, cfg.cost, cfg.planner)
+    rank, world, planner, registry = setup.rank, setup.world, setup.planner, setup.registry
     total = args.rounds * args.steps_per_round
     max_len = cfg.train.max_len or cfg.train.batch_tokens
     degrees = [s for s in planner.fixed_degrees() if s > 1 and planner.cost.seq_fits(np.array([max_len]), s)[0]]

@@ -1,1 +1,1 @@
-"""Command line, config schema and launchers."""
+"""Command line and launchers (the config schema is `pliant.config`)."""

@@ -232,7 +232,7 @@ def cmd_bench_prepare(args: argparse.Namespace) -> int:
 
 def load_planner(args: argparse.Namespace):
     """The job config and its planner, with the command line's overrides of the planner section."""
-    from pliant.launch.config import load_config, with_overrides
+    from pliant.config import load_config, with_overrides
     from pliant.planner import Planner
 
     cfg = load_config(args.config)
@@ -294,8 +294,9 @@ def cmd_bench_comm(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from pliant.launch.config import load_config
-    from pliant.launch.launcher import config_args, launch
+    from pliant.config import load_config
+    from pliant.launch.launcher import launch
+    from pliant.launch.torchrun import config_args
     from pliant.launch.profile import main as profile_main
 
     if args.repeats < 1 or args.calibration_steps < 3:
@@ -313,8 +314,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
     from pliant.bench.train_bench import main as bench_main
-    from pliant.launch.config import load_config
-    from pliant.launch.launcher import config_args, launch
+    from pliant.config import load_config
+    from pliant.launch.launcher import launch
+    from pliant.launch.torchrun import config_args
 
     if args.rounds < 1 or args.steps_per_round < 1 or not 0 <= args.warmup < args.rounds * args.steps_per_round:
         raise PlanningError(f"--rounds and --steps-per-round must be >= 1 and --warmup below their product, got "
@@ -328,7 +330,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 def cmd_bench_faults(args: argparse.Namespace) -> int:
     from pliant.bench.faults_bench import CLASSES, run
     from pliant.bench.torchft_compare import FAULTS
-    from pliant.launch.config import resolve_config_path
+    from pliant.config import resolve_config_path
 
     classes = [] if args.classes == "none" else args.classes.split(",") if args.classes else list(CLASSES)
     unknown = [c for c in classes if c not in CLASSES]
@@ -388,7 +390,7 @@ def cmd_dists(_: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pliant.launch.config import ConfigError
+    from pliant.config import ConfigError
     from pliant.launch.model_cmds import run_model_command
     from pliant.planner.model_dir import ModelDirError
     from pliant.rl.spec import RLConfigError
@@ -407,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         if rc is not None:
             return rc
         if args.command == "report":
-            from pliant.launch.report import render_any
+            from pliant.bench.report import render_any
 
             print(f"wrote {render_any([Path(d) for d in args.run_dir], args.out)}")
             return 0

@@ -52,7 +52,7 @@ def cmd_model_init(args: argparse.Namespace) -> int:
 
     import torch
 
-    from pliant.runtime.prepare import check_inputs, iter_text_batches
+    from pliant.runtime.corpus import check_inputs, iter_text_batches
     from pliant.runtime.scaffold import write_tiny_model
     from pliant.runtime.tokenizer import train_bpe_tokenizer
 

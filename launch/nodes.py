@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from pliant.launch.config import ConfigError
+from pliant.config import ConfigError
 
 
 @dataclass(frozen=True)

@@ -63,26 +63,18 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.distributed as dist
 
-    from pliant.comm import GroupRegistry, contiguous_layouts
-    from pliant.launch.config import load_config
-    from pliant.runtime.distributed import init_distributed
-    from pliant.planner import Planner
+    from pliant.config import load_config
     from pliant.planner.cost import CostModel
     from pliant.planner.spec import BandwidthSpec, CostSpec
     from pliant.runtime import profiler as prof
-    from pliant.runtime.trainer import Trainer, rank_device
     from pliant.runtime.hf import build_model
+    from pliant.runtime.rank import setup_rank
+    from pliant.runtime.trainer import Trainer
 
     cfg = load_config(args.config)
-    init_distributed(cfg.cluster)
-    rank, world = dist.get_rank(), dist.get_world_size()
     c = cfg.cluster
-    if world != c.world_size:
-        raise SystemExit(f"pliant profile: the config's cluster has {c.world_size} devices, but {world} processes "
-                         f"were launched")
-    device = rank_device(c.device)
-    planner = Planner.from_specs(c, cfg.model, cfg.cost, cfg.planner)
-    registry = GroupRegistry(contiguous_layouts(world, c.devices_per_node, planner.sizes))
+    setup = setup_rank(c, cfg.model, cfg.cost, cfg.planner)
+    rank, world, device, planner, registry = setup.rank, setup.world, setup.device, setup.planner, setup.registry
     torch.manual_seed(0)
     model = build_model(cfg.model, device)  # the job's model (model.hf_path when given), outside DeepSpeed
     max_len = cfg.train.max_len or 4096
@@ -91,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
     say(f"profiling {cfg.model.name} on {world} ranks ({c.device}, {c.backend})", flush=True)
     packs = prof.time_packs(model, registry, profile_cases(max_len, planner.sizes, args.quick), c.devices_per_node,
-                            device, repeats=repeats)
+                            device, planner.cost.sp_form, repeats=repeats)
     multi = [s for s in planner.sizes if s > 1]
     message_bytes = [1 << 14, 1 << 16, 1 << 18] if args.quick else [1 << 16, 1 << 18, 1 << 20, 1 << 22]
     collectives = prof.time_collectives(registry, multi, message_bytes, c.devices_per_node, device,

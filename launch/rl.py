@@ -8,7 +8,7 @@ import argparse
 import time
 from pathlib import Path
 
-from pliant.launch.config import RLJobConfig, load_config, merge_config, parse_config
+from pliant.config import RLJobConfig, load_config, merge_config, parse_config
 from pliant.planner.io import strict_dumps
 
 RL_CONFIG = "configs/rl-local.yaml"

@@ -35,8 +35,9 @@ import yaml
 
 from pliant.comm.monitor.master import read_incidents
 from pliant.comm.monitor.node_agent import NodeAgent, NodeAgentError
-from pliant.launch.config import ConfigError, JobConfig, load_config
+from pliant.config import ConfigError, JobConfig, load_config
 from pliant.launch.nodes import NodePlacement, interface_of
+from pliant.launch.torchrun import config_args, torchrun_command, torchrun_env
 from pliant.planner.io import atomic_write_text, strict_dumps
 
 POLL_S = 0.1
@@ -246,8 +247,6 @@ class Supervisor:
                 f"{size}), but train.max_len is {cfg.train.max_len}")
 
     def _torchrun(self, attempt: int, start: Start, addr: str | None, resume: bool) -> subprocess.Popen:
-        from pliant.launch.launcher import config_args, torchrun_command, torchrun_env
-
         cfg = start.cfg
         args = config_args(start.names) + self.module_args + (["--resume"] if resume else [])
         mine = [s for s in start.slots if s // self.per_node == self.node.rank]

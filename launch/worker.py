@@ -6,8 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from pliant.runtime.distributed import init_distributed  # noqa: F401 (the entry points' import of it)
-
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser("pliant-worker")
@@ -19,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--save-params", action="store_true", help="write the final parameters (tests)")
     args = p.parse_args(argv)
 
-    from pliant.launch.config import load_config, with_overrides
+    from pliant.config import load_config, with_overrides
 
     cfg = load_config(args.config)
     cfg = with_overrides(cfg, "train", steps=args.steps, plan=args.plan)

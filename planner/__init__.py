@@ -8,7 +8,7 @@ from .core import Planner
 from .cost import CostModel
 from .errors import InvalidPlanError, PlanningError, SequenceTooLongError
 from .lengths import get_distribution, load_length_file, presets, resolve_source, token_batches
-from .plan import GroupPlan, MicroBatchPlan, Plan, SolverStats
+from .plan import SOLO_FORM, GroupPlan, MicroBatchPlan, Plan, SolverStats, SPForm
 from .service import PlanningService
 from .spec import BandwidthSpec, ClusterSpec, CostSpec, ModelSpec, PlannerSpec
 from .validate import plan_problems, validate_plan
@@ -16,6 +16,6 @@ from .validate import plan_problems, validate_plan
 __all__ = [
     "Baselines", "BandwidthSpec", "ClusterSpec", "CostModel", "CostSpec", "GroupPlan", "InvalidPlanError",
     "MicroBatchPlan", "ModelSpec", "Plan", "Planner", "PlannerSpec", "PlanningError", "PlanningService",
-    "SequenceTooLongError", "SolverStats", "baselines", "get_distribution", "load_length_file", "plan_problems",
+    "SOLO_FORM", "SPForm", "SequenceTooLongError", "SolverStats", "baselines", "get_distribution", "load_length_file", "plan_problems",
     "presets", "resolve_source", "static_degree", "token_batches", "validate_plan",
 ]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -92,22 +93,41 @@ def coefficients(cost: CostModel) -> np.ndarray:
     return np.array([getattr(cost, t) for t in TERMS], dtype=np.float64)
 
 
-def nnls_small(A: np.ndarray, b: np.ndarray) -> np.ndarray:
+def nnls_fit(A: np.ndarray, b: np.ndarray, weights: np.ndarray | None = None,
+             required: Sequence[int] = ()) -> tuple[np.ndarray, float]:
     """Non-negative least squares for a handful of unknowns: the best least-squares solution
-    over every support (2^k small solves), keeping only non-negative ones. Exact, no scipy."""
+    over every support (2^k small solves), keeping only non-negative ones. Exact (the NNLS
+    optimum is the unconstrained optimum on its support), no scipy. Rows are weighted by
+    `weights`; columns in `required` must be in the support (a ValueError when no non-negative
+    solution has them). Returns (x, weighted residual norm)."""
+    w = np.ones(len(b)) if weights is None else np.asarray(weights, dtype=np.float64)
+    Aw, bw = A * w[:, None], b * w
     k = A.shape[1]
-    best, best_res = np.zeros(k), float(b @ b)
+    need = set(required)
+    # the empty support (x = 0) is always feasible, unless some column is required
+    best: tuple[np.ndarray, float] | None = None if need else (np.zeros(k), float(np.linalg.norm(bw)))
     for r in range(1, k + 1):
         for support in itertools.combinations(range(k), r):
+            if not need <= set(support):
+                continue
             cols = list(support)
-            x, *_ = np.linalg.lstsq(A[:, cols], b, rcond=None)
-            if np.all(x >= 0):
-                full = np.zeros(k)
-                full[cols] = x
-                res = float(np.sum((A @ full - b) ** 2))
-                if res < best_res - 1e-12:
-                    best, best_res = full, res
+            sol, *_ = np.linalg.lstsq(Aw[:, cols], bw, rcond=None)
+            if (sol < 0).any():
+                continue
+            x = np.zeros(k)
+            x[cols] = sol
+            res = float(np.linalg.norm(Aw @ x - bw))
+            if best is None or res < best[1] - 1e-12:
+                best = (x, res)
+    if best is None:
+        raise ValueError("nnls_small: no non-negative solution contains the required columns")
     return best
+
+
+def nnls_small(A: np.ndarray, b: np.ndarray, weights: np.ndarray | None = None,
+               required: Sequence[int] = ()) -> np.ndarray:
+    """`nnls_fit`'s solution alone."""
+    return nnls_fit(A, b, weights, required)[0]
 
 
 class Calibration:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .plan import SOLO_FORM, SPForm
 from .spec import GIB, ClusterSpec, CostSpec, ModelSpec, PlannerSpec
 
 STATE_BYTES = 4  # LASP-2 memory states are accumulated and exchanged in float32
@@ -43,6 +44,15 @@ def model_state_bytes(params: float, dtype_bytes: int, zero_stage: int, world: i
     else:
         per_param = (w + g + k) / world
     return params * per_param
+
+
+def sp_form(s: int, heads: int, linear_sp: str) -> SPForm:
+    """How a group of s devices runs a model's layers: softmax layers as Ulysses when s divides
+    the heads (it shards them), else LASP-2H (AllGather K, V); linear attention as the model's
+    `linear_sp`. The one place this is decided: the plan carries it, the runtime executes it."""
+    if s == 1:
+        return SOLO_FORM
+    return SPForm("ulysses" if heads % s == 0 else "lasp2h", linear_sp)
 
 
 class BandwidthTable:
@@ -83,6 +93,7 @@ class CostModel:
     step_overhead_ms: float = 0.0  # per step, outside the micro-batches; changes no plan
     cores: int | None = None  # CPU cores the ranks share (None: dedicated devices)
     comm_scale: float = 1.0  # measured / modelled communication time (planner/calibrate.py refits it)
+    linear_form: str = "lasp2"  # the model's linear-attention SP operator (model.linear_sp)
     _mem_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
@@ -116,6 +127,7 @@ class CostModel:
             gamma_ms=cost.seq_overhead_ms,
             step_overhead_ms=cost.step_overhead_ms,
             cores=None if cluster.cores is None else cluster.cores * cluster.nodes,
+            linear_form=model.linear_sp,
         )
 
     # ----- per-sequence terms (vectorised over lengths) -----
@@ -124,8 +136,10 @@ class CostModel:
         return -(-np.asarray(lengths, dtype=np.float64) // s) * s
 
     def uses_ulysses(self, s: int) -> bool:
-        """Ulysses shards heads, so it needs s | heads; other sizes run softmax layers as LASP-2H."""
-        return self.heads % s == 0
+        return self.sp_form(s).softmax in ("ulysses", "none")
+
+    def sp_form(self, s: int) -> SPForm:
+        return sp_form(s, self.heads, self.linear_form)
 
     def compute_ms(self, lengths: np.ndarray, s: int) -> np.ndarray:
         L = self.padded(lengths, s)

@@ -1,6 +1,7 @@
-"""Small file helpers shared by every writer: atomic writes and strict JSON."""
+"""Small file helpers shared by every writer: atomic writes, directory fsync and strict JSON."""
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -30,6 +31,20 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync the directory `path`, so that the files created or renamed in it survive a crash
+    (a file's own fsync does not cover its directory entry). A filesystem that cannot fsync a
+    directory (EINVAL, ENOTSUP) is passed over; any other failure is raised."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    finally:
+        os.close(fd)
 
 
 def finite(obj: Any) -> Any:

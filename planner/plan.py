@@ -16,6 +16,18 @@ from typing import Any
 from .io import atomic_write_text, strict_dumps
 
 
+@dataclass(frozen=True)
+class SPForm:
+    """How an SP group runs its attention layers. The planner decides it (`CostModel.sp_form`),
+    the plan carries it, and the runtime executes it: nothing below decides again."""
+
+    softmax: str  # "ulysses", "lasp2h", or "none" (a group of one)
+    linear: str  # "lasp2", "ring", or "none" (a group of one)
+
+
+SOLO_FORM = SPForm("none", "none")
+
+
 @dataclass
 class GroupPlan:
     start: int
@@ -24,11 +36,19 @@ class GroupPlan:
     tokens: int  # real (unpadded) tokens
     predicted_ms: float  # beta + sum of sequence times; 0 for an idle group
     peak_memory_bytes: float  # per device
-    softmax_sp: str  # "ulysses", "lasp2h" or "none" (group of one)
+    softmax_sp: str  # how the group runs softmax layers: "ulysses", "lasp2h" or "none" (group of one)
+    linear_sp: str  # and linear-attention layers: "lasp2", "ring" or "none" (group of one)
 
     @property
     def ranks(self) -> list[int]:
         return list(range(self.start, self.start + self.size))
+
+    @property
+    def form(self) -> SPForm:
+        return SPForm(self.softmax_sp, self.linear_sp)
+
+    def holds(self, rank: int) -> bool:
+        return self.start <= rank < self.start + self.size
 
 
 @dataclass
@@ -56,6 +76,10 @@ class MicroBatchPlan:
     @property
     def seq_ids(self) -> list[int]:
         return [i for g in self.groups for i in g.seq_ids]
+
+    def group_of(self, rank: int) -> GroupPlan:
+        """The group that holds `rank` (every rank is in exactly one)."""
+        return next(g for g in self.groups if g.holds(rank))
 
 
 @dataclass

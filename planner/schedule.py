@@ -363,15 +363,16 @@ def to_micro_batch(groups: list[WorkGroup], table: SeqTable, cost: CostModel, st
         lengths = table.lengths[seqs]
         tokens_pad = float(cost.padded(lengths, g.size).sum())
         ms = cost.beta_ms + float(cost.seq_ms(lengths, g.size).sum())
-        method = "none" if g.size == 1 else ("ulysses" if cost.uses_ulysses(g.size) else "lasp2h")
+        form = cost.sp_form(g.size)
         plans.append(GroupPlan(
             start=st, size=g.size, seq_ids=[int(table.ids[j]) for j in seqs], tokens=int(lengths.sum()),
             predicted_ms=ms, peak_memory_bytes=cost.group_memory_bytes(tokens_pad, len(seqs), g.size),
-            softmax_sp=method,
+            softmax_sp=form.softmax, linear_sp=form.linear,
         ))
     for r in free_ranks(starts, sizes, world):
         plans.append(GroupPlan(start=r, size=1, seq_ids=[], tokens=0, predicted_ms=0.0,
-                               peak_memory_bytes=cost.model_state_bytes, softmax_sp="none"))
+                               peak_memory_bytes=cost.model_state_bytes, softmax_sp="none",
+                               linear_sp="none"))
     plans.sort(key=lambda g: g.start)
     predicted = cost.micro_batch_ms([(g.size, g.predicted_ms) for g in plans if g.seq_ids])
     return MicroBatchPlan(groups=plans, predicted_ms=predicted, stats=stats)

@@ -1,7 +1,7 @@
 """Config sections the planner reads: cluster, model, cost coefficients, planner options.
 
 These are pydantic models so that a YAML file is validated with messages that name the
-key, the value and what is allowed. `pliant.launch.config` composes them (and the
+key, the value and what is allowed. `pliant.config` composes them (and the
 sections later layers own) into the whole job config; the planner only needs these.
 
 Cluster facts (sizes, memory, bandwidth) and cost coefficients have no defaults: a

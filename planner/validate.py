@@ -35,6 +35,8 @@ def plan_problems(plan: Plan, cost: CostModel, allowed_sizes: list[int] | None =
                     problems.append(f"{here}: spans two nodes")
             elif g.start % per_node or g.size % per_node:
                 problems.append(f"{here}: larger than a node but not made of whole nodes")
+            if g.form != cost.sp_form(g.size):
+                problems.append(f"{here}: runs as {g.form}, the cost model prices {cost.sp_form(g.size)}")
             ids = np.asarray(g.seq_ids, dtype=np.int64)
             if len(ids) and (ids.min() < 0 or ids.max() >= len(lengths)):
                 problems.append(f"{here}: sequence id out of range")

@@ -24,7 +24,7 @@ import numpy as np
 import ray
 import torch
 
-from .task import Prompt
+from .task_protocol import Prompt
 
 
 @ray.remote(num_cpus=0, enable_task_events=False)

@@ -26,6 +26,9 @@ import torch
 
 from pliant.comm import SOLO
 from pliant.runtime.model import LM, SeqContext
+from pliant.runtime.packing import IGNORE, Pack, Sequences
+
+from .sample import Sample
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
@@ -106,68 +109,53 @@ def policy_loss(logp: list[torch.Tensor], behav: list[torch.Tensor], ref: list[t
                                              sum(weights) / n, weights)
 
 
-@dataclass
-class TrainSample:
-    """One sample as the learner trains it: ids, the rollout's and the reference's log-probs
-    of each response token, its group advantage and the policy version it was sampled with."""
-
-    prompt: list[int]
-    response: list[int]
-    behav: list[float]
-    ref: list[float]
-    adv: float
-    version: int
-
-
-def pack_loss(model: torch.nn.Module, samples: list[TrainSample], group, version: int, batch_samples: int,
-              clip_eps: float, kl_coef: float, is_cap: float, temperature: float = 1.0,
-              device: torch.device | str = "cpu", linear_sp: str = "lasp2"
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The policy loss of a pack of whole samples on this rank's share of it (SP group
-    `group`: rank r holds chunk r of every sequence, runtime convention), and per-sample
-    sums [n, 4] of (w, kl, clipped, tokens) over this rank's response tokens.
+def policy_sequences(samples: list[Sample], version: int, batch_samples: int) -> Sequences:
+    """The samples as the plan executor packs them: prompt + response ids, targets on the
+    response tokens only, and per token the rollout's and the reference's log-probs, the
+    advantage, the token's weight in the step's loss, whether its sample is stale and the
+    sample's index in the pack.
 
     The loss of sample i is the mean of its response tokens' terms, so every token carries the
-    weight 1 / (len(response_i) * batch_samples); the ranks of the group hold disjoint tokens,
+    weight 1 / (len(response_i) * batch_samples); the ranks of a group hold disjoint tokens,
     so their losses (and gradients) add up to the single-process loss of the pack."""
-    from pliant.comm import PackLayout
-
-    from pliant.runtime.packing import IGNORE
-
     check_versions([s.version for s in samples], version)
     f64 = torch.float64
-    seqs, fields = [], {"target": [], "behav": [], "ref": [], "adv": [], "coef": [], "stale": [], "index": []}
+    seqs, targets = [], []
+    fields: dict[str, list[torch.Tensor]] = {"behav": [], "ref": [], "adv": [], "coef": [], "stale": [], "index": []}
     for i, s in enumerate(samples):
-        P, R = len(s.prompt), len(s.response)
+        P, R = len(s.prompt.tokens), len(s.response)
         L = P + R
         resp = slice(P - 1, L - 1)  # position t predicts token t + 1: these predict the response
-        seqs.append(torch.tensor(s.prompt + s.response))
+        seqs.append(torch.tensor(list(s.prompt.tokens) + list(s.response)))
         target = torch.full((L,), IGNORE, dtype=torch.int64)
         target[resp] = torch.tensor(s.response)
+        targets.append(target)
         behav, ref = torch.zeros(L, dtype=f64), torch.zeros(L, dtype=f64)
-        behav[resp], ref[resp] = torch.tensor(s.behav, dtype=f64), torch.tensor(s.ref, dtype=f64)
-        fields["target"].append(target)
+        behav[resp], ref[resp] = torch.tensor(s.behav_logp, dtype=f64), torch.tensor(s.ref_logp, dtype=f64)
         fields["behav"].append(behav)
         fields["ref"].append(ref)
         fields["adv"].append(torch.full((L,), float(s.adv), dtype=f64))
         fields["coef"].append(torch.full((L,), 1.0 / (R * batch_samples), dtype=f64))
         fields["stale"].append(torch.full((L,), s.version < version, dtype=torch.bool))
         fields["index"].append(torch.full((L,), i, dtype=torch.int64))
-    layout = PackLayout.from_lengths([len(x) for x in seqs], group.size)
-    pads = {"target": IGNORE, "stale": False, "index": 0}
-    local = {k: layout.shard(v, group.index, pad_value=pads.get(k, 0.0)).to(device) for k, v in fields.items()}
-    tokens = layout.shard(seqs, group.index, pad_value=0).to(device)
-    ctx = SeqContext.build(group, layout.lengths, device, linear_sp)  # type: ignore[arg-type]
-    logits = model(tokens, ctx)
-    stats = torch.zeros(len(samples), 4, dtype=f64, device=device)
-    mask = local["target"] != IGNORE
+    return Sequences(seqs, targets, fields, pads={"stale": False, "index": 0})
+
+
+def pack_loss(logits: torch.Tensor, pack: Pack, n_samples: int, clip_eps: float, kl_coef: float, is_cap: float,
+              temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The policy loss of this rank's share of a pack of `n_samples` samples (`policy_sequences`
+    sharded), from the model's logits on it; and per-sample sums [n_samples, 4] of (w, kl,
+    clipped, tokens) over this rank's response tokens."""
+    f64 = torch.float64
+    stats = torch.zeros(n_samples, 4, dtype=f64, device=logits.device)
+    mask = pack.targets != IGNORE
     if not bool(mask.any()):  # this rank's chunks hold no response token: a zero that keeps the graph
         return logits.sum() * 0.0, stats
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     rows = torch.log_softmax(logits[mask] / temperature, -1)
-    lp = rows.gather(1, local["target"][mask][:, None]).squeeze(1).to(f64)
-    m = {k: v[mask] for k, v in local.items()}
+    lp = rows.gather(1, pack.targets[mask][:, None]).squeeze(1).to(f64)
+    m = {k: v[mask] for k, v in pack.fields.items()}
     term, w, kl, clipped = token_terms(lp, m["behav"], m["ref"], m["adv"], m["stale"], clip_eps, kl_coef, is_cap)
     loss = (term * m["coef"]).sum()
     per_token = torch.stack([w.detach(), kl, clipped.to(f64), torch.ones_like(kl)], 1)

@@ -1,19 +1,22 @@
 """The learner: W Ray actors that form one torch.distributed process group (gloo on CPU,
-NCCL on GPU) and train the policy on the runtime's engine: DeepSpeed ZeRO for gradients
-and the optimizer, and the adaptive SP planner placing each micro-batch's samples (prompt +
+NCCL on GPU) and train the policy as `pliant train` trains a model: DeepSpeed ZeRO for
+gradients and the optimizer, and the adaptive SP planner placing each micro-batch's samples (prompt +
 response) into SP groups of the learner's ranks, as `pliant train` places documents.
 
 Rank 0 is the group's door to the RL dataflow: it claims whole GRPO groups from the
 TransferQueue, computes their advantages, plans the micro-batch and broadcasts (samples,
 plan) to the other ranks (over a gloo group, also under NCCL); every rank then runs its SP
-group's share of each planned micro-batch, and the step's last one closes DeepSpeed's
-gradient accumulation. After the optimizer step rank 0 publishes the new weights, versioned,
-to the weight store (ZeRO 1 and 2 gather the updated partitions into every rank's module).
+group's share of each planned micro-batch through the plan executor of `pliant train`'s
+step (runtime/executor.py), with the policy loss in place of the next-token loss, and the
+step's last one closes DeepSpeed's gradient accumulation. After the optimizer step rank 0
+publishes the new weights, versioned, to the weight store (ZeRO 1 and 2 gather the updated
+partitions into every rank's module).
 
     rank 0                                   every rank
     claim groups (queue) -> advantages
     plan the micro-batch -> broadcast  ----> for each planned micro-batch:
-                                                 my group's samples -> pack_loss -> backward
+                                                 executor: my group's samples -> pack_loss
+                                                 -> backward
     (the step's last groups)                 engine.step()
     publish weights (version + 1)
 
@@ -24,31 +27,32 @@ from its result (it is a starting point, cached per seed, not the subject of the
 """
 from __future__ import annotations
 
-import datetime
 import os
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import ray
 import torch
 import torch.distributed as dist
 
-from pliant.comm import GroupRegistry, contiguous_layouts
-from pliant.planner import Plan, Planner
+from pliant.planner import Plan
 from pliant.planner.spec import BandwidthSpec, ClusterSpec
-from pliant.runtime.trainer import deepspeed_engine, peak_memory_bytes
+from pliant.runtime.executor import PlanExecutor
 from pliant.runtime.generate import Request, generate
 from pliant.runtime.hf import DTYPES, build_model
+from pliant.runtime.packing import Pack, Sequences
+from pliant.runtime.rank import deepspeed_engine, peak_memory_bytes, setup_rank
 
-from .dispatch import pack_weights
-from .grpo import TrainSample, group_advantages, pack_loss, response_logprobs
-from .reward import load_reward_fn
 from .common import Timed, log
+from .dispatch import pack_weights
+from .grpo import group_advantages, pack_loss, policy_sequences, response_logprobs
+from .reward import load_reward_fn
+from .sample import QUEUED_FIELDS, Sample, from_columns
 from .spec import RLConfigError
+from .task_protocol import Prompt
 
-TRAIN_FIELDS = ["prompt", "response", "behav_logp", "version", "group", "written_at", "reward", "ref_logp"]
 
 
 @dataclass
@@ -56,7 +60,7 @@ class Chunk:
     """What rank 0 broadcasts: a micro-batch of whole groups' samples and its plan; `last`:
     the step's gradient is complete after it (the optimizer steps)."""
 
-    samples: list[TrainSample]
+    samples: list[Sample]
     plan: Plan | None  # None: no usable sample (every rank joins the gradient reduction idle)
     last: bool
     stats: dict[str, Any] = field(default_factory=dict)  # rank 0's bookkeeping, not trained on
@@ -120,13 +124,13 @@ class Learner:
             return ray.util.get_node_ip_address(), s.getsockname()[1]
 
     def join(self, addr: str, port: int) -> None:
+        """Join the learner's process group and build the rank's pieces, as every training
+        rank does (runtime/rank.py: the planner and the SP groups)."""
         os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(self.rank),
-                          WORLD_SIZE=str(self.world), LOCAL_RANK="0")
-        os.environ.setdefault("DS_ACCELERATOR", self.cluster.device)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        dist.init_process_group(self.cluster.backend, rank=self.rank, world_size=self.world,
-                                timeout=datetime.timedelta(seconds=pg_timeout_s(self.rl)))
+                          WORLD_SIZE=str(self.world), LOCAL_RANK="0")  # Ray shows each actor its own GPU
+        cfg = self.cfg
+        self.setup = setup_rank(self.cluster, cfg.model, cfg.learner.cost, cfg.learner.planner,
+                                timeout_s=pg_timeout_s(self.rl))
         # control messages (samples, plans, stats) travel on CPU even when NCCL carries the training
         self.control = dist.new_group(backend="gloo") if self.cluster.backend != "gloo" else dist.group.WORLD
 
@@ -170,10 +174,8 @@ class Learner:
         opt = torch.optim.AdamW(module.parameters(), lr=rl.lr, weight_decay=rl.weight_decay)
         self.engine, self.optimizer, _ = deepspeed_engine(module, self.world, self.cfg.model, opt, self.device,
                                                           None, rl.grad_clip)
-        self.planner = Planner.from_specs(self.cluster, self.cfg.model, self.cfg.learner.cost,
-                                          self.cfg.learner.planner)
-        self.registry = GroupRegistry(contiguous_layouts(self.world, self.cluster.devices_per_node,
-                                                         self.planner.sizes))
+        self.planner = self.setup.planner
+        self.executor = PlanExecutor(self.engine, self.setup.registry, self.rank, self.world, self.device)
         plan = self.cfg.learner.plan
         self.fixed_degree = None if plan == "adaptive" else (1 if plan == "dp" else self.cfg.learner.static_degree)
 
@@ -185,8 +187,8 @@ class Learner:
         return torch.cat([p.detach().reshape(-1).cpu().to(torch.float64) for p in self.model.parameters()])
 
     # ----- one micro-batch and the optimizer step (every rank) -----
-    def plan(self, samples: list[TrainSample]) -> Plan:
-        lengths = [len(s.prompt) + len(s.response) for s in samples]
+    def plan(self, samples: list[Sample]) -> Plan:
+        lengths = [smp.length for smp in samples]
         plan = self.planner.plan_for(lengths, self.fixed_degree)
         if plan is None:
             raise RLConfigError(f"learner.plan {self.cfg.learner.plan!r}: a sample of {max(lengths)} tokens does not "
@@ -200,21 +202,17 @@ class Learner:
         mean KL, clipped tokens, response tokens."""
         version = self.version if version is None else version
         rl, n = self.rl, len(chunk.samples)
-        self.engine.train()
         stats = torch.zeros(max(n, 1), 4, dtype=torch.float64, device=self.device)
-        micro = chunk.plan.micro_batches if chunk.plan is not None else [None]
-        for m, mb in enumerate(micro):
-            self.engine.set_gradient_accumulation_boundary(chunk.last and m == len(micro) - 1)
-            mine = None if mb is None else next(g for g in mb.groups if g.start <= self.rank < g.start + g.size)
-            if mine is not None and mine.seq_ids:
-                group = self.registry.get(mine.start, mine.size)
-                loss, part = pack_loss(self.engine, [chunk.samples[i] for i in mine.seq_ids], group, version,
-                                       rl.samples_per_step, rl.clip_eps, rl.kl_coef, rl.is_cap, rl.temperature,
-                                       self.device, self.cfg.model.linear_sp)
-                stats[torch.tensor(mine.seq_ids, device=self.device)] += part
-            else:  # idle in this micro-batch: still join DeepSpeed's gradient reduction
-                loss = sum(p.sum() for p in self.model.parameters()) * 0.0
-            self.engine.backward(loss * self.world)  # DeepSpeed averages gradients over ranks
+
+        def samples(seq_ids: list[int]) -> Sequences:
+            return policy_sequences([chunk.samples[i] for i in seq_ids], version, rl.samples_per_step)
+
+        def loss_fn(logits: torch.Tensor, pack: Pack, seq_ids: list[int]) -> torch.Tensor:
+            loss, part = pack_loss(logits, pack, len(seq_ids), rl.clip_eps, rl.kl_coef, rl.is_cap, rl.temperature)
+            stats[torch.tensor(seq_ids, device=self.device)] += part
+            return loss
+
+        self.executor.run(chunk.plan, samples, loss_fn, closes_step=chunk.last)
         dist.all_reduce(stats)  # each sample's tokens sit in one group: the sum is the sample's
         tokens = stats[:n, 3].clamp(min=1)
         return {"is_weights": (stats[:n, 0] / tokens).tolist(), "kl": (stats[:n, 1] / tokens).tolist(),
@@ -225,33 +223,33 @@ class Learner:
         self.version += 1
 
     # ----- rank 0: the dataflow -----
-    def _usable(self, d: dict[str, list], members: list[int]) -> list[int]:
+    def _usable(self, members: list[Sample]) -> list[Sample]:
         """The samples of a group that can be trained (logged skips: an empty response, no
         reward); a group needs two to have an advantage."""
         ok = []
-        for i in members:
-            if not d["response"][i]:
-                self.skipped.append({"group": d["group"][i], "why": "empty response"})
-                log(f"sample of group {d['group'][i]} has an empty response; skipped")
-            elif d["reward"][i] is None:
-                self.skipped.append({"group": d["group"][i], "why": "no reward"})
+        for smp in members:
+            if not smp.response:
+                self.skipped.append({"group": smp.group, "why": "empty response"})
+                log(f"sample of group {smp.group} has an empty response; skipped")
+            elif smp.reward is None:
+                self.skipped.append({"group": smp.group, "why": "no reward"})
             else:
-                ok.append(i)
+                ok.append(smp)
         return ok if len(ok) >= 2 else []
 
-    def make_chunk(self, d: dict[str, list], groups: list[list[int]], last: bool) -> Chunk:
-        """The trainable samples of whole groups, with advantages, and their plan."""
-        usable = [ok for ok in (self._usable(d, members) for members in groups) if ok]
-        samples, rewards = [], []
+    def make_chunk(self, groups: list[list[Sample]], last: bool) -> Chunk:
+        """The trainable samples of whole groups, with advantages, and their plan. The chunk
+        is broadcast to every rank, so its samples carry the prompt's ids only."""
+        usable = [ok for ok in (self._usable(members) for members in groups) if ok]
+        samples: list[Sample] = []
         for members in usable:
-            r = torch.tensor([d["reward"][i] for i in members], dtype=torch.float64)
-            for i, a in zip(members, group_advantages(r, len(members)).tolist()):
-                samples.append(TrainSample(list(d["prompt"][i].tokens), list(d["response"][i]), d["behav_logp"][i],
-                                           d["ref_logp"][i], a, d["version"][i]))
-                rewards.append(d["reward"][i])
+            r = torch.tensor([smp.reward for smp in members], dtype=torch.float64)
+            for smp, a in zip(members, group_advantages(r, len(members)).tolist()):
+                samples.append(replace(smp, prompt=Prompt(smp.prompt.uid, tuple(smp.prompt.tokens)), adv=a))
         t = time.perf_counter()
         plan = self.plan(samples) if samples else None
-        return Chunk(samples, plan, last, {"rewards": rewards, "plan_s": time.perf_counter() - t})
+        return Chunk(samples, plan, last, {"rewards": [smp.reward for smp in samples],
+                                           "plan_s": time.perf_counter() - t})
 
     def _broadcast(self, msg: Any) -> Any:
         box = [msg]
@@ -302,7 +300,7 @@ class Learner:
             lands (the gradient is the sum over the step's groups, however they are batched)."""
             want = min(take, groups_left * rl.group_size)
             least = want if sync else rl.group_size
-            return tq.get_async("learner", TRAIN_FIELDS, least, want, 1.0, True, step, ack_later=True)
+            return tq.get_async("learner", list(QUEUED_FIELDS), least, want, 1.0, True, step, ack_later=True)
 
         pending = claim(0, rl.prompts_per_step)
         for step in range(rl.steps):
@@ -315,14 +313,12 @@ class Learner:
                 if not batch.ids:  # the claim timed out: ask again
                     pending = claim(step, rl.prompts_per_step - len(seen_groups))
                     continue
-                d = batch.data
-                latency.append(time.time() - d["written_at"][0])  # rollout's write -> learner's read
-                fresh = [i for i in range(len(batch)) if d["group"][i] not in self.trained_groups]
-                dup_groups = {d["group"][i] for i in range(len(batch))} - {d["group"][i] for i in fresh}
-                self.duplicates += len(batch) - len(fresh)
-                seen_groups |= dup_groups
-                fresh_groups = list(dict.fromkeys(d["group"][i] for i in fresh))
-                seen_groups.update(fresh_groups)
+                got = from_columns(batch.data)
+                latency.append(time.time() - got[0].written_at)  # rollout's write -> learner's read
+                fresh = [smp for smp in got if smp.group not in self.trained_groups]
+                self.duplicates += len(got) - len(fresh)
+                seen_groups |= {smp.group for smp in got}
+                fresh_groups = list(dict.fromkeys(smp.group for smp in fresh))
                 last_batch = len(seen_groups) >= rl.prompts_per_step
                 if not last_batch:
                     pending = claim(step, rl.prompts_per_step - len(seen_groups))
@@ -333,9 +329,9 @@ class Learner:
                 for j, part in enumerate(parts):  # one chunk per micro-batch of groups
                     for g in part:
                         self.trained_groups[g] = step
-                    members = [[i for i in fresh if d["group"][i] == g] for g in part]
+                    members = [[smp for smp in fresh if smp.group == g] for g in part]
                     self.duplicates += sum(max(0, len(m) - rl.group_size) for m in members)
-                    chunk = self.make_chunk(d, [m[:rl.group_size] for m in members],
+                    chunk = self.make_chunk([m[:rl.group_size] for m in members],
                                             last=last_batch and j == len(parts) - 1)
                     if not chunk.samples and not chunk.last:
                         continue
@@ -347,10 +343,10 @@ class Learner:
                             mix[int(size)] = mix.get(int(size), 0) + int(count)
                     rewards += chunk.stats["rewards"]
                     plan_s += chunk.stats["plan_s"]
-                    staleness += [step - s.version for s in chunk.samples]
+                    staleness += [step - smp.version for smp in chunk.samples]
                     weights += out["is_weights"]
                     kls += out["kl"]
-                    tokens += sum(len(s.prompt) + len(s.response) for s in chunk.samples)
+                    tokens += sum(smp.length for smp in chunk.samples)
                     trained += len(chunk.samples)
             self.optimizer_step()
             self.publish(store)

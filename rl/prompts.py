@@ -27,15 +27,15 @@ eval_dataset's rows in file order, or rows picked once by EVAL_SEED.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .common import log
 from .reward import RewardSample
 from .spec import RLConfigError
-from .task import EVAL_SEED, SFT_SEED_OFFSET, Prompt
+from .task_protocol import EVAL_SEED, SFT_SEED_OFFSET, Prompt
 
 ENCODE_BATCH = 1024  # prompts per tokenizer call when the rows are measured
 
@@ -43,10 +43,6 @@ ENCODE_BATCH = 1024  # prompts per tokenizer call when the rows are measured
 class PromptDataError(RLConfigError):
     """A prompt dataset or tokenizer that cannot be used: the message names the file, the row and
     the key (or the setting) at fault."""
-
-
-def log(msg: str) -> None:
-    print(f"pliant rl: {msg}", file=sys.stderr, flush=True)
 
 
 def _kind(value: Any) -> str:
@@ -62,13 +58,13 @@ class Rows:
 
     def __init__(self, path: str | Path, prompt_key: str, answer_key: str | None, what: str = "task.dataset"):
         from pliant.runtime.data import DataError
-        from pliant.runtime.prepare import _split_suffix, check_inputs
+        from pliant.runtime.corpus import check_inputs, split_suffix
 
         self.path = Path(path)
         self.prompt_key, self.answer_key = prompt_key, answer_key
         try:
             check_inputs([self.path])
-            fmt, compression = _split_suffix(self.path)
+            fmt, compression = split_suffix(self.path)
         except DataError as e:
             raise PromptDataError(f"{what}: {e}") from None
         self._lines: list[str] | None = None
@@ -126,13 +122,13 @@ class Rows:
     def _read_jsonl(self, compression: str | None) -> None:
         import pyarrow as pa
 
-        from pliant.runtime.prepare import _open_text_lines
+        from pliant.runtime.corpus import open_text_lines
 
         lines: list[str] = []
         numbers: list[int] = []
         self._line_no = numbers  # type: ignore[assignment]  (where() while reading)
         try:
-            with _open_text_lines(self.path, compression) as f:
+            with open_text_lines(self.path, compression) as f:
                 for lineno, line in enumerate(f, 1):
                     line = line.strip()
                     if not line:
@@ -215,7 +211,7 @@ def _read_json(path: Path) -> dict:
 class DatasetTask:
     """Prompts from a dataset file, scored by the user's reward function (see the module doc).
 
-    Implements the Task protocol of rl/task.py."""
+    Implements the Task protocol of rl/task_protocol.py."""
 
     def __init__(self, spec, model_spec, seed: int, eval_prompts: int):
         self.spec, self.seed = spec, seed

@@ -3,8 +3,8 @@ the staleness bound), generates each group's responses with its rollout engine
 (rl/rollout_engine.py), writes whole groups to the TransferQueue, and takes the learner's
 newer weights between decode steps.
 
-Sample fields it writes (a whole group at a time):
-    prompt, response, behav_logp, version, group, written_at
+It writes a whole group at a time: the rollout's fields of each `Sample` (rl/sample.py:
+prompt, response, behav_logp, version, group, written_at).
 """
 from __future__ import annotations
 
@@ -18,10 +18,9 @@ from pliant.runtime.generate import Request
 
 from .common import Timed, log
 from .rollout_engine import build_engine
+from .sample import ROLLOUT_FIELDS, Sample, to_columns
 from .spec import RLSpec
 from .transfer_queue import TransferQueue
-
-ROLLOUT_FIELDS = ["prompt", "response", "behav_logp", "version", "group", "written_at"]
 
 
 @ray.remote
@@ -141,10 +140,9 @@ class RolloutWorker:
         # the write travels while decoding goes on; it is reported written only once it has
         # landed (_check_landed), so a worker killed mid-write leaves its group to be handed
         # out again
-        landed = tq.put(ids, {"prompt": [grp["prompt"]] * n, "response": [c.response for c in cs],
-                              "behav_logp": [list(c.logprobs) for c in cs],
-                              "version": [grp["version"]] * n, "group": [group] * n,
-                              "written_at": [time.time()] * n}, wait=False)
+        now = time.time()
+        samples = [Sample(grp["prompt"], c.response, list(c.logprobs), grp["version"], group, now) for c in cs]
+        landed = tq.put(ids, to_columns(samples, ROLLOUT_FIELDS), wait=False)
         self.landing.append((landed, group))
         self.samples += n
 

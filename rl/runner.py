@@ -32,13 +32,13 @@ from .rollout_engine import BUILTIN
 from .scoring import ReferenceWorker, RewardWorker
 from .spec import RLConfigError, RLResourceError
 from .task import build_task
+from .task_protocol import EVAL_SEED
 from .transfer_queue import TransferQueue
 
 from pliant.planner.io import strict_dumps
 
 TASKS = ["reward", "reference", "learner"]
 PLACEMENT_TIMEOUT_S = 60.0
-EVAL_SEED = 99_991  # the held-out prompts: one set for every mode and seed
 
 
 @dataclass

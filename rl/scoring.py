@@ -11,6 +11,7 @@ torch tensor in a hundred, and every field is pickled at each hop through a stor
 from __future__ import annotations
 
 import traceback
+from dataclasses import replace
 from typing import Any
 
 import ray
@@ -22,8 +23,9 @@ from .common import Timed, actor_device, log
 from .dispatch import load_weights
 from .grpo import response_logprobs
 from .reward import load_reward_fn
+from .sample import from_columns, to_columns
 from .spec import RLSpec
-from .task import Prompt
+from .task_protocol import Prompt
 from .transfer_queue import TransferQueue
 
 
@@ -62,8 +64,8 @@ class RewardWorker:
     def run(self, tq: TransferQueue) -> dict[str, Any]:
         timer, n = Timed(), 0
         for batch in consume(tq, "reward", ["prompt", "response"], self.rl, timer):
-            tq.put(batch.ids, {"reward": [self.score(p, r) for p, r in zip(batch.data["prompt"],
-                                                                            batch.data["response"])]})
+            scored = [replace(smp, reward=self.score(smp.prompt, smp.response)) for smp in from_columns(batch.data)]
+            tq.put(batch.ids, to_columns(scored, ["reward"]))
             n += len(batch)
         return {"scored": n, "skipped": self.skipped, **timer.report()}
 
@@ -83,15 +85,14 @@ class ReferenceWorker:
         _, wrapped = timer.wait(ray.get, store.latest.remote(-1, None))  # version 0: the initial policy
         load_weights(self.model, ray.get(wrapped[0]))
         for batch in consume(tq, "reference", ["prompt", "response"], self.rl, timer):
-            prompts, responses = batch.data["prompt"], batch.data["response"]
-            out: list = [None] * len(batch)
-            keep = [i for i, r in enumerate(responses) if r]
+            samples = from_columns(batch.data)
+            keep = [smp for smp in samples if smp.response]  # an empty response keeps ref_logp None
             if keep:
                 with torch.no_grad():
-                    lps = response_logprobs(self.model, [list(prompts[i].tokens) for i in keep],
-                                            [responses[i] for i in keep], self.rl.temperature)
-                for i, lp in zip(keep, lps):
-                    out[i] = lp.tolist()
-            tq.put(batch.ids, {"ref_logp": out})
+                    lps = response_logprobs(self.model, [list(smp.prompt.tokens) for smp in keep],
+                                            [smp.response for smp in keep], self.rl.temperature)
+                for smp, lp in zip(keep, lps):
+                    smp.ref_logp = lp.tolist()
+            tq.put(batch.ids, to_columns(samples, ["ref_logp"]))
             n += len(batch)
         return {"scored": n, **timer.report()}

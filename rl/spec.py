@@ -1,6 +1,6 @@
 """Config sections of an RL job (`pliant rl --config configs/rl-local.yaml`): the task, the
 algorithm and dataflow (`rl`), the learner group's engine (`learner`) and the Ray resources
-of each worker. The model section is the runtime's ModelSpec; `launch.config.RLJobConfig`
+of each worker. The model section is the runtime's ModelSpec; `pliant.config.RLJobConfig`
 composes them."""
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ class CopyTaskSpec(_Strict):
         return self
 
 
-# what rl/prompts.py reads (runtime/prepare.py's formats): JSON lines, optionally compressed, or Parquet
+# what rl/prompts.py reads (runtime/corpus.py's formats): JSON lines, optionally compressed, or Parquet
 DATASET_SUFFIXES = tuple(f"{j}{c}" for j in (".jsonl", ".json", ".ndjson") for c in ("", ".gz", ".bz2", ".zst")) \
     + (".parquet",)
 

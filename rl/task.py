@@ -1,9 +1,9 @@
 """RL tasks: where prompts come from and how a response is scored.
 
-Every task implements the `Task` protocol below: three independent seeded streams (training
-prompts, fixed held-out prompts, supervised examples for the warm start), the lengths the
-rollout needs, the stop tokens, and `reward_sample`, which turns a response into the
-`RewardSample` a reward function (rl/reward.py) scores. `build_task` makes the task of a
+Every task implements the `Task` protocol (rl/task_protocol.py): three independent seeded
+streams (training prompts, fixed held-out prompts, supervised examples for the warm start),
+the lengths the rollout needs, the stop tokens, and `reward_sample`, which turns a response
+into the `RewardSample` a reward function (rl/reward.py) scores. `build_task` makes the task of a
 config's `task` section:
 
     kind: copy      the built-in copy task (this file), on pliant's own model
@@ -21,62 +21,16 @@ is set by its few longest samples, as in real RL post-training.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from .reward import RewardSample
 from .spec import RLConfigError
+from .task_protocol import EVAL_SEED, SFT_SEED_OFFSET, Prompt, Task
 
 DIGITS = 10
 BOS, SEP, EOS = 10, 11, 12
 VOCAB = 13  # the model's vocab_size must be at least this
-EVAL_SEED = 99_991  # the held-out prompts: one set for every mode and seed
-SFT_SEED_OFFSET = 10_000  # the supervised examples' stream: seed + this
-
-
-@dataclass(frozen=True, slots=True)
-class Prompt:
-    """One prompt as it travels through the RL queue (written into it for every sample)."""
-
-    uid: int  # unique in the run, in hand-out order (held-out prompts: -1, -2, ...)
-    tokens: tuple[int, ...]  # prompt ids as the policy reads them (chat template applied when configured)
-    answer: tuple[int, ...] = ()  # reference answer ids + a stop token, for the supervised warm start; () when none
-    text: str = ""  # the prompt text (the row's prompt_key value, before any template)
-    row: dict = field(default_factory=dict, hash=False)  # the dataset row as read (copy task: {"digits": "0412"})
-
-
-@runtime_checkable
-class Task(Protocol):
-    """What the RL runner needs of a task. The object pickles small (it is sent to Ray actors)
-    and its three streams are independent: drawing from one never changes another."""
-
-    stop_tokens: tuple[int, ...]  # generation stops at any of them; stop_tokens[0] ends SFT answers
-
-    def prompts(self, n: int) -> list[Prompt]:
-        """The next n training prompts (uids keep counting up)."""
-
-    def held_out(self, n: int) -> list[Prompt]:
-        """The first n fixed evaluation prompts (the same ones on every call, every seed)."""
-
-    def sft_examples(self, n: int) -> list[Prompt]:
-        """The next n prompts with answers, for the supervised warm start."""
-
-    def max_prompt(self) -> int:
-        """The longest prompt (tokens) any stream hands out."""
-
-    def max_response(self) -> int:
-        """Response tokens to generate at most, the stop token included."""
-
-    def decode(self, ids: list[int]) -> str:
-        """The response's text, stop and special tokens dropped."""
-
-    def reward_sample(self, prompt: Prompt, response_ids: list[int]) -> RewardSample:
-        """What the reward function scores."""
-
-    def counts(self) -> dict:
-        """Counters worth reporting (prompts handed out, rows skipped, ...)."""
 
 
 class _CopyStream:

@@ -113,7 +113,7 @@ class Checkpointing(Callback):
             trainer.save_checkpoint(self.checkpointer)
 
 
-class Progress(Callback):
+class ProgressPrinter(Callback):
     """A progress bar on a terminal; a line every few steps in logs (rank 0)."""
 
     def __init__(self):
@@ -185,5 +185,5 @@ def standard_callbacks(trainer: "Trainer", run_dir: Path | None, checkpointer: "
                 out.append(TensorBoardMetrics(run_dir))
             if save_params:
                 out.append(FinalParameters(run_dir))
-        out.append(Progress())
+        out.append(ProgressPrinter())
     return out

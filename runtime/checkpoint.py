@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pliant.planner.io import atomic_write_text, strict_dumps
+from pliant.planner.io import atomic_write_text, fsync_dir, strict_dumps
 
 COMPLETE = "COMPLETE"
 UNIVERSAL = "universal"
@@ -38,14 +38,6 @@ UNIVERSAL = "universal"
 
 class CheckpointError(RuntimeError):
     pass
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def rng_state() -> dict:
@@ -82,9 +74,9 @@ def to_universal(path: Path) -> Path:
                               + (r.stdout + r.stderr)[-3000:])
     (path / "latest_universal").unlink(missing_ok=True)  # the converter's pointer; pliant names the tag itself
     atomic_write_text(tmp / COMPLETE, "universal\n")
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     os.replace(tmp, out)
-    _fsync_dir(path)
+    fsync_dir(path)
     return out
 
 
@@ -142,11 +134,11 @@ class Checkpointer:
         if self.rank == 0:
             atomic_write_text(tmp / "meta.json", strict_dumps(meta))
             atomic_write_text(tmp / COMPLETE, f"step {step}\n")
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             self._prune()
         dist.barrier()
         return final

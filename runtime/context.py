@@ -4,8 +4,8 @@ local token's position, and from them the SP operator every attention layer runs
 This is the one place where a comm operator is chosen (DeepSpeed's `DistributedAttention`
 idea: the SP concern wraps any local attention). Models never import an operator; they call
 
-    ctx.softmax_attention(q, k, v, scale)      # Ulysses, or LASP-2H when heads % group size != 0
-    ctx.linear_attention(q, k, v, decay)       # LASP-2, or the LASP-1 ring (the baseline)
+    ctx.softmax_attention(q, k, v, scale)      # Ulysses or LASP-2H, as the plan says
+    ctx.linear_attention(q, k, v, decay)       # LASP-2 or the LASP-1 ring (the baseline), as the plan says
 
 on this rank's tokens ([local_tokens, heads, head_dim]). pliant's own model calls them from its
 layers; Hugging Face models reach them through transformers' attention-function registry
@@ -16,11 +16,15 @@ single-device attention over whole sequences.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from pliant.comm import PackLayout, SPGroup, lasp2_attention, lasp2h_attention, ring_attention, ulysses_attention
+from pliant.planner.plan import SOLO_FORM, SPForm
+
+# the operator of each form the planner chooses; a group of one runs Ulysses' local path
+SOFTMAX_OPS = {"ulysses": ulysses_attention, "lasp2h": lasp2h_attention, "none": ulysses_attention}
+LINEAR_OPS = {"lasp2": lasp2_attention, "ring": ring_attention, "none": lasp2_attention}
 
 
 @dataclass(frozen=True)
@@ -31,18 +35,23 @@ class SeqContext:
     group: SPGroup
     layout: PackLayout
     positions: torch.Tensor  # [local_tokens], int64
-    linear_sp: Literal["lasp2", "ring"] = "lasp2"
+    form: SPForm = SOLO_FORM  # the operators the plan chose for this group
+
+    def __post_init__(self):
+        if self.form.softmax not in SOFTMAX_OPS or self.form.linear not in LINEAR_OPS:
+            raise ValueError(f"SeqContext: unknown SP form {self.form} (softmax: {sorted(SOFTMAX_OPS)}, "
+                             f"linear: {sorted(LINEAR_OPS)})")
+        if (self.group.size == 1) != (self.form == SOLO_FORM):
+            raise ValueError(f"SeqContext: a group of {self.group.size} cannot run as {self.form} (a group of one "
+                             f"runs as {SOLO_FORM}, larger groups as the plan's form: CostModel.sp_form)")
 
     @classmethod
-    def build(cls, group: SPGroup, lengths, device: torch.device | str = "cpu",
-              linear_sp: Literal["lasp2", "ring"] = "lasp2") -> "SeqContext":
-        layout = PackLayout.from_lengths(lengths, group.size)
+    def build(cls, group: SPGroup, lengths, device: torch.device | str = "cpu", form: SPForm = SOLO_FORM,
+              layout: PackLayout | None = None) -> "SeqContext":
+        """For a pack of sequences of `lengths` (or its `layout`, when the caller laid it out)."""
+        layout = layout or PackLayout.from_lengths(lengths, group.size)
         pos = [torch.arange(group.index * c, (group.index + 1) * c, device=device) for c in layout.chunks]
-        return cls(group, layout, torch.cat(pos), linear_sp)
-
-    def softmax_operator(self, heads: int) -> str:
-        """Ulysses shards heads over the group; when they do not divide, LASP-2H gathers K and V."""
-        return "ulysses" if heads % self.group.size == 0 else "lasp2h"
+        return cls(group, layout, torch.cat(pos), form)
 
     @property
     def max_length(self) -> int:
@@ -54,11 +63,9 @@ class SeqContext:
         """Causal softmax attention of the pack, no attention across sequences; q [T, H, d],
         k, v [T, Hkv, d] (GQA) -> [T, H, d]. `layer` is for contexts that keep per-layer state
         (generation's decode cache); training attends within the pack and ignores it."""
-        op = ulysses_attention if self.softmax_operator(q.shape[1]) == "ulysses" else lasp2h_attention
-        return op(q, k, v, self.layout, self.group, scale=scale)
+        return SOFTMAX_OPS[self.form.softmax](q, k, v, self.layout, self.group, scale=scale)
 
     def linear_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          decay_rates: torch.Tensor | None) -> torch.Tensor:
         """Causal linear attention with per-head decay; state never flows between sequences."""
-        op = ring_attention if self.linear_sp == "ring" else lasp2_attention
-        return op(q, k, v, self.layout, self.group, decay_rates)
+        return LINEAR_OPS[self.form.linear](q, k, v, self.layout, self.group, decay_rates)

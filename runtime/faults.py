@@ -27,6 +27,8 @@ from pliant.comm.monitor.recorder import SENDS, CollectiveEvent, CollectiveHook
 from pliant.comm.monitor.spec import InjectSpec
 from pliant.planner.io import atomic_write_text
 
+from .rank import rank_device
+
 FAULT_ENV = "PLIANT_FAULT"
 _FAULTS = TypeAdapter(list[InjectSpec])
 
@@ -83,8 +85,6 @@ class FaultInjector(CollectiveHook):
             ctypes.PyDLL(None).sleep(100000)  # a C call that keeps the GIL: no other thread runs
         for f in self._due("desync"):
             self._fire(f)
-            from .trainer import rank_device
-
             on = rank_device("cuda" if dist.get_backend() == "nccl" else "cpu")
             dist.all_reduce(torch.zeros(3, dtype=torch.float32, device=on))  # the others issue something else
 

@@ -27,14 +27,14 @@ from types import TracebackType
 
 import numpy as np
 
-
+from pliant.planner.io import fsync_dir
 
 
 class DataError(ValueError):
     """Data that cannot be used; the message says which file and what is wrong.
 
-    Defined in this lowest data module so it imports nothing of pliant's; `pliant.runtime.data`
-    re-exports it as the one error class of the data layer."""
+    Defined in this lowest data module (it imports only the planner's file helpers);
+    `pliant.runtime.data` re-exports it as the one error class of the data layer."""
 
 
 MAGIC = b"MMIDIDX\x00\x00"
@@ -353,7 +353,7 @@ class IndexedTokensWriter:
             os.replace(self._tmp[0], bin_path(self.prefix))
             os.replace(self._tmp[1], idx_path(self.prefix))
             self._tmp.clear()
-            _fsync_dir(self.prefix.parent)
+            fsync_dir(self.prefix.parent)
         except BaseException:
             self.abort()
             raise
@@ -374,19 +374,6 @@ class IndexedTokensWriter:
                 break
         self._made_dirs = []
         self.closed = True
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def write_indexed(prefix: str | Path, documents: Iterable, vocab_size: int | None) -> Path:

@@ -27,7 +27,9 @@ import torch
 import torch.distributed as dist
 
 from pliant.comm import GroupRegistry, SPGroup
+from pliant.planner.calibrate import nnls_small
 from pliant.planner.cost import CostModel
+from pliant.planner.plan import SPForm
 
 from .model import lm_loss_sum
 from .packing import shard_pack
@@ -120,8 +122,10 @@ def slowest_rank_ms(fn: Callable[[], None], repeats: int, warmup: int, device: t
 
 
 def time_packs(model: torch.nn.Module, registry: GroupRegistry, cases: Sequence[tuple[int, list[int]]], per_node: int,
-               device: torch.device, repeats: int = 3, warmup: int = 1, seed: int = 0) -> list[PackTiming]:
-    """Forward + backward time of each (group size, lengths) case, all groups of the tiling busy."""
+               device: torch.device, form_of: Callable[[int], SPForm], repeats: int = 3, warmup: int = 1,
+               seed: int = 0) -> list[PackTiming]:
+    """Forward + backward time of each (group size, lengths) case, all groups of the tiling busy,
+    each group running the SP form a plan would give it (`form_of`: the cost model's `sp_form`)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     gen = torch.Generator().manual_seed(seed)
     vocab = model.vocab_size
@@ -133,8 +137,8 @@ def time_packs(model: torch.nn.Module, registry: GroupRegistry, cases: Sequence[
         def step() -> None:
             if group is None:
                 return
-            tokens, targets, ctx = shard_pack(seqs, group, device)
-            lm_loss_sum(model(tokens, ctx), targets).backward()
+            pack = shard_pack(seqs, group, device, form_of(size))
+            lm_loss_sum(model(pack.tokens, pack.ctx), pack.targets).backward()
             model.zero_grad(set_to_none=True)
 
         out.append(PackTiming(size, list(lengths), slowest_rank_ms(step, repeats, warmup, device)))
@@ -175,37 +179,11 @@ def fit_links(timings: Sequence[CollectiveTiming]) -> list[LinkFit]:
         rows = list(rows)
         A = np.array([[1.0, float(r.bytes_moved)] for r in rows])
         y = np.array([r.ms for r in rows])
-        (lat, per_byte), _ = nnls_small(A, y, weights=1.0 / y)
+        lat, per_byte = nnls_small(A, y, weights=1.0 / y)
         if per_byte <= 0:  # flat in bytes over the measured range: use the largest message's average
             per_byte = max(r.ms / r.bytes_moved for r in rows)
         out.append(LinkFit(op, size, gbps=1e-6 / per_byte, latency_ms=float(lat)))
     return out
-
-
-def nnls_small(A: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None,
-               required: Sequence[int] = ()) -> tuple[np.ndarray, float]:
-    """Non-negative least squares for a few unknowns by trying every support (exact: the
-    NNLS optimum is the unconstrained optimum on its support). Columns in `required` must be
-    in the support. Returns (x, weighted residual norm)."""
-    w = np.ones(len(y)) if weights is None else np.asarray(weights, dtype=np.float64)
-    Aw, yw = A * w[:, None], y * w
-    k = A.shape[1]
-    best: tuple[np.ndarray, float] | None = None
-    for r in range(1, k + 1):
-        for support in itertools.combinations(range(k), r):
-            if not set(required) <= set(support):
-                continue
-            sol, *_ = np.linalg.lstsq(Aw[:, support], yw, rcond=None)
-            if (sol < 0).any():
-                continue
-            x = np.zeros(k)
-            x[list(support)] = sol
-            res = float(np.linalg.norm(Aw @ x - yw))
-            if best is None or res < best[1] - 1e-12:
-                best = (x, res)
-    if best is None:
-        raise ValueError("nnls_small: no non-negative solution contains the required columns")
-    return best
 
 
 def pack_features(cost: CostModel, lengths: Sequence[int], size: int) -> tuple[np.ndarray, float]:
@@ -224,7 +202,7 @@ def fit_compute(packs: list[PackTiming], cost: CostModel, quadratic: bool = True
         targets.append(p.ms - comm)
     A, y = np.array(rows), np.array(targets)
     meas = np.array([p.ms for p in packs])
-    x, _ = nnls_small(A, y, weights=1.0 / meas, required=[1])
+    x = nnls_small(A, y, weights=1.0 / meas, required=[1])
     rel = []
     for p, feats, target in zip(packs, A, y):
         p.fitted_ms = float(feats @ x + (p.ms - target))
@@ -265,9 +243,9 @@ def activation_bytes_per_token(model: torch.nn.Module, group: SPGroup, device: t
     counts = []
     for L in lengths:
         seq = torch.randint(0, vocab, (L,))
-        tokens, targets, ctx = shard_pack([seq], group, device)
+        pack = shard_pack([seq], group, device)
         with SavedBytes() as saved:
-            loss = lm_loss_sum(model(tokens, ctx), targets)
+            loss = lm_loss_sum(model(pack.tokens, pack.ctx), pack.targets)
         counts.append(saved.bytes)
         del loss
     return float(counts[-1] - counts[0]) / float(lengths[-1] - lengths[0])

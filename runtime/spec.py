@@ -1,5 +1,5 @@
 """Config sections the runtime reads: training and data. Composed into the job config by
-pliant.launch.config; tuning knobs have defaults, paths and sizes are validated."""
+pliant.config; tuning knobs have defaults, paths and sizes are validated."""
 from __future__ import annotations
 
 from typing import Literal

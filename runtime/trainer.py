@@ -1,14 +1,14 @@
-"""The training engine: every step, the plan decides the SP groups, the comm layer runs them,
-DeepSpeed reduces gradients and steps the optimizer.
+"""The trainer: every step, the plan decides the SP groups, the plan executor runs them
+through the comm layer's operators, DeepSpeed's engine reduces gradients and steps the
+optimizer.
 
 One step, as every rank runs it:
 
     ids, lengths = batcher.next_batch()          # the same on every rank (lengths only)
     plan = <rank 0 plans, broadcast>             # computed while the previous step ran
-    for each micro-batch of the plan:
-        group = my group; seqs = read only my group's documents
-        loss = sum of next-token CE over my chunks / real targets of the whole batch
-        engine.backward(loss * world)            # DeepSpeed averages over ranks: undo it
+    executor.run(plan, my group's documents,     # runtime/executor.py: per micro-batch, pack,
+                 next-token CE / real targets    # forward under the group's SP form, backward
+                 of the whole batch)
     engine.step()                                # ZeRO reduction, clipping, AdamW, LR schedule
 
 `Trainer.from_config(cfg)` builds it all from one job config (joining the process group if
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -31,8 +30,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pliant.comm import GroupRegistry, contiguous_layouts
-from pliant.planner import Plan, Planner, PlanningService, get_distribution, load_length_file
+from pliant.comm import GroupRegistry
+from pliant.planner import Plan, PlanningService, get_distribution, load_length_file
 from pliant.planner.baselines import static_degree
 from pliant.planner.calibrate import Calibration, GroupSample, Refit, price_plan
 from pliant.planner.spec import ClusterSpec, CostSpec, ModelSpec, PlannerSpec
@@ -40,13 +39,11 @@ from pliant.planner.spec import ClusterSpec, CostSpec, ModelSpec, PlannerSpec
 from .checkpoint import Checkpointer, CheckpointError
 from .data import DocumentSource, GlobalBatcher, IndexedTokens, SyntheticTask
 from .hf import DTYPES, build_model
+from .executor import PlanExecutor
 from .model import lm_loss_sum
-from .packing import real_targets, shard_pack
+from .packing import Sequences, real_targets
+from .rank import LaunchError, deepspeed_engine, peak_memory_bytes, setup_rank
 from .spec import DataSpec, TrainSpec
-
-
-class LaunchError(RuntimeError):
-    """The launched processes do not match the job config."""
 
 
 def lr_multiplier(step: int, spec: TrainSpec) -> float:
@@ -59,19 +56,6 @@ def lr_multiplier(step: int, spec: TrainSpec) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def rank_device(kind: str) -> torch.device:
-    """This rank's device for a cluster's device kind ('cuda': the one torch.cuda.set_device chose)."""
-    return torch.device("cuda", torch.cuda.current_device()) if kind == "cuda" else torch.device("cpu")
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
-
-
 def build_source(model: ModelSpec, data: DataSpec, train: TrainSpec) -> DocumentSource:
     if data.source == "tokens":  # Megatron's indexed dataset; token ids checked against the model's vocabulary
         return IndexedTokens.open(data.token_prefix, vocab_size=model.vocab_size)  # type: ignore[arg-type]
@@ -81,34 +65,6 @@ def build_source(model: ModelSpec, data: DataSpec, train: TrainSpec) -> Document
     if train.max_len is not None:
         lengths = np.minimum(lengths, train.max_len)
     return SyntheticTask(model.vocab_size, lengths, seed=data.seed)
-
-
-def deepspeed_engine(module: torch.nn.Module, world: int, model: ModelSpec, optimizer: torch.optim.Optimizer,
-                     device: torch.device, scheduler=None, grad_clip: float | None = None):
-    """DeepSpeed's engine over `module` for a process group of `world` ranks (joined already):
-    ZeRO stage and precision from the model spec, one sample per rank per micro-step (the
-    caller sets the gradient-accumulation boundary itself: a plan's micro-batches add up to
-    one step), clipping at `grad_clip` (None: none). Returns (engine, optimizer, scheduler)."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if device.type == "cpu" else "cuda")
-    import deepspeed
-
-    config = {
-        "train_batch_size": world,
-        "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": model.zero_stage},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-        # always explicit: DeepSpeed clips at 1.0 when the key is absent
-        "gradient_clipping": grad_clip if grad_clip is not None else 0.0,
-    }
-    if model.dtype == "bf16":
-        config["bf16"] = {"enabled": True}
-    elif model.dtype == "fp16":
-        config["fp16"] = {"enabled": True}
-    engine, optimizer, _, scheduler = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
-                                                           config=config, dist_init_required=False)
-    return engine, optimizer, scheduler
 
 
 @dataclass
@@ -135,26 +91,16 @@ class Trainer:
     def from_config(cls, cfg, registry: GroupRegistry | None = None, **train_overrides) -> "Trainer":
         """From a job config (sections cluster, model, cost, planner, train, data), joining the
         process group first if the launcher has not; `train_overrides` replace train keys."""
-        from .distributed import init_distributed
-
-        init_distributed(cfg.cluster)
         train = cfg.train.model_copy(update=train_overrides) if train_overrides else cfg.train
         return cls(cfg.cluster, cfg.model, cfg.cost, cfg.planner, train, cfg.data, registry=registry)
 
     def __init__(self, cluster: ClusterSpec, model: ModelSpec, cost: CostSpec, planner: PlannerSpec,
                  train: TrainSpec, data: DataSpec, registry: GroupRegistry | None = None):
-        if not dist.is_initialized():
-            raise LaunchError("torch.distributed is not initialised; start pliant through torchrun or `pliant train`")
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        if self.world != cluster.world_size:
-            raise LaunchError(f"the config's cluster has {cluster.world_size} devices ({cluster.nodes} nodes x "
-                              f"{cluster.devices_per_node}), but {self.world} processes were launched")
+        setup = setup_rank(cluster, model, cost, planner, registry)
+        self.rank, self.world, self.device = setup.rank, setup.world, setup.device
+        self.planner, self.registry = setup.planner, setup.registry
         self.cluster, self.model_spec, self.train_spec = cluster, model, train
-        self.device = rank_device(cluster.device)
         self.dtype = DTYPES[model.dtype]
-        self.planner = Planner.from_specs(cluster, model, cost, planner)
-        self.registry = registry or GroupRegistry(
-            contiguous_layouts(self.world, cluster.devices_per_node, self.planner.sizes))
         self.batcher = GlobalBatcher(build_source(model, data, train), train.batch_tokens, train.max_len, train.seed)
         self.static_degree = None
         if train.plan == "static":
@@ -163,6 +109,7 @@ class Trainer:
         torch.manual_seed(train.seed)
         module = build_model(model, self.device, self.dtype)  # loads model.hf_path when given
         self.engine, self.optimizer, self.scheduler = self._deepspeed(module, model, train)
+        self.executor = PlanExecutor(self.engine, self.registry, self.rank, self.world, self.device)
         self.step_no = 0
         self.calibrating = planner.calibration.enabled
         self.calibration: Calibration | None = None  # rank 0 refits the cost model from measured times
@@ -224,29 +171,17 @@ class Trainer:
         t0 = time.perf_counter()
         ids, lengths, plan = self._fetch_batch_and_plan()
         norm = real_targets(lengths)
-        self.engine.train()
-        total = torch.zeros((), dtype=torch.float64, device=self.device)  # NCCL reduces device tensors only
-        n_mb = len(plan.micro_batches)
-        mb_ms = torch.zeros(n_mb, dtype=torch.float64)  # this rank's group time per micro-batch (calibration)
-        for m, mb in enumerate(plan.micro_batches):
-            t_mb = time.perf_counter()
-            self.engine.set_gradient_accumulation_boundary(m == n_mb - 1)
-            mine = next(g for g in mb.groups if g.start <= self.rank < g.start + g.size)
-            if mine.seq_ids:
-                group = self.registry.get(mine.start, mine.size)
-                seqs = [torch.from_numpy(d) for d in self.batcher.read(ids[mine.seq_ids])]
-                tokens, targets, ctx = shard_pack(seqs, group, self.device, self.model_spec.linear_sp)
-                loss = lm_loss_sum(self.engine(tokens, ctx), targets) / norm
-            else:  # idle in this micro-batch: still join DeepSpeed's gradient reduction
-                loss = sum(p.sum() for p in self.engine.module.parameters()) * 0.0
-            total += loss.detach().to(torch.float64)
-            self.engine.backward(loss * self.world)  # DeepSpeed averages gradients over ranks
-            if self.calibrating and mine.seq_ids:
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                mb_ms[m] = (time.perf_counter() - t_mb) * 1e3
+
+        def documents(seq_ids: list[int]) -> Sequences:  # this rank reads only its group's documents
+            return Sequences([torch.from_numpy(d) for d in self.batcher.read(ids[seq_ids])])
+
+        def loss_fn(logits: torch.Tensor, pack, seq_ids) -> torch.Tensor:  # next-token CE / the batch's targets
+            return lm_loss_sum(logits, pack.targets) / norm
+
+        run = self.executor.run(plan, documents, loss_fn, timed=self.calibrating)
         lr = self.optimizer.param_groups[0]["lr"]
         self.engine.step()
+        total = run.loss
         dist.all_reduce(total)
         self.step_no += 1
         mix = plan.group_mix()
@@ -256,13 +191,13 @@ class Trainer:
         if self.calibrating:
             if self.calibration is not None:
                 configured = price_plan(plan, lengths, self.calibration.configured) / 1e3
-            self._calibrate(plan, lengths, mb_ms, seconds)
+            self._calibrate(plan, lengths, run.micro_batch_ms, seconds)
         return StepResult(step=self.step_no, loss=float(total), tokens=int(lengths.sum()), targets=norm,
                           seconds=seconds, lr=lr,
                           predicted_s=(plan.predicted_ms + self.planner.cost.step_overhead_ms) / 1e3,
-                          group_mix={int(k): int(v) for k, v in sorted(mix.items())}, micro_batches=n_mb,
-                          memory_bytes=peak_memory_bytes(self.device), predicted_memory_bytes=predicted_mem,
-                          predicted_configured_s=configured)
+                          group_mix={int(k): int(v) for k, v in sorted(mix.items())},
+                          micro_batches=len(plan.micro_batches), memory_bytes=peak_memory_bytes(self.device),
+                          predicted_memory_bytes=predicted_mem, predicted_configured_s=configured)
 
     def _calibrate(self, plan: Plan, lengths: np.ndarray, mb_ms: torch.Tensor, seconds: float) -> None:
         """Every rank's group times reach rank 0, which refits the planner's cost model: a

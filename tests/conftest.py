@@ -12,7 +12,7 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 import pytest
 
-from pliant.launch.config import JobConfig, load_config
+from pliant.config import JobConfig, load_config
 from pliant.planner import BandwidthSpec, ClusterSpec, CostSpec, ModelSpec, Planner, PlannerSpec
 
 REPO = Path(__file__).resolve().parent.parent

@@ -115,6 +115,7 @@ def batch_tokens(lengths, vocab, seed):
 def model_grads(ctx, spec_kwargs, lengths, groups, seed):
     """One micro-batch of a plan on this rank: groups = [(start, size, [seq ids])].
     Returns (local loss, flat gradient) normalised by the batch's real targets."""
+    from pliant.planner.cost import sp_form
     from pliant.runtime.model import LM, lm_loss_sum
     from pliant.runtime.packing import real_targets, shard_pack
 
@@ -125,8 +126,8 @@ def model_grads(ctx, spec_kwargs, lengths, groups, seed):
     norm = real_targets([len(s) for s in seqs])
     start, size, ids = next((st, sz, ids) for st, sz, ids in groups if st <= ctx.rank < st + sz)
     g = ctx.registry.get(start, size)
-    tokens, targets, sctx = shard_pack([seqs[i] for i in ids], g)
-    loss = lm_loss_sum(model(tokens, sctx), targets) / norm
+    pack = shard_pack([seqs[i] for i in ids], g, form=sp_form(size, spec.heads, spec.linear_sp))
+    loss = lm_loss_sum(model(pack.tokens, pack.ctx), pack.targets) / norm
     loss.backward()
     flat = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     return loss.detach(), flat
@@ -167,6 +168,7 @@ def record_collectives(ctx, capacity):
 def hf_model_grads(ctx, model_dir, lengths, groups, seed):
     """A Hugging Face model directory under pliant's SP: one micro-batch of a plan on this rank
     (float64). Returns (local loss, {param name: grad}, local logits)."""
+    from pliant.planner.cost import sp_form
     from pliant.runtime.hf import load_hf_model
     from pliant.runtime.model import lm_loss_sum
     from pliant.runtime.packing import real_targets, shard_pack
@@ -176,12 +178,12 @@ def hf_model_grads(ctx, model_dir, lengths, groups, seed):
     norm = real_targets([len(s) for s in seqs])
     start, size, ids = next((st, sz, ids) for st, sz, ids in groups if st <= ctx.rank < st + sz)
     g = ctx.registry.get(start, size)
-    tokens, targets, sctx = shard_pack([seqs[i] for i in ids], g)
-    logits = model(tokens, sctx)
-    loss = lm_loss_sum(logits, targets) / norm
+    pack = shard_pack([seqs[i] for i in ids], g, form=sp_form(size, model.hf.config.num_attention_heads, "lasp2"))
+    logits = model(pack.tokens, pack.ctx)
+    loss = lm_loss_sum(logits, pack.targets) / norm
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.hf.named_parameters()}
-    return loss.detach(), grads, logits.detach(), sctx.softmax_operator(model.hf.config.num_attention_heads)
+    return loss.detach(), grads, logits.detach(), pack.ctx.form.softmax
 
 
 def save_initial_checkpoint(ctx, config_path, run_dir):
@@ -189,7 +191,7 @@ def save_initial_checkpoint(ctx, config_path, run_dir):
     (the export round trip: the weights exactly as loaded)."""
     from pathlib import Path
 
-    from pliant.launch.config import load_config
+    from pliant.config import load_config
     from pliant.runtime.checkpoint import Checkpointer
     from pliant.runtime.trainer import Trainer
 

@@ -6,7 +6,7 @@ import copy
 import pytest
 import yaml
 
-from pliant.launch.config import ConfigError, _Loader, load_config, parse_config
+from pliant.config import ConfigError, _Loader, load_config, parse_config
 
 from conftest import REPO
 
@@ -96,7 +96,7 @@ def test_intra_inter_bandwidth_form(raw):
 
 
 def test_overlay_replaces_tables_and_merges_sections():
-    from pliant.launch.config import merge_config
+    from pliant.config import merge_config
 
     base = {"cluster": {"nodes": 1, "bandwidth": {"all_to_all_gbps": {2: 1.0, 4: 2.5}, "all_gather_gbps": {2: 0.4}}}}
     overlay = {"cluster": {"bandwidth": {"all_to_all_gbps": {2: 1.0, 3: 2.5}}}}

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from pliant.launch.cli import main as cli
-from pliant.launch.config import load_config
+from pliant.config import load_config
 from pliant.runtime.export import export_run
 from pliant.runtime.scaffold import write_tiny_model
 from pliant.runtime.tokenizer import train_bpe_tokenizer

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pliant.launch.config import ConfigError, load_config
+from pliant.config import ConfigError, load_config
 from pliant.launch.nodes import NodePlacement, expand_nodelist, interface_of, place_node
 
 REPO = Path(__file__).resolve().parents[1]

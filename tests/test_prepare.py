@@ -122,7 +122,7 @@ def test_several_files_in_order_and_workers_change_nothing(tmp_path, tok_dir, to
 def test_records_longer_than_a_block_are_read(tmp_path, tok_dir, tok, monkeypatch):
     """pyarrow parses JSON in blocks a record may not straddle; a longer one restarts the
     file with larger blocks and skips what was already handed out: nothing twice, nothing lost."""
-    import pliant.runtime.prepare as prep
+    import pliant.runtime.corpus as prep
 
     texts = make_texts(60, seed=8)
     texts[40] = " ".join(texts[:30])  # ~10x longer than the others

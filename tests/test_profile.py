@@ -13,31 +13,31 @@ import pytest
 import torch
 
 from pliant.bench.train_bench import summarize
-from pliant.launch.config import ConfigError, load_config
+from pliant.config import ConfigError, load_config
 from pliant.planner import Planner
+from pliant.planner.calibrate import nnls_fit
 from pliant.planner.cost import CostModel
 from pliant.planner.validate import validate_plan
-from pliant.runtime.profiler import (CollectiveTiming, PackTiming, SavedBytes, fit_compute, fit_links, nnls_small,
-                                     tiling)
+from pliant.runtime.profiler import CollectiveTiming, PackTiming, SavedBytes, fit_compute, fit_links, tiling
 
 from conftest import REPO
 
 LOCAL = REPO / "configs" / "local-cpu.yaml"
 
 
-def test_nnls_small_matches_the_constrained_optimum():
+def test_nnls_fit_matches_the_constrained_optimum():
     rng = np.random.default_rng(0)
     A = rng.uniform(0.1, 1.0, (30, 3))
     x_true = np.array([2.0, 0.0, 0.5])
-    x, res = nnls_small(A, A @ x_true)
+    x, res = nnls_fit(A, A @ x_true)
     np.testing.assert_allclose(x, x_true, atol=1e-10)
     assert res < 1e-9
     # the unconstrained answer has a negative entry: the constrained one clips it to the boundary
     y = A @ np.array([1.0, -1.0, 1.0])
-    x, _ = nnls_small(A, y)
+    x, _ = nnls_fit(A, y)
     assert (x >= 0).all() and x[1] == 0.0
     with pytest.raises(ValueError, match="required"):
-        nnls_small(np.array([[1.0, -1.0]]), np.array([-1.0]), required=[0])
+        nnls_fit(np.array([[1.0, -1.0]]), np.array([-1.0]), required=[0])
 
 
 def _cost():

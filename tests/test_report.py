@@ -16,7 +16,7 @@ def test_report_renders_a_png(tmp_path):
     assert r.returncode == 0, r.stderr
     png = tmp_path / "report.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
-    from pliant.launch.report import load_metrics
+    from pliant.bench.report import load_metrics
 
     loaded = load_metrics(tmp_path)
     assert len(loaded) == 40 and loaded[-1]["loss"] == 1.0

@@ -21,10 +21,12 @@ import pytest
 import ray
 import torch
 
-from pliant.launch.config import RLJobConfig, load_config, merge_config, parse_config
+from pliant.config import RLJobConfig, load_config, merge_config, parse_config
 from pliant.rl import runner
-from pliant.rl.grpo import TrainSample, pack_loss, policy_loss, response_logprobs
+from pliant.rl.grpo import pack_loss, policy_loss, policy_sequences, response_logprobs
 from pliant.rl.learner import Chunk
+from pliant.rl.sample import Sample
+from pliant.rl.task_protocol import Prompt
 from pliant.rl.task import build_task
 from pliant.comm import SPGroup
 from pliant.runtime.hf import build_model
@@ -54,23 +56,23 @@ def config(**overlay) -> RLJobConfig:
     return parse_config(merge_config(merge_config(base, EQUIV), overlay), "test", RLJobConfig)
 
 
-def samples(seed: int) -> list[list[TrainSample]]:
+def samples(seed: int) -> list[list[Sample]]:
     """Two micro-batches of GRPO groups (2 samples each): short samples, then a long one."""
     g = torch.Generator().manual_seed(seed)
 
-    def sample(p: int, r: int, version: int, adv: float) -> TrainSample:
+    def sample(p: int, r: int, version: int, adv: float) -> Sample:
         prompt = torch.randint(0, 16, (p,), generator=g).tolist()
         response = torch.randint(0, 16, (r,), generator=g).tolist()
         behav = (-2.5 + 0.3 * torch.randn(r, generator=g, dtype=torch.float64)).tolist()
         ref = (-2.5 + 0.3 * torch.randn(r, generator=g, dtype=torch.float64)).tolist()
-        return TrainSample(prompt, response, behav, ref, adv, version)
+        return Sample(Prompt(0, tuple(prompt)), response, behav_logp=behav, version=version, ref_logp=ref, adv=adv)
 
     short = [sample(5, 7, 0, 1.0), sample(4, 9, 0, -1.0), sample(6, 3, -1, 0.7), sample(3, 11, -1, -0.7)]
     long = [sample(12, 78, 0, 0.9), sample(7, 14, 0, -0.9)]
     return [short, long]
 
 
-def reference_step(cfg: RLJobConfig, state: dict, chunks: list[list[TrainSample]]) -> torch.Tensor:
+def reference_step(cfg: RLJobConfig, state: dict, chunks: list[list[Sample]]) -> torch.Tensor:
     """The single-process learner step: plain torch, no SP, no DeepSpeed; float32 master weights."""
     rl = cfg.rl
     model = build_model(cfg.model, "cpu", torch.float64)
@@ -79,10 +81,11 @@ def reference_step(cfg: RLJobConfig, state: dict, chunks: list[list[TrainSample]
     opt = torch.optim.AdamW(master, lr=rl.lr, weight_decay=rl.weight_decay)
     model.zero_grad()
     for chunk in chunks:
-        lps = response_logprobs(model, [s.prompt for s in chunk], [s.response for s in chunk], rl.temperature)
+        lps = response_logprobs(model, [list(s.prompt.tokens) for s in chunk], [s.response for s in chunk],
+                                rl.temperature)
         f64 = torch.float64
-        loss, _ = policy_loss([lp.to(f64) for lp in lps], [torch.tensor(s.behav, dtype=f64) for s in chunk],
-                              [torch.tensor(s.ref, dtype=f64) for s in chunk],
+        loss, _ = policy_loss([lp.to(f64) for lp in lps], [torch.tensor(s.behav_logp, dtype=f64) for s in chunk],
+                              [torch.tensor(s.ref_logp, dtype=f64) for s in chunk],
                               torch.tensor([s.adv for s in chunk], dtype=f64), [s.version for s in chunk], 0,
                               rl.samples_per_step, rl.clip_eps, rl.kl_coef, rl.is_cap)
         loss.backward()
@@ -101,13 +104,15 @@ def test_pack_loss_of_one_rank_is_the_single_process_policy_loss():
     model = build_model(cfg.model, "cpu", torch.float64)
     chunk = samples(1)[0]
     rl = cfg.rl
-    loss, stats = pack_loss(model, chunk, SPGroup(0, 1, 0, None), 0, rl.samples_per_step, rl.clip_eps, rl.kl_coef,
-                            rl.is_cap, rl.temperature)
+    pack = policy_sequences(chunk, 0, rl.samples_per_step).shard(SPGroup(0, 1, 0, None))
+    loss, stats = pack_loss(model(pack.tokens, pack.ctx), pack, len(chunk), rl.clip_eps, rl.kl_coef, rl.is_cap,
+                            rl.temperature)
     got = torch.autograd.grad(loss, list(model.parameters()))
     f64 = torch.float64
-    lps = response_logprobs(model, [s.prompt for s in chunk], [s.response for s in chunk], rl.temperature)
-    want, st = policy_loss(lps, [torch.tensor(s.behav, dtype=f64) for s in chunk],
-                           [torch.tensor(s.ref, dtype=f64) for s in chunk], torch.tensor([s.adv for s in chunk], dtype=f64),
+    lps = response_logprobs(model, [list(s.prompt.tokens) for s in chunk], [s.response for s in chunk],
+                            rl.temperature)
+    want, st = policy_loss(lps, [torch.tensor(s.behav_logp, dtype=f64) for s in chunk],
+                           [torch.tensor(s.ref_logp, dtype=f64) for s in chunk], torch.tensor([s.adv for s in chunk], dtype=f64),
                            [s.version for s in chunk], 0, rl.samples_per_step, rl.clip_eps, rl.kl_coef, rl.is_cap)
     assert float(loss.detach()) == pytest.approx(float(want), rel=1e-12)
     for g, e in zip(got, torch.autograd.grad(want, list(model.parameters()))):
@@ -153,7 +158,7 @@ def test_a_learner_of_two_ranks_takes_the_single_process_step(ray_cluster):
 def test_the_learner_group_as_the_planner_sees_it():
     """resources.learner.world ranks; a bandwidth table measured for a larger machine keeps the
     sizes this world forms; settings the learner cannot run are clear errors."""
-    from pliant.launch.config import ConfigError
+    from pliant.config import ConfigError
     from pliant.rl.learner import learner_cluster
     from pliant.rl.spec import RLConfigError
 

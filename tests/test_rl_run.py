@@ -13,7 +13,7 @@ import pytest
 import ray
 import torch
 
-from pliant.launch.config import RLJobConfig, load_config, merge_config, parse_config
+from pliant.config import RLJobConfig, load_config, merge_config, parse_config
 from pliant.rl import runner
 from pliant.runtime.faults import FAULT_ENV
 

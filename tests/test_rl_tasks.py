@@ -16,7 +16,8 @@ from pliant.planner.spec import ModelSpec
 from pliant.rl.prompts import DatasetTask, PromptDataError
 from pliant.rl.reward import FunctionLoadError, RewardFnError, RewardSample, load_function, load_reward_fn
 from pliant.rl.spec import CopyTaskSpec, DatasetTaskSpec, RLConfigError, task_spec
-from pliant.rl.task import EOS, CopyTask, Prompt, Task, build_task, reward as copy_reward
+from pliant.rl.task import EOS, CopyTask, build_task, reward as copy_reward
+from pliant.rl.task_protocol import Prompt, Task
 
 REPO = Path(__file__).resolve().parent.parent
 TEXTS = [f"question number {i}: what is {i} plus {i + 1}?" for i in range(40)]
@@ -154,7 +155,7 @@ def test_prompts_and_tasks_pickle_small(plain_tok, tmp_path, monkeypatch):
 # ---------------------------------------------------------------- the task section
 
 def test_task_spec_kinds_and_defaults():
-    from pliant.launch.config import ConfigError, RLJobConfig, load_config, parse_config
+    from pliant.config import ConfigError, RLJobConfig, load_config, parse_config
 
     base = load_config([REPO / "configs" / "rl-local.yaml"], RLJobConfig).model_dump()
     job = {"model": own_model().model_dump(), "learner": base["learner"]}

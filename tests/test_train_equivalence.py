@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from pliant.comm import SPGroup
-from pliant.launch.config import load_config
+from pliant.config import load_config
 from pliant.runtime.data import GlobalBatcher
 from pliant.runtime.trainer import build_source, lr_multiplier
 from pliant.runtime.model import LM, SeqContext, lm_loss_sum

@@ -15,7 +15,7 @@ from collections import defaultdict, deque
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
-from .progress import Progress, ThreadSample
+from .progress import ThreadProgress, ThreadSample
 from .recorder import POINT_TO_POINT, SENDS
 from .spec import FaultSpec
 
@@ -114,8 +114,8 @@ class RankState:
     # progress evidence (progress.py): the main thread seen by the agent and from outside (its
     # host's process watch), the other threads' CPU, the last Python stack the agent sent, and
     # on CUDA whether work is queued on the device and when it last moved
-    inside: Progress | None = None
-    outside: Progress | None = None
+    inside: ThreadProgress | None = None
+    outside: ThreadProgress | None = None
     other_cpu: deque = field(default_factory=lambda: deque(maxlen=64))
     frames: list[str] = field(default_factory=list)
     device: tuple[bool, float] | None = None
@@ -174,7 +174,7 @@ class JobPicture:
         st.step, st.in_checkpoint = msg["step"], msg["in_checkpoint"]
         if msg.get("main") is not None:
             if st.inside is None:
-                st.inside = Progress(self.spec.progress_cpu_s)
+                st.inside = ThreadProgress(self.spec.progress_cpu_s)
             st.inside.update(ThreadSample(*msg["main"]), now)
             st.other_cpu.append((now, msg["other_cpu"]))
             if msg.get("frames"):
@@ -291,7 +291,7 @@ class JobPicture:
         if st is None:
             return
         if st.outside is None:
-            st.outside = Progress(self.spec.progress_cpu_s)
+            st.outside = ThreadProgress(self.spec.progress_cpu_s)
         st.outside.update(sample, now)
 
     def _evidence(self, st: RankState, now: float) -> dict[str, Any]:

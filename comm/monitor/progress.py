@@ -103,7 +103,7 @@ class MainThreadProbe:
 
 
 @dataclass
-class Progress:
+class ThreadProgress:
     """When a thread last showed progress (on the master's clock), from one view's samples:
     CPU grown by at least `min_cpu_s`, bytes moved, or the stack changed."""
 

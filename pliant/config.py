@@ -1,6 +1,9 @@
 """The job config: one YAML file, validated by a schema composed of the sections each layer
 owns. A bad value is rejected with a message that names the file, the key, the value and
-what is allowed."""
+what is allowed.
+
+It sits above rl (whose sections it composes) and below bench and launch, which both load job
+configs (docs/architecture.md section 2)."""
 from __future__ import annotations
 
 from importlib import resources

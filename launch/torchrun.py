@@ -1,0 +1,42 @@
+"""The torchrun command line and environment of one node's ranks, shared by the launcher
+(launch/launcher.py) and the supervisor's restart loop (launch/supervisor.py). The launcher
+starts the supervisor, so the import between those two goes one way."""
+from __future__ import annotations
+
+import os
+import sys
+
+
+def config_args(names: list[str]) -> list[str]:
+    """`--config A --config B ...`: the config files (base, then overlays) for a rank's command line."""
+    return [x for name in names for x in ("--config", str(name))]
+
+
+def torchrun_command(cfg, node_rank: int, module: str, module_args: list[str],
+                     monitor_interval_s: float | None = None, rdzv_id: str = "pliant",
+                     local_addr: str | None = None) -> list[str]:
+    """torchrun for one node: standalone on one node; on several, c10d rendezvous on the first
+    host, which node 0 hosts (`is_host`), each node advertising its own address (`local_addr`,
+    else its cluster.hosts entry) so that no node takes a hostname that resolves to loopback."""
+    c = cfg.cluster
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={c.devices_per_node}"]
+    if monitor_interval_s is not None:
+        cmd.append(f"--monitor-interval={monitor_interval_s:g}")
+    if c.nodes == 1:
+        cmd.append("--standalone")
+    else:
+        timeout = int(max(1, c.rendezvous_timeout_s))
+        cmd += [f"--nnodes={c.nodes}", "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={c.hosts[0]}:{c.port}", f"--rdzv-id={rdzv_id}",
+                f"--rdzv-conf=is_host={int(node_rank == 0)},join_timeout={timeout},read_timeout={min(timeout, 60)}",
+                f"--local-addr={local_addr or c.hosts[node_rank]}", "--max-restarts=0"]
+    return cmd + ["-m", module, *module_args]
+
+
+def torchrun_env(cfg) -> dict[str, str]:
+    """The environment torchrun and its workers start with: one thread per rank unless set,
+    DeepSpeed's CPU accelerator on CPU clusters."""
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    if cfg.cluster.device == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
