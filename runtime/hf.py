@@ -6,7 +6,8 @@ pliant registers one attention function, "pliant" (`AttentionInterface`, the hoo
 ALST and verl use), and runs the model with it: every softmax layer hands it q, k, v, which
 transformers has already projected and rotated at the per-rank `position_ids` the runtime
 passes, and the function forwards them to the `SeqContext` the runtime attached to the call
-(`pliant_ctx=`), which picks Ulysses or LASP-2H for the step's group. No attention mask is
+(`pliant_ctx=`), which runs the SP form the plan chose for the step's group (Ulysses or
+LASP-2H). No attention mask is
 built: the pack layout is the mask (causal, never across documents).
 
 Why the registry and not a port of each family into pliant's own code: the model stays
