@@ -44,3 +44,19 @@ def softmax_attention(q, k, v, scale=None):
     mask = torch.ones(L, L, dtype=torch.bool).tril()
     scores = scores.masked_fill(~mask, float("-inf"))
     return torch.einsum("hts,shd->thd", torch.softmax(scores, dim=-1), v)
+
+
+def gated_delta_recurrent(q, k, v, g, beta, scale):
+    """The gated delta rule of one sequence, token by token from its definition (float64):
+    S_t = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T, o_t = S_t^T (scale q_t),
+    alpha_t = exp(g_t); q, k [L, H, dk], v [L, H, dv], g, beta [L, H]. Returns (o, final S)."""
+    L, H, dk = q.shape
+    eye = torch.eye(dk, dtype=q.dtype)
+    S = q.new_zeros(H, dk, v.shape[-1])
+    outs = []
+    for t in range(L):
+        kk = k[t][:, :, None] @ k[t][:, None, :]  # [H, dk, dk]
+        S = g[t].exp()[:, None, None] * ((eye - beta[t][:, None, None] * kk) @ S) \
+            + beta[t][:, None, None] * (k[t][:, :, None] @ v[t][:, None, :])
+        outs.append((S.transpose(-1, -2) @ (scale * q[t])[:, :, None])[..., 0])
+    return torch.stack(outs), S

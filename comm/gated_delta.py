@@ -1,0 +1,356 @@
+"""Sequence parallelism for the gated delta rule (Gated DeltaNet layers: Qwen3.5, Qwen3-Next)
+in LASP-2's form: one AllGather of per-chunk state maps, its size independent of length.
+
+Per head, with L2-normalised q and k, decay alpha_t = exp(g_t) <= 1 and write strength
+beta_t, the state S (dk x dv) follows
+
+    S_t = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,      o_t = S_t^T q_t
+
+(transformers' recurrent form: decay, read k^T S, write beta (v - k^T S) along k). Over a
+chunk the map from the entering state to the leaving one is affine, S_end = A S_start + B,
+with A (dk x dk) the chunk's transition and B its state from a zero start. So, as LASP-2
+does for plain linear attention:
+
+1. each rank computes (A_r, B_r) of its chunk of every sequence of the pack;
+2. one AllGather brings every rank all chunks' (A, B): heads x dk x (dk + dv) per sequence;
+3. rank r folds its prefix, S_in = A_{r-1}(...(A_0 0 + B_0)...) + B_{r-1}, and computes its
+   outputs from that entering state.
+
+Backward gathers each rank's gradient of its entering state (heads x dk x dv per sequence),
+and every rank runs the suffix scan G_c = dS_in_c + A_c^T G_{c+1} to get the gradient of the
+state its chunk passed on: dB_r = G_{r+1}, dA_r = G_{r+1} S_in_r^T. States never cross from
+one sequence of the pack into another: every sequence has its own slot in the gathered
+tensor.
+
+The local part (`chunk_gated_delta`) runs every sequence of a pack at once, padded into a
+[sequences, heads, blocks, block, dim] batch and solved in blocks (the WY form fla and
+transformers use: a unit-triangular solve per block, then a short scan over blocks), so its
+torch ops do not grow with the number of sequences. `gdn_halo` gives each rank the last
+k-1 inputs of the chunks before its own, for the layer's short causal convolution.
+"""
+from __future__ import annotations
+
+import torch
+
+from .collectives import all_gather, all_to_all, check_metadata, recv, reduce_scatter, send
+from .groups import SPGroup
+from .pack import PackLayout
+
+SUPPORTED = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+BLOCK = 64
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_gdn_inputs(op: str, q, k, v, g, beta, layout: PackLayout, group: SPGroup) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
+        if t.dtype not in SUPPORTED:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype}; supported: float64, float32, bfloat16, float16")
+    if q.dim() != 3 or q.shape != k.shape or v.dim() != 3 or v.shape[:2] != q.shape[:2]:
+        raise ValueError(f"{op}: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must be [tokens, heads, "
+                         f"dim] with q and k alike and v's tokens and heads theirs")
+    if g.shape != q.shape[:2] or beta.shape != q.shape[:2]:
+        raise ValueError(f"{op}: g {tuple(g.shape)} and beta {tuple(beta.shape)} must be [tokens, heads] = "
+                         f"{tuple(q.shape[:2])}")
+    layout.check_local(q, "q")
+    if layout.group_size != group.size:
+        raise ValueError(f"{op}: the pack is laid out for {layout.group_size} ranks, the group has {group.size}")
+    check_metadata(group, op, {"q": q, "k": k, "v": v, "g": g, "beta": beta}, layout.lengths)
+
+
+# ----- the local part: every sequence's chunk at once -----
+
+def _to_blocks(x: torch.Tensor, chunks: tuple[int, ...], width: int, dtype) -> torch.Tensor:
+    """[T, H, *d] of the pack's chunks -> [n, H, width, *d], each chunk left-aligned, zero-padded."""
+    n = len(chunks)
+    out = x.new_zeros((n, width) + tuple(x.shape[1:]), dtype=dtype)
+    C = torch.tensor(chunks, device=x.device)
+    seq = torch.repeat_interleave(torch.arange(n, device=x.device), C)
+    pos = torch.arange(x.shape[0], device=x.device) - torch.repeat_interleave(torch.cumsum(C, 0) - C, C)
+    out = out.index_put((seq, pos), x.to(dtype))
+    return out.movedim(1, 2)  # [n, H, width, *d]
+
+
+def _from_blocks(y: torch.Tensor, chunks: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of _to_blocks: [n, H, width, d] -> [T, H, d]."""
+    C = torch.tensor(chunks, device=y.device)
+    seq = torch.repeat_interleave(torch.arange(len(chunks), device=y.device), C)
+    pos = torch.arange(int(C.sum()), device=y.device) - torch.repeat_interleave(torch.cumsum(C, 0) - C, C)
+    return y.movedim(2, 1)[seq, pos]
+
+
+class LocalGDN:
+    """The rank's chunks of a pack in block form. `summary()` gives each chunk's affine map
+    (A, B); `output(S_in)` the outputs from entering states S_in [n, H, dk, dv]."""
+
+    def __init__(self, q, k, v, g, beta, chunks: tuple[int, ...], scale: float):
+        dtype = acc_dtype(q.dtype)
+        cmax = max(chunks)
+        bs = min(BLOCK, cmax)
+        nb = -(-cmax // bs)
+        width = nb * bs
+        self.chunks, self.dtype = chunks, dtype
+        Q = _to_blocks(q * scale, chunks, width, dtype)  # [n, H, W, dk]
+        K = _to_blocks(k, chunks, width, dtype)
+        V = _to_blocks(v, chunks, width, dtype)
+        G = _to_blocks(g.unsqueeze(-1), chunks, width, dtype).squeeze(-1)  # [n, H, W]; padding: g = 0
+        Bt = _to_blocks(beta.unsqueeze(-1), chunks, width, dtype).squeeze(-1)  # padding: beta = 0 (identity)
+        n, H, _, dk = Q.shape
+        blk = (n, H, nb, bs)
+        Q, K, V = Q.reshape(*blk, dk), K.reshape(*blk, dk), V.reshape(*blk, V.shape[-1])
+        gc = G.reshape(blk).cumsum(-1)  # cumulative log-decay within each block
+        Bt = Bt.reshape(blk)
+        lower = torch.ones(bs, bs, dtype=torch.bool, device=q.device).tril()
+        decay = (gc[..., :, None] - gc[..., None, :]).masked_fill(~lower, float("-inf")).exp()  # i >= j
+        eye = torch.eye(bs, dtype=dtype, device=q.device)
+        kb = K * Bt[..., None]
+        # (I + M) U = beta V - (beta e^gc K) S0, M_ij = beta_i e^(gc_i - gc_j) k_i.k_j for j < i
+        M = (kb @ K.transpose(-1, -2)) * decay * (1 - eye)
+        rhs = torch.cat([V * Bt[..., None], kb * gc.exp()[..., None]], -1)
+        sol = torch.linalg.solve_triangular(eye + M, rhs, upper=False, unitriangular=True)
+        self.Uv, self.W = sol[..., :V.shape[-1]], sol[..., V.shape[-1]:]  # U = Uv - W S0
+        P = (Q @ K.transpose(-1, -2)) * decay  # [.., bs, bs], i >= j
+        self.Oq = Q * gc.exp()[..., None] - P @ self.W  # O = Oq S0 + P Uv
+        self.PU = P @ self.Uv
+        last = gc[..., -1:]
+        Kd = K * (last - gc).exp()[..., None]
+        self.A_blk = last.exp()[..., None] * torch.eye(dk, dtype=dtype, device=q.device) - Kd.transpose(-1, -2) @ self.W
+        self.B_blk = Kd.transpose(-1, -2) @ self.Uv  # [n, H, nb, dk, dv]
+        # each block's entering state as an affine map of the chunk's: S_b = Apre_b S_in + Bz_b
+        Apre = [torch.eye(dk, dtype=dtype, device=q.device).expand(n, H, dk, dk)]
+        Bz = [self.B_blk.new_zeros(n, H, dk, self.B_blk.shape[-1])]
+        for b in range(nb):
+            Apre.append(self.A_blk[:, :, b] @ Apre[-1])
+            Bz.append(self.A_blk[:, :, b] @ Bz[-1] + self.B_blk[:, :, b])
+        self.A, self.B = Apre[-1], Bz[-1]  # the chunk's map: [n, H, dk, dk], [n, H, dk, dv]
+        self.Apre, self.Bz = torch.stack(Apre[:-1], 2), torch.stack(Bz[:-1], 2)  # [n, H, nb, dk, *]
+
+    def output(self, S_in: torch.Tensor | None) -> torch.Tensor:
+        """Outputs [T, H, dv] from entering states S_in [n, H, dk, dv] (None: zero)."""
+        S = self.Bz if S_in is None else self.Apre @ S_in[:, :, None] + self.Bz
+        O = self.Oq @ S + self.PU  # [n, H, nb, bs, dv]
+        n, H, nb, bs, dv = O.shape
+        return _from_blocks(O.reshape(n, H, nb * bs, dv), self.chunks)
+
+
+def chunk_gated_delta(q, k, v, g, beta, lengths: tuple[int, ...], scale: float,
+                      initial_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole sequences of a pack on one rank (the torch path): outputs [T, H, dv] (input dtype)
+    and each sequence's final state [n, H, dk, dv] (accumulation dtype)."""
+    local = LocalGDN(q, k, v, g, beta, tuple(lengths), scale)
+    out = local.output(initial_state)
+    final = local.B if initial_state is None else local.A @ initial_state + local.B
+    return out.to(v.dtype), final
+
+
+# ----- LASP-2 form: one AllGather of (A, B) -----
+
+def _fold(maps: torch.Tensor, r: int, dk: int) -> torch.Tensor | None:
+    """The state entering chunk r from the gathered maps [s, n, H, dk, dk + dv]; None for r = 0."""
+    S = None
+    for c in range(r):
+        A, B = maps[c, ..., :dk], maps[c, ..., dk:]
+        S = B if S is None else A @ S + B
+    return S
+
+
+class _GatherGDN(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, layout: PackLayout, grp: SPGroup, scale: float):
+        local = LocalGDN(q, k, v, g, beta, layout.chunks, scale)
+        maps, _ = all_gather(torch.cat([local.A, local.B], -1), grp, "gdn.maps")
+        dk = q.shape[-1]
+        S_in = _fold(maps, grp.index, dk)
+        ctx.save_for_backward(q, k, v, g, beta, maps[..., :dk].clone(), S_in if S_in is not None else torch.empty(0))
+        ctx.layout, ctx.grp, ctx.scale, ctx.first = layout, grp, scale, S_in is None
+        return local.output(S_in).to(v.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, g, beta, A_all, S_in = ctx.saved_tensors
+        layout, grp = ctx.layout, ctx.grp
+        r, s = grp.index, grp.size
+        leaves = tuple(t.detach().requires_grad_(True) for t in (q, k, v, g, beta))
+        with torch.enable_grad():
+            local = LocalGDN(*leaves, layout.chunks, ctx.scale)
+            do = dout.to(local.dtype)
+            if ctx.first:
+                S_leaf, out = None, local.output(None)
+                d_in = torch.zeros_like(local.B)
+            else:
+                S_leaf = S_in.detach().requires_grad_(True)
+                out = local.output(S_leaf)
+                d_in = torch.autograd.grad(out, S_leaf, do, retain_graph=True)[0]
+        d_all, _ = all_gather(d_in, grp, "gdn.grad_states")
+        G = torch.zeros_like(d_in)  # gradient of the state leaving this rank's chunk
+        for c in range(s - 1, r, -1):
+            G = d_all[c] + A_all[c].transpose(-1, -2) @ G
+        dA = G @ S_in.transpose(-1, -2) if not ctx.first else torch.zeros_like(local.A)
+        grads = torch.autograd.grad([out, local.A, local.B], leaves, [do, dA, G], allow_unused=True)
+        return (*[torch.zeros_like(t) if gr is None else gr.to(t.dtype) for gr, t in zip(grads, leaves)],
+                None, None, None)
+
+
+# ----- the ring: the state passed rank to rank (the LASP-1 baseline) -----
+
+class _RingGDN(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, layout: PackLayout, grp: SPGroup, scale: float):
+        local = LocalGDN(q, k, v, g, beta, layout.chunks, scale)
+        S_in = None if grp.index == 0 else recv(local.B, grp, grp.index - 1, "gdn_ring.states")
+        if grp.index < grp.size - 1:
+            send(local.B if S_in is None else local.A @ S_in + local.B, grp, grp.index + 1, "gdn_ring.states")
+        ctx.save_for_backward(q, k, v, g, beta, S_in if S_in is not None else torch.empty(0))
+        ctx.layout, ctx.grp, ctx.scale, ctx.first = layout, grp, scale, S_in is None
+        return local.output(S_in).to(v.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, g, beta, S_in = ctx.saved_tensors
+        grp = ctx.grp
+        leaves = tuple(t.detach().requires_grad_(True) for t in (q, k, v, g, beta))
+        S_leaf = None if ctx.first else S_in.detach().requires_grad_(True)
+        with torch.enable_grad():
+            local = LocalGDN(*leaves, ctx.layout.chunks, ctx.scale)
+            out = local.output(S_leaf)
+            passed = local.B if S_leaf is None else local.A @ S_leaf + local.B
+        d_passed = torch.zeros_like(local.B) if grp.index == grp.size - 1 else \
+            recv(local.B, grp, grp.index + 1, "gdn_ring.grad")
+        wrt = leaves if S_leaf is None else (*leaves, S_leaf)
+        grads = torch.autograd.grad([out, passed], wrt, [dout.to(local.dtype), d_passed], allow_unused=True)
+        grads = [torch.zeros_like(t) if gr is None else gr for gr, t in zip(grads, wrt)]
+        if S_leaf is not None:
+            send(grads[-1], grp, grp.index - 1, "gdn_ring.grad")
+        return (*[gr.to(t.dtype) for gr, t in zip(grads[:5], leaves)], None, None, None)
+
+
+# ----- heads all-to-all (Ulysses on the GDN heads, as Megatron does): the baseline -----
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, grp: SPGroup, kind: str):
+        ctx.grp, ctx.kind = grp, kind
+        return all_to_all(x, grp, kind)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return all_to_all(dy, ctx.grp, ctx.kind + ".grad"), None, None
+
+
+def _heads_a2a(q, k, v, g, beta, layout: PackLayout, grp: SPGroup, scale: float) -> torch.Tensor:
+    s, T, H = grp.size, q.shape[0], q.shape[1]
+    if H % s:
+        raise ValueError(f"gated_delta_attention(form='heads'): {H} heads do not divide over an SP group of {s} "
+                         f"ranks; the gather form (LASP-2) has no such bound")
+    C = torch.tensor(layout.chunks)
+    n = layout.n_seqs
+    seq = torch.repeat_interleave(torch.arange(n), C * s)
+    start = torch.repeat_interleave(torch.cumsum(C * s, 0) - C * s, C * s)
+    pos = torch.arange(int((C * s).sum())) - start  # position within the padded sequence
+    rank, within = pos // C[seq], pos % C[seq]
+    local_start = (torch.cumsum(C, 0) - C)[seq]
+    order = (rank * T + local_start + within).to(q.device)  # rank-major received rows -> sequence order
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order), device=q.device)
+
+    def scatter(x: torch.Tensor) -> torch.Tensor:  # [T, H, *d] -> [s T, H/s, *d], whole sequences
+        h = x.shape[1] // s
+        y = x.reshape((T, s, h) + tuple(x.shape[2:])).transpose(0, 1)
+        y = _AllToAll.apply(y.contiguous(), grp, "gdn_heads.in")
+        return y.reshape((s * T, h) + tuple(x.shape[2:]))[order]
+
+    padded = tuple(c * s for c in layout.chunks)
+    o = chunk_gated_delta(scatter(q), scatter(k), scatter(v), scatter(g), scatter(beta), padded, scale)[0]
+    o = o[inverse]
+    h = o.shape[1]
+    back = _AllToAll.apply(o.reshape(s, T, h, o.shape[-1]).contiguous(), grp, "gdn_heads.out")
+    return back.transpose(0, 1).reshape(T, s * h, o.shape[-1])
+
+
+FORMS = ("gather", "ring", "heads")
+
+
+def gated_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                          layout: PackLayout, group: SPGroup, scale: float | None = None,
+                          form: str = "gather") -> torch.Tensor:
+    """The gated delta rule of a packed set of sequences over an SP group.
+
+    q, k [local_tokens, H, dk] (L2-normalised by the caller), v [local_tokens, H, dv], g
+    [local_tokens, H] the log decay (<= 0), beta [local_tokens, H], this rank's chunks in the
+    pack layout; `scale` multiplies q (default dk^-0.5). `form`: "gather" (LASP-2: one
+    AllGather of chunk maps), "ring" (the state rank to rank) or "heads" (all-to-all to whole
+    sequences over H / s heads). Returns [local_tokens, H, dv] in v's dtype."""
+    op = f"gated_delta_attention[{form}]"
+    if form not in FORMS:
+        raise ValueError(f"gated_delta_attention: form {form!r}; one of {FORMS}")
+    check_gdn_inputs(op, q, k, v, g, beta, layout, group)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if group.size == 1:
+        return chunk_gated_delta(q, k, v, g, beta, layout.chunks, scale)[0]
+    if form == "heads":
+        return _heads_a2a(q, k, v, g, beta, layout, group, scale)
+    fn = _GatherGDN if form == "gather" else _RingGDN
+    return fn.apply(q, k, v, g, beta, layout, group, scale)
+
+
+# ----- the short causal convolution's halo -----
+
+class _GatherTails(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tails, grp: SPGroup):
+        ctx.grp = grp
+        return all_gather(tails, grp, "gdn.halo")[0]
+
+    @staticmethod
+    def backward(ctx, d):
+        return reduce_scatter(d, ctx.grp, "gdn.halo_grad"), None
+
+
+def gdn_halo(x: torch.Tensor, layout: PackLayout, group: SPGroup, width: int) -> torch.Tensor:
+    """For every sequence of the pack, the `width` inputs just before this rank's chunk
+    (zeros before the sequence's start): [n, width, *x.shape[1:]], differentiable (the
+    gradient goes back to the ranks the inputs came from). x: [local_tokens, ...]."""
+    n, chunks = layout.n_seqs, layout.chunks
+    if width == 0 or group.size == 1:  # rank 0 of a group still joins the gather: its tails are others' halo
+        return x.new_zeros((n, width) + tuple(x.shape[1:]))
+    C = torch.tensor(chunks, device=x.device)
+    ends = torch.cumsum(C, 0)
+    # each rank's tail: the last `width` rows of each of its chunks, right-aligned, zeros in front
+    off = torch.arange(width, device=x.device) - width  # -width .. -1
+    src = ends[:, None] + off[None, :]  # [n, width]
+    valid = off[None, :] >= -C[:, None]
+    tails = torch.where(valid.reshape(n, width, *([1] * (x.dim() - 1))),
+                        x[src.clamp(min=0)], x.new_zeros(()))
+    gathered = _GatherTails.apply(tails.contiguous(), group)  # [s, n, width, ...]
+    # halo row m of sequence j is global position r c_j - width + m: rank p // c_j, offset p % c_j
+    p = group.index * C[:, None] + off[None, :]  # [n, width]
+    owner = torch.div(p, C[:, None], rounding_mode="floor").clamp(min=0)
+    row = (width - C[:, None] + (p - owner * C[:, None])).clamp(min=0, max=width - 1)
+    halo = gathered[owner, torch.arange(n, device=x.device)[:, None], row]
+    return torch.where((p >= 0).reshape(n, width, *([1] * (x.dim() - 1))), halo, x.new_zeros(()))
+
+
+def causal_conv_pack(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layout: PackLayout,
+                     group: SPGroup) -> torch.Tensor:
+    """A depthwise causal convolution (weight [channels, kernel]) over each sequence of the
+    pack, this rank's chunks of x [local_tokens, channels], with the halo from the ranks
+    before; no window crosses a sequence's start. Returns [local_tokens, channels]."""
+    width = weight.shape[-1] - 1
+    halo = gdn_halo(x, layout, group, width)  # [n, width, C]
+    C = torch.tensor(layout.chunks, device=x.device)
+    n = layout.n_seqs
+    # [halo_j ; chunk_j] of every sequence, one after the other: chunk row tau of sequence j
+    # sits at base_j + width + tau
+    seq = torch.repeat_interleave(torch.arange(n, device=x.device), C)
+    tau = torch.arange(x.shape[0], device=x.device) - torch.repeat_interleave(torch.cumsum(C, 0) - C, C)
+    base = torch.cumsum(C + width, 0) - (C + width)
+    rows = x.new_zeros(int((C + width).sum()), x.shape[1])
+    halo_idx = (base[:, None] + torch.arange(width, device=x.device)[None, :]).reshape(-1)
+    chunk_idx = base[seq] + width + tau
+    rows = rows.index_put((halo_idx,), halo.reshape(-1, x.shape[1])).index_put((chunk_idx,), x)
+    out = bias.to(x.dtype).expand(x.shape[0], -1).clone() if bias is not None else torch.zeros_like(x)
+    for m in range(width + 1):  # window tap m reads row t - width + m
+        out = out + weight[:, m].to(x.dtype) * rows[chunk_idx - width + m]
+    return out
