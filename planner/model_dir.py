@@ -21,6 +21,7 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Qwen3_5ForCausalLM": "qwen3_5_text",  # hybrid: Gated DeltaNet and gated softmax layers (layer_types)
     "PliantLM": "pliant",  # pliant's own hybrid linear/softmax model, as `pliant export` writes it
 }
 PLIANT_ARCHITECTURE = "PliantLM"
@@ -70,11 +71,24 @@ class ModelDir:
             "ffn_hidden": _int(self, "intermediate_size"),
             "vocab_size": _int(self, "vocab_size"),
             "params": float(self.params),
-            "attention": list(c.get("attention_pattern", ["softmax"])) if self.is_pliant else ["softmax"],
+            "attention": list(c.get("attention_pattern", ["softmax"])) if self.is_pliant else self._layer_kinds(),
         }
         if self.is_pliant:
             fields["linear_decay"] = bool(c.get("linear_decay", True))
         return fields
+
+    def _layer_kinds(self) -> list[str]:
+        """A hybrid model's layer pattern from its `layer_types` (linear_attention: a Gated
+        DeltaNet layer); every other family is all softmax."""
+        types = self.config.get("layer_types")
+        if self.architecture != "Qwen3_5ForCausalLM":
+            return ["softmax"]
+        kinds = {"linear_attention": "linear", "full_attention": "softmax"}
+        layers = _int(self, "num_hidden_layers")
+        if not isinstance(types, list) or len(types) != layers or any(t not in kinds for t in types):
+            raise ModelDirError(f"{self.path / 'config.json'}: layer_types = {types!r}; expected a list of "
+                                f"num_hidden_layers = {layers} entries, each one of {sorted(kinds)}")
+        return [kinds[t] for t in types]
 
     def default_dtype(self) -> str | None:
         name = self.config.get("dtype") or self.config.get("torch_dtype")

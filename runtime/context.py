@@ -20,11 +20,14 @@ from dataclasses import dataclass
 import torch
 
 from pliant.comm import PackLayout, SPGroup, lasp2_attention, lasp2h_attention, ring_attention, ulysses_attention
+from pliant.comm.gated_delta import causal_conv_pack, gated_delta_attention
 from pliant.planner.plan import SOLO_FORM, SPForm
 
 # the operator of each form the planner chooses; a group of one runs Ulysses' local path
 SOFTMAX_OPS = {"ulysses": ulysses_attention, "lasp2h": lasp2h_attention, "none": ulysses_attention}
 LINEAR_OPS = {"lasp2": lasp2_attention, "ring": ring_attention, "none": lasp2_attention}
+# the gated delta rule's operator form for each linear form: LASP-2's gather, or the ring
+GATED_DELTA_FORMS = {"lasp2": "gather", "ring": "ring", "none": "gather"}
 
 
 @dataclass(frozen=True)
@@ -69,3 +72,15 @@ class SeqContext:
                          decay_rates: torch.Tensor | None) -> torch.Tensor:
         """Causal linear attention with per-head decay; state never flows between sequences."""
         return LINEAR_OPS[self.form.linear](q, k, v, self.layout, self.group, decay_rates)
+
+    def gated_delta(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                    scale: float | None = None) -> torch.Tensor:
+        """The gated delta rule (Gated DeltaNet layers) of the pack: q, k [T, H, dk] L2-normalised,
+        v [T, H, dv], log decay g and write strength beta [T, H] -> [T, H, dv]."""
+        return gated_delta_attention(q, k, v, g, beta, self.layout, self.group, scale,
+                                     GATED_DELTA_FORMS[self.form.linear])
+
+    def short_conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """A depthwise causal convolution (weight [channels, kernel]) of x [T, channels] within
+        each sequence, its window reaching into the ranks before."""
+        return causal_conv_pack(x, weight, bias, self.layout, self.group)

@@ -29,6 +29,7 @@ from pliant.planner.model_dir import HF_KEYS, ModelDir, ModelDirError, read_mode
 from pliant.planner.spec import ModelSpec
 
 from .context import SeqContext
+from .gdn import attach_gdn
 
 ATTENTION = "pliant"
 DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -143,6 +144,7 @@ def load_hf_model(path: str | Path, dtype: torch.dtype, device: torch.device | s
         raise ModelDirError(f"{d.path}: the weights do not match config.json: missing {sorted(missing)[:6]}, "
                             f"unexpected {sorted(unexpected)[:6]}, mismatched {list(mismatched)[:6]}")
     model.config.use_cache = False
+    attach_gdn(model)  # Gated DeltaNet layers (Qwen3.5) run their SP core through the context
     return HFCausalLM(model).to(device)
 
 

@@ -16,7 +16,8 @@ import torch
 
 from .tokenizer import copy_tokenizer_files
 
-FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral")  # all-softmax
+HYBRID_FAMILIES = ("qwen3_5",)  # Gated DeltaNet + softmax layers
 
 
 def tiny_config(family: str, vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
@@ -38,11 +39,22 @@ def tiny_config(family: str, vocab_size: int, hidden: int = 64, layers: int = 2,
     elif family == "qwen3":
         cfg = Qwen3Config(**common, head_dim=hidden // heads * 2, tie_word_embeddings=True, use_sliding_window=False,
                           rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+    elif family == "qwen3_5":  # three Gated DeltaNet layers per gated softmax layer; more value heads than key heads
+        from transformers import Qwen3_5TextConfig
+
+        pattern = ("linear_attention", "linear_attention", "linear_attention", "full_attention")
+        cfg = Qwen3_5TextConfig(**common, head_dim=hidden // heads, tie_word_embeddings=False,
+                                layer_types=[pattern[i % 4] for i in range(layers)],
+                                linear_conv_kernel_dim=4, linear_key_head_dim=hidden // heads,
+                                linear_value_head_dim=hidden // heads, linear_num_key_heads=max(1, heads // 2),
+                                linear_num_value_heads=heads,
+                                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                                 "partial_rotary_factor": 0.5})
     elif family == "mistral":
         cfg = MistralConfig(**common, sliding_window=None, tie_word_embeddings=False,
                             rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     else:
-        raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
+        raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES + HYBRID_FAMILIES)}")
     for key, value in extra.items():
         setattr(cfg, key, value)
     return cfg
