@@ -24,8 +24,8 @@ tensor.
 
 The local part (`chunk_gated_delta`) runs every sequence of a pack at once, padded into a
 [sequences, heads, blocks, block, dim] batch and solved in blocks (the WY form fla and
-transformers use: a unit-triangular solve per block, then a short scan over blocks), so its
-torch ops do not grow with the number of sequences. `gdn_halo` gives each rank the last
+transformers use: a unit-triangular solve per block, then a log-depth scan over blocks), so
+its torch ops do not grow with the number of sequences and grow with the log of the length. `gdn_halo` gives each rank the last
 k-1 inputs of the chunks before its own, for the layer's short causal convolution.
 """
 from __future__ import annotations
@@ -118,14 +118,19 @@ class LocalGDN:
         Kd = K * (last - gc).exp()[..., None]
         self.A_blk = last.exp()[..., None] * torch.eye(dk, dtype=dtype, device=q.device) - Kd.transpose(-1, -2) @ self.W
         self.B_blk = Kd.transpose(-1, -2) @ self.Uv  # [n, H, nb, dk, dv]
-        # each block's entering state as an affine map of the chunk's: S_b = Apre_b S_in + Bz_b
-        Apre = [torch.eye(dk, dtype=dtype, device=q.device).expand(n, H, dk, dk)]
-        Bz = [self.B_blk.new_zeros(n, H, dk, self.B_blk.shape[-1])]
-        for b in range(nb):
-            Apre.append(self.A_blk[:, :, b] @ Apre[-1])
-            Bz.append(self.A_blk[:, :, b] @ Bz[-1] + self.B_blk[:, :, b])
-        self.A, self.B = Apre[-1], Bz[-1]  # the chunk's map: [n, H, dk, dk], [n, H, dk, dv]
-        self.Apre, self.Bz = torch.stack(Apre[:-1], 2), torch.stack(Bz[:-1], 2)  # [n, H, nb, dk, *]
+        # each block's entering state as an affine map of the chunk's, S_b = Apre_b S_in + Bz_b: a
+        # log-depth (Hillis-Steele) scan of the blocks' maps, (A2, B2) o (A1, B1) = (A2 A1, A2 B1 + B2)
+        A, B = self.A_blk, self.B_blk
+        step = 1
+        while step < nb:
+            later = A[:, :, step:]
+            A = torch.cat([A[:, :, :step], later @ A[:, :, :-step]], 2)
+            B = torch.cat([B[:, :, :step], later @ B[:, :, :-step] + B[:, :, step:]], 2)
+            step *= 2
+        self.A, self.B = A[:, :, -1], B[:, :, -1]  # the chunk's map: [n, H, dk, dk], [n, H, dk, dv]
+        eye = torch.eye(dk, dtype=dtype, device=q.device).expand(n, H, 1, dk, dk)
+        self.Apre = torch.cat([eye, A[:, :, :-1]], 2)  # [n, H, nb, dk, dk]
+        self.Bz = torch.cat([torch.zeros_like(B[:, :, :1]), B[:, :, :-1]], 2)  # [n, H, nb, dk, dv]
 
     def output(self, S_in: torch.Tensor | None) -> torch.Tensor:
         """Outputs [T, H, dv] from entering states S_in [n, H, dk, dv] (None: zero)."""
