@@ -32,9 +32,10 @@ from __future__ import annotations
 
 import torch
 
-from .collectives import all_gather, all_to_all, check_metadata, recv, reduce_scatter, send
+from .collectives import all_gather, check_metadata, recv, reduce_scatter, send
 from .groups import SPGroup
 from .pack import PackLayout
+from .ulysses import HeadExchange
 
 SUPPORTED = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 BLOCK = 64
@@ -62,28 +63,23 @@ def check_gdn_inputs(op: str, q, k, v, g, beta, layout: PackLayout, group: SPGro
 
 # ----- the local part: every sequence's chunk at once -----
 
-def _to_blocks(x: torch.Tensor, chunks: tuple[int, ...], width: int, dtype) -> torch.Tensor:
+def _chunk_index(chunks: tuple[int, ...], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every local token of the pack: its sequence and its offset within its chunk."""
+    C = torch.tensor(chunks, device=device)
+    seq = torch.repeat_interleave(torch.arange(len(chunks), device=device), C)
+    pos = torch.arange(int(C.sum()), device=device) - torch.repeat_interleave(torch.cumsum(C, 0) - C, C)
+    return seq, pos
+
+
+def _to_blocks(x: torch.Tensor, index, n: int, width: int, dtype) -> torch.Tensor:
     """[T, H, *d] of the pack's chunks -> [n, H, width, *d], each chunk left-aligned, zero-padded."""
-    n = len(chunks)
-    out = x.new_zeros((n, width) + tuple(x.shape[1:]), dtype=dtype)
-    C = torch.tensor(chunks, device=x.device)
-    seq = torch.repeat_interleave(torch.arange(n, device=x.device), C)
-    pos = torch.arange(x.shape[0], device=x.device) - torch.repeat_interleave(torch.cumsum(C, 0) - C, C)
-    out = out.index_put((seq, pos), x.to(dtype))
-    return out.movedim(1, 2)  # [n, H, width, *d]
-
-
-def _from_blocks(y: torch.Tensor, chunks: tuple[int, ...]) -> torch.Tensor:
-    """Inverse of _to_blocks: [n, H, width, d] -> [T, H, d]."""
-    C = torch.tensor(chunks, device=y.device)
-    seq = torch.repeat_interleave(torch.arange(len(chunks), device=y.device), C)
-    pos = torch.arange(int(C.sum()), device=y.device) - torch.repeat_interleave(torch.cumsum(C, 0) - C, C)
-    return y.movedim(2, 1)[seq, pos]
+    out = x.new_zeros((n, width) + tuple(x.shape[1:]), dtype=dtype).index_put(index, x.to(dtype))
+    return out.movedim(1, 2)
 
 
 class LocalGDN:
-    """The rank's chunks of a pack in block form. `summary()` gives each chunk's affine map
-    (A, B); `output(S_in)` the outputs from entering states S_in [n, H, dk, dv]."""
+    """The rank's chunks of a pack in block form: `A`, `B` each chunk's affine map of the state
+    ([n, H, dk, dk], [n, H, dk, dv]); `output(S_in)` the outputs from entering states S_in."""
 
     def __init__(self, q, k, v, g, beta, chunks: tuple[int, ...], scale: float):
         dtype = acc_dtype(q.dtype)
@@ -91,13 +87,14 @@ class LocalGDN:
         bs = min(BLOCK, cmax)
         nb = -(-cmax // bs)
         width = nb * bs
-        self.chunks, self.dtype = chunks, dtype
-        Q = _to_blocks(q * scale, chunks, width, dtype)  # [n, H, W, dk]
-        K = _to_blocks(k, chunks, width, dtype)
-        V = _to_blocks(v, chunks, width, dtype)
-        G = _to_blocks(g.unsqueeze(-1), chunks, width, dtype).squeeze(-1)  # [n, H, W]; padding: g = 0
-        Bt = _to_blocks(beta.unsqueeze(-1), chunks, width, dtype).squeeze(-1)  # padding: beta = 0 (identity)
-        n, H, _, dk = Q.shape
+        self.dtype, self.index = dtype, _chunk_index(chunks, q.device)
+        n = len(chunks)
+        Q = _to_blocks(q * scale, self.index, n, width, dtype)  # [n, H, W, dk]
+        K = _to_blocks(k, self.index, n, width, dtype)
+        V = _to_blocks(v, self.index, n, width, dtype)
+        G = _to_blocks(g, self.index, n, width, dtype)  # [n, H, W]; padding: g = 0
+        Bt = _to_blocks(beta, self.index, n, width, dtype)  # padding: beta = 0 (an identity step)
+        H, dk = Q.shape[1], Q.shape[-1]
         blk = (n, H, nb, bs)
         Q, K, V = Q.reshape(*blk, dk), K.reshape(*blk, dk), V.reshape(*blk, V.shape[-1])
         gc = G.reshape(blk).cumsum(-1)  # cumulative log-decay within each block
@@ -137,7 +134,7 @@ class LocalGDN:
         S = self.Bz if S_in is None else self.Apre @ S_in[:, :, None] + self.Bz
         O = self.Oq @ S + self.PU  # [n, H, nb, bs, dv]
         n, H, nb, bs, dv = O.shape
-        return _from_blocks(O.reshape(n, H, nb * bs, dv), self.chunks)
+        return O.reshape(n, H, nb * bs, dv).movedim(2, 1)[self.index]  # [T, H, dv]
 
 
 def chunk_gated_delta(q, k, v, g, beta, lengths: tuple[int, ...], scale: float,
@@ -233,45 +230,15 @@ class _RingGDN(torch.autograd.Function):
 
 # ----- heads all-to-all (Ulysses on the GDN heads, as Megatron does): the baseline -----
 
-class _AllToAll(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, grp: SPGroup, kind: str):
-        ctx.grp, ctx.kind = grp, kind
-        return all_to_all(x, grp, kind)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return all_to_all(dy, ctx.grp, ctx.kind + ".grad"), None, None
-
-
 def _heads_a2a(q, k, v, g, beta, layout: PackLayout, grp: SPGroup, scale: float) -> torch.Tensor:
-    s, T, H = grp.size, q.shape[0], q.shape[1]
+    s, H = grp.size, q.shape[1]
     if H % s:
         raise ValueError(f"gated_delta_attention(form='heads'): {H} heads do not divide over an SP group of {s} "
                          f"ranks; the gather form (LASP-2) has no such bound")
-    C = torch.tensor(layout.chunks)
-    n = layout.n_seqs
-    seq = torch.repeat_interleave(torch.arange(n), C * s)
-    start = torch.repeat_interleave(torch.cumsum(C * s, 0) - C * s, C * s)
-    pos = torch.arange(int((C * s).sum())) - start  # position within the padded sequence
-    rank, within = pos // C[seq], pos % C[seq]
-    local_start = (torch.cumsum(C, 0) - C)[seq]
-    order = (rank * T + local_start + within).to(q.device)  # rank-major received rows -> sequence order
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(len(order), device=q.device)
-
-    def scatter(x: torch.Tensor) -> torch.Tensor:  # [T, H, *d] -> [s T, H/s, *d], whole sequences
-        h = x.shape[1] // s
-        y = x.reshape((T, s, h) + tuple(x.shape[2:])).transpose(0, 1)
-        y = _AllToAll.apply(y.contiguous(), grp, "gdn_heads.in")
-        return y.reshape((s * T, h) + tuple(x.shape[2:]))[order]
-
-    padded = tuple(c * s for c in layout.chunks)
-    o = chunk_gated_delta(scatter(q), scatter(k), scatter(v), scatter(g), scatter(beta), padded, scale)[0]
-    o = o[inverse]
-    h = o.shape[1]
-    back = _AllToAll.apply(o.reshape(s, T, h, o.shape[-1]).contiguous(), grp, "gdn_heads.out")
-    return back.transpose(0, 1).reshape(T, s * h, o.shape[-1])
+    ex = HeadExchange(layout, grp, q.device)
+    whole = [ex.to_sequences(x, "gdn_heads.in") for x in (q, k, v, g, beta)]
+    o = chunk_gated_delta(*whole, tuple(c * s for c in layout.chunks), scale)[0]
+    return ex.to_chunks(o, "gdn_heads.out")
 
 
 FORMS = ("gather", "ring", "heads")
@@ -345,11 +312,9 @@ def causal_conv_pack(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     width = weight.shape[-1] - 1
     halo = gdn_halo(x, layout, group, width)  # [n, width, C]
     C = torch.tensor(layout.chunks, device=x.device)
-    n = layout.n_seqs
     # [halo_j ; chunk_j] of every sequence, one after the other: chunk row tau of sequence j
     # sits at base_j + width + tau
-    seq = torch.repeat_interleave(torch.arange(n, device=x.device), C)
-    tau = torch.arange(x.shape[0], device=x.device) - torch.repeat_interleave(torch.cumsum(C, 0) - C, C)
+    seq, tau = _chunk_index(layout.chunks, x.device)
     base = torch.cumsum(C + width, 0) - (C + width)
     rows = x.new_zeros(int((C + width).sum()), x.shape[1])
     halo_idx = (base[:, None] + torch.arange(width, device=x.device)[None, :]).reshape(-1)

@@ -17,7 +17,7 @@ from .pack import PackLayout
 from .softmax_local import check_softmax_inputs, varlen_causal_attention
 
 
-class _AllToAll(torch.autograd.Function):
+class AllToAll(torch.autograd.Function):
     """x [s, ...]: slice i to rank i. Its own adjoint: backward is the same exchange of gradients."""
 
     @staticmethod
@@ -28,6 +28,34 @@ class _AllToAll(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return all_to_all(grad, ctx.g, ctx.kind + ".grad"), None, None
+
+
+class HeadExchange:
+    """Ulysses' exchange for a pack: this rank's chunks of every sequence over all heads
+    [T, H, *d] <-> whole sequences over H / s heads [s * T, H / s, *d], in sequence order.
+    The order (`sequence_order`) is built once per pack and serves every tensor exchanged."""
+
+    def __init__(self, layout: PackLayout, group: SPGroup, device: torch.device):
+        self.group, self.s, self.T = group, group.size, layout.local_tokens
+        # rank-major received tokens are already in sequence order for a single sequence
+        self.order = None if layout.n_seqs == 1 else sequence_order(layout).to(device)
+        if self.order is not None:
+            self.inverse = torch.empty_like(self.order)
+            self.inverse[self.order] = torch.arange(len(self.order), device=device)
+
+    def to_sequences(self, x: torch.Tensor, kind: str) -> torch.Tensor:
+        s, T, h, rest = self.s, self.T, x.shape[1] // self.s, tuple(x.shape[2:])
+        x = x.reshape((T, s, h) + rest).transpose(0, 1)  # [s, T, h, *d]: head group i for rank i
+        x = AllToAll.apply(x, self.group, kind)  # [s, T, h, *d]: rank r's tokens
+        x = x.reshape((s * T, h) + rest)
+        return x if self.order is None else x[self.order]  # whole sequences, in order
+
+    def to_chunks(self, x: torch.Tensor, kind: str) -> torch.Tensor:
+        s, T, h, rest = self.s, self.T, x.shape[1], tuple(x.shape[2:])
+        if self.order is not None:
+            x = x[self.inverse]  # back to rank-major order: [s * T, h, *d]
+        back = AllToAll.apply(x.reshape((s, T, h) + rest), self.group, kind)  # [s, T, h, *d]: head groups
+        return back.transpose(0, 1).reshape((T, s * h) + rest)
 
 
 def sequence_order(layout: PackLayout) -> torch.Tensor:
@@ -62,25 +90,8 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout:
     if k.shape[1] % s:  # GQA with fewer kv heads than ranks: replicate kv heads (as DeepSpeed does)
         k = k.repeat_interleave(H // k.shape[1], dim=1)
         v = v.repeat_interleave(H // v.shape[1], dim=1)
-    T = layout.local_tokens
-    # rank-major received tokens are already in sequence order for a single sequence
-    order = None if layout.n_seqs == 1 else sequence_order(layout).to(q.device)
-    if order is not None:
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(len(order), device=q.device)
-
-    def scatter_heads(x: torch.Tensor, kind: str) -> torch.Tensor:
-        h = x.shape[1] // s
-        x = x.reshape(T, s, h, x.shape[2]).transpose(0, 1)  # [s, T, h, d]: head group i for rank i
-        x = _AllToAll.apply(x, group, kind)  # [s, T, h, d]: rank r's tokens
-        x = x.reshape(s * T, h, x.shape[-1])
-        return x if order is None else x[order]  # whole sequences, in order
-
-    qf, kf, vf = scatter_heads(q, "ulysses.q"), scatter_heads(k, "ulysses.k"), scatter_heads(v, "ulysses.v")
+    ex = HeadExchange(layout, group, q.device)
+    qf, kf, vf = (ex.to_sequences(x, f"ulysses.{n}") for x, n in ((q, "q"), (k, "k"), (v, "v")))
     # every sequence at once: a few length buckets, one attention call each
     of = varlen_causal_attention(qf, kf, vf, [c * s for c in layout.chunks], None, scale)
-    if order is not None:
-        of = of[inverse]  # back to rank-major order: [s * T, h, d]
-    h = of.shape[1]
-    back = _AllToAll.apply(of.reshape(s, T, h, of.shape[-1]), group, "ulysses.o")  # [s, T, h, d]: head groups
-    return back.transpose(0, 1).reshape(T, s * h, of.shape[-1])
+    return ex.to_chunks(of, "ulysses.o")

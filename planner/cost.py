@@ -46,13 +46,18 @@ def model_state_bytes(params: float, dtype_bytes: int, zero_stage: int, world: i
     return params * per_param
 
 
+def ulysses_fits(s: int, heads: int) -> bool:
+    """Ulysses shards heads, so it needs s | heads; other sizes run softmax layers as LASP-2H."""
+    return heads % s == 0
+
+
 def sp_form(s: int, heads: int, linear_sp: str) -> SPForm:
     """How a group of s devices runs a model's layers: softmax layers as Ulysses when s divides
     the heads (it shards them), else LASP-2H (AllGather K, V); linear attention as the model's
     `linear_sp`. The one place this is decided: the plan carries it, the runtime executes it."""
     if s == 1:
         return SOLO_FORM
-    return SPForm("ulysses" if heads % s == 0 else "lasp2h", linear_sp)
+    return SPForm("ulysses" if ulysses_fits(s, heads) else "lasp2h", linear_sp)
 
 
 class BandwidthTable:
@@ -136,7 +141,7 @@ class CostModel:
         return -(-np.asarray(lengths, dtype=np.float64) // s) * s
 
     def uses_ulysses(self, s: int) -> bool:
-        return self.sp_form(s).softmax in ("ulysses", "none")
+        return ulysses_fits(s, self.heads)  # called per group size in the planner's pricing: no SPForm built
 
     def sp_form(self, s: int) -> SPForm:
         return sp_form(s, self.heads, self.linear_form)
