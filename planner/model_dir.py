@@ -22,9 +22,11 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "Qwen3_5ForCausalLM": "qwen3_5_text",  # hybrid: Gated DeltaNet and gated softmax layers (layer_types)
+    "Qwen3NextForCausalLM": "qwen3_next",  # the same mix, fused projections, sparse MoE MLPs
     "PliantLM": "pliant",  # pliant's own hybrid linear/softmax model, as `pliant export` writes it
 }
 PLIANT_ARCHITECTURE = "PliantLM"
+HYBRID_ARCHITECTURES = ("Qwen3_5ForCausalLM", "Qwen3NextForCausalLM")  # Gated DeltaNet layers where layer_types says
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 DTYPE_NAMES = {"float64": "fp64", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
@@ -81,7 +83,7 @@ class ModelDir:
         """A hybrid model's layer pattern from its `layer_types` (linear_attention: a Gated
         DeltaNet layer); every other family is all softmax."""
         types = self.config.get("layer_types")
-        if self.architecture != "Qwen3_5ForCausalLM":
+        if self.architecture not in HYBRID_ARCHITECTURES:
             return ["softmax"]
         kinds = {"linear_attention": "linear", "full_attention": "softmax"}
         layers = _int(self, "num_hidden_layers")

@@ -132,9 +132,12 @@ def load_hf_model(path: str | Path, dtype: torch.dtype, device: torch.device | s
     _check_shapes(d, skeleton)
     transformers.logging.set_verbosity_error()  # the per-load notices and progress bars: not once per rank
     transformers.logging.disable_progress_bar()
+    # MoE blocks (Qwen3-Next) run as transformers' own modules, replicated like a dense MLP; its
+    # default grouped GEMM takes no float64, so float64 (the exactness tests) runs its per-expert loop
+    experts = {"experts_implementation": "eager"} if dtype == torch.float64 else {}
     try:
         model, info = AutoModelForCausalLM.from_pretrained(d.path, dtype=dtype, attn_implementation=ATTENTION,
-                                                           output_loading_info=True)
+                                                           output_loading_info=True, **experts)
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelDirError(f"{d.path}: transformers could not load the model: {e}") from None
     missing = [k for k in info.get("missing_keys", [])]
@@ -144,7 +147,7 @@ def load_hf_model(path: str | Path, dtype: torch.dtype, device: torch.device | s
         raise ModelDirError(f"{d.path}: the weights do not match config.json: missing {sorted(missing)[:6]}, "
                             f"unexpected {sorted(unexpected)[:6]}, mismatched {list(mismatched)[:6]}")
     model.config.use_cache = False
-    attach_gdn(model)  # Gated DeltaNet layers (Qwen3.5) run their SP core through the context
+    attach_gdn(model)  # Gated DeltaNet layers (Qwen3.5, Qwen3-Next) run their SP core through the context
     return HFCausalLM(model).to(device)
 
 

@@ -17,7 +17,7 @@ import torch
 from .tokenizer import copy_tokenizer_files
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")  # all-softmax
-HYBRID_FAMILIES = ("qwen3_5",)  # Gated DeltaNet + softmax layers
+HYBRID_FAMILIES = ("qwen3_5", "qwen3_next")  # Gated DeltaNet + gated softmax layers (Qwen3-Next: MoE MLPs)
 
 
 def tiny_config(family: str, vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
@@ -50,6 +50,19 @@ def tiny_config(family: str, vocab_size: int, hidden: int = 64, layers: int = 2,
                                 linear_num_value_heads=heads,
                                 rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
                                                  "partial_rotary_factor": 0.5})
+    elif family == "qwen3_next":  # Qwen3.5's layer mix with fused projections and sparse MoE MLPs (shared expert)
+        from transformers import Qwen3NextConfig
+
+        pattern = ("linear_attention", "linear_attention", "linear_attention", "full_attention")
+        cfg = Qwen3NextConfig(**common, head_dim=hidden // heads, tie_word_embeddings=False,
+                              layer_types=[pattern[i % 4] for i in range(layers)],
+                              linear_conv_kernel_dim=4, linear_key_head_dim=hidden // heads,
+                              linear_value_head_dim=hidden // heads, linear_num_key_heads=max(1, heads // 2),
+                              linear_num_value_heads=heads, num_experts=4, num_experts_per_tok=2,
+                              moe_intermediate_size=ffn_hidden // 2, shared_expert_intermediate_size=ffn_hidden // 2,
+                              decoder_sparse_step=1, mlp_only_layers=[1] if layers > 1 else [],
+                              rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                               "partial_rotary_factor": 0.5})
     elif family == "mistral":
         cfg = MistralConfig(**common, sliding_window=None, tie_word_embeddings=False,
                             rope_parameters={"rope_type": "default", "rope_theta": 10000.0})

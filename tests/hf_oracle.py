@@ -19,7 +19,8 @@ def transformers_reference(model_dir, lengths, vocab: int, seed: int):
     (loss, [logits per document], {parameter name: gradient})."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64, attn_implementation="sdpa",
+                                                 experts_implementation="eager")  # grouped_mm takes no float64
     seqs = batch_tokens(lengths, vocab, seed)
     logits = [model(input_ids=s[None]).logits[0] for s in seqs]
     loss = sum(lm_loss_sum(lg, next_token_targets(s)) for lg, s in zip(logits, seqs)) / real_targets(lengths)

@@ -1,8 +1,9 @@
-"""A hybrid Hugging Face model (Qwen3.5: three Gated DeltaNet layers per gated softmax layer)
-under pliant's SP, with transformers as the oracle.
+"""Hybrid Hugging Face models (Qwen3.5 and Qwen3-Next: three Gated DeltaNet layers per gated
+softmax layer) under pliant's SP, with transformers as the oracle.
 
-A tiny random Qwen3.5 directory (more linear value heads than key heads, GQA in the softmax
-layers, partial rotary, the attention output gate) on 4 real gloo ranks under plans with SP
+Tiny random Qwen3.5 and Qwen3-Next directories (more linear value heads than key heads, GQA
+in the softmax layers, partial rotary, the attention output gate; Qwen3-Next's fused
+projections and sparse MoE MLPs with a shared expert, one dense layer among them) on 4 real gloo ranks under plans with SP
 groups of 1, 2 and 4, on a pack whose documents are shorter than a group or not divisible
 by it: logits and every parameter's gradient equal transformers' `AutoModelForCausalLM` run
 on each document alone, within 1e-9 relative, float64, with transformers' float32 casts
@@ -18,7 +19,7 @@ from pliant.planner.spec import ModelSpec
 from pliant.runtime.scaffold import write_tiny_model
 
 from hf_oracle import check_against_transformers, transformers_reference
-from hf_lift import lift_qwen3_5
+from hf_lift import lift_hybrids
 
 LENGTHS = [37, 5, 64, 18, 3, 23]
 VOCAB = 97
@@ -30,20 +31,31 @@ PLANS = {
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return write_tiny_model("qwen3_5", tmp_path_factory.mktemp("q35") / "qwen3_5", VOCAB, seed=1,
-                            dtype=torch.float64, layers=4)
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hybrids")
+    return {family: write_tiny_model(family, root / family, VOCAB, seed=1, dtype=torch.float64, layers=4)
+            for family in ("qwen3_5", "qwen3_next")}
 
 
+@pytest.fixture(scope="module")
+def model_dir(model_dirs):
+    return model_dirs["qwen3_5"]
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_next"])
 @pytest.mark.parametrize("plan", list(PLANS))
-def test_qwen3_5_under_sp_matches_transformers(pools, model_dir, plan):
-    lift_qwen3_5()
-    reference = transformers_reference(model_dir, LENGTHS, VOCAB, seed=3)
+def test_hybrid_under_sp_matches_transformers(pools, model_dirs, family, plan):
+    lift_hybrids()
+    reference = transformers_reference(model_dirs[family], LENGTHS, VOCAB, seed=3)
     gdn = [n for n in reference[2] if "linear_attn" in n]
     assert any("A_log" in n for n in gdn) and any("conv1d" in n for n in gdn)  # the GDN parameters are checked
-    results = pools[4].run("hf_lift:lifted_hf_model_grads", str(model_dir), LENGTHS, PLANS[plan], 3)
+    if family == "qwen3_next":  # the routed experts, the router and the shared expert are checked too
+        assert {"experts.gate_up_proj", "mlp.gate.weight", "shared_expert_gate"} <= {
+            part for n in reference[2] for part in ("experts.gate_up_proj", "mlp.gate.weight", "shared_expert_gate")
+            if part in n}
+    results = pools[4].run("hf_lift:lifted_hf_model_grads", str(model_dirs[family]), LENGTHS, PLANS[plan], 3)
     worst = check_against_transformers(results, PLANS[plan], LENGTHS, reference)
-    print(f"qwen3_5 {plan}: loss {float(reference[0]):.6f}, worst gradient relative error {worst:.1e}")
+    print(f"{family} {plan}: loss {float(reference[0]):.6f}, worst gradient relative error {worst:.1e}")
 
 
 def test_layer_mix_comes_from_layer_types(model_dir, tmp_path):
