@@ -72,13 +72,13 @@ class Refit:
 def features(cost: CostModel, size: int, lengths) -> np.ndarray:
     """The group's prediction as a linear form in TERMS: [1, n, sum L^2 / s, sum L / s, comm ms at scale 1]."""
     L = cost.padded(np.asarray(lengths, dtype=np.int64), size)
-    comm = float(cost.softmax_comm_ms(L, size).sum() + len(L) * cost.linear_comm_ms(size)) / cost.comm_scale
+    comm = cost.group_comm_ms(L, size) / cost.comm_scale
     return np.array([1.0, float(len(L)), float((L * L).sum()) / size, float(L.sum()) / size, comm])
 
 
 def price_micro_batches(micro_batches, cost: CostModel) -> float:
     """ms of micro-batches given as lists of busy groups (size, lengths), priced by `cost`."""
-    return sum(cost.micro_batch_ms([(s, cost.beta_ms + float(cost.seq_ms(np.asarray(L, dtype=np.int64), s).sum()))
+    return sum(cost.micro_batch_ms([(s, cost.group_ms(np.asarray(L, dtype=np.int64), s))
                                     for s, L in groups]) for groups in micro_batches)
 
 

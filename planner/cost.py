@@ -8,7 +8,12 @@ For a sequence of L tokens in an SP group of s devices (L padded to a multiple o
   (s-1)/s of its L/s tokens' q, k, v, o activations and their gradients), otherwise LASP-2H
   (AllGather K, V forward, reduce-scatter dK, dV backward);
 * linear layers: LASP-2, one AllGather of a (heads x dk x dv) float32 state per sequence
-  forward and one of its gradient backward: size independent of L;
+  forward and one of its gradient backward: size independent of L. Gated DeltaNet layers
+  (the gated delta rule) gather each chunk's affine map of the state, (A, B): heads x dk x
+  (dk + dv) forward, the entering state's gradient (heads x dk x dv) backward, plus the short
+  convolution's halo (kernel - 1 rows per sequence); or, where the value heads divide by s,
+  the head all-to-all (q, k, v, g, beta in, the output back, per token, as Megatron does),
+  chosen per group, whichever moves its sequences faster;
 * memory per device: activation bytes per token x tokens / s, model states by ZeRO stage,
   plus the gathered LASP-2 states and the LASP-2H K, V of one layer.
 
@@ -53,8 +58,9 @@ def ulysses_fits(s: int, heads: int) -> bool:
 
 def sp_form(s: int, heads: int, linear_sp: str) -> SPForm:
     """How a group of s devices runs a model's layers: softmax layers as Ulysses when s divides
-    the heads (it shards them), else LASP-2H (AllGather K, V); linear attention as the model's
-    `linear_sp`. The one place this is decided: the plan carries it, the runtime executes it."""
+    the heads (it shards them), else LASP-2H (AllGather K, V); linear attention as `linear_sp`
+    (a fixed form: CostModel.sp_form resolves the model's "auto" per group). The one place this
+    is decided: the plan carries it, the runtime executes it."""
     if s == 1:
         return SOLO_FORM
     return SPForm("ulysses" if ulysses_fits(s, heads) else "lasp2h", linear_sp)
@@ -98,7 +104,13 @@ class CostModel:
     step_overhead_ms: float = 0.0  # per step, outside the micro-batches; changes no plan
     cores: int | None = None  # CPU cores the ranks share (None: dedicated devices)
     comm_scale: float = 1.0  # measured / modelled communication time (planner/calibrate.py refits it)
-    linear_form: str = "lasp2"  # the model's linear-attention SP operator (model.linear_sp)
+    linear_form: str = "auto"  # the model's linear-attention SP operator (model.linear_sp)
+    gated_delta: bool = False  # the linear layers are Gated DeltaNet's (model.linear_kind)
+    linear_heads: int = 0  # linear layers' value heads, key heads, dims, convolution kernel (0: heads, head_dim)
+    linear_key_heads: int = 0
+    linear_dk: int = 0
+    linear_dv: int = 0
+    linear_conv: int = 0
     _mem_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
@@ -133,7 +145,18 @@ class CostModel:
             step_overhead_ms=cost.step_overhead_ms,
             cores=None if cluster.cores is None else cluster.cores * cluster.nodes,
             linear_form=model.linear_sp,
+            gated_delta=model.linear_kind == "gated_delta",
+            linear_heads=model.linear_v_heads,
+            linear_key_heads=model.linear_k_heads,
+            linear_dk=model.linear_dk,
+            linear_dv=model.linear_dv,
+            linear_conv=model.linear_conv,
         )
+
+    def __post_init__(self) -> None:  # 0: the softmax layers' heads and head_dim
+        for name, default in (("linear_heads", self.heads), ("linear_dk", self.head_dim),
+                              ("linear_dv", self.head_dim), ("linear_key_heads", self.linear_heads or self.heads)):
+            object.__setattr__(self, name, getattr(self, name) or default)
 
     # ----- per-sequence terms (vectorised over lengths) -----
     @staticmethod
@@ -143,8 +166,25 @@ class CostModel:
     def uses_ulysses(self, s: int) -> bool:
         return ulysses_fits(s, self.heads)  # called per group size in the planner's pricing: no SPForm built
 
-    def sp_form(self, s: int) -> SPForm:
-        return sp_form(s, self.heads, self.linear_form)
+    def linear_forms(self, s: int) -> tuple[str, ...]:
+        """The linear-attention forms a group of s may run (one unless the model says auto). The
+        head all-to-all needs s to divide the value heads: other groups run LASP-2's gather."""
+        if self.linear_form == "heads" and self.linear_heads % s:
+            return ("lasp2",)
+        if self.linear_form != "auto":
+            return (self.linear_form,)
+        if self.gated_delta and s > 1 and self.linear_heads % s == 0:
+            return ("lasp2", "heads")
+        return ("lasp2",)
+
+    def sp_form(self, s: int, lengths: np.ndarray | None = None) -> SPForm:
+        """The form of a group of s holding sequences of these lengths: for linear layers that
+        may run either way, the form that moves the group's sequences faster (LASP-2 without
+        lengths)."""
+        forms = self.linear_forms(s)
+        if len(forms) > 1 and lengths is not None and len(lengths):
+            forms = (min(forms, key=lambda f: float(self.linear_comm_ms(lengths, s, f).sum())),)
+        return sp_form(s, self.heads, forms[0])
 
     def compute_ms(self, lengths: np.ndarray, s: int) -> np.ndarray:
         L = self.padded(lengths, s)
@@ -170,23 +210,68 @@ class CostModel:
 
     @property
     def linear_state_bytes(self) -> int:
-        """One LASP-2 memory state: heads x dk x dv in float32."""
-        return self.heads * self.head_dim * self.head_dim * STATE_BYTES
+        """What LASP-2 gathers per sequence per linear layer forward, float32: the memory state
+        (heads x dk x dv), or for the gated delta rule the chunk's map (A, B): heads x dk x (dk + dv)."""
+        width = self.linear_dk + self.linear_dv if self.gated_delta else self.linear_dv
+        return self.linear_heads * self.linear_dk * width * STATE_BYTES
 
-    def linear_comm_bytes(self, s: int) -> float:
-        """Bytes one device receives per sequence per step for LASP-2: independent of length."""
+    @property
+    def linear_grad_bytes(self) -> int:
+        """What the backward gathers per sequence per linear layer: the entering state's gradient."""
+        return self.linear_heads * self.linear_dk * self.linear_dv * STATE_BYTES
+
+    @property
+    def conv_halo_bytes(self) -> int:
+        """The short convolution's halo of one rank's chunk of a sequence: kernel - 1 rows of the
+        q, k, v channels (gathered forward, reduce-scattered backward)."""
+        if not self.linear_conv:
+            return 0
+        channels = 2 * self.linear_key_heads * self.linear_dk + self.linear_heads * self.linear_dv
+        return (self.linear_conv - 1) * channels * self.dtype_bytes
+
+    def linear_comm_bytes(self, s: int, lengths: np.ndarray | None = None, form: str = "lasp2") -> np.ndarray | float:
+        """Bytes one device moves per step for the linear layers of each sequence: LASP-2 (and
+        the ring) independent of length; the head all-to-all (q, k, v, g, beta of its tokens
+        out, the output back, forward and backward) proportional to it. Without lengths: one
+        sequence of LASP-2."""
         if s == 1 or self.n_linear == 0:
-            return 0.0
-        return float(self.passes * self.n_linear * (s - 1) * self.linear_state_bytes)
+            return 0.0 if lengths is None else np.zeros(np.shape(lengths))
+        halo = (s - 1) * self.conv_halo_bytes * self.passes
+        if form == "heads":
+            local = self.padded(lengths, s) / s
+            per_token = (2 * self.linear_dk + 2 * self.linear_dv + 2) * self.linear_heads * self.dtype_bytes
+            return self.n_linear * (self.passes * local * (s - 1) / s * per_token + halo)
+        fwd = (self.passes - 1) * self.linear_state_bytes  # forward, and its recomputation with checkpointing
+        per_seq = float(self.n_linear * ((s - 1) * (fwd + self.linear_grad_bytes) + halo))
+        return per_seq if lengths is None else np.full(np.shape(lengths), per_seq)
 
-    def linear_comm_ms(self, s: int) -> float:
-        if s == 1:
-            return 0.0
-        return self.comm_scale * self.linear_comm_bytes(s) / (self.all_gather.gbps(s) * 1e9) * 1e3
+    def linear_comm_ms(self, lengths: np.ndarray, s: int, form: str | None = None) -> np.ndarray:
+        """ms per sequence for its linear layers in a group of s running `form` (default: the
+        per-sequence best of the forms the group may run: what the planner's pricing uses)."""
+        if s == 1 or self.n_linear == 0:
+            return np.zeros(np.shape(lengths))
+        forms = (form,) if form else self.linear_forms(s)
+        tables = {"heads": self.a2a}
+        times = [self.linear_comm_bytes(s, lengths, f) / (tables.get(f, self.all_gather).gbps(s) * 1e9) * 1e3
+                 for f in forms]
+        return self.comm_scale * np.minimum.reduce(times) if len(times) > 1 else self.comm_scale * times[0]
 
     def seq_ms(self, lengths: np.ndarray, s: int) -> np.ndarray:
-        """Predicted time of each sequence in a group of s devices, group overhead excluded."""
-        return self.compute_ms(lengths, s) + self.softmax_comm_ms(lengths, s) + self.linear_comm_ms(s)
+        """Predicted time of each sequence in a group of s, group overhead excluded (linear
+        layers at their per-sequence best form: a bound on what the group's one form costs)."""
+        return self.compute_ms(lengths, s) + self.softmax_comm_ms(lengths, s) + self.linear_comm_ms(lengths, s)
+
+    def group_comm_ms(self, lengths: np.ndarray, s: int) -> float:
+        """Communication ms of a group of s holding these sequences, in the group's form."""
+        form = self.sp_form(s, lengths).linear
+        linear = self.linear_comm_ms(lengths, s, form if s > 1 else None)
+        return float(self.softmax_comm_ms(lengths, s).sum() + linear.sum())
+
+    def group_ms(self, lengths: np.ndarray, s: int) -> float:
+        """Predicted time of a busy group of s holding these sequences (beta included), the
+        group running the one form `sp_form(s, lengths)` gives it."""
+        lengths = np.asarray(lengths)
+        return self.beta_ms + float(self.compute_ms(lengths, s).sum()) + self.group_comm_ms(lengths, s)
 
     def single_device_ms(self, lengths: np.ndarray) -> np.ndarray:
         L = np.asarray(lengths, dtype=np.float64)
@@ -219,7 +304,7 @@ class CostModel:
         if cached is None:
             per_token = self.act_bytes_per_token / s
             per_seq = 0.0
-            if s > 1:
+            if s > 1:  # every chunk's gathered state (map), kept for backward
                 per_seq = float(self.n_linear * s * self.linear_state_bytes)
                 if self.n_softmax and not self.uses_ulysses(s):
                     per_token += 2 * self.kv_heads * self.head_dim * self.dtype_bytes

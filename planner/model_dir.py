@@ -27,6 +27,9 @@ SUPPORTED_ARCHITECTURES = {
 }
 PLIANT_ARCHITECTURE = "PliantLM"
 HYBRID_ARCHITECTURES = ("Qwen3_5ForCausalLM", "Qwen3NextForCausalLM")  # Gated DeltaNet layers where layer_types says
+# hybrid (recurrent or linear-attention) families transformers has that pliant does not run
+HYBRID_MODEL_TYPES = ("qwen3_5", "qwen3_5_moe", "jamba", "bamba", "zamba", "zamba2", "falcon_h1", "granitemoehybrid",
+                      "nemotron_h", "lfm2", "lfm2_moe", "minimax", "kimi_linear", "recurrent_gemma", "mamba", "mamba2")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 DTYPE_NAMES = {"float64": "fp64", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
@@ -77,6 +80,12 @@ class ModelDir:
         }
         if self.is_pliant:
             fields["linear_decay"] = bool(c.get("linear_decay", True))
+        if self.architecture in HYBRID_ARCHITECTURES:  # Gated DeltaNet: its own heads, dims and convolution
+            fields.update(linear_kind="gated_delta", linear_heads=_int(self, "linear_num_value_heads"),
+                          linear_key_heads=_int(self, "linear_num_key_heads"),
+                          linear_key_dim=_int(self, "linear_key_head_dim"),
+                          linear_value_dim=_int(self, "linear_value_head_dim"),
+                          linear_conv=_int(self, "linear_conv_kernel_dim"), experts=int(c.get("num_experts") or 0))
         return fields
 
     def _layer_kinds(self) -> list[str]:
@@ -101,7 +110,10 @@ class ModelDir:
 HF_KEYS = {"layers": "num_hidden_layers", "hidden": "hidden_size", "heads": "num_attention_heads",
            "kv_heads": "num_key_value_heads", "head_dim": "head_dim", "ffn_hidden": "intermediate_size",
            "vocab_size": "vocab_size", "params": "(parameters in the safetensors files)",
-           "attention": "attention_pattern", "linear_decay": "linear_decay"}
+           "attention": "attention_pattern", "linear_decay": "linear_decay", "linear_kind": "architectures",
+           "linear_heads": "linear_num_value_heads", "linear_key_heads": "linear_num_key_heads",
+           "linear_key_dim": "linear_key_head_dim", "linear_value_dim": "linear_value_head_dim",
+           "linear_conv": "linear_conv_kernel_dim", "experts": "num_experts"}
 
 
 def _int(d: ModelDir, key: str) -> int:
@@ -166,12 +178,27 @@ def read_model_dir(path: str | Path) -> ModelDir:
     archs = config.get("architectures") or []
     arch = archs[0] if archs else None
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise ModelDirError(f"{cfg_file}: architecture {arch!r} (model_type {config.get('model_type')!r}) is not "
-                            f"supported; pliant runs {', '.join(SUPPORTED_ARCHITECTURES)}")
+        raise ModelDirError(unsupported_message(cfg_file, arch, config))
     tensors: dict[str, TensorHeader] = {}
     for f in weight_files(path):
         tensors.update(read_safetensors_header(f))
     return ModelDir(path, config, arch, tensors)
+
+
+def unsupported_message(cfg_file: Path, arch, config: dict) -> str:
+    """Why a directory's architecture does not run, and what does: hybrid families (layers that
+    are not softmax attention, by `layer_types` or a text config's) are told the hybrids pliant runs."""
+    head = f"{cfg_file}: architecture {arch!r} (model_type {config.get('model_type')!r})"
+    layer_types = config.get("layer_types") or (config.get("text_config") or {}).get("layer_types") or []
+    other = sorted({t for t in layer_types if isinstance(t, str)} - {"full_attention", "sliding_attention"})
+    if other or config.get("model_type") in HYBRID_MODEL_TYPES:
+        kinds = f" (its layer_types hold {other})" if other else ""
+        vlm = (" (a Qwen3.5 vision-language directory: save its language model as Qwen3_5ForCausalLM)"
+               if config.get("model_type") == "qwen3_5" else "")
+        return (f"{head} is a hybrid family pliant does not run{kinds}; pliant runs the Gated DeltaNet hybrids "
+                f"{', '.join(f'{a} ({SUPPORTED_ARCHITECTURES[a]})' for a in HYBRID_ARCHITECTURES)} and its own "
+                f"{PLIANT_ARCHITECTURE}{vlm}")
+    return f"{head} is not supported; pliant runs {', '.join(SUPPORTED_ARCHITECTURES)}"
 
 
 def fill_model_fields(data: dict) -> dict:

@@ -22,7 +22,7 @@ class SPForm:
     the plan carries it, and the runtime executes it: nothing below decides again."""
 
     softmax: str  # "ulysses", "lasp2h", or "none" (a group of one)
-    linear: str  # "lasp2", "ring", or "none" (a group of one)
+    linear: str  # "lasp2", "ring", "heads" (Gated DeltaNet's head all-to-all), or "none" (a group of one)
 
 
 SOLO_FORM = SPForm("none", "none")
@@ -37,7 +37,7 @@ class GroupPlan:
     predicted_ms: float  # beta + sum of sequence times; 0 for an idle group
     peak_memory_bytes: float  # per device
     softmax_sp: str  # how the group runs softmax layers: "ulysses", "lasp2h" or "none" (group of one)
-    linear_sp: str  # and linear-attention layers: "lasp2", "ring" or "none" (group of one)
+    linear_sp: str  # and linear-attention layers: "lasp2", "ring", "heads" or "none" (group of one)
 
     @property
     def ranks(self) -> list[int]:

@@ -362,8 +362,8 @@ def to_micro_batch(groups: list[WorkGroup], table: SeqTable, cost: CostModel, st
         seqs = sorted(g.seqs, key=lambda j: int(table.ids[j]))
         lengths = table.lengths[seqs]
         tokens_pad = float(cost.padded(lengths, g.size).sum())
-        ms = cost.beta_ms + float(cost.seq_ms(lengths, g.size).sum())
-        form = cost.sp_form(g.size)
+        ms = cost.group_ms(lengths, g.size)
+        form = cost.sp_form(g.size, lengths)
         plans.append(GroupPlan(
             start=st, size=g.size, seq_ids=[int(table.ids[j]) for j in seqs], tokens=int(lengths.sum()),
             predicted_ms=ms, peak_memory_bytes=cost.group_memory_bytes(tokens_pad, len(seqs), g.size),

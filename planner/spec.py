@@ -130,9 +130,24 @@ class ModelSpec(_Strict):
         min_length=1, description="layer pattern, repeated over the layers, e.g. [linear, linear, linear, softmax]"
     )
     linear_decay: bool = True
-    linear_sp: Literal["lasp2", "ring"] = Field(
-        default="lasp2", description="SP method of linear-attention layers: LASP-2 (one AllGather of states) or "
-                                     "the LASP-1 ring (point-to-point hops)")
+    linear_sp: Literal["auto", "lasp2", "ring", "heads"] = Field(
+        default="auto", description="SP method of linear-attention layers: LASP-2 (one AllGather of states or, for "
+                                    "the gated delta rule, of chunk maps), the LASP-1 ring (point-to-point hops), "
+                                    "the head all-to-all (Gated DeltaNet only, as Megatron does; groups whose size "
+                                    "does not divide the value heads run LASP-2) or auto: LASP-2, "
+                                    "and for Gated DeltaNet the cheaper of LASP-2 and the head all-to-all per group")
+    linear_kind: Literal["linear", "gated_delta"] = Field(
+        default="linear", description="the linear layers' recurrence: pliant's linear attention, or the gated "
+                                      "delta rule of Gated DeltaNet layers (Qwen3.5, Qwen3-Next; set from hf_path)")
+    linear_heads: PositiveInt | None = Field(default=None, description="linear layers' value heads (default heads)")
+    linear_key_heads: PositiveInt | None = Field(default=None, description="their key heads (default linear_heads)")
+    linear_key_dim: PositiveInt | None = Field(default=None, description="key head dim (default head_dim)")
+    linear_value_dim: PositiveInt | None = Field(default=None, description="value head dim (default head_dim)")
+    linear_conv: int = Field(default=0, ge=0, description="the short causal convolution's kernel before the gated "
+                                                          "delta rule (0: none)")
+    experts: int = Field(default=0, ge=0, description="routed experts of MoE MLPs (0: dense; set from hf_path)")
+    expert_parallel: PositiveInt = Field(default=1, description="expert-parallel degree; pliant replicates MoE "
+                                                                "blocks like a dense MLP, so only 1 runs")
     zero_stage: Literal[0, 1, 2, 3]
     dtype: Literal["fp64", "fp32", "bf16", "fp16"]
     activation_checkpointing: bool = False
@@ -156,7 +171,35 @@ class ModelSpec(_Strict):
             raise ValueError(
                 f"attention: a pattern of {len(self.attention)} layers does not divide layers={self.layers}"
             )
+        if self.expert_parallel > 1:
+            experts = f"its {self.experts} routed experts" if self.experts else "it has no routed experts, and"
+            raise ValueError(f"expert_parallel = {self.expert_parallel}: expert parallelism is not supported; pliant "
+                             f"runs a model's MoE blocks as transformers' own modules replicated on every rank like a "
+                             f"dense MLP ({experts} run whole on each rank): set expert_parallel = 1")
+        if self.linear_sp == "heads" and self.linear_kind != "gated_delta":
+            raise ValueError("linear_sp = heads: the head all-to-all form runs Gated DeltaNet layers only "
+                             "(linear_kind = gated_delta); pliant's linear attention runs lasp2 or ring")
+        if self.linear_heads is not None and self.linear_heads % self.linear_k_heads:
+            raise ValueError(f"linear_heads = {self.linear_heads} is not a multiple of linear_key_heads = "
+                             f"{self.linear_k_heads} (each key head serves whole value heads)")
         return self
+
+    # the linear layers' head layout, defaults filled in
+    @property
+    def linear_v_heads(self) -> int:
+        return self.linear_heads or self.heads
+
+    @property
+    def linear_k_heads(self) -> int:
+        return self.linear_key_heads or self.linear_v_heads
+
+    @property
+    def linear_dk(self) -> int:
+        return self.linear_key_dim or self.head_dim
+
+    @property
+    def linear_dv(self) -> int:
+        return self.linear_value_dim or self.head_dim
 
     def layer_kinds(self) -> list[str]:
         reps = self.layers // len(self.attention)

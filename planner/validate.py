@@ -35,12 +35,13 @@ def plan_problems(plan: Plan, cost: CostModel, allowed_sizes: list[int] | None =
                     problems.append(f"{here}: spans two nodes")
             elif g.start % per_node or g.size % per_node:
                 problems.append(f"{here}: larger than a node but not made of whole nodes")
-            if g.form != cost.sp_form(g.size):
-                problems.append(f"{here}: runs as {g.form}, the cost model prices {cost.sp_form(g.size)}")
             ids = np.asarray(g.seq_ids, dtype=np.int64)
             if len(ids) and (ids.min() < 0 or ids.max() >= len(lengths)):
                 problems.append(f"{here}: sequence id out of range")
                 continue
+            want = cost.sp_form(g.size, lengths[ids]) if len(ids) else None
+            if len(ids) and g.form != want:
+                problems.append(f"{here}: runs as {g.form}, the cost model prices {want}")
             np.add.at(seen, ids, 1)
             ls = lengths[ids]
             if g.tokens != int(ls.sum()):
@@ -52,7 +53,7 @@ def plan_problems(plan: Plan, cost: CostModel, allowed_sizes: list[int] | None =
             if mem > cost.device_memory_bytes * (1 + rel_tol):
                 problems.append(f"{here}: needs {mem / 2**30:.2f} GiB per device, "
                                 f"over {cost.device_memory_bytes / 2**30:.2f} GiB")
-            expect = cost.beta_ms + float(cost.seq_ms(ls, g.size).sum()) if len(ls) else 0.0
+            expect = cost.group_ms(ls, g.size) if len(ls) else 0.0
             if abs(g.predicted_ms - expect) > rel_tol * max(1.0, expect):
                 problems.append(f"{here}: predicted {g.predicted_ms:.3f} ms, cost model says {expect:.3f} ms")
             if g.seq_ids:

@@ -26,8 +26,9 @@ from pliant.planner.plan import SOLO_FORM, SPForm
 # the operator of each form the planner chooses; a group of one runs Ulysses' local path
 SOFTMAX_OPS = {"ulysses": ulysses_attention, "lasp2h": lasp2h_attention, "none": ulysses_attention}
 LINEAR_OPS = {"lasp2": lasp2_attention, "ring": ring_attention, "none": lasp2_attention}
-# the gated delta rule's operator form for each linear form: LASP-2's gather, or the ring
-GATED_DELTA_FORMS = {"lasp2": "gather", "ring": "ring", "none": "gather"}
+# the gated delta rule's operator form for each linear form: LASP-2's gather, the ring, or the
+# head all-to-all (Gated DeltaNet only: pliant's linear attention has no "heads" form)
+GATED_DELTA_FORMS = {"lasp2": "gather", "ring": "ring", "heads": "heads", "none": "gather"}
 
 
 @dataclass(frozen=True)
@@ -41,9 +42,9 @@ class SeqContext:
     form: SPForm = SOLO_FORM  # the operators the plan chose for this group
 
     def __post_init__(self):
-        if self.form.softmax not in SOFTMAX_OPS or self.form.linear not in LINEAR_OPS:
+        if self.form.softmax not in SOFTMAX_OPS or self.form.linear not in GATED_DELTA_FORMS:
             raise ValueError(f"SeqContext: unknown SP form {self.form} (softmax: {sorted(SOFTMAX_OPS)}, "
-                             f"linear: {sorted(LINEAR_OPS)})")
+                             f"linear: {sorted(GATED_DELTA_FORMS)})")
         if (self.group.size == 1) != (self.form == SOLO_FORM):
             raise ValueError(f"SeqContext: a group of {self.group.size} cannot run as {self.form} (a group of one "
                              f"runs as {SOLO_FORM}, larger groups as the plan's form: CostModel.sp_form)")
@@ -71,6 +72,9 @@ class SeqContext:
     def linear_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          decay_rates: torch.Tensor | None) -> torch.Tensor:
         """Causal linear attention with per-head decay; state never flows between sequences."""
+        if self.form.linear not in LINEAR_OPS:
+            raise ValueError(f"SeqContext: linear attention has no {self.form.linear!r} form (it runs "
+                             f"{sorted(LINEAR_OPS)}); the head all-to-all is for Gated DeltaNet layers")
         return LINEAR_OPS[self.form.linear](q, k, v, self.layout, self.group, decay_rates)
 
     def gated_delta(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,

@@ -189,7 +189,7 @@ def fit_links(timings: Sequence[CollectiveTiming]) -> list[LinkFit]:
 def pack_features(cost: CostModel, lengths: Sequence[int], size: int) -> tuple[np.ndarray, float]:
     """([sum L^2/s, sum L/s, sequences, 1], comm ms) of a pack in the cost model's form."""
     L = cost.padded(np.asarray(lengths), size)
-    comm = float(cost.softmax_comm_ms(np.asarray(lengths), size).sum() + len(lengths) * cost.linear_comm_ms(size))
+    comm = cost.group_comm_ms(np.asarray(lengths), size)
     return np.array([float((L * L).sum()) / size, float(L.sum()) / size, float(len(L)), 1.0]), comm
 
 

@@ -165,9 +165,9 @@ def record_collectives(ctx, capacity):
             "step": snap["step"], "restored": restored}
 
 
-def hf_model_grads(ctx, model_dir, lengths, groups, seed):
+def hf_model_grads(ctx, model_dir, lengths, groups, seed, linear: str = "lasp2"):
     """A Hugging Face model directory under pliant's SP: one micro-batch of a plan on this rank
-    (float64). Returns (local loss, {param name: grad}, local logits)."""
+    (float64), linear layers in the form `linear`. Returns (local loss, {param name: grad}, local logits)."""
     from pliant.planner.cost import sp_form
     from pliant.runtime.hf import load_hf_model
     from pliant.runtime.model import lm_loss_sum
@@ -178,7 +178,7 @@ def hf_model_grads(ctx, model_dir, lengths, groups, seed):
     norm = real_targets([len(s) for s in seqs])
     start, size, ids = next((st, sz, ids) for st, sz, ids in groups if st <= ctx.rank < st + sz)
     g = ctx.registry.get(start, size)
-    pack = shard_pack([seqs[i] for i in ids], g, form=sp_form(size, model.hf.config.num_attention_heads, "lasp2"))
+    pack = shard_pack([seqs[i] for i in ids], g, form=sp_form(size, model.hf.config.num_attention_heads, linear))
     logits = model(pack.tokens, pack.ctx)
     loss = lm_loss_sum(logits, pack.targets) / norm
     loss.backward()

@@ -42,9 +42,9 @@ def lift_hybrids() -> None:
         mq._pliant_lifted = True
 
 
-def lifted_hf_model_grads(ctx, model_dir, lengths, groups, seed):
+def lifted_hf_model_grads(ctx, model_dir, lengths, groups, seed, linear: str = "lasp2"):
     """dist_jobs.hf_model_grads with the casts lifted on this rank."""
     from dist_jobs import hf_model_grads
 
     lift_hybrids()
-    return hf_model_grads(ctx, model_dir, lengths, groups, seed)
+    return hf_model_grads(ctx, model_dir, lengths, groups, seed, linear)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from pliant.planner.cost import CostModel, model_state_bytes
-from pliant.planner.spec import GIB
+from pliant.planner.spec import GIB, ModelSpec
 
 from conftest import SMALL_COST, small_cluster, small_model
 
@@ -60,7 +60,7 @@ def test_hybrid_scales_quadratic_term_and_lasp2_volume_is_length_free():
     assert cost.linear_comm_bytes(4) == 2 * 6 * 3 * state
     assert cost.linear_comm_bytes(1) == 0.0
     short, long = cost.seq_ms(np.array([64]), 4), cost.seq_ms(np.array([64_000]), 4)
-    assert cost.linear_comm_ms(4) > 0 and long > short
+    assert cost.linear_comm_ms(np.array([64]), 4)[0] > 0 and long > short
     all_linear = CostModel.from_specs(small_cluster(), small_model(attention=("linear",)), SMALL_COST)
     assert all_linear.a1_ms == 0.0 and all_linear.softmax_comm_ms(np.array([1000]), 4)[0] == 0.0
 
@@ -105,3 +105,69 @@ def test_lower_bound(cost7b):
     assert cost7b.lower_bound_ms(long, sizes) > 2 * (cost7b.single_device_ms(long)[0] / 64 + 629.0)
     # every further micro-batch pays the group overhead once more
     assert cost7b.lower_bound_ms(L, sizes, 3) == pytest.approx(cost7b.lower_bound_ms(L, sizes) + 2 * 629.0)
+
+
+def gdn_model(**kw):
+    """A Gated DeltaNet hybrid shaped like Qwen3-Next's linear layers, scaled down: more value
+    heads than key heads, dk != dv, a 4-tap convolution."""
+    spec = dict(name="gdn", layers=8, hidden=256, heads=8, kv_heads=2, head_dim=32, ffn_hidden=512, vocab_size=1000,
+                attention=["linear", "linear", "linear", "softmax"], zero_stage=1, dtype="bf16",
+                linear_kind="gated_delta", linear_heads=8, linear_key_heads=4, linear_key_dim=16,
+                linear_value_dim=32, linear_conv=4)
+    return ModelSpec(**{**spec, **kw})
+
+
+def test_gated_delta_gather_volume_is_the_chunk_maps_and_length_free():
+    cost = CostModel.from_specs(small_cluster(), gdn_model(linear_sp="lasp2"), SMALL_COST)
+    Hv, dk, dv, s = 8, 16, 32, 4
+    maps, grads = Hv * dk * (dk + dv) * 4, Hv * dk * dv * 4  # (A, B) forward; dS_in backward; float32
+    halo = 3 * (2 * 4 * dk + Hv * dv) * 2  # kernel - 1 rows of q, k, v channels, bf16, forward and backward
+    want = 6 * ((s - 1) * (maps + grads) + (s - 1) * halo * 2)
+    got = cost.linear_comm_bytes(s, np.array([16, 4096, 65536]), "lasp2")
+    np.testing.assert_allclose(got, want)
+    assert cost.linear_state_bytes == maps
+    # memory keeps every chunk's map per sequence per linear layer
+    assert cost.memory_coeffs(s)[2] == 6 * s * maps
+
+
+def test_gated_delta_form_chosen_per_group_heads_for_short_gather_for_long():
+    cost = CostModel.from_specs(small_cluster(), gdn_model(), SMALL_COST)
+    assert cost.linear_forms(4) == ("lasp2", "heads") and cost.linear_forms(1) == ("lasp2",)
+    heads = cost.linear_comm_bytes(4, np.array([64, 4096, 65536]), "heads")
+    assert heads[0] < heads[1] < heads[2]  # the all-to-all moves every token; the gather a fixed volume
+    assert cost.sp_form(4, np.array([64] * 8)).linear == "heads"
+    assert cost.sp_form(4, np.array([65536])).linear == "lasp2"
+    assert cost.sp_form(4).linear == "lasp2"  # no lengths: LASP-2's form
+    # pricing: each sequence at its best form; a group at its one form, never below the per-sequence bound
+    mixed = np.array([64] * 8 + [65536])
+    assert cost.group_ms(mixed, 4) >= cost.beta_ms + cost.seq_ms(mixed, 4).sum() - 1e-9
+    # value heads that a group cannot split: the gather form only (8 value heads over 3 devices)
+    assert cost.linear_forms(3) == ("lasp2",)
+    assert CostModel.from_specs(small_cluster(), gdn_model(linear_sp="ring"), SMALL_COST).linear_forms(4) == ("ring",)
+    forced = CostModel.from_specs(small_cluster(), gdn_model(linear_sp="heads"), SMALL_COST)
+    assert forced.linear_forms(4) == ("heads",) and forced.sp_form(3, np.array([64])).linear == "lasp2"
+
+
+def test_planner_gives_gated_delta_groups_the_form_it_prices():
+    from pliant.planner import Planner, PlannerSpec, validate_plan
+
+    planner = Planner.from_specs(small_cluster(memory_gib=4.0), gdn_model(), SMALL_COST, PlannerSpec(time_limit_s=0.3))
+    rng = np.random.default_rng(0)
+    lengths = np.concatenate([rng.integers(32, 256, 40), [6000, 9000]])
+    plan = planner.plan(lengths)
+    validate_plan(plan, planner.cost, planner.sizes)  # checks each group's form against sp_form(size, lengths)
+    forms = {g.linear_sp for mb in plan.micro_batches for g in mb.groups if g.seq_ids and g.size > 1}
+    for mb in plan.micro_batches:
+        for g in mb.groups:
+            if g.seq_ids:
+                assert g.form == planner.cost.sp_form(g.size, lengths[g.seq_ids])
+    assert forms <= {"lasp2", "heads"}
+
+
+def test_linear_sp_heads_and_expert_parallel_bad_input():
+    with pytest.raises(ValueError, match="linear_sp = heads: the head all-to-all form runs Gated DeltaNet layers only"):
+        ModelSpec(**{**gdn_model().model_dump(), "linear_kind": "linear", "linear_sp": "heads"})
+    with pytest.raises(ValueError, match="expert_parallel = 2: expert parallelism is not supported"):
+        gdn_model(expert_parallel=2)
+    with pytest.raises(ValueError, match="linear_heads = 6 is not a multiple of linear_key_heads = 4"):
+        gdn_model(linear_heads=6)

@@ -58,6 +58,17 @@ def test_hybrid_under_sp_matches_transformers(pools, model_dirs, family, plan):
     print(f"{family} {plan}: loss {float(reference[0]):.6f}, worst gradient relative error {worst:.1e}")
 
 
+@pytest.mark.parametrize("linear", ["heads", "ring"])
+def test_qwen3_next_in_the_other_forms_matches_transformers(pools, model_dirs, linear):
+    """The head all-to-all (4 value heads over groups of 2) and the ring, as the planner may choose them."""
+    lift_hybrids()
+    plan = PLANS["two groups of 2"]
+    reference = transformers_reference(model_dirs["qwen3_next"], LENGTHS, VOCAB, seed=3)
+    results = pools[4].run("hf_lift:lifted_hf_model_grads", str(model_dirs["qwen3_next"]), LENGTHS, plan, 3, linear)
+    worst = check_against_transformers(results, plan, LENGTHS, reference)
+    print(f"qwen3_next {linear}: worst gradient relative error {worst:.1e}")
+
+
 def test_layer_mix_comes_from_layer_types(model_dir, tmp_path):
     import json
     import shutil
@@ -69,4 +80,32 @@ def test_layer_mix_comes_from_layer_types(model_dir, tmp_path):
     cfg["layer_types"] = cfg["layer_types"][:3]
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"layer_types = .*expected a list of num_hidden_layers = 4 entries"):
+        ModelSpec(hf_path=str(bad), zero_stage=1)
+
+
+def test_gated_delta_shape_comes_from_config_json(model_dirs):
+    from pliant.planner.cost import CostModel
+
+    from conftest import SMALL_COST, small_cluster
+
+    spec = ModelSpec(hf_path=str(model_dirs["qwen3_next"]), zero_stage=1)
+    assert (spec.linear_kind, spec.linear_heads, spec.linear_key_heads, spec.linear_key_dim, spec.linear_value_dim,
+            spec.linear_conv, spec.experts) == ("gated_delta", 4, 2, 16, 16, 4, 4)
+    cost = CostModel.from_specs(small_cluster(), spec, SMALL_COST)
+    assert cost.linear_state_bytes == 4 * 16 * (16 + 16) * 4 and cost.n_linear == 3
+    with pytest.raises(ValueError, match="expert_parallel = 2: expert parallelism is not supported; .*its 4 routed"):
+        ModelSpec(hf_path=str(model_dirs["qwen3_next"]), zero_stage=1, expert_parallel=2)
+
+
+@pytest.mark.parametrize("arch, model_type", [("Qwen3_5MoeForCausalLM", "qwen3_5_moe"), ("JambaForCausalLM", "jamba")])
+def test_a_hybrid_family_pliant_does_not_run_is_named(model_dir, tmp_path, arch, model_type):
+    import json
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(model_dir, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "architectures": [arch], "model_type": model_type}))
+    with pytest.raises(ValueError, match=rf"architecture '{arch}' .* is a hybrid family pliant does not run.*"
+                                         r"Qwen3_5ForCausalLM \(qwen3_5_text\), Qwen3NextForCausalLM"):
         ModelSpec(hf_path=str(bad), zero_stage=1)

@@ -53,7 +53,7 @@ def test_fit_compute_recovers_the_coefficients_that_made_the_timings():
     packs = []
     for s, lengths in cases:
         L = cost.padded(np.array(lengths), s)
-        comm = cost.softmax_comm_ms(np.array(lengths), s).sum() + len(lengths) * cost.linear_comm_ms(s)
+        comm = cost.group_comm_ms(np.array(lengths), s)
         ms = beta + float(((a1 * L * L + a2 * L) / s + gamma).sum()) + comm
         packs.append(PackTiming(s, lengths, ms))
     fit = fit_compute(packs, cost)
