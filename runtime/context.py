@@ -78,13 +78,15 @@ class SeqContext:
         return LINEAR_OPS[self.form.linear](q, k, v, self.layout, self.group, decay_rates)
 
     def gated_delta(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-                    scale: float | None = None) -> torch.Tensor:
+                    scale: float | None = None, layer: int | None = None) -> torch.Tensor:
         """The gated delta rule (Gated DeltaNet layers) of the pack: q, k [T, H, dk] L2-normalised,
-        v [T, H, dv], log decay g and write strength beta [T, H] -> [T, H, dv]."""
+        v [T, H, dv], log decay g and write strength beta [T, H] -> [T, H, dv]. `layer` is for
+        contexts with per-layer state (generation's CacheContext); training ignores it."""
         return gated_delta_attention(q, k, v, g, beta, self.layout, self.group, scale,
                                      GATED_DELTA_FORMS[self.form.linear])
 
-    def short_conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def short_conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   layer: int | None = None) -> torch.Tensor:
         """A depthwise causal convolution (weight [channels, kernel]) of x [T, channels] within
         each sequence, its window reaching into the ranks before."""
         return causal_conv_pack(x, weight, bias, self.layout, self.group)

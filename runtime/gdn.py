@@ -35,9 +35,9 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 def gdn_forward(self: nn.Module, hidden_states: torch.Tensor, cache=None, attention_mask=None, **kwargs):
     """The layer's forward with the SP core from the call's `pliant_ctx` (batch 1, packed)."""
     ctx = kwargs.get("pliant_ctx")
-    if ctx is None or not hasattr(ctx, "gated_delta"):
-        raise RuntimeError(f"{type(self).__name__} under pliant runs only in a training step's SeqContext (pliant's "
-                           f"decoder does not run Gated DeltaNet layers yet)")
+    if ctx is None:
+        raise RuntimeError(f"{type(self).__name__} under pliant runs only with pliant_ctx= (a training step's "
+                           f"SeqContext, or generation's CacheContext): HFCausalLM passes it")
     if hidden_states.shape[0] != 1:
         raise ValueError(f"pliant's Gated DeltaNet takes one packed sequence per call (batch 1), got "
                          f"{hidden_states.shape[0]}")
@@ -45,7 +45,7 @@ def gdn_forward(self: nn.Module, hidden_states: torch.Tensor, cache=None, attent
     T = x.shape[0]
     acc = torch.promote_types(x.dtype, torch.float32)  # the decay in at least float32, as transformers keeps it
     qkv, z, b, a = _projections(self, x)
-    mixed = ctx.short_conv(qkv, self.conv1d.weight.squeeze(1), self.conv1d.bias)
+    mixed = ctx.short_conv(qkv, self.conv1d.weight.squeeze(1), self.conv1d.bias, layer=self.layer_idx)
     mixed = F.silu(mixed) if self.activation == "silu" else getattr(F, self.activation)(mixed)
     q, k, v = torch.split(mixed, [self.key_dim, self.key_dim, self.value_dim], -1)
     q = l2norm(q.reshape(T, self.num_k_heads, self.head_k_dim))
@@ -56,7 +56,7 @@ def gdn_forward(self: nn.Module, hidden_states: torch.Tensor, cache=None, attent
         q, k = q.repeat_interleave(rep, 1), k.repeat_interleave(rep, 1)
     beta = b.sigmoid()
     g = -self.A_log.to(acc).exp() * F.softplus(a.to(acc) + self.dt_bias.to(acc))
-    o = ctx.gated_delta(q, k, v, g, beta, scale=self.head_k_dim ** -0.5)
+    o = ctx.gated_delta(q, k, v, g, beta, scale=self.head_k_dim ** -0.5, layer=self.layer_idx)
     z = z.reshape(T * self.num_v_heads, self.head_v_dim)
     core = self.norm(o.reshape(T * self.num_v_heads, self.head_v_dim), z).reshape(1, T, self.value_dim)
     return self.out_proj(core)

@@ -2,7 +2,9 @@
 `LM` (`Decoder`: keys and values of the softmax layers, and the recurrent state S of the
 linear layers, S_t = lambda S_{t-1} + k_t^T v_t, o_t = q_t S_t: the recurrence LASP-2
 computes by chunks) and a transformers causal LM (`HFDecoder`: keys and values, caught in
-pliant's registered attention function). `make_decoder` picks one; `generate` runs it.
+pliant's registered attention function; for Gated DeltaNet layers (Qwen3.5, Qwen3-Next) the
+short convolution's last kernel - 1 inputs and the gated delta rule's state, caught in the
+layer's SP core, runtime/gdn.py). `make_decoder` picks one; `generate` runs it.
 
 The model is not changed for generation (it knows nothing of decoding, as it knows nothing
 of parallelism): `Decoder` walks its modules one token per sequence per step; `HFDecoder`
@@ -26,7 +28,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pliant.comm.gated_delta import causal_conv_pack, chunk_gated_delta
 from pliant.comm.groups import SOLO
+from pliant.comm.pack import PackLayout
 from pliant.comm.linear_local import acc_dtype, pack_states, split_pack
 from pliant.comm.softmax_local import causal_attention
 from pliant.runtime.hf import HFCausalLM
@@ -266,29 +270,74 @@ class Decoder(SlotDecoder):
 class CacheContext:
     """What `HFDecoder` passes a transformers model as `pliant_ctx=` in place of a `SeqContext`:
     its softmax layers hand q, k, v (already rotated at `positions`) to `softmax_attention`,
-    which writes k, v into the decode cache and attends over it. A call is either a prefill,
-    whole prompts from position 0 packed together (causal, never across prompts), or a decode
-    step, one token per slot at that slot's own position."""
+    which writes k, v into the decode cache and attends over it; its Gated DeltaNet layers hand
+    their convolution input to `short_conv` and q, k, v, g, beta to `gated_delta`, which keep
+    each slot's last inputs and recurrent state. A call is either a prefill, whole prompts from
+    position 0 packed together (causal, never across prompts), or a decode step, one token per
+    slot at that slot's own position."""
 
-    keys: list[torch.Tensor]  # per layer [slots, max_len, Hkv, d]
+    keys: list[torch.Tensor]  # per layer [slots, max_len, Hkv, d] (empty for a Gated DeltaNet layer)
     values: list[torch.Tensor]
     slots: torch.Tensor  # [T] the cache slot of each token of the call
     positions: torch.Tensor  # [T] each token's position in its own sequence
     lengths: tuple[int, ...]  # prefill: the prompts' lengths; decode: () (one token per slot)
     span: int  # keys the longest query attends to
+    conv: list[torch.Tensor | None] = field(default_factory=list)  # per layer [slots, kernel - 1, channels]
+    state: list[torch.Tensor | None] = field(default_factory=list)  # per layer [slots, H, dk, dv], accumulation dtype
+    seq_slots: torch.Tensor | None = None  # prefill: each prompt's slot
 
     @classmethod
     def prefill(cls, keys: list[torch.Tensor], values: list[torch.Tensor], slots: list[int], lengths: list[int],
-                device: torch.device) -> "CacheContext":
+                device: torch.device, conv=(), state=()) -> "CacheContext":
         n = torch.tensor(lengths, device=device)
         positions = torch.cat([torch.arange(k, device=device) for k in lengths])
-        return cls(keys, values, torch.tensor(slots, device=device).repeat_interleave(n), positions,
-                   tuple(lengths), max(lengths))
+        seq_slots = torch.tensor(slots, device=device)
+        return cls(keys, values, seq_slots.repeat_interleave(n), positions, tuple(lengths), max(lengths),
+                   list(conv), list(state), seq_slots)
 
     @classmethod
     def decode(cls, keys: list[torch.Tensor], values: list[torch.Tensor], slots: torch.Tensor,
-               positions: torch.Tensor) -> "CacheContext":
-        return cls(keys, values, slots, positions, (), int(positions.max()) + 1)
+               positions: torch.Tensor, conv=(), state=()) -> "CacheContext":
+        return cls(keys, values, slots, positions, (), int(positions.max()) + 1, list(conv), list(state))
+
+    def short_conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   layer: int | None = None) -> torch.Tensor:
+        """A Gated DeltaNet layer's depthwise causal convolution (weight [channels, kernel]) of
+        x [T, channels]: prefill, within each prompt, keeping its last kernel - 1 inputs (zeros
+        before its start); decode, over each slot's kept inputs and this token."""
+        cache = self.conv[layer]
+        width = weight.shape[-1] - 1
+        if self.lengths:
+            out = causal_conv_pack(x, weight, bias, PackLayout.from_lengths(self.lengths, 1), SOLO)
+            n = torch.tensor(self.lengths, device=x.device)
+            off = torch.arange(width, device=x.device) - width
+            rows = torch.cumsum(n, 0)[:, None] + off[None, :]  # [prompts, width]
+            tails = torch.where((off[None, :] >= -n[:, None])[..., None], x[rows.clamp(min=0)], x.new_zeros(()))
+            cache[self.seq_slots] = tails.to(cache.dtype)
+            return out
+        window = torch.cat([cache[self.slots].to(x.dtype), x[:, None]], 1)  # [B, kernel, channels]
+        cache[self.slots] = window[:, 1:].to(cache.dtype)
+        out = torch.einsum("bkc,ck->bc", window, weight.to(x.dtype))
+        return out if bias is None else out + bias.to(x.dtype)
+
+    def gated_delta(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                    scale: float | None = None, layer: int | None = None) -> torch.Tensor:
+        """The gated delta rule: prefill, each prompt from a zero state (the chunked form, its
+        final state kept); decode, one step of the recurrence per slot from its kept state:
+        S <- e^g S; S <- S + k^T (beta (v - k S)); o = scale q S."""
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        cache = self.state[layer]
+        if self.lengths:
+            out, final = chunk_gated_delta(q, k, v, g, beta, self.lengths, scale)
+            cache[self.seq_slots] = final.to(cache.dtype)
+            return out
+        acc = cache.dtype
+        S = cache[self.slots] * g.to(acc).exp()[..., None, None]  # [B, H, dk, dv]
+        kt = k.to(acc)
+        delta = (v.to(acc) - torch.einsum("bhk,bhkv->bhv", kt, S)) * beta.to(acc)[..., None]
+        S = S + kt[..., :, None] * delta[..., None, :]
+        cache[self.slots] = S
+        return torch.einsum("bhk,bhkv->bhv", q.to(acc) * scale, S).to(v.dtype)
 
     @property
     def max_length(self) -> int:
@@ -339,17 +388,36 @@ class HFDecoder(SlotDecoder):
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         shape = (slots, max_len, kv_heads, head_dim)
-        self._keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_hidden_layers)]
-        self._values = [torch.zeros(shape, dtype=self.dtype, device=self.device)
-                        for _ in range(cfg.num_hidden_layers)]
+        layer_types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
+        gdn = [t == "linear_attention" for t in layer_types]
+        self._keys = [torch.zeros((0,) if g else shape, dtype=self.dtype, device=self.device) for g in gdn]
+        self._values = [torch.zeros((0,) if g else shape, dtype=self.dtype, device=self.device) for g in gdn]
+        self._conv: list[torch.Tensor | None] = [None] * len(gdn)
+        self._state: list[torch.Tensor | None] = [None] * len(gdn)
+        if any(gdn):  # Gated DeltaNet: the convolution's last inputs and the recurrent state per slot
+            hk, hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+            dk, dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+            channels = 2 * hk * dk + hv * dv
+            for i in (i for i, g in enumerate(gdn) if g):
+                self._conv[i] = torch.zeros(slots, cfg.linear_conv_kernel_dim - 1, channels, dtype=self.dtype,
+                                            device=self.device)
+                self._state[i] = torch.zeros(slots, hv, dk, dv, dtype=acc_dtype(self.dtype), device=self.device)
+
+    def _reset(self, slot: int) -> None:
+        """A Gated DeltaNet layer's state and convolution inputs start from zero (a one-token
+        prompt is not prefilled: its first step reads them)."""
+        for cache in self._conv + self._state:
+            if cache is not None:
+                cache[slot] = 0
 
     @torch.no_grad()
     def prefill(self, slots: list[int]) -> None:
         """Feed the prompts of `slots` (freshly added) but their last token, packed in one
-        forward of the model, writing their keys and values into the slots' caches."""
+        forward of the model, writing their keys and values (and Gated DeltaNet layers' states)
+        into the slots' caches."""
         prompts = [self.slots[i].request.prompt[:-1] for i in slots]
         lengths = [len(p) for p in prompts]
-        ctx = CacheContext.prefill(self._keys, self._values, slots, lengths, self.device)
+        ctx = CacheContext.prefill(self._keys, self._values, slots, lengths, self.device, self._conv, self._state)
         tokens = torch.tensor([t for p in prompts for t in p], device=self.device)
         self.model(tokens, ctx, logits_to_keep=1)  # the caches are what it is run for
         for i, n in zip(slots, lengths):
@@ -358,7 +426,7 @@ class HFDecoder(SlotDecoder):
     @torch.no_grad()
     def forward_step(self, tokens: torch.Tensor, pos: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Logits [B, vocab] of one token per slot `idx` at positions `pos`."""
-        return self.model(tokens, CacheContext.decode(self._keys, self._values, idx, pos))
+        return self.model(tokens, CacheContext.decode(self._keys, self._values, idx, pos, self._conv, self._state))
 
 
 def make_decoder(model: nn.Module, slots: int, max_len: int, stop_tokens: StopTokens, temperature: float = 1.0,
