@@ -25,15 +25,21 @@ tensor.
 The local part (`chunk_gated_delta`) runs every sequence of a pack at once, padded into a
 [sequences, heads, blocks, block, dim] batch and solved in blocks (the WY form fla and
 transformers use: a unit-triangular solve per block, then a log-depth scan over blocks), so
-its torch ops do not grow with the number of sequences and grow with the log of the length. `gdn_halo` gives each rank the last
-k-1 inputs of the chunks before its own, for the layer's short causal convolution.
+its torch ops do not grow with the number of sequences and grow with the log of the length.
+On CUDA, flash-linear-attention's `chunk_gated_delta_rule` runs it instead when installed
+(`FusedLocalGDN`: the maps from two varlen calls; comm/kernels.py chooses), with the torch
+path as its oracle. `gdn_halo` gives each rank the last k-1 inputs of the chunks before its
+own, for the layer's short causal convolution.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
 from .collectives import all_gather, check_metadata, recv, reduce_scatter, send
 from .groups import SPGroup
+from .kernels import cumulative, gated_delta_kernel
 from .pack import PackLayout
 from .ulysses import HeadExchange
 
@@ -137,11 +143,46 @@ class LocalGDN:
         return O.reshape(n, H, nb * bs, dv).movedim(2, 1)[self.index]  # [T, H, dv]
 
 
+class FusedLocalGDN:
+    """`LocalGDN`'s interface by flash-linear-attention's fused varlen kernel
+    (`chunk_gated_delta_rule`, every chunk of the pack in one call over cu_seqlens): two calls,
+    one from a zero state (the outputs o0 and each chunk's B) and one with v = 0 from the
+    identity (each chunk's transition A as its final state, and q's view of it, oA = scale q A_t,
+    as its output), so that any entering state S_in gives o = o0 + oA S_in. Both calls are
+    differentiable (the kernel's backward), so a backward's recomputation runs through them."""
+
+    def __init__(self, kernel: Callable, q, k, v, g, beta, chunks: tuple[int, ...], scale: float):
+        self.dtype = torch.float32
+        n, H, dk = len(chunks), q.shape[1], q.shape[2]
+        cu = dict(cu_seqlens=cumulative(chunks, q.device, torch.long), cu_seqlens_cpu=cumulative(chunks, "cpu",
+                                                                                                   torch.long))
+        self.seq = _chunk_index(chunks, q.device)[0]
+        qs, ks, gs, bs = q[None], k[None], g[None].float(), beta[None]
+        o0, B = kernel(qs, ks, v[None], gs, bs, scale=scale, output_final_state=True, **cu)
+        eye = torch.eye(dk, dtype=torch.float32, device=q.device).expand(n, H, dk, dk).contiguous()
+        oA, A = kernel(qs, ks, torch.zeros_like(k)[None], gs, bs, scale=scale, initial_state=eye,
+                       output_final_state=True, **cu)
+        self.o0, self.oA, self.A, self.B = o0[0].float(), oA[0].float(), A.float(), B.float()
+
+    def output(self, S_in: torch.Tensor | None) -> torch.Tensor:
+        if S_in is None:
+            return self.o0
+        return self.o0 + torch.einsum("thk,thkv->thv", self.oA, S_in[self.seq])
+
+
+def local_gdn(q, k, v, g, beta, chunks: tuple[int, ...], scale: float) -> LocalGDN | FusedLocalGDN:
+    """The rank's chunks by the fused kernel where it runs (comm/kernels.py), else the torch path."""
+    kernel = gated_delta_kernel(q)
+    if kernel is not None:
+        return FusedLocalGDN(kernel, q, k, v, g, beta, chunks, scale)
+    return LocalGDN(q, k, v, g, beta, chunks, scale)
+
+
 def chunk_gated_delta(q, k, v, g, beta, lengths: tuple[int, ...], scale: float,
                       initial_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Whole sequences of a pack on one rank (the torch path): outputs [T, H, dv] (input dtype)
-    and each sequence's final state [n, H, dk, dv] (accumulation dtype)."""
-    local = LocalGDN(q, k, v, g, beta, tuple(lengths), scale)
+    """Whole sequences of a pack on one rank: outputs [T, H, dv] (input dtype) and each
+    sequence's final state [n, H, dk, dv] (accumulation dtype)."""
+    local = local_gdn(q, k, v, g, beta, tuple(lengths), scale)
     out = local.output(initial_state)
     final = local.B if initial_state is None else local.A @ initial_state + local.B
     return out.to(v.dtype), final
@@ -161,7 +202,7 @@ def _fold(maps: torch.Tensor, r: int, dk: int) -> torch.Tensor | None:
 class _GatherGDN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, layout: PackLayout, grp: SPGroup, scale: float):
-        local = LocalGDN(q, k, v, g, beta, layout.chunks, scale)
+        local = local_gdn(q, k, v, g, beta, layout.chunks, scale)
         maps, _ = all_gather(torch.cat([local.A, local.B], -1), grp, "gdn.maps")
         dk = q.shape[-1]
         S_in = _fold(maps, grp.index, dk)
@@ -176,7 +217,7 @@ class _GatherGDN(torch.autograd.Function):
         r, s = grp.index, grp.size
         leaves = tuple(t.detach().requires_grad_(True) for t in (q, k, v, g, beta))
         with torch.enable_grad():
-            local = LocalGDN(*leaves, layout.chunks, ctx.scale)
+            local = local_gdn(*leaves, layout.chunks, ctx.scale)
             do = dout.to(local.dtype)
             if ctx.first:
                 S_leaf, out = None, local.output(None)
@@ -200,7 +241,7 @@ class _GatherGDN(torch.autograd.Function):
 class _RingGDN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, layout: PackLayout, grp: SPGroup, scale: float):
-        local = LocalGDN(q, k, v, g, beta, layout.chunks, scale)
+        local = local_gdn(q, k, v, g, beta, layout.chunks, scale)
         S_in = None if grp.index == 0 else recv(local.B, grp, grp.index - 1, "gdn_ring.states")
         if grp.index < grp.size - 1:
             send(local.B if S_in is None else local.A @ S_in + local.B, grp, grp.index + 1, "gdn_ring.states")
@@ -215,7 +256,7 @@ class _RingGDN(torch.autograd.Function):
         leaves = tuple(t.detach().requires_grad_(True) for t in (q, k, v, g, beta))
         S_leaf = None if ctx.first else S_in.detach().requires_grad_(True)
         with torch.enable_grad():
-            local = LocalGDN(*leaves, ctx.layout.chunks, ctx.scale)
+            local = local_gdn(*leaves, ctx.layout.chunks, ctx.scale)
             out = local.output(S_leaf)
             passed = local.B if S_leaf is None else local.A @ S_leaf + local.B
         d_passed = torch.zeros_like(local.B) if grp.index == grp.size - 1 else \

@@ -6,6 +6,8 @@ in one call over its cumulative sequence lengths:
 - linear attention (LASP-2, the ring): flash-linear-attention's `chunk_simple_gla`, the
   simple-GLA family whose per-head constant decay `g_gamma = log lambda_h = -s_h` is pliant's
   decay (float32, bfloat16, float16);
+- the gated delta rule (Gated DeltaNet layers: LASP-2's chunk maps, the ring, the head
+  all-to-all): flash-linear-attention's `chunk_gated_delta_rule` (float32, bfloat16, float16);
 - softmax attention (Ulysses, LASP-2H): flash-attn's `flash_attn_varlen_func`, causal, with
   the mask aligned to the bottom right so that a rank's queries may start after the keys do
   (bfloat16, float16; head_dim up to 256; GQA natively).
@@ -42,6 +44,15 @@ def _fla_chunk_simple_gla() -> Callable | None:
 
 
 @functools.lru_cache(maxsize=None)
+def _fla_chunk_gated_delta() -> Callable | None:
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    except Exception:
+        return None
+    return chunk_gated_delta_rule
+
+
+@functools.lru_cache(maxsize=None)
 def _flash_attn_varlen() -> Callable | None:
     try:
         from flash_attn import flash_attn_varlen_func
@@ -65,6 +76,17 @@ def linear_kernel(q: torch.Tensor) -> Callable | None:
     return _fla_chunk_simple_gla()
 
 
+def gated_delta_kernel(q: torch.Tensor) -> Callable | None:
+    """fla's `chunk_gated_delta_rule` when it can compute this gated-delta call, else None."""
+    if _torch_only():
+        return None
+    if "gated_delta" in _chosen:
+        return _chosen["gated_delta"]
+    if not q.is_cuda or q.dtype not in FUSED_LINEAR_DTYPES:
+        return None
+    return _fla_chunk_gated_delta()
+
+
 def softmax_kernel(q: torch.Tensor) -> Callable | None:
     """flash-attn's `flash_attn_varlen_func` when it can compute this softmax call, else None."""
     if _torch_only():
@@ -77,8 +99,10 @@ def softmax_kernel(q: torch.Tensor) -> Callable | None:
 
 
 def kernel_names(q: torch.Tensor) -> dict[str, str]:
-    """What runs for inputs like q: {'linear': ..., 'softmax': ...} (logged by the runtime and the bench)."""
+    """What runs for inputs like q: {'linear': ..., 'gated_delta': ..., 'softmax': ...} (logged by the
+    runtime and the bench)."""
     return {"linear": "fla.chunk_simple_gla" if linear_kernel(q) else "torch",
+            "gated_delta": "fla.chunk_gated_delta_rule" if gated_delta_kernel(q) else "torch",
             "softmax": "flash_attn_varlen_func" if softmax_kernel(q) else "torch"}
 
 
@@ -94,13 +118,16 @@ def torch_kernels() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def use_kernels(linear: Callable | None = None, softmax: Callable | None = None) -> Iterator[None]:
+def use_kernels(linear: Callable | None = None, softmax: Callable | None = None,
+                gated_delta: Callable | None = None) -> Iterator[None]:
     """Run these kernels inside this block, on any device and dtype: `linear` with
-    `chunk_simple_gla`'s signature and contract, `softmax` with `flash_attn_varlen_func`'s
+    `chunk_simple_gla`'s signature and contract, `gated_delta` with `chunk_gated_delta_rule`'s,
+    `softmax` with `flash_attn_varlen_func`'s
     (another accelerator's build of them, or a reference implementation of their contract:
     the tests run fla's pure-torch naive recurrence through the operators on CPU)."""
     before = dict(_chosen)
-    _chosen.update({k: f for k, f in (("linear", linear), ("softmax", softmax)) if f is not None})
+    _chosen.update({k: f for k, f in (("linear", linear), ("softmax", softmax), ("gated_delta", gated_delta))
+                    if f is not None})
     try:
         yield
     finally:

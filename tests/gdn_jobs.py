@@ -26,8 +26,10 @@ def gdn_inputs(lengths, heads, dk, dv, seed, decay="mixed"):
     return out
 
 
-def run_gdn(ctx, form, lengths, start, size, heads, dk, dv, seed, decay):
-    """This rank's outputs and input gradients (loss = sum(o * w)); None off-group."""
+def run_gdn(ctx, form, lengths, start, size, heads, dk, dv, seed, decay, fused: bool = False):
+    """This rank's outputs and input gradients (loss = sum(o * w)); None off-group. `fused`:
+    in float32 through the fused-kernel path (FusedLocalGDN), with chunk_gated_delta_rule's
+    contract computed by fla's own naive recurrence (tests/kernel_references.py)."""
     if not start <= ctx.rank < start + size:
         return None
     from pliant.comm.gated_delta import gated_delta_attention
@@ -36,10 +38,18 @@ def run_gdn(ctx, form, lengths, start, size, heads, dk, dv, seed, decay):
     layout = PackLayout.from_lengths(lengths, size)
     seqs = gdn_inputs(lengths, heads, dk, dv, seed, decay)
     q, k, v, g, beta, w = (layout.shard([s[i] for s in seqs], grp.index) for i in range(6))
-    leaves = [t.clone().requires_grad_(True) for t in (q, k, v, g, beta)]
+    import contextlib
+
+    from pliant.comm.kernels import use_kernels
+
+    from kernel_references import fla_gated_delta_varlen
+
+    dtype = torch.float32 if fused else torch.float64
+    leaves = [t.to(dtype).clone().requires_grad_(True) for t in (q, k, v, g, beta)]
     COUNTERS.reset()
-    out = gated_delta_attention(*leaves, layout, grp, scale=dk ** -0.5, form=form)
-    (out * w).sum().backward()
+    with use_kernels(gated_delta=fla_gated_delta_varlen) if fused else contextlib.nullcontext():
+        out = gated_delta_attention(*leaves, layout, grp, scale=dk ** -0.5, form=form)
+        (out * w.to(dtype)).sum().backward()
     return (grp.index, out.detach(), *[t.grad for t in leaves], COUNTERS.snapshot())
 
 

@@ -71,3 +71,36 @@ def flash_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
         scores = scores.masked_fill(~visible, float("-inf"))
         outs.append(torch.einsum("hqk,khd->qhd", scores.softmax(-1), vs))
     return torch.cat(outs)
+
+
+@functools.lru_cache(maxsize=None)
+def _fla_gdn_naive():
+    spec = importlib.util.find_spec("fla")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("fla-core is not installed (pip install fla-core): it holds the naive references")
+    path = Path(list(spec.submodule_search_locations)[0]) / "ops" / "gated_delta_rule" / "naive.py"
+    mod_spec = importlib.util.spec_from_file_location("fla_gated_delta_naive", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    return mod.naive_recurrent_gated_delta_rule
+
+
+def fla_gated_delta_varlen(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+                           cu_seqlens=None, cu_seqlens_cpu=None, **kwargs):
+    """`fla.ops.gated_delta_rule.chunk_gated_delta_rule`'s signature for pliant's call shape,
+    computed by fla's own `naive_recurrent_gated_delta_rule` one sequence at a time (float32)."""
+    naive = _fla_gdn_naive()
+    assert q.shape[0] == 1 and cu_seqlens is not None and not kwargs, "pliant's call shape"
+    assert g.dtype == torch.float32, "the log decay goes in float32"
+    if cu_seqlens_cpu is not None:
+        assert cu_seqlens_cpu.tolist() == cu_seqlens.tolist()
+    bounds = cu_seqlens.tolist()
+    outs, states = [], []
+    for j in range(len(bounds) - 1):
+        a, b = bounds[j], bounds[j + 1]
+        h0 = None if initial_state is None else initial_state[j:j + 1]
+        o, ht = naive(q[:, a:b], k[:, a:b], v[:, a:b], beta[:, a:b], g[:, a:b], scale=scale, initial_state=h0,
+                      output_final_state=True)
+        outs.append(o)
+        states.append(ht)
+    return torch.cat(outs, dim=1), (torch.cat(states) if output_final_state else None)
