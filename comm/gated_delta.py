@@ -36,6 +36,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from .collectives import all_gather, check_metadata, recv, reduce_scatter, send
 from .groups import SPGroup
@@ -122,14 +123,15 @@ class LocalGDN:
         self.A_blk = last.exp()[..., None] * torch.eye(dk, dtype=dtype, device=q.device) - Kd.transpose(-1, -2) @ self.W
         self.B_blk = Kd.transpose(-1, -2) @ self.Uv  # [n, H, nb, dk, dv]
         # each block's entering state as an affine map of the chunk's, S_b = Apre_b S_in + Bz_b: a
-        # log-depth (Hillis-Steele) scan of the blocks' maps, (A2, B2) o (A1, B1) = (A2 A1, A2 B1 + B2)
-        A, B = self.A_blk, self.B_blk
+        # log-depth (Hillis-Steele) scan of the blocks' maps, (A2, B2) o (A1, B1) = (A2 A1, A2 B1 + B2),
+        # on [A | B] side by side: one product A2 [A1 | B1] and B2 added to its right part per step
+        AB = torch.cat([self.A_blk, self.B_blk], -1)  # [n, H, nb, dk, dk + dv]
         step = 1
         while step < nb:
-            later = A[:, :, step:]
-            A = torch.cat([A[:, :, :step], later @ A[:, :, :-step]], 2)
-            B = torch.cat([B[:, :, :step], later @ B[:, :, :-step] + B[:, :, step:]], 2)
+            later = AB[:, :, step:]
+            AB = torch.cat([AB[:, :, :step], later[..., :dk] @ AB[:, :, :-step] + F.pad(later[..., dk:], (dk, 0))], 2)
             step *= 2
+        A, B = AB[..., :dk], AB[..., dk:]
         self.A, self.B = A[:, :, -1], B[:, :, -1]  # the chunk's map: [n, H, dk, dk], [n, H, dk, dv]
         eye = torch.eye(dk, dtype=dtype, device=q.device).expand(n, H, 1, dk, dk)
         self.Apre = torch.cat([eye, A[:, :, :-1]], 2)  # [n, H, nb, dk, dk]
@@ -199,41 +201,57 @@ def _fold(maps: torch.Tensor, r: int, dk: int) -> torch.Tensor | None:
     return S
 
 
+def _local_graph(q, k, v, g, beta, chunks: tuple[int, ...], scale: float):
+    """The rank's local part built once, with its autograd graph on detached leaves: the forward
+    of an operator below keeps it for its backward (no second forward of the local part)."""
+    leaves = tuple(t.detach().requires_grad_(True) for t in (q, k, v, g, beta))
+    with torch.enable_grad():
+        return leaves, local_gdn(*leaves, chunks, scale)
+
+
+def _outputs(local, S_in: torch.Tensor | None):
+    """(leaf of the entering state or None, outputs) with the graph kept for backward."""
+    with torch.enable_grad():
+        S_leaf = None if S_in is None else S_in.detach().requires_grad_(True)
+        return S_leaf, local.output(S_leaf)
+
+
+def _input_grads(outputs, grads, leaves, extra=()) -> list:
+    """Gradients of the leaves (and `extra` leaves) from the kept graph; zeros where unused."""
+    wrt = (*leaves, *extra)
+    got = torch.autograd.grad(outputs, wrt, grads, allow_unused=True)
+    return [torch.zeros_like(t) if gr is None else gr for gr, t in zip(got, wrt)]
+
+
 class _GatherGDN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, layout: PackLayout, grp: SPGroup, scale: float):
-        local = local_gdn(q, k, v, g, beta, layout.chunks, scale)
-        maps, _ = all_gather(torch.cat([local.A, local.B], -1), grp, "gdn.maps")
+        leaves, local = _local_graph(q, k, v, g, beta, layout.chunks, scale)
+        maps, _ = all_gather(torch.cat([local.A, local.B], -1).detach(), grp, "gdn.maps")
         dk = q.shape[-1]
-        S_in = _fold(maps, grp.index, dk)
-        ctx.save_for_backward(q, k, v, g, beta, maps[..., :dk].clone(), S_in if S_in is not None else torch.empty(0))
-        ctx.layout, ctx.grp, ctx.scale, ctx.first = layout, grp, scale, S_in is None
-        return local.output(S_in).to(v.dtype)
+        S_leaf, out = _outputs(local, _fold(maps, grp.index, dk))
+        ctx.kept = (leaves, local, S_leaf, out, maps[..., :dk].clone())
+        ctx.grp = grp
+        return out.detach().to(v.dtype)
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, g, beta, A_all, S_in = ctx.saved_tensors
-        layout, grp = ctx.layout, ctx.grp
+        leaves, local, S_leaf, out, A_all = ctx.kept
+        del ctx.kept
+        grp = ctx.grp
         r, s = grp.index, grp.size
-        leaves = tuple(t.detach().requires_grad_(True) for t in (q, k, v, g, beta))
-        with torch.enable_grad():
-            local = local_gdn(*leaves, layout.chunks, ctx.scale)
-            do = dout.to(local.dtype)
-            if ctx.first:
-                S_leaf, out = None, local.output(None)
-                d_in = torch.zeros_like(local.B)
-            else:
-                S_leaf = S_in.detach().requires_grad_(True)
-                out = local.output(S_leaf)
-                d_in = torch.autograd.grad(out, S_leaf, do, retain_graph=True)[0]
+        do = dout.to(local.dtype)
+        if S_leaf is None:
+            d_in = torch.zeros_like(local.B)
+        else:
+            d_in = torch.autograd.grad(out, S_leaf, do, retain_graph=True)[0]
         d_all, _ = all_gather(d_in, grp, "gdn.grad_states")
         G = torch.zeros_like(d_in)  # gradient of the state leaving this rank's chunk
         for c in range(s - 1, r, -1):
             G = d_all[c] + A_all[c].transpose(-1, -2) @ G
-        dA = G @ S_in.transpose(-1, -2) if not ctx.first else torch.zeros_like(local.A)
-        grads = torch.autograd.grad([out, local.A, local.B], leaves, [do, dA, G], allow_unused=True)
-        return (*[torch.zeros_like(t) if gr is None else gr.to(t.dtype) for gr, t in zip(grads, leaves)],
-                None, None, None)
+        dA = G @ S_leaf.detach().transpose(-1, -2) if S_leaf is not None else torch.zeros_like(local.A)
+        grads = _input_grads([out, local.A, local.B], [do, dA, G], leaves)
+        return (*[gr.to(t.dtype) for gr, t in zip(grads, leaves)], None, None, None)
 
 
 # ----- the ring: the state passed rank to rank (the LASP-1 baseline) -----
@@ -241,29 +259,26 @@ class _GatherGDN(torch.autograd.Function):
 class _RingGDN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, layout: PackLayout, grp: SPGroup, scale: float):
-        local = local_gdn(q, k, v, g, beta, layout.chunks, scale)
-        S_in = None if grp.index == 0 else recv(local.B, grp, grp.index - 1, "gdn_ring.states")
+        leaves, local = _local_graph(q, k, v, g, beta, layout.chunks, scale)
+        S_in = None if grp.index == 0 else recv(local.B.detach(), grp, grp.index - 1, "gdn_ring.states")
+        S_leaf, out = _outputs(local, S_in)
+        with torch.enable_grad():
+            passed = local.B if S_leaf is None else local.A @ S_leaf + local.B
         if grp.index < grp.size - 1:
-            send(local.B if S_in is None else local.A @ S_in + local.B, grp, grp.index + 1, "gdn_ring.states")
-        ctx.save_for_backward(q, k, v, g, beta, S_in if S_in is not None else torch.empty(0))
-        ctx.layout, ctx.grp, ctx.scale, ctx.first = layout, grp, scale, S_in is None
-        return local.output(S_in).to(v.dtype)
+            send(passed.detach(), grp, grp.index + 1, "gdn_ring.states")
+        ctx.kept = (leaves, local, S_leaf, out, passed)
+        ctx.grp = grp
+        return out.detach().to(v.dtype)
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, g, beta, S_in = ctx.saved_tensors
+        leaves, local, S_leaf, out, passed = ctx.kept
+        del ctx.kept
         grp = ctx.grp
-        leaves = tuple(t.detach().requires_grad_(True) for t in (q, k, v, g, beta))
-        S_leaf = None if ctx.first else S_in.detach().requires_grad_(True)
-        with torch.enable_grad():
-            local = local_gdn(*leaves, ctx.layout.chunks, ctx.scale)
-            out = local.output(S_leaf)
-            passed = local.B if S_leaf is None else local.A @ S_leaf + local.B
         d_passed = torch.zeros_like(local.B) if grp.index == grp.size - 1 else \
-            recv(local.B, grp, grp.index + 1, "gdn_ring.grad")
-        wrt = leaves if S_leaf is None else (*leaves, S_leaf)
-        grads = torch.autograd.grad([out, passed], wrt, [dout.to(local.dtype), d_passed], allow_unused=True)
-        grads = [torch.zeros_like(t) if gr is None else gr for gr, t in zip(grads, wrt)]
+            recv(local.B.detach(), grp, grp.index + 1, "gdn_ring.grad")
+        extra = () if S_leaf is None else (S_leaf,)
+        grads = _input_grads([out, passed], [dout.to(local.dtype), d_passed], leaves, extra)
         if S_leaf is not None:
             send(grads[-1], grp, grp.index - 1, "gdn_ring.grad")
         return (*[gr.to(t.dtype) for gr, t in zip(grads[:5], leaves)], None, None, None)

@@ -77,6 +77,14 @@ class HFCausalLM(nn.Module):
     def vocab_size(self) -> int:
         return int(self.hf.config.vocab_size)
 
+    def train(self, mode: bool = True) -> "HFCausalLM":
+        """Also makes sure every Gated DeltaNet layer still runs pliant's forward: anything that
+        re-binds a module's forward on a mode change (transformers' kernelization) must not put
+        the layer's own whole-row recurrence back under SP."""
+        super().train(mode)
+        attach_gdn(self.hf)
+        return self
+
     def forward(self, tokens: torch.Tensor, ctx: SeqContext, logits_to_keep: int = 0) -> torch.Tensor:
         """`logits_to_keep`: 0 for every token's logits, n for the last n only (generation's
         prefill runs for the decode cache, not the logits)."""
@@ -135,9 +143,10 @@ def load_hf_model(path: str | Path, dtype: torch.dtype, device: torch.device | s
     # MoE blocks (Qwen3-Next) run as transformers' own modules, replicated like a dense MLP; its
     # default grouped GEMM takes no float64, so float64 (the exactness tests) runs its per-expert loop
     experts = {"experts_implementation": "eager"} if dtype == torch.float64 else {}
-    try:
+    try:  # use_kernels=False: no hub kernels (downloads), and no re-kernelization on train()/eval(),
+        # which would put transformers' own Gated DeltaNet forward back in place of pliant's
         model, info = AutoModelForCausalLM.from_pretrained(d.path, dtype=dtype, attn_implementation=ATTENTION,
-                                                           output_loading_info=True, **experts)
+                                                           output_loading_info=True, use_kernels=False, **experts)
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelDirError(f"{d.path}: transformers could not load the model: {e}") from None
     missing = [k for k in info.get("missing_keys", [])]

@@ -173,7 +173,7 @@ def hf_model_grads(ctx, model_dir, lengths, groups, seed, linear: str = "lasp2")
     from pliant.runtime.model import lm_loss_sum
     from pliant.runtime.packing import real_targets, shard_pack
 
-    model = load_hf_model(model_dir, torch.float64)
+    model = load_hf_model(model_dir, torch.float64).train()  # as training runs it (a mode change keeps pliant's layers)
     seqs = batch_tokens(lengths, model.hf.config.vocab_size, seed)
     norm = real_targets([len(s) for s in seqs])
     start, size, ids = next((st, sz, ids) for st, sz, ids in groups if st <= ctx.rank < st + sz)

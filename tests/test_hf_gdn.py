@@ -109,3 +109,22 @@ def test_a_hybrid_family_pliant_does_not_run_is_named(model_dir, tmp_path, arch,
     with pytest.raises(ValueError, match=rf"architecture '{arch}' .* is a hybrid family pliant does not run.*"
                                          r"Qwen3_5ForCausalLM \(qwen3_5_text\), Qwen3NextForCausalLM"):
         ModelSpec(hf_path=str(bad), zero_stage=1)
+
+
+def test_mode_changes_keep_pliant_gated_deltanet(model_dirs):
+    """train() / eval() (DeepSpeed's engine, the RL learner's evaluation) must not put
+    transformers' own whole-row Gated DeltaNet forward back: with hub kernels on, transformers
+    re-kernelizes on a mode change and drops an instance's forward. Both the wrapped model's and
+    the transformers model's own mode changes are checked."""
+    from pliant.runtime.gdn import gdn_forward
+    from pliant.runtime.hf import load_hf_model
+
+    for family, path in model_dirs.items():
+        model = load_hf_model(path, torch.float64)
+        assert not model.hf.use_kernels
+        model.train()
+        model.eval()
+        model.hf.train()
+        model.hf.eval()
+        layers = [m for m in model.modules() if type(m).__name__.endswith("GatedDeltaNet")]
+        assert len(layers) == 3 and all(m.forward.__func__ is gdn_forward for m in layers), family

@@ -53,7 +53,7 @@ def models(tmp_path_factory):
                              ffn_hidden=48, initializer_range=0.3, layers=4 if fam in HYBRID_FAMILIES else 2)
         ref = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float64, attn_implementation="sdpa",
                                                    experts_implementation="eager").eval()
-        out[fam] = (load_hf_model(d, torch.float64).eval(), ref)
+        out[fam] = (load_hf_model(d, torch.float64).train().eval(), ref)  # a mode change keeps pliant's layers
     return out
 
 
