@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="an earlier `bench planner` result on the same batches (same lengths, tokens, seed): "
                          "each plan is set against its plan")
 
-    bc = bsub.add_parser("comm", help="LASP-2, ring, Ulysses, LASP-2H and DeepSpeed-Ulysses on local ranks")
+    bc = bsub.add_parser("comm", help="LASP-2, ring, Ulysses, LASP-2H, DeepSpeed-Ulysses and the gated delta rule "
+                                       "(gather, ring, heads) on local ranks")
     bc.add_argument("--world", type=int, default=4)
     bc.add_argument("--lengths", default="4096,16384,65536", help="comma-separated sequence lengths")
     bc.add_argument("--out", default="bench-comm.json")
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--head-dim", type=int, default=32)
     bc.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     bc.add_argument("--repeats", type=int, default=3)
-    bc.add_argument("--methods", default="lasp2,ring,ulysses,lasp2h,deepspeed")
+    bc.add_argument("--methods", default="lasp2,ring,ulysses,lasp2h,deepspeed,gdn_gather,gdn_ring,gdn_heads")
     bc.add_argument("--short", type=int, default=64,
                     help="every length also runs as sequences of this many tokens (0: one sequence only)")
     bc.add_argument("--softmax-max-len", type=int, default=None,
@@ -178,6 +179,8 @@ def _add_data_parsers(sub, bsub) -> None:
     da.add_argument("--train", type=int, default=1000, help="training problems")
     da.add_argument("--test", type=int, default=200, help="held-out problems (none of them in train.jsonl)")
     da.add_argument("--seed", type=int, default=0)
+    da.add_argument("--family", default="llama", help="the policy's model family, as `pliant model init --family` "
+                                                      "(qwen3_5, qwen3_next: Gated DeltaNet hybrids, 4 layers)")
     da.add_argument("--overwrite", action="store_true", help="replace DIR/policy if it exists")
 
     bpp = bsub.add_parser("prepare", help="pliant data prepare vs the tokenizer's own encode_batch, tokens/s")
@@ -196,7 +199,13 @@ def cmd_data(args: argparse.Namespace) -> int:
         if (out / "policy").exists() and not args.overwrite:
             print(f"{out / 'policy'} exists: keeping it and its dataset (--overwrite makes them again)")
             return 0
-        files = prepare_arithmetic(out, train=args.train, test=args.test, seed=args.seed, overwrite=args.overwrite)
+        from pliant.runtime.scaffold import FAMILIES, HYBRID_FAMILIES
+
+        if args.family not in FAMILIES + HYBRID_FAMILIES:
+            raise ValueError(f"--family {args.family!r}: choose from {', '.join(FAMILIES + HYBRID_FAMILIES)}")
+        layers = 4 if args.family in HYBRID_FAMILIES else 2  # three Gated DeltaNet layers and a softmax one
+        files = prepare_arithmetic(out, train=args.train, test=args.test, seed=args.seed, overwrite=args.overwrite,
+                                   family=args.family, layers=layers)
         print(f"wrote {files.train} ({args.train} problems), {files.test} ({args.test}) and the policy {files.policy}")
         return 0
     if args.data == "sample-corpus":

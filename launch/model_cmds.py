@@ -23,7 +23,11 @@ def add_model_commands(sub) -> None:
     msub = m.add_subparsers(dest="model_command", required=True)
     i = msub.add_parser("init", help="a tiny random-initialised Hugging Face model directory and a byte-level BPE "
                                      "tokenizer trained on a corpus (no downloads)")
-    i.add_argument("--family", choices=["llama", "qwen2", "qwen3", "mistral"], default="llama")
+    from pliant.runtime.scaffold import FAMILIES, HYBRID_FAMILIES
+
+    i.add_argument("--family", choices=FAMILIES + HYBRID_FAMILIES, default="llama",
+                   help=f"all softmax attention: {', '.join(FAMILIES)}; hybrid (three Gated DeltaNet layers per "
+                        f"gated softmax layer): {', '.join(HYBRID_FAMILIES)} (qwen3_next with sparse MoE MLPs)")
     i.add_argument("--corpus", nargs="+", required=True, metavar="FILE",
                    help="JSONL, JSONL.gz or Parquet files the tokenizer is trained on")
     i.add_argument("--text-key", default="text")
@@ -59,6 +63,9 @@ def cmd_model_init(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not empty; choose a new directory")
+    shape = dict(hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
+                 ffn_hidden=args.ffn_hidden)
+    check_hybrid_shape(args.family, args.vocab_size, shape)
     paths = check_inputs(args.corpus)
     texts = itertools.chain.from_iterable(b.texts for b in iter_text_batches(paths, args.text_key, 1024))
     tmp = out.parent / f".{out.name}.init-tmp"
@@ -66,9 +73,7 @@ def cmd_model_init(args: argparse.Namespace) -> int:
     try:
         tok = train_bpe_tokenizer(itertools.islice(texts, args.tokenizer_docs), args.vocab_size, tmp)
         vocab = -(-len(tok) // 64) * 64  # the embedding rounded up to a multiple of 64, as model configs do
-        write_tiny_model(args.family, tmp, vocab, seed=args.seed, dtype=torch.float32, tokenizer_dir=tmp,
-                         hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
-                         ffn_hidden=args.ffn_hidden)
+        write_tiny_model(args.family, tmp, vocab, seed=args.seed, dtype=torch.float32, tokenizer_dir=tmp, **shape)
         if out.exists():
             out.rmdir()
         tmp.rename(out)
@@ -78,6 +83,25 @@ def cmd_model_init(args: argparse.Namespace) -> int:
     print(f"wrote {out}: a random-initialised {args.family} model ({args.layers} layers, hidden {args.hidden}, "
           f"vocab {vocab}) and a byte-level BPE tokenizer of {len(tok)} tokens")
     return 0
+
+
+def check_hybrid_shape(family: str, vocab_size: int, shape: dict) -> None:
+    """Refuse, before the tokenizer trains, a hybrid shape that transformers cannot run: the
+    gated softmax layer comes every 4th layer (with none, its cached forward fails building the
+    attention mask), and each Gated DeltaNet key head must serve a whole number of value heads."""
+    from pliant.planner.model_dir import ModelDirError
+    from pliant.runtime.scaffold import HYBRID_FAMILIES, tiny_config
+
+    if family not in HYBRID_FAMILIES:
+        return
+    cfg = tiny_config(family, vocab_size, **shape)
+    if "full_attention" not in cfg.layer_types:
+        raise ModelDirError(f"--layers {shape['layers']}: {family} has a gated softmax layer every 4th layer; with "
+                            f"none, transformers' forward (with its default cache) fails: use --layers 4 or more")
+    if cfg.linear_num_value_heads % cfg.linear_num_key_heads:
+        raise ModelDirError(f"--heads {shape['heads']}: {family}'s Gated DeltaNet layers get "
+                            f"{cfg.linear_num_key_heads} key heads for {cfg.linear_num_value_heads} value heads, "
+                            f"not a multiple; use an even --heads (or 1)")
 
 
 def run_model_command(args: argparse.Namespace) -> int | None:

@@ -2,7 +2,9 @@
 corpus, `pliant model init` (a tiny Llama-style directory and a BPE tokenizer trained on the
 corpus), `pliant data prepare` (Megatron's indexed format), `pliant train` with the adaptive
 planner on 4 ranks under the supervisor, `pliant export`; the exported model, loaded by
-transformers, has a lower loss on held-out documents than the source model."""
+transformers, has a lower loss on held-out documents than the source model. `pliant model init`
+of the hybrid families (Qwen3.5, Qwen3-Next) at its default shape gives directories
+transformers loads and runs; hybrid shapes it cannot run are refused."""
 from __future__ import annotations
 
 import json
@@ -16,6 +18,7 @@ import pytest
 import torch
 
 from pliant.launch.cli import main as cli
+from pliant.runtime.scaffold import HYBRID_FAMILIES
 
 from conftest import REPO
 
@@ -69,3 +72,24 @@ def test_train_your_own_model(tmp_path, monkeypatch):
     print(f"held-out loss per token: source {before:.3f} (ln vocab {math.log(2048):.3f}), "
           f"after 30 steps {after:.3f}; training loss {steps[0]['loss']:.3f} -> {steps[-1]['loss']:.3f}")
     assert after < before - 0.5
+
+
+def test_model_init_hybrid_families(tmp_path, capsys):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i}  # doc {i}"}) + "\n"
+                              for i in range(300)))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for family in HYBRID_FAMILIES:
+        out = tmp_path / family
+        assert cli(["model", "init", "--family", family, "--corpus", str(corpus), "--out", str(out),
+                    "--vocab-size", "512"]) == 0  # the default shape: hidden 128, 4 layers, 4 heads, 2 kv heads
+        model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], info
+        assert model.config.layer_types == ["linear_attention"] * 3 + ["full_attention"]
+        ids = torch.tensor([AutoTokenizer.from_pretrained(out)("def f(x): return x")["input_ids"]])
+        assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
+    for bad, said in ((["--layers", "2"], "--layers 4 or more"), (["--heads", "5", "--hidden", "160"], "even --heads")):
+        assert cli(["model", "init", "--family", "qwen3_5", "--corpus", str(corpus), "--out",
+                    str(tmp_path / "bad"), *bad]) == 2
+        assert said in capsys.readouterr().err and not (tmp_path / "bad").exists()
