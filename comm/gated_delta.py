@@ -27,9 +27,10 @@ The local part (`chunk_gated_delta`) runs every sequence of a pack at once, padd
 transformers use: a unit-triangular solve per block, then a log-depth scan over blocks), so
 its torch ops do not grow with the number of sequences and grow with the log of the length.
 On CUDA, flash-linear-attention's `chunk_gated_delta_rule` runs it instead when installed
-(`FusedLocalGDN`: the maps from two varlen calls; comm/kernels.py chooses), with the torch
-path as its oracle. `gdn_halo` gives each rank the last k-1 inputs of the chunks before its
-own, for the layer's short causal convolution.
+(`FusedLocalGDN`: varlen calls from a zero state, from the identity and from the entering
+states; comm/kernels.py chooses), with the torch path as its oracle. `gdn_halo` gives each
+rank the last k-1 inputs of the chunks before its own, for the layer's short causal
+convolution.
 """
 from __future__ import annotations
 
@@ -147,29 +148,46 @@ class LocalGDN:
 
 class FusedLocalGDN:
     """`LocalGDN`'s interface by flash-linear-attention's fused varlen kernel
-    (`chunk_gated_delta_rule`, every chunk of the pack in one call over cu_seqlens): two calls,
-    one from a zero state (the outputs o0 and each chunk's B) and one with v = 0 from the
-    identity (each chunk's transition A as its final state, and q's view of it, oA = scale q A_t,
-    as its output), so that any entering state S_in gives o = o0 + oA S_in. Both calls are
-    differentiable (the kernel's backward), so a backward's recomputation runs through them."""
+    (`chunk_gated_delta_rule`, every chunk of the pack in one call over cu_seqlens). One call
+    from a zero state gives the outputs o0 and each chunk's B. With v = 0 the recurrence is
+    linear in the state, so a call from the identity gives each chunk's transition A as its
+    final state (made when first asked for: a group of one never needs it), and a call from the
+    entering states S_in gives their part of the outputs, scale q A_t S_in, without a state per
+    token. Every call is differentiable (the kernel's backward, dh0 included)."""
 
     def __init__(self, kernel: Callable, q, k, v, g, beta, chunks: tuple[int, ...], scale: float):
         self.dtype = torch.float32
-        n, H, dk = len(chunks), q.shape[1], q.shape[2]
-        cu = dict(cu_seqlens=cumulative(chunks, q.device, torch.long), cu_seqlens_cpu=cumulative(chunks, "cpu",
-                                                                                                   torch.long))
-        self.seq = _chunk_index(chunks, q.device)[0]
-        qs, ks, gs, bs = q[None], k[None], g[None].float(), beta[None]
-        o0, B = kernel(qs, ks, v[None], gs, bs, scale=scale, output_final_state=True, **cu)
-        eye = torch.eye(dk, dtype=torch.float32, device=q.device).expand(n, H, dk, dk).contiguous()
-        oA, A = kernel(qs, ks, torch.zeros_like(k)[None], gs, bs, scale=scale, initial_state=eye,
-                       output_final_state=True, **cu)
-        self.o0, self.oA, self.A, self.B = o0[0].float(), oA[0].float(), A.float(), B.float()
+        self._grad = torch.is_grad_enabled()  # the lazy calls below build graphs as this one does
+        self._kernel, self._scale = kernel, scale
+        self._cu = dict(cu_seqlens=cumulative(chunks, q.device, torch.long),
+                        cu_seqlens_cpu=cumulative(chunks, "cpu", torch.long))
+        self._qkgb = (q[None], k[None], g[None].float(), beta[None])
+        self._shape = (len(chunks), q.shape[1], q.shape[2], v.shape[2])  # n, H, dk, dv
+        q1, k1, g1, b1 = self._qkgb
+        o0, B = kernel(q1, k1, v[None], g1, b1, scale=scale, output_final_state=True, **self._cu)
+        self.o0, self.B = o0[0].float(), B.float()
+        self._A: torch.Tensor | None = None
+
+    def _from_state(self, state: torch.Tensor, width: int, final: bool):
+        """The kernel with v = 0 (`width` wide) from `state` [n, H, dk, width]: (outputs, final state)."""
+        q1, k1, g1, b1 = self._qkgb
+        zeros = q1.new_zeros(q1.shape[:3] + (width,))
+        with torch.set_grad_enabled(self._grad):
+            return self._kernel(q1, k1, zeros, g1, b1, scale=self._scale, initial_state=state.float().contiguous(),
+                                output_final_state=final, **self._cu)
+
+    @property
+    def A(self) -> torch.Tensor:
+        if self._A is None:
+            n, H, dk, _ = self._shape
+            eye = torch.eye(dk, dtype=torch.float32, device=self.B.device).expand(n, H, dk, dk)
+            self._A = self._from_state(eye, dk, True)[1].float()
+        return self._A
 
     def output(self, S_in: torch.Tensor | None) -> torch.Tensor:
         if S_in is None:
             return self.o0
-        return self.o0 + torch.einsum("thk,thkv->thv", self.oA, S_in[self.seq])
+        return self.o0 + self._from_state(S_in, self._shape[3], False)[0][0].float()
 
 
 def local_gdn(q, k, v, g, beta, chunks: tuple[int, ...], scale: float) -> LocalGDN | FusedLocalGDN:

@@ -237,11 +237,14 @@ class CostModel:
         if s == 1 or self.n_linear == 0:
             return 0.0 if lengths is None else np.zeros(np.shape(lengths))
         halo = (s - 1) * self.conv_halo_bytes * self.passes
-        if form == "heads":
+        if form == "heads":  # q, k, v, beta in the model's dtype, the log decay g in float32; the output back
             local = self.padded(lengths, s) / s
-            per_token = (2 * self.linear_dk + 2 * self.linear_dv + 2) * self.linear_heads * self.dtype_bytes
+            per_token = ((2 * self.linear_dk + 2 * self.linear_dv + 1) * self.dtype_bytes + STATE_BYTES) * self.linear_heads
             return self.n_linear * (self.passes * local * (s - 1) / s * per_token + halo)
-        fwd = (self.passes - 1) * self.linear_state_bytes  # forward, and its recomputation with checkpointing
+        # LASP-2 gathers each chunk's state (pliant's linear attention) or map (the gated delta
+        # rule); the ring passes a state (heads x dk x dv) rank to rank
+        state = self.linear_grad_bytes if form == "ring" else self.linear_state_bytes
+        fwd = (self.passes - 1) * state  # forward, and its recomputation with checkpointing
         per_seq = float(self.n_linear * ((s - 1) * (fwd + self.linear_grad_bytes) + halo))
         return per_seq if lengths is None else np.full(np.shape(lengths), per_seq)
 

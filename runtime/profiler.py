@@ -122,10 +122,11 @@ def slowest_rank_ms(fn: Callable[[], None], repeats: int, warmup: int, device: t
 
 
 def time_packs(model: torch.nn.Module, registry: GroupRegistry, cases: Sequence[tuple[int, list[int]]], per_node: int,
-               device: torch.device, form_of: Callable[[int], SPForm], repeats: int = 3, warmup: int = 1,
+               device: torch.device, form_of: Callable[..., SPForm], repeats: int = 3, warmup: int = 1,
                seed: int = 0) -> list[PackTiming]:
     """Forward + backward time of each (group size, lengths) case, all groups of the tiling busy,
-    each group running the SP form a plan would give it (`form_of`: the cost model's `sp_form`)."""
+    each group running the SP form a plan would give it (`form_of(size, lengths)`: the cost
+    model's `sp_form`, so the timing and the pricing it is fitted with agree)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     gen = torch.Generator().manual_seed(seed)
     vocab = model.vocab_size
@@ -137,7 +138,7 @@ def time_packs(model: torch.nn.Module, registry: GroupRegistry, cases: Sequence[
         def step() -> None:
             if group is None:
                 return
-            pack = shard_pack(seqs, group, device, form_of(size))
+            pack = shard_pack(seqs, group, device, form_of(size, np.asarray(lengths)))
             lm_loss_sum(model(pack.tokens, pack.ctx), pack.targets).backward()
             model.zero_grad(set_to_none=True)
 

@@ -103,4 +103,5 @@ def fla_gated_delta_varlen(q, k, v, g, beta, scale=None, initial_state=None, out
                       output_final_state=True)
         outs.append(o)
         states.append(ht)
-    return torch.cat(outs, dim=1), (torch.cat(states) if output_final_state else None)
+    # fla returns o in q's dtype (rounded before pliant adds the entering state's part), states in float32
+    return torch.cat(outs, dim=1).to(q.dtype), (torch.cat(states) if output_final_state else None)

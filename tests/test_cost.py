@@ -156,12 +156,17 @@ def test_planner_gives_gated_delta_groups_the_form_it_prices():
     lengths = np.concatenate([rng.integers(32, 256, 40), [6000, 9000]])
     plan = planner.plan(lengths)
     validate_plan(plan, planner.cost, planner.sizes)  # checks each group's form against sp_form(size, lengths)
-    forms = {g.linear_sp for mb in plan.micro_batches for g in mb.groups if g.seq_ids and g.size > 1}
     for mb in plan.micro_batches:
         for g in mb.groups:
             if g.seq_ids:
                 assert g.form == planner.cost.sp_form(g.size, lengths[g.seq_ids])
-    assert forms <= {"lasp2", "heads"}
+    # groups of 4 (a fixed degree): a batch of short sequences runs the head all-to-all, one of
+    # long ones the gather, each plan valid (its groups priced in the form they run)
+    for batch, want in ((np.full(16, 64), "heads"), (np.full(4, 9000), "lasp2")):
+        fixed = planner.plan_for(batch, 4)
+        validate_plan(fixed, planner.cost)
+        forms = {g.linear_sp for mb in fixed.micro_batches for g in mb.groups if g.seq_ids}
+        assert forms == {want}, (batch[0], forms)
 
 
 def test_linear_sp_heads_and_expert_parallel_bad_input():
