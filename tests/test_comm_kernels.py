@@ -27,7 +27,7 @@ GLUE_TOL = 1e-4  # fla's naive reference computes in float32
 
 def test_cpu_runs_the_torch_path():
     q = torch.zeros(4, 2, 8, dtype=torch.bfloat16)
-    assert C.kernel_names(q) == {"linear": "torch", "softmax": "torch"}
+    assert C.kernel_names(q) == {"linear": "torch", "gated_delta": "torch", "softmax": "torch"}
     with C.use_kernels(linear=print):
         assert kernels.linear_kernel(q) is print and kernels.softmax_kernel(q) is None
         with C.torch_kernels():
@@ -38,10 +38,11 @@ def test_cpu_runs_the_torch_path():
 
 def test_environment_forces_the_torch_path(monkeypatch):
     q = torch.zeros(4, 2, 8)
-    with C.use_kernels(linear=print, softmax=print):
-        assert C.kernel_names(q) == {"linear": "fla.chunk_simple_gla", "softmax": "flash_attn_varlen_func"}
+    with C.use_kernels(linear=print, softmax=print, gated_delta=print):
+        assert C.kernel_names(q) == {"linear": "fla.chunk_simple_gla", "gated_delta": "fla.chunk_gated_delta_rule",
+                                     "softmax": "flash_attn_varlen_func"}
         monkeypatch.setenv("PLIANT_KERNELS", "torch")
-        assert C.kernel_names(q) == {"linear": "torch", "softmax": "torch"}
+        assert C.kernel_names(q) == {"linear": "torch", "gated_delta": "torch", "softmax": "torch"}
 
 
 def test_cumulative_lengths():
