@@ -65,26 +65,25 @@ def _torch_only() -> bool:
     return _forced_torch or os.environ.get("PLIANT_KERNELS", "auto").lower() == "torch"
 
 
-def linear_kernel(q: torch.Tensor) -> Callable | None:
-    """fla's `chunk_simple_gla` when it can compute this linear-attention call, else None."""
+def _fused_linear(kind: str, q: torch.Tensor, load: Callable[[], Callable | None]) -> Callable | None:
+    """The chosen kernel of `kind`, else fla's (`load`) where it runs for q, else None."""
     if _torch_only():
         return None
-    if "linear" in _chosen:
-        return _chosen["linear"]
+    if kind in _chosen:
+        return _chosen[kind]
     if not q.is_cuda or q.dtype not in FUSED_LINEAR_DTYPES:
         return None
-    return _fla_chunk_simple_gla()
+    return load()
+
+
+def linear_kernel(q: torch.Tensor) -> Callable | None:
+    """fla's `chunk_simple_gla` when it can compute this linear-attention call, else None."""
+    return _fused_linear("linear", q, _fla_chunk_simple_gla)
 
 
 def gated_delta_kernel(q: torch.Tensor) -> Callable | None:
     """fla's `chunk_gated_delta_rule` when it can compute this gated-delta call, else None."""
-    if _torch_only():
-        return None
-    if "gated_delta" in _chosen:
-        return _chosen["gated_delta"]
-    if not q.is_cuda or q.dtype not in FUSED_LINEAR_DTYPES:
-        return None
-    return _fla_chunk_gated_delta()
+    return _fused_linear("gated_delta", q, _fla_chunk_gated_delta)
 
 
 def softmax_kernel(q: torch.Tensor) -> Callable | None:

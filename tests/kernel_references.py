@@ -21,15 +21,17 @@ import torch
 
 
 @functools.lru_cache(maxsize=None)
-def _fla_naive():
+def _fla_naive(op: str = "simple_gla", name: str = "naive_recurrent_simple_gla"):
+    """fla's pure-torch reference `name` from fla/ops/<op>/naive.py, loaded from its file (the
+    package's `fla.ops` imports triton)."""
     spec = importlib.util.find_spec("fla")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("fla-core is not installed (pip install fla-core): it holds the naive references")
-    path = Path(list(spec.submodule_search_locations)[0]) / "ops" / "simple_gla" / "naive.py"
-    mod_spec = importlib.util.spec_from_file_location("fla_simple_gla_naive", path)
+    path = Path(list(spec.submodule_search_locations)[0]) / "ops" / op / "naive.py"
+    mod_spec = importlib.util.spec_from_file_location(f"fla_{op}_naive", path)
     mod = importlib.util.module_from_spec(mod_spec)
     mod_spec.loader.exec_module(mod)
-    return mod.naive_recurrent_simple_gla
+    return getattr(mod, name)
 
 
 def fla_simple_gla_varlen(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, output_final_state=False,
@@ -73,23 +75,11 @@ def flash_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     return torch.cat(outs)
 
 
-@functools.lru_cache(maxsize=None)
-def _fla_gdn_naive():
-    spec = importlib.util.find_spec("fla")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("fla-core is not installed (pip install fla-core): it holds the naive references")
-    path = Path(list(spec.submodule_search_locations)[0]) / "ops" / "gated_delta_rule" / "naive.py"
-    mod_spec = importlib.util.spec_from_file_location("fla_gated_delta_naive", path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    return mod.naive_recurrent_gated_delta_rule
-
-
 def fla_gated_delta_varlen(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                            cu_seqlens=None, cu_seqlens_cpu=None, **kwargs):
     """`fla.ops.gated_delta_rule.chunk_gated_delta_rule`'s signature for pliant's call shape,
     computed by fla's own `naive_recurrent_gated_delta_rule` one sequence at a time (float32)."""
-    naive = _fla_gdn_naive()
+    naive = _fla_naive("gated_delta_rule", "naive_recurrent_gated_delta_rule")
     assert q.shape[0] == 1 and cu_seqlens is not None and not kwargs, "pliant's call shape"
     assert g.dtype == torch.float32, "the log decay goes in float32"
     if cu_seqlens_cpu is not None:
