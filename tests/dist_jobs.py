@@ -126,7 +126,8 @@ def model_grads(ctx, spec_kwargs, lengths, groups, seed):
     norm = real_targets([len(s) for s in seqs])
     start, size, ids = next((st, sz, ids) for st, sz, ids in groups if st <= ctx.rank < st + sz)
     g = ctx.registry.get(start, size)
-    pack = shard_pack([seqs[i] for i in ids], g, form=sp_form(size, spec.heads, spec.linear_sp))
+    linear = "lasp2" if spec.linear_sp == "auto" else spec.linear_sp  # auto: LASP-2 unless priced
+    pack = shard_pack([seqs[i] for i in ids], g, form=sp_form(size, spec.heads, linear))
     loss = lm_loss_sum(model(pack.tokens, pack.ctx), pack.targets) / norm
     loss.backward()
     flat = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
