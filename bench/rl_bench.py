@@ -129,7 +129,8 @@ def run(cfg, out: Path, seeds: int, modes: list[str], last: int = 5, worlds: lis
                     mode, k = MODES[name]
                     run_dir = runs_dir / (f"{name}-seed{seed}" if len(worlds) == 1 else f"{name}-w{w}-seed{seed}")
                     r = runner.run(configs[w], run_dir, mode=mode, staleness=k, seed=seed,
-                                   sft_cache=runs_dir / f"warm-start-seed{seed}.pt")
+                                   sft_cache=runs_dir / f"warm-start-seed{seed}.pt",
+                                   checkpoints=False)  # throughput: no checkpoint writes in the runs measured
                     rewards = [s["reward"] for s in r.steps[-last:] if s["reward"] is not None]
                     rec = {"name": name, **r.summary(), "run_dir": str(run_dir),
                            "train_reward_last": sum(rewards) / len(rewards) if rewards else None,

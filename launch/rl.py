@@ -73,4 +73,9 @@ def cmd_rl(args: argparse.Namespace) -> int:
                   f"{summary['rollout_idle_fraction']:.0%}, learner idle {summary['learner_idle_fraction']:.0%}; "
                   f"learner of {summary['learner_world']} rank(s), SP groups {groups(summary['group_sizes'])}; "
                   f"wrote {run_dir / 'summary.json'}", soft_wrap=True)
+    if result.learner.get("checkpoint"):
+        ckpt = Path(result.learner["checkpoint"])
+        console.print(f"the trained policy: {ckpt} (pliant export --run-dir {run_dir} --step "
+                      f"{int(ckpt.name.split('-')[1])} --out DIR writes it as a Hugging Face model directory)",
+                      soft_wrap=True)
     return 0

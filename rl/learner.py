@@ -31,6 +31,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -39,6 +40,7 @@ import torch.distributed as dist
 
 from pliant.planner import Plan
 from pliant.planner.spec import BandwidthSpec, ClusterSpec
+from pliant.runtime.checkpoint import Checkpointer
 from pliant.runtime.executor import PlanExecutor
 from pliant.runtime.generate import Request, generate
 from pliant.runtime.hf import DTYPES, build_model
@@ -64,6 +66,9 @@ class Chunk:
     plan: Plan | None  # None: no usable sample (every rank joins the gradient reduction idle)
     last: bool
     stats: dict[str, Any] = field(default_factory=dict)  # rank 0's bookkeeping, not trained on
+
+
+FINAL_CHECKPOINT = "final checkpoint"  # rank 0's message to the others after the last step
 
 
 def learner_cluster(cfg) -> ClusterSpec:
@@ -115,6 +120,10 @@ class Learner:
         self.trained_groups: dict[int, int] = {}
         self.duplicates = 0
         self.skipped: list[dict] = []
+        self.checkpointer: Checkpointer | None = None
+        self.saved: Path | None = None  # the newest checkpoint this run wrote
+        self.saved_version = -1
+        self.writing = False
 
     # ----- the process group -----
     def address(self) -> tuple[str, int]:
@@ -221,6 +230,29 @@ class Learner:
     def optimizer_step(self) -> None:
         self.engine.step()
         self.version += 1
+        every = self.rl.checkpoint_every
+        if self.checkpointer is not None and every and self.version % every == 0:
+            self.save_checkpoint()
+
+    # ----- checkpoints (every rank: DeepSpeed writes each rank's ZeRO partitions) -----
+    def save_checkpoint(self) -> Path:
+        """The learner's state as `pliant train` writes it (runtime/checkpoint.py: atomic, a
+        COMPLETE marker), so `pliant export --run-dir RUN` reads an RL run too; step = the
+        policy version."""
+        meta = {"step": self.version, "version": self.version, "run": "rl", "world_size": self.world,
+                "model": self.cfg.model.model_dump(mode="json"),
+                "trained_groups": {str(g): s for g, s in self.trained_groups.items()}}
+        self.writing = True  # the driver's stall watchdog waits for a write, as for a step
+        try:
+            self.saved = self.checkpointer.save(self.engine, self.version, meta)
+        finally:
+            self.writing = False
+        self.saved_version = self.version
+        return self.saved
+
+    def checkpointing(self) -> bool:
+        """Whether rank 0 is writing a checkpoint now (no step is due while it does)."""
+        return self.writing
 
     # ----- rank 0: the dataflow -----
     def _usable(self, members: list[Sample]) -> list[Sample]:
@@ -272,16 +304,25 @@ class Learner:
             self.steps.append(row)
             self.unrecorded.pop(0)
 
-    def run(self, tq=None, store=None, sync: bool = False) -> dict[str, Any]:
-        """The RL loop; rank 0 reads the queue, the others train what it broadcasts."""
+    def run(self, tq=None, store=None, sync: bool = False, run_dir: str | None = None) -> dict[str, Any]:
+        """The RL loop; rank 0 reads the queue, the others train what it broadcasts. With
+        `run_dir`, the learner checkpoints there (rl.checkpoint_every, and after the last step)."""
+        self.checkpointer = Checkpointer(Path(run_dir), self.rl.keep_checkpoints) if run_dir else None
         if self.rank != 0:
             while (chunk := self._broadcast(None)) is not None:
+                if isinstance(chunk, str) and chunk == FINAL_CHECKPOINT:
+                    self.save_checkpoint()
+                    continue
                 self.train_chunk(chunk)
                 if chunk.last:
                     self.optimizer_step()
             return {"rank": self.rank}
         try:
-            return self._lead(tq, store, sync)
+            out = self._lead(tq, store, sync)
+            if self.checkpointer is not None and self.saved_version != self.version:
+                self._broadcast(FINAL_CHECKPOINT)  # the others join the write
+                self.save_checkpoint()
+            return {**out, "checkpoint": None if self.saved is None else str(self.saved)}
         finally:
             self._broadcast(None)  # the others stop (also when rank 0 failed)
 

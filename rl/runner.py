@@ -21,6 +21,7 @@ import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from pliant.runtime.checkpoint import complete_checkpoints
 from pliant.runtime.faults import RolloutFaults
 
 from .common import log
@@ -206,7 +207,10 @@ def checked_functions(cfg):
 
 
 def run(cfg, run_dir: Path, mode: str | None = None, staleness: int | None = None, seed: int | None = None,
-        sft_cache: Path | None = None, on_step: Callable[[dict], None] | None = None) -> RunResult:
+        sft_cache: Path | None = None, on_step: Callable[[dict], None] | None = None,
+        checkpoints: bool = True) -> RunResult:
+    """One RL run in `run_dir`; with `checkpoints`, the learner writes RUN/checkpoints/step-N
+    (rl.checkpoint_every, and after the last step: what `pliant export` reads)."""
     cfg = checked_functions(cfg)
     rl, res = cfg.rl, cfg.resources
     mode = mode or rl.mode
@@ -218,6 +222,15 @@ def run(cfg, run_dir: Path, mode: str | None = None, staleness: int | None = Non
         raise RLConfigError(f"rl.queue_capacity={capacity} cannot hold the {k + 1} steps of {rl.samples_per_step} "
                             f"samples that staleness {k} lets run at once; give at least "
                             f"{(k + 1) * rl.samples_per_step}")
+    if checkpoints:
+        earlier = complete_checkpoints(run_dir / "checkpoints")
+        if earlier:
+            raise RLConfigError(f"{run_dir / 'checkpoints'} holds an earlier run's checkpoints ({earlier[-1].name} the "
+                                f"newest): choose a new --run-dir, or move them away first (a new run would prune "
+                                f"them and export would mix the two runs)")
+        if rl.checkpoint_every > rl.steps:
+            log(f"rl.checkpoint_every={rl.checkpoint_every} is beyond the run's {rl.steps} steps: only the last step "
+                f"is checkpointed")
     ensure_ray(res)
     check_resources(res)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -260,7 +273,8 @@ def run(cfg, run_dir: Path, mode: str | None = None, staleness: int | None = Non
         workers = {w: rollout(w) for w in range(res.rollout_workers)}
         actors += [reward, reference, *workers.values()]
         ray.get([a.__ray_ready__.remote() for a in [reward, reference, *workers.values()]])  # started: the clock begins
-        train_refs = [a.run.remote(tq, store, mode == "sync") for a in learners]
+        ckpt_dir = str(run_dir.resolve()) if checkpoints else None
+        train_refs = [a.run.remote(tq, store, mode == "sync", ckpt_dir) for a in learners]
         train_ref = train_refs[0]
         runs = {w: a.run.remote(tq, dispatcher, store) for w, a in workers.items()}
         side = {"reward": reward.run.remote(tq), "reference": reference.run.remote(tq, store),
@@ -274,7 +288,8 @@ def run(cfg, run_dir: Path, mode: str | None = None, staleness: int | None = Non
             if len(steps) > shown:
                 last_progress = time.monotonic()
             check_side_workers(side, done)
-            if not done and time.monotonic() - last_progress > rl.stall_timeout_s:
+            if not done and time.monotonic() - last_progress > rl.stall_timeout_s and \
+                    not ray.get(lead.checkpointing.remote()):
                 raise RuntimeError(f"no step trained for {rl.stall_timeout_s:g} s (rl.stall_timeout_s) after step "
                                    f"{len(steps)}: queue {tq.stats()}, dispatcher {ray.get(dispatcher.counts.remote())}")
             for s in steps[shown:]:

@@ -167,6 +167,11 @@ class RLSpec(_Strict):
     storage_units: PositiveInt = 2  # TransferQueue storage actors (samples sharded over them)
     stall_timeout_s: PositiveFloat = 300.0  # no step trained for this long: the run stops with its state
     seed: NonNegativeInt = 0
+    # the learner's checkpoint (RUN/checkpoints/step-N, what `pliant export --run-dir RUN` reads)
+    # every this many steps, and always after the last (0, or more than the run's steps: after
+    # the last only)
+    checkpoint_every: NonNegativeInt = 0
+    keep_checkpoints: PositiveInt = 2  # complete checkpoints kept (older ones are removed)
 
     @property
     def samples_per_step(self) -> int:

@@ -65,7 +65,7 @@ def test_pliant_rl_on_a_dataset_with_a_hugging_face_policy(tmp_path):
         "model": {"hf_path": str(data / "policy")},
         "task": {"dataset": str(train), "eval_dataset": str(data / "test.jsonl"), "max_context_tokens": 30},
         "rl": {"steps": 2, "prompts_per_step": 4, "group_size": 4, "micro_batch_groups": 2, "rollout_slots": 8,
-               "sft_steps": 10, "eval_prompts": 8}}))
+               "sft_steps": 10, "eval_prompts": 8, "checkpoint_every": 1}}))
     run_dir = tmp_path / "run"
     r = pliant("rl", "--config", "configs/rl-dataset.yaml", "--config", str(small), "--run-dir", str(run_dir))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -76,8 +76,34 @@ def test_pliant_rl_on_a_dataset_with_a_hugging_face_policy(tmp_path):
     assert sum(summary["group_sizes"].values()) >= 2
     assert summary["eval_reward_before"] is not None and 0.0 <= summary["eval_reward_after"] <= 1.0
     assert "learner of 2 rank(s), SP groups" in r.stderr
+    # the trained policy out: a checkpoint per step (rl.checkpoint_every 1), complete, that
+    # `pliant export` writes as a directory transformers loads with the source's tokenizer
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert ckpts == ["step-00000001", "step-00000002"], ckpts
+    assert all((run_dir / "checkpoints" / c / "COMPLETE").is_file() for c in ckpts)
+    assert f"the trained policy: {(run_dir / 'checkpoints' / 'step-00000002').resolve()}" in r.stderr.replace("\n", "")
+    exported = {}
+    for step in (1, 2):
+        out = tmp_path / f"export-{step}"
+        e = pliant("export", "--run-dir", str(run_dir), "--step", str(step), "--out", str(out))
+        assert e.returncode == 0, e.stderr[-2000:]
+        exported[step] = load_exported(out)
+    assert exported[2].keys() == exported[1].keys()
+    assert any(not (exported[2][k] == exported[1][k]).all() for k in exported[2])  # step 2 trained on step 1
     r = pliant("data", "arithmetic", "--out", str(data))
     assert r.returncode == 0 and "exists: keeping it" in r.stdout
+
+
+def load_exported(path: Path) -> dict:
+    """An exported directory through transformers: no missing or unexpected keys, the chat
+    template with it; its state dict."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert AutoTokenizer.from_pretrained(path).chat_template
+    return model.state_dict()
 
 
 def test_pliant_rl_errors_are_clear(tmp_path, overlay):
@@ -163,3 +189,19 @@ def test_pliant_rl_runs_as_a_ray_job_on_an_existing_cluster(tmp_path):
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(30)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_a_run_directory_with_an_earlier_runs_checkpoints_is_refused(tmp_path):
+    """Nothing is pruned or mixed: a new run would delete the earlier run's checkpoints (they sort
+    first) and export would pick among both. Refused before Ray starts."""
+    from pliant.config import RLJobConfig, load_config
+    from pliant.rl import runner
+
+    done = tmp_path / "run" / "checkpoints" / "step-00000003"
+    done.mkdir(parents=True)
+    (done / "COMPLETE").write_text("step 3\n")
+    cfg = load_config([Path(__file__).resolve().parents[1] / "configs" / "rl-local.yaml"], RLJobConfig)
+    with pytest.raises(runner.RLConfigError, match=r"checkpoints holds an earlier run's checkpoints \(step-00000003 "
+                                                   r"the newest\): choose a new --run-dir"):
+        runner.run(cfg, tmp_path / "run")
+    assert (done / "COMPLETE").is_file()
