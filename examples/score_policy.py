@@ -9,8 +9,9 @@ Each prompt goes through the directory's chat template (the assistant's turn ope
 response is sampled as the run's evaluation samples it (temperature 1 by default, no top-k
 or top-p truncation, stopping at any of the end-of-sequence ids of the tokenizer and the
 directory's generation config, or after max-new-tokens: the task's max_response_tokens),
-and the reward function scores it as the reward worker would (a RewardSample). Prints the
-mean reward over the prompts and its standard error.
+and the reward function scores it as the reward worker would (a RewardSample). With
+--samples K, K responses per prompt, the prompt's score their mean. Prints the mean reward
+over the prompts and its standard error.
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("-n", type=int, default=200, help="the first n rows")
+    p.add_argument("--samples", type=int, default=1, help="responses per prompt (the mean over them is the "
+                   "prompt's score: more make the estimate of the policy's reward tighter)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
@@ -61,14 +64,22 @@ def main() -> None:
         with torch.no_grad():
             out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
                                  temperature=args.temperature, top_k=0, top_p=1.0, max_new_tokens=args.max_new_tokens,
-                                 eos_token_id=sorted(stop), pad_token_id=tok.pad_token_id or tok.eos_token_id)
-        response = out[0, len(ids):].tolist()
-        text = tok.decode(response, skip_special_tokens=True)
-        scores.append(float(reward(RewardSample(row[args.prompt_key], text, response, row, list(ids)))))
+                                 eos_token_id=sorted(stop), pad_token_id=tok.pad_token_id or tok.eos_token_id,
+                                 num_return_sequences=args.samples)
+        per_prompt = []
+        for seq in out:
+            response = seq[len(ids):].tolist()
+            end = next((i for i, t in enumerate(response) if t in stop), None)
+            if end is not None:  # generate pads the shorter responses of a batch after their stop token
+                response = response[:end + 1]
+            text = tok.decode(response, skip_special_tokens=True)
+            per_prompt.append(float(reward(RewardSample(row[args.prompt_key], text, response, row, list(ids)))))
+        scores.append(sum(per_prompt) / len(per_prompt))
     mean = sum(scores) / len(scores)
     se = math.sqrt(sum((s - mean) ** 2 for s in scores) / max(1, len(scores) - 1) / len(scores))
-    print(f"{args.model}: mean reward {mean:.3f} +- {se:.3f} (standard error) over {len(scores)} prompts "
-          f"(transformers generate, temperature {args.temperature}, max {args.max_new_tokens} new tokens)")
+    print(f"{args.model}: mean reward {mean:.4f} +- {se:.4f} (standard error) over {len(scores)} prompts x "
+          f"{args.samples} response(s) (transformers generate, temperature {args.temperature}, max "
+          f"{args.max_new_tokens} new tokens)")
 
 
 if __name__ == "__main__":

@@ -119,7 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("rl", help="RL post-training (GRPO) on Ray: sync, or async streaming with a staleness bound")
     add_config_arg(r, RL_CONFIG)
     add_rl_args(r)
-    r.add_argument("--run-dir", default="runs/rl", help="metrics, summary and the warm-start weights go here")
+    r.add_argument("--run-dir", default="runs/rl", help="metrics, summary, checkpoints and the warm-start weights go "
+                                                        "here")
+    r.add_argument("--resume", action="store_true",
+                   help="go on from the newest complete checkpoint in --run-dir (same config; any learner world)")
 
     t = sub.add_parser("train", help="train the config's model with adaptive sequence parallelism")
     add_config_arg(t, LOCAL_CONFIG)

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from pliant.config import RLJobConfig, load_config, merge_config, parse_config
-from pliant.planner.io import strict_dumps
+from pliant.planner.io import atomic_write_text, strict_dumps
 
 RL_CONFIG = "configs/rl-local.yaml"
 
@@ -64,9 +64,9 @@ def cmd_rl(args: argparse.Namespace) -> int:
                       f"staleness <= {row['max_staleness']}  queue {row['queue_held']}  kl {row['kl']:.4f}  "
                       f"SP groups {groups(row['group_mix'])}", soft_wrap=True)
 
-    result = runner.run(cfg, run_dir, sft_cache=run_dir / "warm_start.pt", on_step=on_step)
+    result = runner.run(cfg, run_dir, sft_cache=run_dir / "warm_start.pt", on_step=on_step, resume=args.resume)
     summary = result.summary()
-    (run_dir / "summary.json").write_text(strict_dumps(summary, indent=1))
+    atomic_write_text(run_dir / "summary.json", strict_dumps(summary, indent=1))
     console.print(f"{summary['mode']} (k={summary['staleness']}): {summary['tokens_per_s']:.0f} trained tokens/s, "
                   f"{summary['samples_per_s']:.1f} samples/s, training reward {fmt(summary['reward_first'])} -> "
                   f"{fmt(summary['reward_last'])}, held-out reward {held_out(summary)}; rollout idle "

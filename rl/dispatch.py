@@ -29,9 +29,13 @@ from .task_protocol import Prompt
 
 @ray.remote(num_cpus=0, enable_task_events=False)
 class Dispatcher:
-    def __init__(self, task, prompts_per_step: int, steps: int, staleness: int):
+    def __init__(self, task, prompts_per_step: int, steps: int, staleness: int, first_step: int = 0):
+        """`first_step`: a resumed run's (its groups before were trained): the task's stream
+        is drawn up to there, so group g is the same prompt as in a run from step 0."""
         self.task, self.per_step, self.steps, self.k = task, prompts_per_step, steps, staleness
-        self.next_group = 0
+        self.next_group = first_step * prompts_per_step
+        if self.next_group:
+            task.prompts(self.next_group)
         self.prompts: dict[int, Prompt] = {}
         self.held: dict[Any, dict[int, int]] = {}  # worker (index, incarnation) -> {group: step}
         self.again: deque[tuple[int, int]] = deque()  # (group, step) of dead workers, first out
@@ -99,8 +103,13 @@ def _padded(nbytes: int) -> int:
 
 def pack_weights(model: torch.nn.Module) -> np.ndarray:
     """The model's state (parameters and buffers, in state_dict order) as one byte array."""
+    return pack_state(model.state_dict())
+
+
+def pack_state(state: dict[str, torch.Tensor]) -> np.ndarray:
+    """A state dict (in a model's state_dict order) as one byte array (pack_weights)."""
     parts = []
-    for t in model.state_dict().values():
+    for t in state.values():
         raw = t.detach().contiguous().reshape(-1).view(torch.uint8).cpu()
         parts += [raw, torch.zeros(_padded(len(raw)) - len(raw), dtype=torch.uint8)]
     return torch.cat(parts).numpy()

@@ -124,6 +124,7 @@ class Learner:
         self.saved: Path | None = None  # the newest checkpoint this run wrote
         self.saved_version = -1
         self.writing = False
+        self.run_meta: dict[str, Any] = {}  # what every checkpoint of this run carries besides the state
 
     # ----- the process group -----
     def address(self) -> tuple[str, int]:
@@ -230,6 +231,10 @@ class Learner:
     def optimizer_step(self) -> None:
         self.engine.step()
         self.version += 1
+
+    def checkpoint_due(self) -> None:
+        """Every rank, after the step's optimizer step (rank 0 after its metrics row, which the
+        checkpoint carries): the write of rl.checkpoint_every."""
         every = self.rl.checkpoint_every
         if self.checkpointer is not None and every and self.version % every == 0:
             self.save_checkpoint()
@@ -238,10 +243,15 @@ class Learner:
     def save_checkpoint(self) -> Path:
         """The learner's state as `pliant train` writes it (runtime/checkpoint.py: atomic, a
         COMPLETE marker), so `pliant export --run-dir RUN` reads an RL run too; step = the
-        policy version."""
+        policy version. With it, what `pliant rl --resume` needs (rl/resume.py): the run's
+        identity, the groups trained, the held-out score before RL."""
+        since = self.saved_version if self.saved_version >= 0 else 0
+        recent = [{x: y for x, y in row.items() if x != "staleness"} for row in
+                  [*self.steps, *(row for row, _ in self.unrecorded)] if row["step"] >= since]
         meta = {"step": self.version, "version": self.version, "run": "rl", "world_size": self.world,
-                "model": self.cfg.model.model_dump(mode="json"),
-                "trained_groups": {str(g): s for g, s in self.trained_groups.items()}}
+                "model": self.cfg.model.model_dump(mode="json"), **self.run_meta,
+                "trained_groups": {str(g): s for g, s in self.trained_groups.items()},
+                "recent_steps": recent}  # the metrics rows since the last checkpoint (a killed driver may not have written them)
         self.writing = True  # the driver's stall watchdog waits for a write, as for a step
         try:
             self.saved = self.checkpointer.save(self.engine, self.version, meta)
@@ -249,6 +259,17 @@ class Learner:
             self.writing = False
         self.saved_version = self.version
         return self.saved
+
+    def restore(self, path: str, world_size: int) -> int:
+        """Every rank: the learner's state from an RL checkpoint (written by `world_size` ranks:
+        another world loads through DeepSpeed's universal form); returns its version."""
+        ckpt = Checkpointer(Path(path).parent.parent, self.rl.keep_checkpoints)
+        # ZeRO 0 keeps the optimizer whole in the model's file: any world loads it as it is
+        resize = world_size != self.world and self.cfg.model.zero_stage > 0
+        meta = ckpt.load(self.engine, Path(path), resize=resize, rng_of_rank0=True)
+        self.version = self.saved_version = int(meta["version"])
+        self.trained_groups = {int(g): s for g, s in meta["trained_groups"].items()}
+        return self.version
 
     def checkpointing(self) -> bool:
         """Whether rank 0 is writing a checkpoint now (no step is due while it does)."""
@@ -304,10 +325,14 @@ class Learner:
             self.steps.append(row)
             self.unrecorded.pop(0)
 
-    def run(self, tq=None, store=None, sync: bool = False, run_dir: str | None = None) -> dict[str, Any]:
-        """The RL loop; rank 0 reads the queue, the others train what it broadcasts. With
-        `run_dir`, the learner checkpoints there (rl.checkpoint_every, and after the last step)."""
+    def run(self, tq=None, store=None, sync: bool = False, run_dir: str | None = None,
+            run_meta: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The RL loop from step `self.version` (0, or where a restored checkpoint left off);
+        rank 0 reads the queue, the others train what it broadcasts. With `run_dir`, the
+        learner checkpoints there (rl.checkpoint_every, and after the last step), each
+        checkpoint carrying `run_meta`."""
         self.checkpointer = Checkpointer(Path(run_dir), self.rl.keep_checkpoints) if run_dir else None
+        self.run_meta = dict(run_meta or {})
         if self.rank != 0:
             while (chunk := self._broadcast(None)) is not None:
                 if isinstance(chunk, str) and chunk == FINAL_CHECKPOINT:
@@ -316,6 +341,7 @@ class Learner:
                 self.train_chunk(chunk)
                 if chunk.last:
                     self.optimizer_step()
+                    self.checkpoint_due()
             return {"rank": self.rank}
         try:
             out = self._lead(tq, store, sync)
@@ -343,12 +369,13 @@ class Learner:
             least = want if sync else rl.group_size
             return tq.get_async("learner", list(QUEUED_FIELDS), least, want, 1.0, True, step, ack_later=True)
 
-        pending = claim(0, rl.prompts_per_step)
-        for step in range(rl.steps):
+        first = self.version  # a resumed run goes on from its checkpoint's step
+        pending = claim(first, rl.prompts_per_step)
+        for step in range(first, rl.steps):
             t0 = time.perf_counter()
             seen_groups: set[int] = set()
             rewards, staleness, weights, kls, trained, latency = [], [], [], [], 0, []
-            tokens, plan_s, micro, mix = 0, 0.0, 0, {}
+            tokens, plan_s, micro, mix, step_groups = 0, 0.0, 0, {}, []
             while len(seen_groups) < rl.prompts_per_step:
                 batch = timer.wait(pending.result)
                 if not batch.ids:  # the claim timed out: ask again
@@ -359,7 +386,8 @@ class Learner:
                 fresh = [smp for smp in got if smp.group not in self.trained_groups]
                 self.duplicates += len(got) - len(fresh)
                 seen_groups |= {smp.group for smp in got}
-                fresh_groups = list(dict.fromkeys(smp.group for smp in fresh))
+                # in group order: a sync step's micro-batches do not depend on the order its groups landed in
+                fresh_groups = sorted({smp.group for smp in fresh})
                 last_batch = len(seen_groups) >= rl.prompts_per_step
                 if not last_batch:
                     pending = claim(step, rl.prompts_per_step - len(seen_groups))
@@ -370,7 +398,10 @@ class Learner:
                 for j, part in enumerate(parts):  # one chunk per micro-batch of groups
                     for g in part:
                         self.trained_groups[g] = step
-                    members = [[smp for smp in fresh if smp.group == g] for g in part]
+                    step_groups += part
+                    # a group's samples in one order whatever order they finished in
+                    members = [sorted((smp for smp in fresh if smp.group == g), key=lambda x: (x.response, x.behav_logp))
+                               for g in part]
                     self.duplicates += sum(max(0, len(m) - rl.group_size) for m in members)
                     chunk = self.make_chunk([m[:rl.group_size] for m in members],
                                             last=last_batch and j == len(parts) - 1)
@@ -397,8 +428,9 @@ class Learner:
                    "is_weight_min": min(weights) if weights else None,
                    "is_weight_max": max(weights) if weights else None, "kl": sum(kls) / len(kls) if kls else 0.0,
                    "queue_latency_s": max(latency) if latency else None, "group_mix": mix, "micro_batches": micro,
-                   "plan_s": plan_s, "memory_bytes": peak_memory_bytes(self.device)}
+                   "plan_s": plan_s, "memory_bytes": peak_memory_bytes(self.device), "groups": sorted(step_groups)}
             self.unrecorded.append((row, tq.clear_partition(step, wait=False)))
+            self.checkpoint_due()
             self._record()
         self._record(block=True)
         ray.get(self.published)

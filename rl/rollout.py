@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
 import ray
 import torch
 
@@ -23,11 +24,20 @@ from .spec import RLSpec
 from .transfer_queue import TransferQueue
 
 
+def sample_seed(seed: int, group: int, j: int) -> int:
+    """The sampling stream of group `group`'s j-th response in a run of `seed`: a group's
+    responses depend on its prompt and the weights alone, whichever worker generates them,
+    with whatever else in its batch, before or after a restart (a resumed sync run
+    regenerates exactly what the uninterrupted one did)."""
+    return int(np.random.SeedSequence([seed, group, j]).generate_state(1, np.uint64)[0])
+
+
 @ray.remote
 class RolloutWorker:
     def __init__(self, worker: int, model_spec, rl: RLSpec, task, threads: int, seed: int, incarnation: int = 0):
         torch.set_num_threads(threads)
         self.worker, self.rl = worker, rl
+        self.seed = seed
         self.key = (worker, incarnation)  # the dispatcher's name for this worker (a restart is a new one)
         self.engine = build_engine(model_spec, rl, task, seed, worker)
         self.max_response = task.max_response()
@@ -100,7 +110,7 @@ class RolloutWorker:
                                  "ids": tq.allocate(n, r["step"], n, wait=False)}
                     asked = (self._ask(dispatcher), self.version)
                     for j in range(n):
-                        dec.add(Request(list(p.tokens), self.max_response, tag=g))
+                        dec.add(Request(list(p.tokens), self.max_response, tag=g, seed=sample_seed(self.seed, g, j)))
             if not dec.active():
                 if done:
                     break

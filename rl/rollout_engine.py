@@ -6,7 +6,11 @@ generates. Its shape is a continuous-batching engine's (vLLM's `LLMEngine` has t
 `add_request`, `step`, `has_unfinished_requests`), so an external engine attaches with a
 thin adapter:
 
-    add(request)            queue one prompt (Request: prompt ids, max_new_tokens, tag)
+    add(request)            queue one prompt (Request: prompt ids, max_new_tokens, tag, and
+                            seed: the response's own sampling stream, as vLLM's per-request
+                            seed; the worker gives each response of group g the seed
+                            sample_seed(run seed, g, j), so a group regenerated after a
+                            restart or on another worker samples what it did)
     free_slots() -> int     how many more requests it takes now (the worker adds a whole
                             GRPO group at a time, so it asks before adding)
     active() -> int         requests in flight

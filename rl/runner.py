@@ -25,8 +25,9 @@ from pliant.runtime.checkpoint import complete_checkpoints
 from pliant.runtime.faults import RolloutFaults
 
 from .common import log
-from .dispatch import Dispatcher, WeightStore
+from .dispatch import Dispatcher, WeightStore, pack_state
 from .learner import Learner, learner_cluster
+from .resume import find_resume_point, restore_metrics, run_identity, warm_start_key
 from .reward import load_function, load_reward_fn, split_function_path
 from .rollout import RolloutWorker
 from .rollout_engine import BUILTIN
@@ -57,6 +58,7 @@ class RunResult:
     restarts: int
     dispatcher: dict[str, Any] = field(default_factory=dict)
     eval_reward: dict[str, float] = field(default_factory=dict)  # held-out reward "before" and "after" RL
+    resumed_from: int | None = None  # the checkpoint's step a resumed run went on from (its steps are the rest)
 
     def _steady(self) -> tuple[list[dict[str, Any]], float]:
         """The steps after the first (the first warms every worker up: Ray's first calls,
@@ -95,7 +97,8 @@ class RunResult:
                 "learner_world": self.learner["world"], "group_sizes": self.group_sizes(),
                 "task": self.learner.get("task_counts", {}),
                 "reward_first": self.steps[0]["reward"], "reward_last": self.steps[-1]["reward"],
-                "eval_reward_before": self.eval_reward.get("before"), "eval_reward_after": self.eval_reward.get("after")}
+                "eval_reward_before": self.eval_reward.get("before"), "eval_reward_after": self.eval_reward.get("after"),
+                "resumed_from": self.resumed_from}
 
 
 def ensure_ray(resources) -> None:
@@ -134,14 +137,6 @@ def check_side_workers(side: dict, learner_done: list) -> None:
             except Exception as e:
                 raise RuntimeError(f"the {name} worker failed: {e}") from e
             raise RuntimeError(f"the {name} worker stopped before the last step")
-
-
-def warm_start_key(cfg, seed: int) -> dict[str, Any]:
-    """What a warm start depends on: a cached one made with anything else is not reused."""
-    rl = cfg.rl
-    return {"model": cfg.model.model_dump(mode="json"), "task": cfg.task.model_dump(mode="json"), "seed": seed,
-            **{name: getattr(rl, name) for name in ("sft_steps", "sft_batch", "sft_lr", "sft_warmup_steps",
-                                                    "grad_clip")}}
 
 
 def warm_start(learner, cache: Path | None, key: dict[str, Any]) -> tuple[dict, list[float]]:
@@ -208,29 +203,32 @@ def checked_functions(cfg):
 
 def run(cfg, run_dir: Path, mode: str | None = None, staleness: int | None = None, seed: int | None = None,
         sft_cache: Path | None = None, on_step: Callable[[dict], None] | None = None,
-        checkpoints: bool = True) -> RunResult:
+        checkpoints: bool = True, resume: bool = False) -> RunResult:
     """One RL run in `run_dir`; with `checkpoints`, the learner writes RUN/checkpoints/step-N
-    (rl.checkpoint_every, and after the last step: what `pliant export` reads)."""
+    (rl.checkpoint_every, and after the last step: what `pliant export` reads). `resume`:
+    go on from the newest complete checkpoint there (rl/resume.py)."""
     cfg = checked_functions(cfg)
     rl, res = cfg.rl, cfg.resources
     mode = mode or rl.mode
     k = 0 if mode == "sync" else (rl.staleness if staleness is None else staleness)
     seed = rl.seed if seed is None else seed
-    task = build_task(cfg.task, cfg.model, seed, rl.eval_prompts)
     capacity = rl.queue_capacity or (k + 2) * rl.samples_per_step
     if capacity < (k + 1) * rl.samples_per_step:  # steps b..b+k may all be in flight at once
         raise RLConfigError(f"rl.queue_capacity={capacity} cannot hold the {k + 1} steps of {rl.samples_per_step} "
                             f"samples that staleness {k} lets run at once; give at least "
                             f"{(k + 1) * rl.samples_per_step}")
-    if checkpoints:
+    point = find_resume_point(run_dir, cfg, seed) if resume else None
+    if checkpoints and not resume:
         earlier = complete_checkpoints(run_dir / "checkpoints")
         if earlier:
             raise RLConfigError(f"{run_dir / 'checkpoints'} holds an earlier run's checkpoints ({earlier[-1].name} the "
-                                f"newest): choose a new --run-dir, or move them away first (a new run would prune "
-                                f"them and export would mix the two runs)")
-        if rl.checkpoint_every > rl.steps:
-            log(f"rl.checkpoint_every={rl.checkpoint_every} is beyond the run's {rl.steps} steps: only the last step "
-                f"is checkpointed")
+                                f"newest): choose a new --run-dir, go on from it with --resume, or move them away "
+                                f"first (a new run would prune them and export would mix the two runs)")
+    if checkpoints and rl.checkpoint_every > rl.steps:
+        log(f"rl.checkpoint_every={rl.checkpoint_every} is beyond the run's {rl.steps} steps: only the last step "
+            f"is checkpointed")
+    task = build_task(cfg.task, cfg.model, seed, rl.eval_prompts)
+    first = point.version if point else 0
     ensure_ray(res)
     check_resources(res)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -240,7 +238,7 @@ def run(cfg, run_dir: Path, mode: str | None = None, staleness: int | None = Non
     metrics = None
     try:
         tq = TransferQueue.create(capacity, TASKS, units=rl.storage_units)
-        dispatcher = Dispatcher.remote(task, rl.prompts_per_step, rl.steps, k)
+        dispatcher = Dispatcher.remote(task, rl.prompts_per_step, rl.steps, k, first)
         store = WeightStore.remote()
         actors += [tq.controller, *tq.units, dispatcher, store]
         learners, pg = start_learners(cfg, task, seed)
@@ -251,6 +249,8 @@ def run(cfg, run_dir: Path, mode: str | None = None, staleness: int | None = Non
             log(f"warm start: {len(sft_losses)} supervised steps, loss {sft_losses[0]:.3f} -> {sft_losses[-1]:.3f}")
         state_ref = ray.put(state)
         ray.get([a.build.remote(state_ref) for a in learners])
+        reference_weights = [ray.put(pack_state(state))]  # the KL's reference: the warm start
+        del state, state_ref
         held_out = task.held_out(rl.eval_prompts) if rl.eval_prompts else []
         scores: dict[str, float] = {}
 
@@ -261,7 +261,16 @@ def run(cfg, run_dir: Path, mode: str | None = None, staleness: int | None = Non
                     scores[when] = score
                     log(f"held-out reward {when} RL: {score:.3f} ({len(held_out)} prompts)")
 
-        evaluate("before")
+        if point is None:
+            evaluate("before")
+        else:
+            ray.get([a.restore.remote(str(point.path), point.world_size) for a in learners])
+            log(f"resumed from {point.path} (step {point.version}, written by {point.world_size} learner rank(s), "
+                f"loaded into {res.learner.world})")
+            if point.eval_reward_before is not None:
+                scores["before"] = point.eval_reward_before
+        run_meta = {"identity": run_identity(cfg, seed), "eval_reward_before": scores.get("before"),
+                    "metrics_prefix": {"mode": mode, "staleness_bound": k, "seed": seed}}
 
         def rollout(w: int, incarnation: int = 0):
             return RolloutWorker.options(num_cpus=res.rollout.num_cpus, num_gpus=res.rollout.num_gpus).remote(
@@ -274,12 +283,14 @@ def run(cfg, run_dir: Path, mode: str | None = None, staleness: int | None = Non
         actors += [reward, reference, *workers.values()]
         ray.get([a.__ray_ready__.remote() for a in [reward, reference, *workers.values()]])  # started: the clock begins
         ckpt_dir = str(run_dir.resolve()) if checkpoints else None
-        train_refs = [a.run.remote(tq, store, mode == "sync", ckpt_dir) for a in learners]
+        train_refs = [a.run.remote(tq, store, mode == "sync", ckpt_dir, run_meta) for a in learners]
         train_ref = train_refs[0]
         runs = {w: a.run.remote(tq, dispatcher, store) for w, a in workers.items()}
-        side = {"reward": reward.run.remote(tq), "reference": reference.run.remote(tq, store),
+        side = {"reward": reward.run.remote(tq), "reference": reference.run.remote(tq, reference_weights),
                 **{f"learner rank {r}": ref for r, ref in enumerate(train_refs[1:], 1)}}
-        metrics = (run_dir / "metrics.jsonl").open("w")  # a run directory holds one run
+        if point is not None:
+            restore_metrics(run_dir / "metrics.jsonl", point)
+        metrics = (run_dir / "metrics.jsonl").open("a" if point is not None else "w")  # a run directory holds one run
         shown, restarts, results, last_progress = 0, 0, {}, time.monotonic()
         incarnations = {w: 0 for w in workers}
         while True:
@@ -339,4 +350,4 @@ def run(cfg, run_dir: Path, mode: str | None = None, staleness: int | None = Non
     steps = trained["steps"]
     return RunResult(mode, k, seed, steps, wall, sum(s["tokens"] for s in steps), sum(s["samples"] for s in steps),
                      [results[w] for w in sorted(results)], {x: trained[x] for x in trained if x != "steps"},
-                     reward_out, restarts, counts, scores)
+                     reward_out, restarts, counts, scores, first if point else None)

@@ -80,18 +80,25 @@ class ReferenceWorker:
         self.model = build_model(model_spec, actor_device(), DTYPES[model_spec.dtype]).eval()
         self.rl = rl
 
-    def run(self, tq: TransferQueue, store) -> dict[str, Any]:
+    def run(self, tq: TransferQueue, wrapped: list) -> dict[str, Any]:
+        """`wrapped`: [the warm start's packed weights] (a resumed run's learner starts from
+        later ones, so the reference does not come from the weight store)."""
         timer, n = Timed(), 0
-        _, wrapped = timer.wait(ray.get, store.latest.remote(-1, None))  # version 0: the initial policy
         load_weights(self.model, ray.get(wrapped[0]))
         for batch in consume(tq, "reference", ["prompt", "response"], self.rl, timer):
             samples = from_columns(batch.data)
-            keep = [smp for smp in samples if smp.response]  # an empty response keeps ref_logp None
-            if keep:
+            by_group: dict[int, list] = {}
+            for smp in samples:
+                if smp.response:  # an empty response keeps ref_logp None
+                    by_group.setdefault(smp.group, []).append(smp)
+            # one forward per group: a group's log-probs do not depend on which other groups
+            # shared its batch (a packed forward's sums change with its length), so a resumed
+            # run scores a group as the uninterrupted one did
+            for members in by_group.values():
                 with torch.no_grad():
-                    lps = response_logprobs(self.model, [list(smp.prompt.tokens) for smp in keep],
-                                            [smp.response for smp in keep], self.rl.temperature)
-                for smp, lp in zip(keep, lps):
+                    lps = response_logprobs(self.model, [list(smp.prompt.tokens) for smp in members],
+                                            [smp.response for smp in members], self.rl.temperature)
+                for smp, lp in zip(members, lps):
                     smp.ref_logp = lp.tolist()
             tq.put(batch.ids, to_columns(samples, ["ref_logp"]))
             n += len(batch)

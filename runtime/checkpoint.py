@@ -149,13 +149,17 @@ class Checkpointer:
         for stale in self.root.glob("*.tmp"):  # interrupted writes
             shutil.rmtree(stale, ignore_errors=True)
 
-    def load(self, engine, path: Path, resize: bool = False) -> dict:
+    def load(self, engine, path: Path, resize: bool = False, rng_of_rank0: bool = False) -> dict:
         """Load a complete checkpoint; `resize`: it was written by another number of ranks, and
-        is loaded through its universal form (converted by rank 0 on first use)."""
+        is loaded through its universal form (converted by rank 0 on first use).
+        `rng_of_rank0`: a rank the checkpoint's world did not have takes rank 0's RNG states
+        (a job whose ranks draw nothing of their own may grow); else it is an error."""
         if not (path / COMPLETE).is_file():
             raise CheckpointError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
         meta = json.loads((path / "meta.json").read_text())
         rng_file = path / f"rng-rank{self.rank}.pt"
+        if not rng_file.is_file() and rng_of_rank0:
+            rng_file = path / "rng-rank0.pt"
         if not rng_file.is_file():
             raise CheckpointError(f"{path} has no RNG state for rank {self.rank}: it was written by a smaller world "
                                   f"({meta.get('world_size')} ranks); a restart may shrink the world, not grow it")

@@ -44,6 +44,10 @@ class Request:
     prompt: list[int]
     max_new_tokens: int
     tag: object = None
+    # its own sampling stream (vLLM's per-request seed): its tokens then depend on the seed and
+    # the model alone, not on what else the decoder holds or when it was added; None: the
+    # decoder's generator, shared by the batch
+    seed: int | None = None
 
 
 @dataclass
@@ -62,6 +66,7 @@ class _Slot:
     response: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     next_token: int | None = None
+    gen: torch.Generator | None = None  # the request's own stream (Request.seed)
 
 
 StopTokens = Union[int, Collection[int]]
@@ -104,7 +109,8 @@ class SlotDecoder:
             raise ValueError(f"prompt of {len(request.prompt)} tokens + max_new_tokens {request.max_new_tokens} "
                              f"exceeds the decoder's max_len {self.max_len}")
         i = self.slots.index(None)
-        self.slots[i] = _Slot(request)
+        gen = None if request.seed is None else torch.Generator(device=self.device).manual_seed(request.seed)
+        self.slots[i] = _Slot(request, gen=gen)
         self._reset(i)
 
     def _reset(self, slot: int) -> None:
@@ -140,7 +146,7 @@ class SlotDecoder:
         if not rows:
             return done
         logp = torch.log_softmax(logits[rows].to(self.acc) / self.temperature, dim=-1)
-        picked = torch.multinomial(logp.exp(), 1, generator=self.gen)  # one draw per row, together
+        picked = self._sample(logp.exp(), [self.slots[live[row]].gen for row in rows])
         toks, lps = picked.squeeze(1).tolist(), logp.gather(1, picked).squeeze(1).tolist()
         for row, tok, lp in zip(rows, toks, lps):
             i = live[row]
@@ -151,6 +157,20 @@ class SlotDecoder:
             if tok in self.stop or len(s.response) >= s.request.max_new_tokens:
                 done.append(self._finish(i, stopped=tok in self.stop))
         return done
+
+    def _sample(self, probs: torch.Tensor, gens: list[torch.Generator | None]) -> torch.Tensor:
+        """One token per row: rows with a stream of their own draw from it, the others together
+        from the decoder's generator."""
+        shared = [r for r, g in enumerate(gens) if g is None]
+        if len(shared) == len(gens):
+            return torch.multinomial(probs, 1, generator=self.gen)
+        picked = torch.empty(len(gens), 1, dtype=torch.long, device=probs.device)
+        if shared:
+            picked[shared] = torch.multinomial(probs[shared], 1, generator=self.gen)
+        for r, g in enumerate(gens):
+            if g is not None:
+                picked[r] = torch.multinomial(probs[r], 1, generator=g)
+        return picked
 
     def _finish(self, i: int, stopped: bool) -> Completion:
         s = self.slots[i]

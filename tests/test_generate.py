@@ -68,6 +68,29 @@ def test_sampled_logprobs_are_the_full_forward_logprobs(kw):
         torch.testing.assert_close(torch.tensor(c.logprobs, dtype=torch.float64), expect, rtol=1e-10, atol=1e-10)
 
 
+def test_a_seeded_request_samples_the_same_tokens_whatever_shares_its_batch():
+    """Request.seed (the rollout's per-response stream): the same tokens alone, in a batch of
+    unseeded requests or of other seeded ones, added first or last; without a seed the
+    batch's shared generator decides (a different draw here)."""
+    model = model_for({})
+    prompt = [5, 9, 2]
+
+    def tokens(others: list[Request], first: bool, seed: int | None = 7) -> list[int]:
+        mine = Request(prompt, 12, tag="mine", seed=seed)
+        reqs = [mine, *others] if first else [*others, mine]
+        out = generate(model, reqs, slots=4, stop_tokens=(), generator=torch.Generator().manual_seed(11))
+        return next(c.response for c in out if c.tag == "mine")
+
+    alone = tokens([], True)
+    assert len(alone) == 12
+    for others in ([Request([3, 3], 12, tag=1), Request([8], 12, tag=2)],
+                   [Request([4, 1, 1, 6], 12, tag=1, seed=1), Request([2], 5, tag=2, seed=2)]):
+        for first in (True, False):
+            assert tokens(others, first) == alone
+    crowd = [Request([3, 3], 12, tag=1), Request([8], 12, tag=2)]
+    assert tokens(crowd, False, None) != tokens(crowd, True, None)  # the shared stream: order matters
+
+
 def test_bad_requests_are_refused_with_the_limit():
     model = model_for({})
     dec = Decoder(model, slots=1, max_len=8, stop_tokens=0)

@@ -15,6 +15,7 @@ import torch
 
 from pliant.config import RLJobConfig, load_config, merge_config, parse_config
 from pliant.rl import runner
+from pliant.rl.resume import warm_start_key
 from pliant.runtime.faults import FAULT_ENV
 
 pytestmark = pytest.mark.timeout(300)
@@ -258,14 +259,14 @@ def test_a_cached_warm_start_is_reused_only_with_the_settings_that_made_it(ray_c
     cfg, cache = config(), tmp_path / "warm.pt"
     learners, pg = runner.start_learners(cfg, build_task(cfg.task, cfg.model, 1, 0), 0)
     lead = learners[0]
-    key = runner.warm_start_key(cfg, 0)
+    key = warm_start_key(cfg, 0)
     made, losses = runner.warm_start(lead, cache, key)
     assert len(losses) == cfg.rl.sft_steps  # made, then cached
     again, losses = runner.warm_start(lead, cache, key)
     assert losses == [] and all(torch.equal(made[k], again[k]) for k in made)  # the same settings: reused
-    other = runner.warm_start_key(config(rl={"sft_lr": 1e-3}), 0)
+    other = warm_start_key(config(rl={"sft_lr": 1e-3}), 0)
     assert len(runner.warm_start(lead, cache, other)[1]) == cfg.rl.sft_steps  # other settings: made again
-    assert len(runner.warm_start(lead, cache, runner.warm_start_key(cfg, 1))[1]) == cfg.rl.sft_steps  # other seed
+    assert len(runner.warm_start(lead, cache, warm_start_key(cfg, 1))[1]) == cfg.rl.sft_steps  # other seed
     ray.kill(lead)
     ray.util.remove_placement_group(pg)
 
