@@ -20,9 +20,8 @@ What is not in it, and why it need not be:
   it was made with (made again, identically, if the file is gone);
 - the rollout's RNG: each response draws from a stream of its own (rl/rollout.py:
   sample_seed), so a group's responses depend on its prompt and the weights alone; the
-  reference scores a group in a forward of its own, so its log-probs do not depend on the
-  batch it shared either (a resumed sync run with one rollout worker, whose decode batches
-  are the same, ends bit-identical to the uninterrupted one);
+  reference scores a group in a forward of its own, its samples in one order, so its
+  log-probs do not depend on the batch it shared either;
 - the queue and the samples in flight: generated from weights of steps after N, they are
   gone with the run; their groups are generated again from version N's weights, within the
   staleness bound as any group is.

@@ -30,11 +30,11 @@ from .transfer_queue import TransferQueue
 
 
 def consume(tq: TransferQueue, task: str, fields: list[str], rl: RLSpec, timer: Timed):
-    """Batches of up to rl.score_batch_groups groups' samples for `task` as they become ready
+    """Batches of up to rl.score_batch_groups whole groups' samples for `task` as they become ready
     (lingering up to rl.score_linger_s for a full one), until the queue is closed and nothing
     is left (waiting counts as idle). A batch's done_reading goes with the next claim."""
     while True:
-        batch = timer.wait(tq.get, task, fields, 1, rl.score_batch_groups * rl.group_size, 0.5,
+        batch = timer.wait(tq.get, task, fields, 1, rl.score_batch_groups * rl.group_size, 0.5, True,
                            linger_s=rl.score_linger_s, ack_later=True)
         if batch.ids:
             yield batch
@@ -91,10 +91,12 @@ class ReferenceWorker:
             for smp in samples:
                 if smp.response:  # an empty response keeps ref_logp None
                     by_group.setdefault(smp.group, []).append(smp)
-            # one forward per group: a group's log-probs do not depend on which other groups
-            # shared its batch (a packed forward's sums change with its length), so a resumed
-            # run scores a group as the uninterrupted one did
+            # one forward per group, its samples in one order: a group's log-probs do not
+            # depend on which other groups shared its batch or the order its samples finished
+            # in (a packed forward's sums change with its layout), so a resumed run scores a
+            # group as the uninterrupted one did
             for members in by_group.values():
+                members.sort(key=lambda smp: smp.response)
                 with torch.no_grad():
                     lps = response_logprobs(self.model, [list(smp.prompt.tokens) for smp in members],
                                             [smp.response for smp in members], self.rl.temperature)
