@@ -47,7 +47,7 @@ def main() -> None:
 
     tok = AutoTokenizer.from_pretrained(args.model)
     model, info = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, output_loading_info=True)
-    missing = info["missing_keys"] + info["unexpected_keys"]
+    missing = sorted(set(info["missing_keys"]) | set(info["unexpected_keys"]))
     if missing:
         raise SystemExit(f"{args.model}: keys that do not match the model: {missing[:8]}")
     model.eval()
