@@ -106,7 +106,7 @@ def test_straggler_reported_then_isolated(tmp_path, clean):
                   overlay={"faults": {"straggler_window": 3, "straggler_p": 0.1, "isolate_after_s": 0.5}})
     kinds = [(i["kind"], i["ranks"], i["action"]) for i in job.incidents]
     assert ("straggler", [2], "report") in kinds and ("straggler", [2], "restart") in kinds, kinds
-    assert {k for k, _, _ in kinds} == {"straggler"}
+    assert {k for k, _, _ in kinds} == {"straggler"}, job.incidents
     assert_recovered(job, clean, {2})
 
 
