@@ -255,6 +255,55 @@ def measure_multinode(config: Path, work: Path) -> dict:
     return {"clean_rc": clean.rc, "clean_steps": len(clean.steps), "classes": rows}
 
 
+def measure_rl(config: Path, work: Path, repeats: int) -> dict:
+    """Each RL_CLASSES fault on a learner rank of `pliant rl` (bench/rl_fault_runs.py): named
+    with its rank, detected, the learner group restarted from its checkpoint, every prompt group
+    trained once, staleness within k; and the run's wall time beside a clean run's."""
+    import time
+
+    from .rl_fault_runs import FAULT_STEP, RL_CLASSES, STALENESS, run_rl_job
+
+    def timed(name: str, kind: str | None):
+        t0 = time.monotonic()
+        job = run_rl_job(work, name, config, kind)
+        return job, time.monotonic() - t0
+
+    clean, clean_s = timed("rl-clean", None)
+    if clean.rc != 0:
+        raise RuntimeError(f"the clean RL run failed:\n{clean.tail()}")
+    print(f"  clean RL run: {clean_s:.1f} s, incidents {len(clean.incidents)}", flush=True)
+    rows = []
+    for name, (kind, named_as) in RL_CLASSES.items():
+        runs = []
+        for i in range(repeats):
+            job, wall = timed(f"rl-{name}-{i}", kind)
+            inc = job.restart_incident()
+            ok = inc is not None and inc["kind"] == named_as and inc["ranks"] == [1]
+            start = job.restarted_from()
+            recovered = (job.rc == 0 and job.summary.get("learner_restarts") == 1 and job.groups_once()
+                         and (job.max_staleness() or 0) <= STALENESS)
+            runs.append({"rc": job.rc, "localised": ok, "incident": inc and {k: inc[k] for k in ("kind", "ranks",
+                                                                                                   "action", "step")},
+                         "evidence": inc and sorted(inc["evidence"]),
+                         "detection_s": job.latency(inc) if inc else None, "restarted_from_step": start,
+                         "steps_trained_again": None if start is None else FAULT_STEP - start,
+                         "recovered": recovered, "groups_once": job.groups_once(),
+                         "max_staleness": job.max_staleness(), "run_s": wall, "extra_s": wall - clean_s,
+                         "other_incidents": [(j["kind"], j["ranks"], j["attempt"]) for j in job.incidents
+                                             if j is not inc and j != inc]})
+            r = runs[-1]
+            print(f"  {name} #{i}: named {ok}, detected in "
+                  f"{r['detection_s'] if inc else float('nan'):.2f} s, restarted from step {start}, recovered "
+                  f"{recovered}, run {wall:.1f} s ({wall - clean_s:+.1f} s)", flush=True)
+        det = [r["detection_s"] for r in runs if r["detection_s"] is not None]
+        rows.append({"class": name, "injected": kind, "kind": named_as, "runs": runs,
+                     "localised": all(r["localised"] for r in runs), "recovered": all(r["recovered"] for r in runs),
+                     "detection_s": statistics.median(det) if det else None,
+                     "extra_s": statistics.median(r["extra_s"] for r in runs)})
+    return {"config": str(config), "clean_run_s": clean_s, "clean_incidents": len(clean.incidents),
+            "classes": rows}
+
+
 def side_by_side(results: list[dict], torchft: dict) -> list[dict]:
     rows = []
     for fault, ours in VS_TORCHFT.items():
@@ -275,13 +324,13 @@ def run(config: Path, out: Path, repeats: int, classes: list[str], overhead_step
         torchft_repeats: int = 0, torchft_faults: tuple[str, ...] = torchft_compare.FAULTS,
         overhead_repeats: int | None = None, stress_cpu: int = 0, stress_repeats: int = 1,
         stress_only: bool = False, stress_disk: bool = True, multinode: bool = False,
-        multinode_only: bool = False) -> dict:
+        multinode_only: bool = False, rl_config: Path | None = None, rl_only: bool = False) -> dict:
     """The whole bench. `stress_cpu` > 0 adds the busy-machine phase, `multinode` the 2-node
-    phase; `stress_only` / `multinode_only` run those phases alone (the other figures' keys
-    are then null)."""
+    phase, `rl_config` the RL learner phase; `stress_only` / `multinode_only` / `rl_only` run
+    those phases alone (the other figures' keys are then null)."""
     work = Path(tempfile.mkdtemp(prefix="pliant-bench-faults-"))
     results, overhead, alarms, torchft = [], None, None, {}
-    if not (stress_only or multinode_only):
+    if not (stress_only or multinode_only or rl_only):
         for name in classes:
             print(f"class {name}", flush=True)
             results.append(measure_class(name, repeats, config, work))
@@ -299,6 +348,10 @@ def run(config: Path, out: Path, repeats: int, classes: list[str], overhead_step
     if multinode or multinode_only:
         print("2-node job (network namespaces)", flush=True)
         nodes = measure_multinode(config, work)
+    learner = None
+    if rl_config is not None:
+        print("the RL learner (pliant rl, a 2-rank learner)", flush=True)
+        learner = measure_rl(rl_config, work, repeats)
     hang_crash = [r["detection_s"] for r in results if r["class"] in HANG_CRASH and r["detection_s"] is not None]
     summary = {
         "classes": len(results),
@@ -312,10 +365,15 @@ def run(config: Path, out: Path, repeats: int, classes: list[str], overhead_step
         "multinode_classes": len(nodes["classes"]) if nodes else None,
         "multinode_all_localised": all(r["localised"] for r in nodes["classes"]) if nodes else None,
         "multinode_all_recovered": all(r["recovered"] for r in nodes["classes"]) if nodes else None,
+        "rl_classes": len(learner["classes"]) if learner else None,
+        "rl_all_localised": all(r["localised"] for r in learner["classes"]) if learner else None,
+        "rl_all_recovered": all(r["recovered"] for r in learner["classes"]) if learner else None,
+        "rl_max_detection_s": max((r["detection_s"] for r in learner["classes"] if r["detection_s"] is not None),
+                                  default=None) if learner else None,
     }
     body = {"config": str(config), "summary": summary, "classes": results, "overhead": overhead,
             "false_alarm_run": alarms, "torchft": torchft, "vs_torchft": side_by_side(results, torchft),
-            "stress": busy, "multinode": nodes}
+            "stress": busy, "multinode": nodes, "rl": learner}
     out.write_text(strict_dumps(body, indent=1))
     print_table(body)
     return body
@@ -368,6 +426,19 @@ def print_table(body: dict) -> None:
             t.add_row(r["class"], f"{r['localised']} ({r['nodes']})", fmt(r["detection_s"]), str(r["recovered"]),
                       "-" if r["params_equal_fault_free"] is None else str(r["params_equal_fault_free"]),
                       str((r["restart"] or {}).get("world", "-")))
+        Console().print(t)
+    if body.get("rl"):
+        rl = body["rl"]
+        t = Table(title=f"the RL learner (pliant rl, 2 learner ranks, fault on rank 1 at step 4; clean run "
+                        f"{rl['clean_run_s']:.0f} s)")
+        for col in ("class", "named as", "localised", "detect s", "restarted from", "every group once",
+                    "recovered", "extra run s"):
+            t.add_column(col)
+        for r in rl["classes"]:
+            first = r["runs"][0]
+            t.add_row(r["class"], r["kind"], str(r["localised"]), fmt(r["detection_s"]),
+                      f"step {first['restarted_from_step']}", str(all(x["groups_once"] for x in r["runs"])),
+                      str(r["recovered"]), fmt(r["extra_s"]))
         Console().print(t)
     if body["vs_torchft"]:
         t = Table(title="side by side with torchft (medians)")

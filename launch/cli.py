@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     bf.add_argument("--multinode", action="store_true",
                     help="add the 2-node phase: faults on node 1 of a real 2-node job (needs root: network namespaces)")
     bf.add_argument("--multinode-only", action="store_true", help="run the 2-node phase only")
+    bf.add_argument("--rl", action="store_true",
+                    help="add the RL learner phase: a crash, a hang and a SIGSTOP on a rank of pliant rl's 2-rank "
+                         "learner (configs/rl-local.yaml, made small)")
+    bf.add_argument("--rl-only", action="store_true", help="run the RL learner phase only")
 
     from pliant.launch.rl import RL_CONFIG, add_rl_args
 
@@ -362,7 +366,9 @@ def cmd_bench_faults(args: argparse.Namespace) -> int:
     run(resolve_config_path(args.config[0]), Path(args.out), args.repeats, classes, args.overhead_steps,
         args.jitter_steps, torchft_repeats, torchft_faults, args.overhead_repeats, stress_cpu=args.stress,
         stress_repeats=args.stress_repeats, stress_only=args.stress_only, stress_disk=not args.stress_no_disk,
-        multinode=args.multinode, multinode_only=args.multinode_only)
+        multinode=args.multinode, multinode_only=args.multinode_only,
+        rl_config=resolve_config_path("configs/rl-local.yaml") if args.rl or args.rl_only else None,
+        rl_only=args.rl_only)
     print(f"wrote {args.out}")
     return 0
 

@@ -76,6 +76,6 @@ def cmd_rl(args: argparse.Namespace) -> int:
     if result.learner.get("checkpoint"):
         ckpt = Path(result.learner["checkpoint"])
         console.print(f"the trained policy: {ckpt} (pliant export --run-dir {run_dir} --step "
-                      f"{int(ckpt.name.split('-')[1])} --out DIR writes it as a Hugging Face model directory)",
+                      f"{result.learner['checkpoint_step']} --out DIR writes it as a Hugging Face model directory)",
                       soft_wrap=True)
     return 0

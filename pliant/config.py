@@ -63,6 +63,7 @@ class RLJobConfig(BaseModel):
     rl: RLSpec = Field(default_factory=RLSpec)
     learner: LearnerSpec
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    faults: FaultSpec = Field(default_factory=FaultSpec)  # faults.max_restarts bounds the learner's restarts
 
 
 def resolve_config_path(name: str | Path) -> Path:

@@ -7,8 +7,13 @@ k = 0: every sample of step b comes from version b). It remembers which groups e
 holds, so the groups of a worker that died are handed out again, and counts each group
 written once.
 
+A restarted learner group (docs/faults.md, "The RL learner") starts a new *generation*: the
+dispatcher rewinds to the checkpoint's first group and admits only workers holding that
+generation's weights, and every group's queue partition is per (generation, step)
+(`partition_of`), so what was generated for a lost generation is never trained.
+
 `WeightStore` keeps the newest published weights (a Ray object reference) with their
-version; rollout workers poll it between decode steps and wait on it when admission says
+(generation, version); rollout workers poll it between decode steps and wait on it when admission says
 their weights are too old. Weights travel packed in one byte array (`pack_weights`): Ray
 hands a numpy array to its readers straight from the object store, where a dict of tensors
 is unpickled tensor by tensor (publish to loaded: 11 ms here against 21-24 ms).
@@ -26,6 +31,13 @@ import torch
 
 from .task_protocol import Prompt
 
+GENERATION_STRIDE = 1 << 32  # partitions per learner generation (steps of a run stay below it)
+
+
+def partition_of(generation: int, step: int) -> int:
+    """The queue partition of `step`'s groups in learner generation `generation`."""
+    return generation * GENERATION_STRIDE + step
+
 
 @ray.remote(num_cpus=0, enable_task_events=False)
 class Dispatcher:
@@ -33,24 +45,32 @@ class Dispatcher:
         """`first_step`: a resumed run's (its groups before were trained): the task's stream
         is drawn up to there, so group g is the same prompt as in a run from step 0."""
         self.task, self.per_step, self.steps, self.k = task, prompts_per_step, steps, staleness
+        self.generation = 0
+        self.first_step = first_step  # of this generation
         self.next_group = first_step * prompts_per_step
         if self.next_group:
             task.prompts(self.next_group)
+        self.discarded = 0  # groups handed out, written or reported for a generation that was lost
         self.prompts: dict[int, Prompt] = {}
         self.held: dict[Any, dict[int, int]] = {}  # worker (index, incarnation) -> {group: step}
         self.again: deque[tuple[int, int]] = deque()  # (group, step) of dead workers, first out
         self.written: dict[int, int] = {}  # group -> times written (must end at 1)
         self.late: dict[int, int] = {}  # group -> copies generated again but not written (its step was trained)
 
-    def next(self, worker: Any, version: int, written: list[int] = (), late: list[int] = ()) -> dict[str, Any]:
-        """{"group", "step", "prompt"} to start, {"wait": v} (weights of version v needed), or
-        {"done": True}. `written`, `late`: this worker's reports since its last call (see
-        written_groups), sent with the next ask instead of a call of their own."""
+    def next(self, worker: Any, weights: tuple[int, int], written: list = (), late: list = ()) -> dict[str, Any]:
+        """{"group", "step", "partition", "generation", "prompt"} to start, {"wait": (g, v)}
+        (weights of generation g, version v at least, needed), or {"done": True}. `weights`:
+        the worker's (generation, version). `written`, `late`: this worker's reports since its
+        last call, (group, generation) pairs (see written_groups), sent with the next ask
+        instead of a call of their own."""
         self.written_groups(worker, written, late)
+        gen, version = weights
+        if gen < self.generation:  # weights of a lost generation: nothing starts on them
+            return {"wait": (self.generation, self.first_step)}
         if self.again:
             group, step = self.again[0]
             if step - version > self.k:
-                return {"wait": step - self.k}
+                return {"wait": (self.generation, step - self.k)}
             self.again.popleft()
             return self._give(worker, group, step)
         group = self.next_group
@@ -58,26 +78,50 @@ class Dispatcher:
         if step >= self.steps:
             return {"done": True}
         if step - version > self.k:
-            return {"wait": step - self.k}
+            return {"wait": (self.generation, step - self.k)}
         self.next_group += 1
-        self.prompts[group] = self.task.prompts(1)[0]
+        if group not in self.prompts:  # a rewound group keeps its prompt
+            self.prompts[group] = self.task.prompts(1)[0]
         return self._give(worker, group, step)
 
     def _give(self, worker: Any, group: int, step: int) -> dict[str, Any]:
         self.held.setdefault(worker, {})[group] = step
-        return {"group": group, "step": step, "prompt": self.prompts[group]}
+        return {"group": group, "step": step, "partition": partition_of(self.generation, step),
+                "generation": self.generation, "prompt": self.prompts[group]}
 
-    def written_groups(self, worker: Any, groups: list[int], late: list[int] = ()) -> None:
-        """Groups whose data is in the queue (a group reported before its write landed would
-        be lost with a worker that dies mid-write), and `late` ones: handed out again after a
-        worker died, but the first worker's write had landed and been trained (not written)."""
+    def written_groups(self, worker: Any, groups: list = (), late: list = ()) -> None:
+        """(group, generation) pairs: groups whose data is in the queue (a group reported
+        before its write landed would be lost with a worker that dies mid-write), and `late`
+        ones: handed out again after a worker died, but the first worker's write had landed
+        and been trained (not written). Reports of a lost generation are only counted."""
         held = self.held.get(worker, {})
-        for group in groups:
+        for group, gen in groups:
+            if gen != self.generation:
+                self.discarded += 1
+                continue
             held.pop(group, None)
             self.written[group] = self.written.get(group, 0) + 1
-        for group in late:
+        for group, gen in late:
+            if gen != self.generation:
+                self.discarded += 1
+                continue
             held.pop(group, None)
             self.late[group] = self.late.get(group, 0) + 1
+
+    def rewind(self, first_step: int, generation: int) -> dict[str, int]:
+        """A restarted learner goes on from `first_step` (its checkpoint) as `generation`:
+        every group from that step on is forgotten (held, written, waiting to go out again)
+        and handed out again in order, to workers holding the new generation's weights."""
+        first = first_step * self.per_step
+        forgotten = sum(1 for h in self.held.values() for g in h if g >= first)
+        forgotten += sum(1 for g in self.written if g >= first)
+        self.held = {w: {g: s for g, s in h.items() if g < first} for w, h in self.held.items()}
+        self.again = deque((g, s) for g, s in self.again if g < first)
+        self.written = {g: n for g, n in self.written.items() if g < first}
+        self.late = {g: n for g, n in self.late.items() if g < first}
+        self.generation, self.first_step, self.next_group = generation, first_step, first
+        self.discarded += forgotten
+        return {"next_group": first, "forgotten": forgotten}
 
     def worker_lost(self, worker: Any) -> list[int]:
         """Hand the groups a dead worker held out again (before any new group)."""
@@ -91,7 +135,8 @@ class Dispatcher:
 
     def counts(self) -> dict[str, Any]:
         return {"handed_out": self.next_group, "written": dict(self.written), "late": dict(self.late),
-                "held": {w: sorted(h) for w, h in self.held.items()}, "again": list(self.again)}
+                "held": {w: sorted(h) for w, h in self.held.items()}, "again": list(self.again),
+                "generation": self.generation, "discarded": self.discarded}
 
 
 ALIGN = 8  # bytes: every tensor starts at a multiple, so its bytes view as its dtype
@@ -135,22 +180,26 @@ def load_weights(model: torch.nn.Module, packed: np.ndarray) -> None:
 @ray.remote(num_cpus=0, enable_task_events=False)
 class WeightStore:
     def __init__(self):
-        self.version = -1
+        self.key = (-1, -1)  # (generation, version) of the newest weights
         self.ref: list = []  # [ObjectRef] (wrapped, so Ray hands the reference, not the value)
         self.changed = asyncio.Condition()
 
-    async def publish(self, version: int, wrapped: list) -> None:
+    async def publish(self, generation: int, version: int, wrapped: list) -> None:
+        """Newer weights: a higher version, or any version of a newer learner generation (a
+        restarted learner publishes its checkpoint's version, below what the lost one had)."""
         async with self.changed:
-            if version > self.version:  # the learner does not wait for a publish: they may overtake
-                self.version, self.ref = version, wrapped
+            if (generation, version) > self.key:  # the learner does not wait for a publish: they may overtake
+                self.key, self.ref = (generation, version), wrapped
                 self.changed.notify_all()
 
-    async def latest(self, newer_than: int = -1, timeout: float | None = None) -> tuple[int, list]:
-        """(version, [ref]) once a version above `newer_than` exists (or at the timeout:
-        whatever is there)."""
+    async def latest(self, newer_than: tuple[int, int] = (-1, -1), timeout: float | None = None
+                     ) -> tuple[tuple[int, int], list]:
+        """((generation, version), [ref]) once weights newer than `newer_than` exist (or at
+        the timeout: whatever is there)."""
+        newer_than = tuple(newer_than)
         async with self.changed:
             try:
-                await asyncio.wait_for(self.changed.wait_for(lambda: self.version > newer_than), timeout)
+                await asyncio.wait_for(self.changed.wait_for(lambda: self.key > newer_than), timeout)
             except asyncio.TimeoutError:
                 pass
-            return self.version, self.ref
+            return self.key, self.ref

@@ -43,12 +43,15 @@ from pliant.planner.spec import BandwidthSpec, ClusterSpec
 from pliant.runtime.checkpoint import Checkpointer
 from pliant.runtime.executor import PlanExecutor
 from pliant.runtime.generate import Request, generate
+from pliant.comm.monitor.agent import MONITOR_ADDR_ENV
+from pliant.runtime.faults import FAULT_ENV
 from pliant.runtime.hf import DTYPES, build_model
+from pliant.runtime.monitoring import ATTEMPT_ENV, RankMonitor
 from pliant.runtime.packing import Pack, Sequences
 from pliant.runtime.rank import deepspeed_engine, peak_memory_bytes, setup_rank
 
 from .common import Timed, log
-from .dispatch import pack_weights
+from .dispatch import pack_weights, partition_of
 from .grpo import group_advantages, pack_loss, policy_sequences, response_logprobs
 from .reward import load_reward_fn
 from .sample import QUEUED_FIELDS, Sample, from_columns
@@ -66,6 +69,7 @@ class Chunk:
     plan: Plan | None  # None: no usable sample (every rank joins the gradient reduction idle)
     last: bool
     stats: dict[str, Any] = field(default_factory=dict)  # rank 0's bookkeeping, not trained on
+    step: int = 0  # the RL step it belongs to (the other ranks' step marks for the fault monitor)
 
 
 FINAL_CHECKPOINT = "final checkpoint"  # rank 0's message to the others after the last step
@@ -105,9 +109,9 @@ def pg_timeout_s(rl) -> float:
     return rl.stall_timeout_s + 60.0
 
 
-@ray.remote(max_concurrency=2)  # run() and progress() side by side
-class Learner:
-    def __init__(self, rank: int, cfg, task, seed: int):
+@ray.remote  # one thread: every method runs on the actor's main thread (the fault monitor's
+class Learner:  # agent watches that thread, and its goodbye handler needs it); progress goes to a board
+    def __init__(self, rank: int, cfg, task, seed: int, generation: int = 0):
         res = cfg.resources.learner
         torch.set_num_threads(res.threads)
         self.rank, self.world, self.cfg, self.rl, self.task, self.seed = rank, res.world, cfg, cfg.rl, task, seed
@@ -115,6 +119,7 @@ class Learner:
         self.device = torch.device("cuda", 0) if self.cluster.device == "cuda" else torch.device("cpu")
         self.dtype = DTYPES[cfg.model.dtype]
         self.version = 0
+        self.generation = generation  # which start of the learner group this is (restarts count up)
         self.steps: list[dict[str, Any]] = []
         self.unrecorded: list[tuple[dict[str, Any], Any]] = []
         self.trained_groups: dict[int, int] = {}
@@ -123,7 +128,7 @@ class Learner:
         self.checkpointer: Checkpointer | None = None
         self.saved: Path | None = None  # the newest checkpoint this run wrote
         self.saved_version = -1
-        self.writing = False
+        self.board = None  # rank 0's ProgressBoard (run): where the driver reads the steps
         self.run_meta: dict[str, Any] = {}  # what every checkpoint of this run carries besides the state
 
     # ----- the process group -----
@@ -133,11 +138,21 @@ class Learner:
             s.bind(("", 0))
             return ray.util.get_node_ip_address(), s.getsockname()[1]
 
-    def join(self, addr: str, port: int) -> None:
+    def join(self, addr: str, port: int, monitor_addr: str | None = None, faults: str = "",
+             run_dir: str | None = None) -> None:
         """Join the learner's process group and build the rank's pieces, as every training
-        rank does (runtime/rank.py: the planner and the SP groups)."""
+        rank does (runtime/rank.py: the planner and the SP groups). First, before DeepSpeed
+        starts, the fault monitor's side of this rank (runtime/monitoring.py): its agent
+        reports to the master at `monitor_addr` (None: no agent); `faults`: injected faults
+        (PLIANT_FAULT's JSON), which fire in the learner generation they name (`attempt`)."""
         os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(self.rank),
-                          WORLD_SIZE=str(self.world), LOCAL_RANK="0")  # Ray shows each actor its own GPU
+                          WORLD_SIZE=str(self.world), LOCAL_RANK="0",  # Ray shows each actor its own GPU
+                          **{ATTEMPT_ENV: str(self.generation), FAULT_ENV: faults})
+        if monitor_addr:
+            os.environ[MONITOR_ADDR_ENV] = monitor_addr
+        else:
+            os.environ.pop(MONITOR_ADDR_ENV, None)
+        self.monitor = RankMonitor(self.cfg.faults, Path(run_dir) if run_dir else None)
         cfg = self.cfg
         self.setup = setup_rank(self.cluster, cfg.model, cfg.learner.cost, cfg.learner.planner,
                                 timeout_s=pg_timeout_s(self.rl))
@@ -252,11 +267,13 @@ class Learner:
                 "model": self.cfg.model.model_dump(mode="json"), **self.run_meta,
                 "trained_groups": {str(g): s for g, s in self.trained_groups.items()},
                 "recent_steps": recent}  # the metrics rows since the last checkpoint (a killed driver may not have written them)
-        self.writing = True  # the driver's stall watchdog waits for a write, as for a step
+        if self.board is not None:  # the driver's stall watchdog waits for a write, as for a step
+            self.board.writing.remote(True)
         try:
             self.saved = self.checkpointer.save(self.engine, self.version, meta)
         finally:
-            self.writing = False
+            if self.board is not None:
+                self.board.writing.remote(False)
         self.saved_version = self.version
         return self.saved
 
@@ -271,9 +288,6 @@ class Learner:
         self.trained_groups = {int(g): s for g, s in meta["trained_groups"].items()}
         return self.version
 
-    def checkpointing(self) -> bool:
-        """Whether rank 0 is writing a checkpoint now (no step is due while it does)."""
-        return self.writing
 
     # ----- rank 0: the dataflow -----
     def _usable(self, members: list[Sample]) -> list[Sample]:
@@ -290,7 +304,7 @@ class Learner:
                 ok.append(smp)
         return ok if len(ok) >= 2 else []
 
-    def make_chunk(self, groups: list[list[Sample]], last: bool) -> Chunk:
+    def make_chunk(self, groups: list[list[Sample]], last: bool, step: int = 0) -> Chunk:
         """The trainable samples of whole groups, with advantages, and their plan. The chunk
         is broadcast to every rank, so its samples carry the prompt's ids only."""
         usable = [ok for ok in (self._usable(members) for members in groups) if ok]
@@ -301,8 +315,8 @@ class Learner:
                 samples.append(replace(smp, prompt=Prompt(smp.prompt.uid, tuple(smp.prompt.tokens)), adv=a))
         t = time.perf_counter()
         plan = self.plan(samples) if samples else None
-        return Chunk(samples, plan, last, {"rewards": [smp.reward for smp in samples],
-                                           "plan_s": time.perf_counter() - t})
+        return Chunk(samples, plan, last, step=step, stats={"rewards": [smp.reward for smp in samples],
+                                                            "plan_s": time.perf_counter() - t})
 
     def _broadcast(self, msg: Any) -> Any:
         box = [msg]
@@ -312,7 +326,7 @@ class Learner:
     def publish(self, store) -> None:
         """Hand the store this version's weights; rank 0 goes on at once (the store keeps the
         newest version whatever order its calls run in)."""
-        self.published = store.publish.remote(self.version, [ray.put(pack_weights(self.model))])
+        self.published = store.publish.remote(self.generation, self.version, [ray.put(pack_weights(self.model))])
 
     def _record(self, block: bool = False) -> None:
         """Move the finished steps whose queue statistics have come to `self.steps`."""
@@ -324,20 +338,37 @@ class Learner:
             row["queue_held"] = stats["held"]
             self.steps.append(row)
             self.unrecorded.pop(0)
+            if self.board is not None:
+                self.board.add.remote(row)
 
     def run(self, tq=None, store=None, sync: bool = False, run_dir: str | None = None,
-            run_meta: dict[str, Any] | None = None) -> dict[str, Any]:
+            run_meta: dict[str, Any] | None = None, board=None) -> dict[str, Any]:
         """The RL loop from step `self.version` (0, or where a restored checkpoint left off);
         rank 0 reads the queue, the others train what it broadcasts. With `run_dir`, the
         learner checkpoints there (rl.checkpoint_every, and after the last step), each
         checkpoint carrying `run_meta`."""
-        self.checkpointer = Checkpointer(Path(run_dir), self.rl.keep_checkpoints) if run_dir else None
+        self.checkpointer = Checkpointer(Path(run_dir), self.rl.keep_checkpoints,
+                                         on_stage=self.monitor.checkpoint_stage) if run_dir else None
         self.run_meta = dict(run_meta or {})
+        self.board = board if self.rank == 0 else None
+        try:
+            out = self._run(tq, store, sync)
+        except BaseException as e:
+            self.monitor.close(f"exception: {type(e).__name__}: {e}"[:500])
+            raise
+        self.monitor.close("finished")
+        return out
+
+    def _run(self, tq, store, sync: bool) -> dict[str, Any]:
         if self.rank != 0:
+            step = None
             while (chunk := self._broadcast(None)) is not None:
                 if isinstance(chunk, str) and chunk == FINAL_CHECKPOINT:
                     self.save_checkpoint()
                     continue
+                if chunk.step != step:
+                    step = chunk.step
+                    self.monitor.begin_step(step)
                 self.train_chunk(chunk)
                 if chunk.last:
                     self.optimizer_step()
@@ -348,7 +379,8 @@ class Learner:
             if self.checkpointer is not None and self.saved_version != self.version:
                 self._broadcast(FINAL_CHECKPOINT)  # the others join the write
                 self.save_checkpoint()
-            return {**out, "checkpoint": None if self.saved is None else str(self.saved)}
+            return {**out, "checkpoint": None if self.saved is None else str(self.saved),
+                    "checkpoint_step": self.saved_version}
         finally:
             self._broadcast(None)  # the others stop (also when rank 0 failed)
 
@@ -367,17 +399,23 @@ class Learner:
             lands (the gradient is the sum over the step's groups, however they are batched)."""
             want = min(take, groups_left * rl.group_size)
             least = want if sync else rl.group_size
-            return tq.get_async("learner", list(QUEUED_FIELDS), least, want, 1.0, True, step, ack_later=True)
+            return tq.get_async("learner", list(QUEUED_FIELDS), least, want, 1.0, True,
+                                partition_of(self.generation, step), ack_later=True)
 
         first = self.version  # a resumed run goes on from its checkpoint's step
         pending = claim(first, rl.prompts_per_step)
         for step in range(first, rl.steps):
+            self.monitor.begin_step(step)
             t0 = time.perf_counter()
             seen_groups: set[int] = set()
             rewards, staleness, weights, kls, trained, latency = [], [], [], [], 0, []
             tokens, plan_s, micro, mix, step_groups = 0, 0.0, 0, {}, []
             while len(seen_groups) < rl.prompts_per_step:
-                batch = timer.wait(pending.result)
+                self.monitor.pause(True)  # waiting for rollouts: the others' wait in the broadcast is not a hang
+                try:
+                    batch = timer.wait(pending.result)
+                finally:
+                    self.monitor.pause(False)
                 if not batch.ids:  # the claim timed out: ask again
                     pending = claim(step, rl.prompts_per_step - len(seen_groups))
                     continue
@@ -404,7 +442,7 @@ class Learner:
                                for g in part]
                     self.duplicates += sum(max(0, len(m) - rl.group_size) for m in members)
                     chunk = self.make_chunk([m[:rl.group_size] for m in members],
-                                            last=last_batch and j == len(parts) - 1)
+                                            last=last_batch and j == len(parts) - 1, step=step)
                     if not chunk.samples and not chunk.last:
                         continue
                     self._broadcast(chunk)
@@ -429,16 +467,13 @@ class Learner:
                    "is_weight_max": max(weights) if weights else None, "kl": sum(kls) / len(kls) if kls else 0.0,
                    "queue_latency_s": max(latency) if latency else None, "group_mix": mix, "micro_batches": micro,
                    "plan_s": plan_s, "memory_bytes": peak_memory_bytes(self.device), "groups": sorted(step_groups)}
-            self.unrecorded.append((row, tq.clear_partition(step, wait=False)))
+            self.unrecorded.append((row, tq.clear_partition(partition_of(self.generation, step), wait=False)))
             self.checkpoint_due()
             self._record()
         self._record(block=True)
         ray.get(self.published)
         return {"steps": self.steps, "trained_groups": self.trained_groups, "duplicates": self.duplicates,
                 "skipped": self.skipped, "world": self.world, **timer.report()}
-
-    def progress(self) -> list[dict[str, Any]]:
-        return list(self.steps)
 
     # ----- evaluation (rank 0) -----
     def evaluate(self, prompts: list, seed: int) -> float | None:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from pliant.planner.io import atomic_write_text, strict_dumps
-from pliant.runtime.checkpoint import COMPLETE, complete_checkpoints
+from pliant.runtime.checkpoint import COMPLETE, complete_checkpoints, config_differences
 
 from .common import log
 from .spec import RLConfigError
@@ -54,17 +54,6 @@ def run_identity(cfg, seed: int) -> dict[str, Any]:
     shape (which groups belong to a step)."""
     return {**warm_start_key(cfg, seed), "prompts_per_step": cfg.rl.prompts_per_step,
             "group_size": cfg.rl.group_size}
-
-
-def _differences(there: dict[str, Any], here: dict[str, Any], prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(there) | set(here)):
-        a, b = there.get(key), here.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}={a!r} there, {b!r} here")
-    return out
 
 
 @dataclass(frozen=True)
@@ -102,7 +91,7 @@ def find_resume_point(run_dir: Path, cfg, seed: int) -> ResumePoint:
     if meta.get("run") != "rl":
         raise RLConfigError(f"--resume: {path} is a `pliant train` checkpoint, not an RL run's (meta.json has no "
                             f"run: rl); `pliant train --resume` goes on from it")
-    diff = _differences(meta.get("identity", {}), run_identity(cfg, seed))
+    diff = config_differences(meta.get("identity", {}), run_identity(cfg, seed))
     if diff:
         raise RLConfigError(f"--resume: {path} is of another run: {'; '.join(diff)}")
     version = int(meta["version"])
@@ -112,21 +101,25 @@ def find_resume_point(run_dir: Path, cfg, seed: int) -> ResumePoint:
     return ResumePoint(path, version, int(meta["world_size"]), meta)
 
 
-def restore_metrics(metrics: Path, point: ResumePoint) -> None:
+def restore_metrics(metrics: Path, point: ResumePoint) -> list[dict[str, Any]]:
     """RUN/metrics.jsonl as of the checkpoint, rewritten atomically before the resumed run
     appends: the rows of the steps it holds (rows after it were trained by weights that are
     gone, and are trained again), with the rows since the checkpoint before it from its
-    meta.json where the killed driver had not written them (as the driver writes a row)."""
-    rows: dict[int, str] = {}
+    meta.json where the killed driver had not written them (as the driver writes a row).
+    Returns the rows kept, in step order."""
+    rows: dict[int, dict[str, Any]] = {}
     if metrics.is_file():
         for line in metrics.read_text().splitlines():
             try:
-                step = json.loads(line)["step"]
+                row = json.loads(line)
+                step = row["step"]
             except (json.JSONDecodeError, KeyError, TypeError):  # a line the killed run was writing
                 continue
             if step < point.version:
-                rows[step] = line
+                rows[step] = row
     for row in point.meta.get("recent_steps", []):
         if row["step"] not in rows:
-            rows[row["step"]] = strict_dumps({**point.meta.get("metrics_prefix", {}), **row})
-    atomic_write_text(metrics, "".join(rows[s] + "\n" for s in sorted(rows)))
+            rows[row["step"]] = {**point.meta.get("metrics_prefix", {}), **row}
+    kept = [rows[s] for s in sorted(rows)]
+    atomic_write_text(metrics, "".join(strict_dumps(r) + "\n" for r in kept))
+    return kept

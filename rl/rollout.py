@@ -41,19 +41,24 @@ class RolloutWorker:
         self.key = (worker, incarnation)  # the dispatcher's name for this worker (a restart is a new one)
         self.engine = build_engine(model_spec, rl, task, seed, worker)
         self.max_response = task.max_response()
-        self.version = -1
+        self.weights = (-1, -1)  # (learner generation, policy version) of the loaded weights
         self.samples = 0
 
+    @property
+    def version(self) -> int:
+        return self.weights[1]
+
     def _load(self, reply) -> None:
-        version, wrapped = ray.get(reply)
-        if version > self.version:
-            self.engine.load_weights(ray.get(wrapped[0]), version)
-            self.version = version
+        key, wrapped = ray.get(reply)
+        key = tuple(key)
+        if key > self.weights:
+            self.engine.load_weights(ray.get(wrapped[0]), key[1])
+            self.weights = key
 
     def _poll_weights(self, store) -> None:
         """A long poll for weights newer than ours, answered when the trainer publishes;
         `self.arrived` is checked without a call into Ray on every decode step."""
-        self.newer = store.latest.remote(self.version, None)
+        self.newer = store.latest.remote(self.weights, None)
         self.arrived = self.newer.future()
 
     def _take_weights(self, store, waiting: bool) -> None:
@@ -69,28 +74,30 @@ class RolloutWorker:
         n = self.rl.group_size
         self.timer = Timed()  # busy and idle from the run's start
         self.split = {"decode_s": 0.0, "dispatch_s": 0.0, "write_s": 0.0}  # where the busy time goes
-        self.landing: list[tuple[Any, int]] = []  # (the queue's answer to a write, its group), in flight
-        self.landed: list[int] = []  # groups whose write has landed, not yet reported to the dispatcher
-        self.late: list[int] = []  # groups not written (their step was trained already), not yet reported
-        self.timer.wait(self._load, store.latest.remote(-1, None))
+        # groups are (group, generation) pairs: a group handed out again by a restarted learner
+        # generation is another piece of work than the lost generation's
+        self.landing: list[tuple[Any, tuple[int, int]]] = []  # (the queue's answer to a write, its group), in flight
+        self.landed: list[tuple[int, int]] = []  # groups whose write has landed, not yet reported to the dispatcher
+        self.late: list[tuple[int, int]] = []  # groups not written (their step was trained, or its generation lost)
+        self.timer.wait(self._load, store.latest.remote((-1, -1), None))
         dec = self.engine
-        groups: dict[int, dict[str, Any]] = {}
-        done, wait_for = False, -1  # wait_for: the version admission asked for (no asking again before)
+        groups: dict[tuple[int, int], dict[str, Any]] = {}
+        done, wait_for = False, (-1, -1)  # wait_for: the weights admission asked for (no asking again before)
         self._poll_weights(store)
         # the next group is asked for ahead, while decoding goes on: (reply, version asked with);
         # Ray runs one caller's calls to an actor in order and each blocking one costs a
         # process switch, so nothing on the decode loop's path waits for an answer it could
         # have asked for earlier
-        asked: tuple[Any, int] | None = None
+        asked: tuple[Any, tuple[int, int]] | None = None
         while True:
             if self.arrived.done():  # newer weights, taken between decode steps
                 self._take_weights(store, waiting=False)
-            while not done and dec.free_slots() >= n and self.version >= wait_for:
+            while not done and dec.free_slots() >= n and self.weights >= wait_for:
                 t = time.perf_counter()
                 if asked is None:
-                    asked = (self._ask(dispatcher), self.version)
+                    asked = (self._ask(dispatcher), self.weights)
                 r = ray.get(asked[0])
-                if "wait" in r and asked[1] < self.version:  # an answer for older weights: ask again
+                if "wait" in r and asked[1] < self.weights:  # an answer for older weights: ask again
                     r = ray.get(self._ask(dispatcher))
                 asked = None
                 self.split["dispatch_s"] += time.perf_counter() - t
@@ -98,23 +105,24 @@ class RolloutWorker:
                     done = True
                 elif "wait" in r:
                     if dec.active():
-                        wait_for = r["wait"]
+                        wait_for = tuple(r["wait"])
                         break  # keep decoding; ask again once the weights are new enough
-                    while self.version < r["wait"]:  # nothing to do until then
+                    while self.weights < tuple(r["wait"]):  # nothing to do until then
                         self._take_weights(store, waiting=True)
                 else:
                     g, p = r["group"], r["prompt"]
+                    tag = (g, r["generation"])
                     # its queue slots and the next group are asked for now; both answers
                     # come while it decodes
-                    groups[g] = {"step": r["step"], "prompt": p, "version": self.version, "done": [],
-                                 "ids": tq.allocate(n, r["step"], n, wait=False)}
-                    asked = (self._ask(dispatcher), self.version)
+                    groups[tag] = {"step": r["step"], "prompt": p, "version": self.version, "done": [],
+                                   "ids": tq.allocate(n, r["partition"], n, wait=False)}
+                    asked = (self._ask(dispatcher), self.weights)
                     for j in range(n):
-                        dec.add(Request(list(p.tokens), self.max_response, tag=g, seed=sample_seed(self.seed, g, j)))
+                        dec.add(Request(list(p.tokens), self.max_response, tag=tag, seed=sample_seed(self.seed, g, j)))
             if not dec.active():
                 if done:
                     break
-                if self.version < wait_for:  # nothing to decode until newer weights come: wait for them
+                if self.weights < wait_for:  # nothing to decode until newer weights come: wait for them
                     self._take_weights(store, waiting=True)
                 continue
             t = time.perf_counter()
@@ -137,14 +145,16 @@ class RolloutWorker:
     def _ask(self, dispatcher):
         """Ask the dispatcher for a group, telling it which writes have landed since."""
         landed, late, self.landed, self.late = self.landed, self.late, [], []
-        return dispatcher.next.remote(self.key, self.version, landed, late)
+        return dispatcher.next.remote(self.key, self.weights, landed, late)
 
-    def _write(self, tq: TransferQueue, group: int, grp: dict[str, Any]) -> None:
+    def _write(self, tq: TransferQueue, tag: tuple[int, int], grp: dict[str, Any]) -> None:
         n = self.rl.group_size
+        group = tag[0]
         ids = self.timer.wait(ray.get, grp["ids"])
-        if not ids:  # its step is trained already: a duplicate of a group handed out again
-            log(f"rollout worker {self.worker}: group {group} of step {grp['step']} came too late; dropped")
-            self.late.append(group)
+        if not ids:  # its step is trained already (a duplicate of a group handed out again), or its generation lost
+            log(f"rollout worker {self.worker}: group {group} of step {grp['step']} (learner generation {tag[1]}) "
+                f"came too late; dropped")
+            self.late.append(tag)
             return
         cs = grp["done"]
         # the write travels while decoding goes on; it is reported written only once it has
@@ -153,7 +163,7 @@ class RolloutWorker:
         now = time.time()
         samples = [Sample(grp["prompt"], c.response, list(c.logprobs), grp["version"], group, now) for c in cs]
         landed = tq.put(ids, to_columns(samples, ROLLOUT_FIELDS), wait=False)
-        self.landing.append((landed, group))
+        self.landing.append((landed, tag))
         self.samples += n
 
     def _check_landed(self, block: bool = False) -> None:

@@ -18,15 +18,13 @@ from typing import Any, Callable
 
 import ray
 import torch
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pliant.runtime.checkpoint import complete_checkpoints
 from pliant.runtime.faults import RolloutFaults
 
 from .common import log
 from .dispatch import Dispatcher, WeightStore, pack_state
-from .learner import Learner, learner_cluster
+from .learner_group import LearnerGroup, start_learners  # noqa: F401 (start_learners: tests build a group)
 from .resume import find_resume_point, restore_metrics, run_identity, warm_start_key
 from .reward import load_function, load_reward_fn, split_function_path
 from .rollout import RolloutWorker
@@ -37,10 +35,9 @@ from .task import build_task
 from .task_protocol import EVAL_SEED
 from .transfer_queue import TransferQueue
 
-from pliant.planner.io import strict_dumps
+from pliant.planner.io import atomic_write_text, strict_dumps
 
 TASKS = ["reward", "reference", "learner"]
-PLACEMENT_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -98,7 +95,7 @@ class RunResult:
                 "task": self.learner.get("task_counts", {}),
                 "reward_first": self.steps[0]["reward"], "reward_last": self.steps[-1]["reward"],
                 "eval_reward_before": self.eval_reward.get("before"), "eval_reward_after": self.eval_reward.get("after"),
-                "resumed_from": self.resumed_from}
+                "resumed_from": self.resumed_from, "learner_restarts": self.learner.get("learner_restarts", 0)}
 
 
 def ensure_ray(resources) -> None:
@@ -126,9 +123,9 @@ def check_resources(resources) -> None:
 
 
 def check_side_workers(side: dict, learner_done: list) -> None:
-    """The reward and reference workers run until the queue closes (after the last step), and
-    the learner's other ranks until rank 0 ends: one that ends before, or fails, would stall
-    the learner; stop the run with its error."""
+    """The reward and reference workers run until the queue closes (after the last step): one
+    that ends before, or fails, would stall the learner; stop the run with its error. (The
+    learner's ranks are the LearnerGroup's to watch.)"""
     ready, _ = ray.wait(list(side.values()), num_returns=len(side), timeout=0)
     for name, ref in side.items():
         if ref in ready and not learner_done:
@@ -157,29 +154,6 @@ def warm_start(learner, cache: Path | None, key: dict[str, Any]) -> tuple[dict, 
         torch.save({"key": key, "state": state}, tmp)
         tmp.replace(cache)
     return state, losses
-
-
-def start_learners(cfg, task, seed: int) -> tuple[list, Any]:
-    """The learner group: W actors placed together (a placement group of one bundle per rank,
-    packed on as few nodes as fit), joined into one process group. A group Ray cannot place
-    is a clear error, not a wait."""
-    res = cfg.resources.learner
-    learner_cluster(cfg)  # a bad learner section fails here, clearly, not in the actors
-    bundle = {"CPU": res.num_cpus, **({"GPU": res.num_gpus} if res.num_gpus else {})}
-    pg = placement_group([bundle] * res.world, strategy="PACK")
-    try:
-        ray.get(pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
-    except ray.exceptions.GetTimeoutError:
-        remove_placement_group(pg)
-        raise RLResourceError(f"resources.learner: {res.world} ranks of {bundle} could not be placed on the Ray "
-                              f"cluster within {PLACEMENT_TIMEOUT_S:g} s (cluster: {ray.cluster_resources()}, "
-                              f"free: {ray.available_resources()})") from None
-    learners = [Learner.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus,
-                                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r)
-                                ).remote(r, cfg, task, seed) for r in range(res.world)]
-    addr, port = ray.get(learners[0].address.remote())
-    ray.get([a.join.remote(addr, port) for a in learners])
-    return learners, pg
 
 
 def absolute_file(path: str) -> str:
@@ -234,29 +208,33 @@ def run(cfg, run_dir: Path, mode: str | None = None, staleness: int | None = Non
     run_dir.mkdir(parents=True, exist_ok=True)
     faults = RolloutFaults.from_env(run_dir, log)  # injected faults (PLIANT_FAULT); none: a no-op
     actors: list = []
-    pg = None
+    group: LearnerGroup | None = None
     metrics = None
     try:
         tq = TransferQueue.create(capacity, TASKS, units=rl.storage_units)
         dispatcher = Dispatcher.remote(task, rl.prompts_per_step, rl.steps, k, first)
         store = WeightStore.remote()
         actors += [tq.controller, *tq.units, dispatcher, store]
-        learners, pg = start_learners(cfg, task, seed)
-        actors += learners
-        lead = learners[0]
-        state, sft_losses = warm_start(lead, sft_cache, warm_start_key(cfg, seed))
+        ckpt_dir = str(run_dir.resolve()) if checkpoints else None
+        run_meta = {"identity": run_identity(cfg, seed), "metrics_prefix": {"mode": mode, "staleness_bound": k,
+                                                                              "seed": seed}}
+        group = LearnerGroup(cfg, task, seed, None, mode == "sync", ckpt_dir, run_meta,
+                             monitored=cfg.faults.enabled and ckpt_dir is not None)
+        group.start()
+        learners = group.actors
+        state, sft_losses = warm_start(learners[0], sft_cache, warm_start_key(cfg, seed))
         if sft_losses:
             log(f"warm start: {len(sft_losses)} supervised steps, loss {sft_losses[0]:.3f} -> {sft_losses[-1]:.3f}")
-        state_ref = ray.put(state)
-        ray.get([a.build.remote(state_ref) for a in learners])
+        group.state_ref = ray.put(state)
+        group.build()
         reference_weights = [ray.put(pack_state(state))]  # the KL's reference: the warm start
-        del state, state_ref
+        del state
         held_out = task.held_out(rl.eval_prompts) if rl.eval_prompts else []
         scores: dict[str, float] = {}
 
         def evaluate(when: str) -> None:
             if held_out:
-                score = ray.get(lead.evaluate.remote(held_out, EVAL_SEED))
+                score = ray.get(group.lead.evaluate.remote(held_out, EVAL_SEED))
                 if score is not None:
                     scores[when] = score
                     log(f"held-out reward {when} RL: {score:.3f} ({len(held_out)} prompts)")
@@ -264,13 +242,12 @@ def run(cfg, run_dir: Path, mode: str | None = None, staleness: int | None = Non
         if point is None:
             evaluate("before")
         else:
-            ray.get([a.restore.remote(str(point.path), point.world_size) for a in learners])
+            ray.get([a.restore.remote(str(point.path), point.world_size) for a in group.actors])
             log(f"resumed from {point.path} (step {point.version}, written by {point.world_size} learner rank(s), "
                 f"loaded into {res.learner.world})")
             if point.eval_reward_before is not None:
                 scores["before"] = point.eval_reward_before
-        run_meta = {"identity": run_identity(cfg, seed), "eval_reward_before": scores.get("before"),
-                    "metrics_prefix": {"mode": mode, "staleness_bound": k, "seed": seed}}
+        run_meta["eval_reward_before"] = scores.get("before")
 
         def rollout(w: int, incarnation: int = 0):
             return RolloutWorker.options(num_cpus=res.rollout.num_cpus, num_gpus=res.rollout.num_gpus).remote(
@@ -282,35 +259,50 @@ def run(cfg, run_dir: Path, mode: str | None = None, staleness: int | None = Non
         workers = {w: rollout(w) for w in range(res.rollout_workers)}
         actors += [reward, reference, *workers.values()]
         ray.get([a.__ray_ready__.remote() for a in [reward, reference, *workers.values()]])  # started: the clock begins
-        ckpt_dir = str(run_dir.resolve()) if checkpoints else None
-        train_refs = [a.run.remote(tq, store, mode == "sync", ckpt_dir, run_meta) for a in learners]
-        train_ref = train_refs[0]
+        group.run(tq, store)
         runs = {w: a.run.remote(tq, dispatcher, store) for w, a in workers.items()}
-        side = {"reward": reward.run.remote(tq), "reference": reference.run.remote(tq, reference_weights),
-                **{f"learner rank {r}": ref for r, ref in enumerate(train_refs[1:], 1)}}
+        side = {"reward": reward.run.remote(tq), "reference": reference.run.remote(tq, reference_weights)}
+        history: list[dict] = []  # the metrics rows written, in step order (a learner restart cuts them back)
         if point is not None:
-            restore_metrics(run_dir / "metrics.jsonl", point)
+            history = restore_metrics(run_dir / "metrics.jsonl", point)
         metrics = (run_dir / "metrics.jsonl").open("a" if point is not None else "w")  # a run directory holds one run
-        shown, restarts, results, last_progress = 0, 0, {}, time.monotonic()
+        shown, restarts, learner_restarts, results, last_progress = 0, 0, 0, {}, time.monotonic()
         incarnations = {w: 0 for w in workers}
         while True:
-            done, _ = ray.wait([train_ref], timeout=0.5)
-            steps = ray.get(lead.progress.remote())
-            if len(steps) > shown:
+            done, _ = ray.wait([group.refs[0]], timeout=0.5)
+            failed = group.failure()
+            if failed is not None:
+                if learner_restarts >= cfg.faults.max_restarts:
+                    raise RuntimeError(f"{failed}; the learner was restarted {learner_restarts} time(s) "
+                                       f"(faults.max_restarts)")
+                learner_restarts += 1
+                log(f"{failed}: restarting the learner group")
+                restarted = group.restart(tq, dispatcher, store, rl.steps)
+                metrics.close()  # cut back to the checkpoint's steps, with the rows it holds that rank 0 had not
+                if restarted is not None:  # yet handed over (their queue statistics were still to come)
+                    history = restore_metrics(run_dir / "metrics.jsonl", restarted)
+                else:
+                    history = []
+                    atomic_write_text(run_dir / "metrics.jsonl", "")
+                metrics = (run_dir / "metrics.jsonl").open("a")
+                shown, last_progress = 0, time.monotonic()
+                continue
+            new, writing = group.progress(shown)
+            if new:
                 last_progress = time.monotonic()
             check_side_workers(side, done)
-            if not done and time.monotonic() - last_progress > rl.stall_timeout_s and \
-                    not ray.get(lead.checkpointing.remote()):
+            if not done and time.monotonic() - last_progress > rl.stall_timeout_s and not writing:
                 raise RuntimeError(f"no step trained for {rl.stall_timeout_s:g} s (rl.stall_timeout_s) after step "
-                                   f"{len(steps)}: queue {tq.stats()}, dispatcher {ray.get(dispatcher.counts.remote())}")
-            for s in steps[shown:]:
+                                   f"{shown}: queue {tq.stats()}, dispatcher {ray.get(dispatcher.counts.remote())}")
+            for s in new:
                 row = {"mode": mode, "staleness_bound": k, "seed": seed, **{x: y for x, y in s.items()
                                                                               if x != "staleness"}}
+                history.append(row)
                 metrics.write(strict_dumps(row) + "\n")
                 metrics.flush()
                 if on_step:
                     on_step(row)
-            shown = len(steps)
+            shown += len(new)
             faults.on_step(shown, workers, incarnations)
             for w, ref in list(runs.items()):
                 ready, _ = ray.wait([ref], timeout=0)
@@ -330,8 +322,8 @@ def run(cfg, run_dir: Path, mode: str | None = None, staleness: int | None = Non
                     runs[w] = workers[w].run.remote(tq, dispatcher, store)
             if done:
                 break
-        trained = ray.get(train_ref)
-        ray.get(train_refs[1:])
+        trained = ray.get(group.refs[0])
+        ray.get(group.refs[1:])
         wall = trained["wall_s"]  # the learner's clock: from its start to its last step
         evaluate("after")
         tq.close()
@@ -340,13 +332,14 @@ def run(cfg, run_dir: Path, mode: str | None = None, staleness: int | None = Non
         reward_out, _ = ray.get([side["reward"], side["reference"]])
         counts = ray.get(dispatcher.counts.remote())
         trained["task_counts"] = ray.get(dispatcher.task_counts.remote())
+        trained["learner_restarts"] = learner_restarts
     finally:
         if metrics is not None:
             metrics.close()
+        if group is not None:
+            group.stop()
         for a in actors:
             ray.kill(a)
-        if pg is not None:
-            remove_placement_group(pg)
     steps = trained["steps"]
     return RunResult(mode, k, seed, steps, wall, sum(s["tokens"] for s in steps), sum(s["samples"] for s in steps),
                      [results[w] for w in sorted(results)], {x: trained[x] for x in trained if x != "steps"},

@@ -40,6 +40,19 @@ class CheckpointError(RuntimeError):
     pass
 
 
+def config_differences(there: dict, here: dict, skip: frozenset[str] = frozenset(), prefix: str = "") -> list[str]:
+    """Where a checkpoint's recorded config (`there`) and this run's (`here`) disagree, each as
+    "KEY=X there, Y here" (nested keys dotted), keys in `skip` left out."""
+    out = []
+    for key in sorted((set(there) | set(here)) - skip):
+        a, b = there.get(key), here.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, prefix=f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}={a!r} there, {b!r} here")
+    return out
+
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():

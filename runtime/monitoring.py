@@ -74,6 +74,13 @@ class RankMonitor:
             self.recorder.checkpointing(stage != "done")
         self.injector.on_checkpoint(stage)
 
+    def pause(self, active: bool) -> None:
+        """A wait outside the collective schedule that the job declares (the RL learner's rank 0
+        waiting for rollouts while its peers wait in the next broadcast): the master leaves it
+        out of its alarms as it does a checkpoint write."""
+        if self.recorder is not None:
+            self.recorder.checkpointing(active)
+
     def check_loss(self, step: int, loss: float, skipped: bool) -> None:
         if loss == loss and abs(loss) != float("inf"):
             return

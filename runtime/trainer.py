@@ -36,7 +36,7 @@ from pliant.planner.baselines import static_degree
 from pliant.planner.calibrate import Calibration, GroupSample, Refit, price_plan
 from pliant.planner.spec import ClusterSpec, CostSpec, ModelSpec, PlannerSpec
 
-from .checkpoint import Checkpointer, CheckpointError
+from .checkpoint import Checkpointer, CheckpointError, config_differences
 from .data import DocumentSource, GlobalBatcher, IndexedTokens, SyntheticTask
 from .hf import DTYPES, build_model
 from .executor import PlanExecutor
@@ -271,12 +271,10 @@ class Trainer:
             return False
         meta = json.loads((path / "meta.json").read_text())
         mine = self.model_spec.model_dump(mode="json")
-        moved = {"hf_path", "name"}  # where the initial weights came from: the checkpoint replaces them
-        diff = sorted(k for k in (set(mine) | set(meta["model"])) - moved if mine.get(k) != meta["model"].get(k))
+        moved = frozenset({"hf_path", "name"})  # where the initial weights came from: the checkpoint replaces them
+        diff = config_differences(meta["model"], mine, skip=moved)
         if diff:
-            raise CheckpointError(
-                f"checkpoint {path} is of a different model: " + ", ".join(
-                    f"{k}={meta['model'].get(k)!r} there, {mine.get(k)!r} here" for k in diff))
+            raise CheckpointError(f"checkpoint {path} is of a different model: " + ", ".join(diff))
         resize = meta["world_size"] != self.world
         if resize and self.rank == 0:
             print(f"pliant: checkpoint {path.name} was written by {meta['world_size']} ranks; loading it into "
