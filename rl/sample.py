@@ -9,7 +9,7 @@ those fields, and every worker reads and writes them through it:
     response     rollout               reward, reference, learner
     behav_logp   rollout               learner (the importance weight of a stale sample)
     version      rollout               learner (staleness; the weights it was sampled with)
-    group        rollout               learner (GRPO groups; each trained once)
+    group        rollout               reference (one forward per group), learner (GRPO groups; each trained once)
     written_at   rollout               learner (queue latency)
     reward       reward worker         learner (None: the reward function raised)
     ref_logp     reference worker      learner (the KL term)

@@ -85,7 +85,7 @@ class ReferenceWorker:
         later ones, so the reference does not come from the weight store)."""
         timer, n = Timed(), 0
         load_weights(self.model, ray.get(wrapped[0]))
-        for batch in consume(tq, "reference", ["prompt", "response"], self.rl, timer):
+        for batch in consume(tq, "reference", ["prompt", "response", "group"], self.rl, timer):
             samples = from_columns(batch.data)
             by_group: dict[int, list] = {}
             for smp in samples:
@@ -93,8 +93,8 @@ class ReferenceWorker:
                     by_group.setdefault(smp.group, []).append(smp)
             # one forward per group, its samples in one order: a group's log-probs do not
             # depend on which other groups shared its batch or the order its samples finished
-            # in (a packed forward's sums change with its layout), so a resumed run scores a
-            # group as the uninterrupted one did
+            # in (a packed forward's sums change with its layout, in the last bits), so every
+            # run, resumed or not, scores a group alike
             for members in by_group.values():
                 members.sort(key=lambda smp: smp.response)
                 with torch.no_grad():

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from test_cli import pliant
@@ -104,10 +105,8 @@ def exported(tmp_path: Path, run_dir: Path, name: str) -> dict:
 
 def test_a_killed_sync_run_resumed_goes_on_from_its_checkpoint(tmp_path):
     """Killed after step-2, resumed: every step trained once, each on the groups the
-    uninterrupted run trained at it, the kept steps' rows those of the killed run itself.
-    (Bit-identical parameters against the uninterrupted run are not asserted: two
-    uninterrupted runs already differ in the last bits from time to time, see
-    docs/faults.md, "The RL learner".)"""
+    uninterrupted run trained at it, the kept steps' rows those of the killed run itself, and
+    the last parameters bit-identical to the uninterrupted run's."""
     small = overlay(tmp_path)
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     args = ["--config", "configs/rl-local.yaml", "--config", small, "--mode", "sync"]
@@ -128,7 +127,10 @@ def test_a_killed_sync_run_resumed_goes_on_from_its_checkpoint(tmp_path):
     assert [x["groups"] for x in rows] == [x["groups"] for x in ref]
     assert [x["tokens"] for x in rows[:point]] == [x["tokens"] for x in ref[:point]]  # the same samples
     assert all(rows[s] == before[s] for s in before)  # rows the killed driver wrote, kept as they were
-    exported(tmp_path, killed, "killed-export")  # the last checkpoint exports
+    mine, want = exported(tmp_path, killed, "killed-export"), exported(tmp_path, whole, "whole-export")
+    assert mine.keys() == want.keys()
+    differ = {k: (mine[k] - want[k]).abs().max().item() for k in want if not torch.equal(mine[k], want[k])}
+    assert not differ, f"parameters not bit-identical to the uninterrupted run's: {differ}"
 
 
 def test_a_killed_async_run_resumed_on_another_world_trains_each_group_once(tmp_path):
