@@ -269,9 +269,9 @@ class JobPicture:
                 continue
             seen = procs.get(str(st.pid))
             if seen is not None:
-                cpu, io, state = seen
+                cpu, io, state, *wait = seen
                 st.process = {"T": "stopped", "t": "stopped", "R": "running", "D": "disk-sleep"}.get(state, "sleeping")
-                self.observe(st.rank, ThreadSample(cpu, io, None, state), now)
+                self.observe(st.rank, ThreadSample(cpu, io, None, state, *wait), now)
             elif st.pid in gone:
                 st.process, st.gone_at = "gone", now
         return None
@@ -302,7 +302,8 @@ class JobPicture:
             if p is not None and p.last is not None:
                 ev[f"main_thread_{name}"] = {"cpu_s": round(p.last.cpu, 3), "io_bytes": p.last.io,
                                              "no_progress_s": round(now - p.since, 3),
-                                             **({"state": p.last.state} if p.last.state else {})}
+                                             **({"state": p.last.state} if p.last.state else {}),
+                                             **({"run_queue_wait_s": round(p.last.wait, 3)} if p.last.wait else {})}
         if st.frames:
             ev["stack"] = st.frames
         if st.device is not None:

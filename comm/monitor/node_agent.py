@@ -99,7 +99,7 @@ class NodeAgent:
             for pid in self._tree:
                 s = read_thread(pid)
                 if s is not None and s.state not in ("Z", "X"):
-                    procs[pid] = [s.cpu, s.io, s.state]
+                    procs[pid] = [s.cpu, s.io, s.state, s.wait]
         gone = sorted(self._seen - set(procs))
         self._seen = set(procs)
         return procs, gone

@@ -42,6 +42,7 @@ class ThreadSample:
     io: int
     stack: int | None = None
     state: str = ""  # from outside: R running, S sleeping, D disk, T stopped, Z zombie
+    wait: float = 0.0  # from outside: seconds it spent runnable, waiting for a CPU (schedstat)
 
 
 def _io_chars(path: str) -> int:
@@ -65,7 +66,14 @@ def read_thread(pid: int, tid: int | None = None) -> ThreadSample | None:
         return None
     fields = stat[stat.rfind(")") + 2:].split()  # the command name may hold spaces and parentheses
     state, utime, stime = fields[0], int(fields[11]), int(fields[12])
-    return ThreadSample((utime + stime) / _TICK, _io_chars(f"{base}/io"), None, state)
+    cpu, wait = (utime + stime) / _TICK, 0.0
+    try:  # nanoseconds on a CPU and waiting in the run queue (absent without CONFIG_SCHED_INFO)
+        with open(f"{base}/schedstat") as f:
+            on_cpu, queued = f.read().split()[:2]
+        cpu, wait = int(on_cpu) / 1e9, int(queued) / 1e9
+    except (OSError, ValueError):
+        pass
+    return ThreadSample(cpu, _io_chars(f"{base}/io"), None, state, wait)
 
 
 def python_stack(thread_id: int, limit: int = STACK_FRAMES) -> list[str]:
@@ -105,22 +113,27 @@ class MainThreadProbe:
 @dataclass
 class ThreadProgress:
     """When a thread last showed progress (on the master's clock), from one view's samples:
-    CPU grown by at least `min_cpu_s`, bytes moved, or the stack changed."""
+    CPU grown by at least `min_cpu_s`, bytes moved, the stack changed, or (from outside) as
+    much time spent runnable in the run queue: a thread that waits for a CPU on a loaded host
+    is starved, not stuck (a stopped, sleeping or deadlocked thread never queues for a CPU,
+    and a spinning one burns it)."""
 
     min_cpu_s: float
     last: ThreadSample | None = None
     since: float | None = None  # the last time progress was seen; None: no samples yet
     base_cpu: float = 0.0  # CPU at the last progress (small growths add up)
+    base_wait: float = 0.0  # run-queue wait at the last progress
 
     def update(self, sample: ThreadSample, now: float) -> bool:
         prev, self.last = self.last, sample
         if prev is None:
-            self.since, self.base_cpu = now, sample.cpu
+            self.since, self.base_cpu, self.base_wait = now, sample.cpu, sample.wait
             return True
         moved = (sample.cpu - self.base_cpu >= self.min_cpu_s - 1e-6 or sample.io != prev.io or  # one /proc tick
+                 sample.wait - self.base_wait >= self.min_cpu_s - 1e-6 or
                  (sample.stack is not None and prev.stack is not None and sample.stack != prev.stack))
         if moved:
-            self.since, self.base_cpu = now, sample.cpu
+            self.since, self.base_cpu, self.base_wait = now, sample.cpu, sample.wait
         return moved
 
 
