@@ -113,10 +113,12 @@ class MainThreadProbe:
 @dataclass
 class ThreadProgress:
     """When a thread last showed progress (on the master's clock), from one view's samples:
-    CPU grown by at least `min_cpu_s`, bytes moved, the stack changed, or (from outside) as
-    much time spent runnable in the run queue: a thread that waits for a CPU on a loaded host
-    is starved, not stuck (a stopped, sleeping or deadlocked thread never queues for a CPU,
-    and a spinning one burns it)."""
+    CPU grown by at least `min_cpu_s`, bytes moved, the stack changed, or (from outside) it
+    is runnable (state R) or spent as much time in the run queue: a thread that waits for a CPU
+    on a loaded host is starved, not stuck (a stopped, sleeping or deadlocked thread never
+    queues for a CPU, and a spinning one burns it). The kernel adds a wait to the thread's
+    run-queue total only when the thread gets the CPU, so a thread starved for seconds shows
+    it by its state."""
 
     min_cpu_s: float
     last: ThreadSample | None = None
@@ -130,7 +132,7 @@ class ThreadProgress:
             self.since, self.base_cpu, self.base_wait = now, sample.cpu, sample.wait
             return True
         moved = (sample.cpu - self.base_cpu >= self.min_cpu_s - 1e-6 or sample.io != prev.io or  # one /proc tick
-                 sample.wait - self.base_wait >= self.min_cpu_s - 1e-6 or
+                 sample.state == "R" or sample.wait - self.base_wait >= self.min_cpu_s - 1e-6 or
                  (sample.stack is not None and prev.stack is not None and sample.stack != prev.stack))
         if moved:
             self.since, self.base_cpu, self.base_wait = now, sample.cpu, sample.wait
