@@ -50,8 +50,9 @@ def test_a_starved_thread_is_waiting_not_stuck_and_a_stopped_one_is_stuck():
         p = watch(starved.pid, 2.5)
         after = p.last
         assert after.state == "R"
-        assert after.wait - before.wait > 1.0, (before, after)  # runnable, in the queue most of the time
-        assert after.cpu - before.cpu < 0.5 * (after.wait - before.wait), (before, after)  # starved
+        # runnable, queued (the kernel adds a wait to the total only when the thread gets the CPU)
+        assert after.wait > before.wait, (before, after)
+        assert after.cpu - before.cpu < 0.5, (before, after)  # starved: well under a fifth of the 2.5 s
         assert time.monotonic() - p.since < 1.0  # ... and so not stuck
         os.kill(starved.pid, signal.SIGSTOP)
         time.sleep(1.0)  # its last run-queue wait is accounted when it leaves the queue
