@@ -262,9 +262,8 @@ def run(cfg, run_dir: Path, mode: str | None = None, staleness: int | None = Non
         group.run(tq, store)
         runs = {w: a.run.remote(tq, dispatcher, store) for w, a in workers.items()}
         side = {"reward": reward.run.remote(tq), "reference": reference.run.remote(tq, reference_weights)}
-        history: list[dict] = []  # the metrics rows written, in step order (a learner restart cuts them back)
         if point is not None:
-            history = restore_metrics(run_dir / "metrics.jsonl", point)
+            restore_metrics(run_dir / "metrics.jsonl", point)
         metrics = (run_dir / "metrics.jsonl").open("a" if point is not None else "w")  # a run directory holds one run
         shown, restarts, learner_restarts, results, last_progress = 0, 0, 0, {}, time.monotonic()
         incarnations = {w: 0 for w in workers}
@@ -280,9 +279,8 @@ def run(cfg, run_dir: Path, mode: str | None = None, staleness: int | None = Non
                 restarted = group.restart(tq, dispatcher, store, rl.steps)
                 metrics.close()  # cut back to the checkpoint's steps, with the rows it holds that rank 0 had not
                 if restarted is not None:  # yet handed over (their queue statistics were still to come)
-                    history = restore_metrics(run_dir / "metrics.jsonl", restarted)
+                    restore_metrics(run_dir / "metrics.jsonl", restarted)
                 else:
-                    history = []
                     atomic_write_text(run_dir / "metrics.jsonl", "")
                 metrics = (run_dir / "metrics.jsonl").open("a")
                 shown, last_progress = 0, time.monotonic()
@@ -297,7 +295,6 @@ def run(cfg, run_dir: Path, mode: str | None = None, staleness: int | None = Non
             for s in new:
                 row = {"mode": mode, "staleness_bound": k, "seed": seed, **{x: y for x, y in s.items()
                                                                               if x != "staleness"}}
-                history.append(row)
                 metrics.write(strict_dumps(row) + "\n")
                 metrics.flush()
                 if on_step:
