@@ -81,9 +81,9 @@ def test_a_late_rank_that_computes_is_hung_after_busy_silence_max_s():
     assert found[0].detected >= 6.0
 
 
-def silent_rank_3(picture: JobPicture, until: float, outside_cpu_per_s: float, state: str = "R") -> list:
+def silent_rank_3(picture: JobPicture, until: float, outside_cpu_per_s: float, state: str = "S") -> list:
     """Every rank reports until t=2; then rank 3 falls silent while the master's process
-    watch sees its main thread use `outside_cpu_per_s` of a core."""
+    watch sees its main thread in `state`, using `outside_cpu_per_s` of a core."""
     from pliant.comm.monitor.progress import ThreadSample
 
     def report(t: float) -> None:
@@ -99,10 +99,12 @@ def silent_rank_3(picture: JobPicture, until: float, outside_cpu_per_s: float, s
 def test_a_silent_rank_whose_main_thread_works_is_not_hung():
     spec = FaultSpec()
     assert silent_rank_3(JobPicture(spec, world=4), until=10.0, outside_cpu_per_s=0.2) == []
-    found = silent_rank_3(JobPicture(spec, world=4), until=10.0, outside_cpu_per_s=0.0)
+    # runnable but given no CPU (a loaded host): starved, not stuck
+    assert silent_rank_3(JobPicture(spec, world=4), until=10.0, outside_cpu_per_s=0.0, state="R") == []
+    found = silent_rank_3(JobPicture(spec, world=4), until=10.0, outside_cpu_per_s=0.0)  # sleeping, no CPU
     assert [(i.kind, i.ranks) for i in found] == [("noncomm_hang", [3])]
     ev = found[0].evidence
-    assert "no progress" in ev["why"] and ev["main_thread_outside"]["state"] == "R"
+    assert "no progress" in ev["why"] and ev["main_thread_outside"]["state"] == "S"
     assert found[0].detected <= 2.0 + spec.heartbeat_min_s + 0.4
 
 
