@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pliant.planner.errors import PlanningError
+from pliant.planner.errors import InputError, PlanningError
 
 DEFAULT_CONFIG = "configs/flexsp-7b-64gpu.yaml"
 LOCAL_CONFIG = "configs/local-cpu.yaml"
@@ -408,11 +408,7 @@ def cmd_dists(_: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pliant.config import ConfigError
     from pliant.launch.model_cmds import run_model_command
-    from pliant.planner.model_dir import ModelDirError
-    from pliant.rl.spec import RLConfigError
-    from pliant.runtime.data import DataError
     from pliant.runtime.errors import ExportError
 
     args = build_parser().parse_args(argv)
@@ -455,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_bench_prepare(args)
         if args.command == "data":
             return cmd_data(args)
-    except (ConfigError, PlanningError, RLConfigError, ModelDirError, DataError, ExportError) as e:
+    except (InputError, ExportError) as e:  # bad input: config, data, model, checkpoint (pliant.planner.errors)
         print(f"pliant: error: {e}", file=sys.stderr)
         return 2
     return 1

@@ -15,7 +15,8 @@ import shlex
 import subprocess
 from typing import Callable
 
-from pliant.config import ConfigError, load_config
+from pliant.config import ConfigError, load_config, with_overrides
+from pliant.launch.preflight import check_job
 from pliant.launch.nodes import place_node
 from pliant.launch.torchrun import config_args, torchrun_command, torchrun_env
 
@@ -59,6 +60,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if launched or args.print_commands:
         return launch(cfg, "pliant.launch.worker", worker_args(args), worker_main, args.print_commands)
+    # the whole job, as the ranks will see it, before anything starts: bad input is not a fault
+    check_job(with_overrides(cfg, "train", steps=args.steps, plan=args.plan))
     node = place_node(cfg.cluster, getattr(args, "node_rank", None))
     if cfg.faults.enabled:
         from pliant.launch.supervisor import Supervisor

@@ -11,6 +11,9 @@ follows the master's decisions through its node agent (comm/monitor/node_agent.p
                                               written into the incident and ends the job with its
                                               reason), then stop the job (SIGTERM, then SIGKILL),
                                               mark the culprits' slots bad, start again with --resume
+          an incident with action stop     -> the job's own error (a pliant input error, or the
+                                              same exception on every rank): stop the job, mark
+                                              nothing bad, end with the rank's message
           torchrun fails with no incident  -> give the master a moment to name a culprit,
                                               else restart without excluding anything
     a restart uses a spare slot (cluster.spare_devices_per_node), or with none left a smaller
@@ -33,7 +36,7 @@ from pathlib import Path
 import psutil
 import yaml
 
-from pliant.comm.monitor.master import read_incidents
+from pliant.comm.monitor.master import DECISIONS, read_incidents, spawn_master
 from pliant.comm.monitor.node_agent import NodeAgent, NodeAgentError
 from pliant.config import ConfigError, JobConfig, load_config
 from pliant.launch.nodes import NodePlacement, interface_of
@@ -52,7 +55,7 @@ class Attempt:
     started: float
     ended: float = 0.0
     rc: int | None = None
-    outcome: str = ""  # finished, incident, failed
+    outcome: str = ""  # finished, incident, failed, stopped
     incidents: list[dict] = field(default_factory=list)
 
 
@@ -163,21 +166,12 @@ class Supervisor:
 
     # ----- one start -----
     def _start_master(self, attempt: int, world: int) -> tuple[subprocess.Popen, str]:
-        addr_file = self.run_dir / "monitor" / f"addr-a{attempt}"
-        addr_file.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "pliant.comm.monitor.master", "--run-dir", str(self.run_dir), "--world",
-               str(world), "--attempt", str(attempt), "--spec", self.cfg.faults.model_dump_json(),
-               "--address-file", str(addr_file)]
-        if self.multi:  # every node's agents reach it on the first host's address
-            cmd += ["--bind", f"tcp://*:{self.master_port}", "--node", str(self.node.rank)]
-        proc = subprocess.Popen(cmd)
-        deadline = time.monotonic() + 60
-        while not addr_file.is_file():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                where = f" on tcp://*:{self.master_port} (faults.master_port: is the port in use?)" if self.multi else ""
-                raise RuntimeError(f"the fault monitor master did not start{where} (exit status {proc.poll()})")
-            time.sleep(0.05)
-        addr = addr_file.read_text().strip()
+        try:  # multi-node: every node's agents reach it on the first host's address
+            proc, addr = spawn_master(self.run_dir, world, attempt, self.cfg.faults,
+                                      bind=f"tcp://*:{self.master_port}" if self.multi else None,
+                                      node=self.node.rank if self.multi else None)
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}{' (faults.master_port: is the port in use?)' if self.multi else ''}") from None
         return proc, (self.master_addr if self.multi else addr)
 
     @property
@@ -268,12 +262,12 @@ class Supervisor:
             env.pop("PLIANT_FAULT", None)  # injected faults belong to the first start
         return subprocess.Popen(cmd, env=env)
 
-    def _restart_incidents(self, attempt: int) -> list[dict]:
-        """The master's restart decisions for this start: through the node agent on several
-        nodes, from the incident files on one."""
+    def _decisions(self, attempt: int) -> list[dict]:
+        """The master's decisions for this start (incidents with action restart or stop):
+        through the node agent on several nodes, from the incident files on one."""
         if self.agent is not None:
             return list(self.agent.incidents)
-        return [i for i in read_incidents(self.run_dir, attempt) if i["action"] == "restart"]
+        return [i for i in read_incidents(self.run_dir, attempt) if i["action"] in DECISIONS]
 
     def _wait(self, job: subprocess.Popen, master: subprocess.Popen | None, attempt: int, slots: list[int]
               ) -> tuple[str, list[dict], "Start | RestartError | None"]:
@@ -290,7 +284,11 @@ class Supervisor:
             rc = job.poll()
             if rc == 0:
                 return "finished", [], None
-            fatal = self._restart_incidents(attempt)
+            fatal = self._decisions(attempt)
+            stops = [i for i in fatal if i["action"] == "stop"]
+            if stops:  # the job's own error (bad input): stop it, no restart, no slot marked bad
+                kill_tree(job, spec.stop_grace_s)
+                return "stopped", stops, None
             if fatal:
                 nxt = self._compose_restart(attempt, slots, fatal)
                 kill_tree(job, spec.stop_grace_s)
@@ -385,6 +383,12 @@ class Supervisor:
             self._save()
             if outcome == "finished":
                 return 0
+            if outcome == "stopped":
+                ev = incidents[0]["evidence"]
+                print(f"pliant: the job stopped without a restart: {ev['why']} on rank(s) {ev['raised_by']}; no "
+                      f"slot is marked bad. Incidents: {self.run_dir / 'incidents'}", file=sys.stderr, flush=True)
+                print(f"pliant: error: {ev['message']}", file=sys.stderr, flush=True)
+                return 2
             self.bad.update(culprit_slots(attempt, slots, incidents, self.per_node))
             if outcome == "failed":
                 print(f"pliant: the job failed (status {job.returncode}) and the monitor named no culprit",

@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = with_overrides(cfg, "train", steps=args.steps, plan=args.plan)
     import torch.distributed as dist
 
+    from pliant.planner.errors import InputError
     from pliant.runtime.monitoring import NonFiniteLoss, RankMonitor
 
     run_dir = Path(args.run_dir) if args.run_dir else None
@@ -33,8 +34,12 @@ def main(argv: list[str] | None = None) -> int:
         monitor.close("nan-rollback")
         print(f"pliant: {e}", file=sys.stderr, flush=True)
         return NAN_EXIT
+    except InputError as e:  # bad input, not a fault: one line, no traceback
+        monitor.close_on(e)
+        print(f"pliant: error: {e}", file=sys.stderr, flush=True)
+        return INPUT_EXIT
     except BaseException as e:
-        monitor.close(f"exception: {type(e).__name__}: {e}"[:500])
+        monitor.close_on(e)
         raise
     monitor.close("finished")
     dist.barrier()
@@ -43,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 NAN_EXIT = 3  # the worker's exit status when faults.nan = rollback stops the job
+INPUT_EXIT = 2  # ... when its input is wrong (a pliant input error), as the command line's errors
 
 
 def _train(args, cfg, run_dir: Path | None, monitor) -> int:

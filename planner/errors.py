@@ -2,7 +2,14 @@
 from __future__ import annotations
 
 
-class PlanningError(ValueError):
+class InputError(ValueError):
+    """The job's input is wrong: its config, data, model directory or checkpoint, not the
+    machines. Every pliant error class for bad input derives from it; a rank that raises one
+    ends the job at once, with its message and no restart (docs/faults.md, "Errors are not
+    faults")."""
+
+
+class PlanningError(InputError):
     """The batch cannot be planned on this cluster; the message says why."""
 
 

@@ -15,6 +15,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import InputError
+
 # architectures (config.json "architectures"[0]) pliant runs, and the model_type each has
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -34,7 +36,7 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 DTYPE_NAMES = {"float64": "fp64", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
-class ModelDirError(ValueError):
+class ModelDirError(InputError):
     """A model directory that pliant cannot use; the message names the directory and the problem."""
 
 

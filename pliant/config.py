@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pliant.comm.monitor.spec import FaultSpec
+from pliant.planner.errors import InputError
 from pliant.planner.spec import ClusterSpec, CostSpec, ModelSpec, PlannerSpec
 from pliant.rl.spec import CopyTaskSpec, LearnerSpec, ResourcesSpec, RLSpec, TaskSpec
 from pliant.runtime.spec import DataSpec, TrainSpec
@@ -36,7 +37,7 @@ _Loader.add_implicit_resolver(
 )
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config file that cannot be used; the message lists every problem found."""
 
 

@@ -354,7 +354,7 @@ class Learner:  # agent watches that thread, and its goodbye handler needs it); 
         try:
             out = self._run(tq, store, sync)
         except BaseException as e:
-            self.monitor.close(f"exception: {type(e).__name__}: {e}"[:500])
+            self.monitor.close_on(e)
             raise
         self.monitor.close("finished")
         return out

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,8 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from pliant.comm.monitor.master import read_incidents
+from pliant.comm.monitor.master import read_incidents, spawn_master
+from pliant.planner.errors import InputError
 from pliant.runtime.checkpoint import complete_checkpoints
 from pliant.runtime.faults import FAULT_ENV
 
@@ -80,19 +80,8 @@ def start_learners(cfg, task, seed: int, generation: int = 0, monitor_addr: str 
 def start_master(run_dir: Path, world: int, attempt: int, spec) -> tuple[subprocess.Popen, str]:
     """The fault monitor's master for one learner generation, on this (the driver's) node,
     bound on every interface: the address the learner ranks' agents connect to."""
-    addr_file = run_dir / "monitor" / f"addr-a{attempt}"
-    addr_file.unlink(missing_ok=True)
-    proc = subprocess.Popen([sys.executable, "-m", "pliant.comm.monitor.master", "--run-dir", str(run_dir),
-                             "--world", str(world), "--attempt", str(attempt), "--spec", spec.model_dump_json(),
-                             "--address-file", str(addr_file), "--bind", "tcp://*:*"])
-    deadline = time.monotonic() + 60
-    while not addr_file.is_file():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"the fault monitor master did not start (exit status {proc.poll()})")
-        time.sleep(0.05)
-    port = addr_file.read_text().strip().rsplit(":", 1)[1]
-    return proc, f"tcp://{ray.util.get_node_ip_address()}:{port}"
+    proc, addr = spawn_master(run_dir, world, attempt, spec, bind="tcp://*:*")
+    return proc, f"tcp://{ray.util.get_node_ip_address()}:{addr.rsplit(':', 1)[1]}"
 
 
 def describe(incident: dict) -> str:
@@ -171,8 +160,13 @@ class LearnerGroup:
         return failed
 
     def _incident(self) -> str | None:
+        """The master's restart decision, described; its stop decision (the job's own error, such
+        as bad input: no restart) raised as an InputError with the rank's message."""
         if self.monitored:
             for inc in read_incidents(Path(self.run_dir), self.generation):
+                if inc.get("action") == "stop":
+                    raise InputError(f"learner: {inc['evidence']['message']} ({inc['evidence']['why']} on rank(s) "
+                                     f"{inc['evidence']['raised_by']}; not restarted)")
                 if inc.get("action") == "restart":
                     return describe(inc)
         return None

@@ -10,10 +10,11 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegative
     PositiveInt, TypeAdapter, ValidationInfo, ValidatorFunctionWrapHandler, WrapValidator, field_validator, \
     model_validator
 
+from pliant.planner.errors import InputError
 from pliant.planner.spec import BandwidthSpec, CostSpec, PlannerSpec
 
 
-class RLConfigError(ValueError):
+class RLConfigError(InputError):
     """An RL job that cannot run as configured (the command line reports it as an error)."""
 
 

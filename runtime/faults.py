@@ -25,6 +25,7 @@ from pydantic import TypeAdapter
 
 from pliant.comm.monitor.recorder import SENDS, CollectiveEvent, CollectiveHook
 from pliant.comm.monitor.spec import InjectSpec
+from pliant.planner.errors import InputError
 from pliant.planner.io import atomic_write_text
 
 from .rank import rank_device
@@ -83,6 +84,12 @@ class FaultInjector(CollectiveHook):
         for f in self._due("hold_gil"):
             self._fire(f)
             ctypes.PyDLL(None).sleep(100000)  # a C call that keeps the GIL: no other thread runs
+        for f in self._due("raise"):
+            self._fire(f)
+            raise RuntimeError(f"injected error at step {step}")
+        for f in self._due("raise_input_error"):
+            self._fire(f)
+            raise InputError(f"injected input error at step {step}")
         for f in self._due("desync"):
             self._fire(f)
             on = rank_device("cuda" if dist.get_backend() == "nccl" else "cpu")

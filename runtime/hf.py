@@ -124,20 +124,13 @@ def load_hf_model(path: str | Path, dtype: torch.dtype, device: torch.device | s
     """The model of a Llama / Qwen2 / Qwen3 / Mistral directory with its weights, running its
     softmax attention through pliant's SP operators."""
     import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     d = read_model_dir(path)
     if d.is_pliant:
         raise ModelDirError(f"{d.path} holds pliant's own model; build it with build_model")
     register_attention()
-    config = AutoConfig.from_pretrained(d.path)
-    if getattr(config, "attention_dropout", 0.0):
-        raise ModelDirError(f"{d.path / 'config.json'}: attention_dropout = {config.attention_dropout}; pliant's SP "
-                            f"attention has no dropout (set it to 0.0)")
-    check_tokenizer(d.path, int(config.vocab_size))
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    _check_shapes(d, skeleton)
+    _check_hf_dir(d)
     transformers.logging.set_verbosity_error()  # the per-load notices and progress bars: not once per rank
     transformers.logging.disable_progress_bar()
     # MoE blocks (Qwen3-Next) run as transformers' own modules, replicated like a dense MLP; its
@@ -160,6 +153,52 @@ def load_hf_model(path: str | Path, dtype: torch.dtype, device: torch.device | s
     return HFCausalLM(model).to(device)
 
 
+def _check_hf_dir(d: ModelDir) -> None:
+    """What a Hugging Face directory must satisfy before its weights load: no attention dropout,
+    a tokenizer within the embedding, every tensor of the shape config.json gives."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(d.path)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelDirError(f"{d.path / 'config.json'}: transformers cannot read it: {e}") from None
+    if getattr(config, "attention_dropout", 0.0):
+        raise ModelDirError(f"{d.path / 'config.json'}: attention_dropout = {config.attention_dropout}; pliant's SP "
+                            f"attention has no dropout (set it to 0.0)")
+    check_tokenizer(d.path, int(config.vocab_size))
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    _check_shapes(d, skeleton)
+
+
+def _check_pliant_dir(d: ModelDir, spec: ModelSpec) -> None:
+    from .model import LM, ROPE_THETA, RMS_EPS
+
+    for key, ours in (("rope_theta", ROPE_THETA), ("rms_norm_eps", RMS_EPS)):
+        if d.config.get(key, ours) != ours:
+            raise ModelDirError(f"{d.path / 'config.json'}: {key} = {d.config[key]}; pliant's model implements {ours}")
+    with torch.device("meta"):
+        skeleton = LM(spec)
+    _check_shapes(d, skeleton)
+    missing = sorted(set(skeleton.state_dict()) - set(d.tensors))
+    unexpected = sorted(set(d.tensors) - set(skeleton.state_dict()))
+    if missing or unexpected:
+        raise ModelDirError(f"{d.path}: the weights do not match config.json: missing {missing[:6]}, "
+                            f"unexpected {unexpected[:6]}")
+
+
+def check_model(spec: ModelSpec) -> None:
+    """The model directory a job names (model.hf_path), checked without loading a weight: what
+    `build_model` would refuse, raised as a ModelDirError before any rank starts."""
+    if spec.hf_path is None:
+        return
+    d = read_model_dir(spec.hf_path)
+    if d.is_pliant:
+        _check_pliant_dir(d, spec)
+    else:
+        _check_hf_dir(d)
+
+
 def build_model(spec: ModelSpec, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
     """The model a job config describes: loaded from `hf_path` when given (a Hugging Face
     directory, or one `pliant export` wrote of pliant's own model), else pliant's own hybrid
@@ -178,14 +217,9 @@ def build_model(spec: ModelSpec, device: torch.device | str = "cpu", dtype: torc
 def load_pliant_dir(d: ModelDir, spec: ModelSpec, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
     from safetensors.torch import load_file
 
-    from .model import LM, ROPE_THETA, RMS_EPS
+    from .model import LM
 
-    for key, ours in (("rope_theta", ROPE_THETA), ("rms_norm_eps", RMS_EPS)):
-        if d.config.get(key, ours) != ours:
-            raise ModelDirError(f"{d.path / 'config.json'}: {key} = {d.config[key]}; pliant's model implements {ours}")
-    with torch.device("meta"):
-        skeleton = LM(spec)
-    _check_shapes(d, skeleton)
+    _check_pliant_dir(d, spec)
     state: dict[str, torch.Tensor] = {}
     for f in dict.fromkeys(t.file for t in d.tensors.values()):
         state.update(load_file(d.path / f))

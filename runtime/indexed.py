@@ -27,10 +27,11 @@ from types import TracebackType
 
 import numpy as np
 
+from pliant.planner.errors import InputError
 from pliant.planner.io import fsync_dir
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Data that cannot be used; the message says which file and what is wrong.
 
     Defined in this lowest data module (it imports only the planner's file helpers);
@@ -117,6 +118,24 @@ class IndexedTokens:
 
     def __len__(self) -> int:
         return len(self._doc_lengths)
+
+    def check_token_ids(self, chunk: int = 1 << 24) -> None:
+        """Every token id of the .bin within [0, vocab_size), read in chunks of `chunk` ids (the
+        job's driver runs it once before launching; documents are checked again as they are
+        read). Raises DataError naming the file, the first bad id, its position and document."""
+        if self.vocab_size is None or not len(self.tokens):
+            return
+        for start in range(0, len(self.tokens), chunk):
+            part = self.tokens[start:start + chunk]
+            if int(part.min()) >= 0 and int(part.max()) < self.vocab_size:
+                continue
+            at = start + int(np.flatnonzero((part < 0) | (part >= self.vocab_size))[0])
+            byte = at * self.dtype.itemsize
+            seq = int(np.searchsorted(self.sequence_pointers, byte, side="right")) - 1
+            doc = int(np.searchsorted(self.document_indices, seq, side="right")) - 1
+            raise DataError(f"{bin_path(self.prefix)}: token id {int(self.tokens[at])} at position {at} (document "
+                            f"{doc}) is outside the model's vocabulary [0, {self.vocab_size}): the data was "
+                            f"tokenized for another vocabulary")
 
     @property
     def n_sequences(self) -> int:

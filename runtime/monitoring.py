@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 from pliant.comm.monitor.agent import MONITOR_ADDR_ENV, Agent
 from pliant.comm.monitor.recorder import CollectiveRecorder
 from pliant.comm.monitor.spec import FaultSpec
+from pliant.planner.errors import InputError
 
 from .faults import FaultInjector, faults_from_env
 
@@ -60,7 +62,7 @@ class RankMonitor:
         if self.spec.nan == "skip":
             opt = trainer.engine.optimizer
             if not hasattr(opt, "check_grad_overflow"):
-                raise ValueError(f"faults.nan = skip needs a DeepSpeed ZeRO stage 1 or 2 optimizer (model.zero_stage "
+                raise InputError(f"faults.nan = skip needs a DeepSpeed ZeRO stage 1 or 2 optimizer (model.zero_stage "
                                  f"is {trainer.model_spec.zero_stage}); use faults.nan = rollback")
             opt.check_grad_overflow = True
 
@@ -109,3 +111,15 @@ class RankMonitor:
             self.agent.close(reason)
         if self.recorder is not None:
             self.recorder.uninstall()
+
+    def close_on(self, error: BaseException) -> None:
+        """Tell the master why this rank stops (docs/faults.md, "Errors are not faults"): one of
+        pliant's input errors ("error: ...": the job ends at once, no restart) or another
+        exception ("exception: ..."). For the latter the rank lingers `same_error_s` before its
+        process exits, so that the launcher's stop of its peers does not pre-empt them raising the
+        same: the same exception on every rank ends the job too, anything else is a crash."""
+        text = f"{type(error).__name__}: {error}"[:500]
+        monitored = self.agent is not None
+        self.close(f"error: {text}" if isinstance(error, InputError) else f"exception: {text}")
+        if monitored and isinstance(error, Exception) and not isinstance(error, InputError):
+            time.sleep(self.spec.same_error_s)

@@ -15,12 +15,13 @@ import torch.distributed as dist
 
 from pliant.comm import GroupRegistry, contiguous_layouts
 from pliant.planner import Planner
+from pliant.planner.errors import InputError
 from pliant.planner.spec import ClusterSpec, CostSpec, ModelSpec, PlannerSpec
 
 PG_TIMEOUT_ENV = "PLIANT_PG_TIMEOUT_S"
 
 
-class LaunchError(RuntimeError):
+class LaunchError(InputError, RuntimeError):
     """The launched processes do not match the job config."""
 
 

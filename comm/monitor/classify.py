@@ -331,8 +331,8 @@ class JobPicture:
         if self.stopped:
             return []
         found: list[Incident] = []
-        for rule in (self._desync, self._nan, self._nodes_lost, self._crashes, self._hangs, self._silent,
-                     self._stragglers, self._links):
+        for rule in (self._errors, self._desync, self._nan, self._nodes_lost, self._crashes, self._hangs,
+                     self._silent, self._stragglers, self._links):
             for inc in rule(now):
                 key = (inc.kind, tuple(inc.ranks), tuple(inc.link or ()), inc.action)
                 if key in self.reported:
@@ -340,7 +340,7 @@ class JobPicture:
                 self.reported.add(key)
                 self._describe(inc)
                 found.append(inc)
-                if inc.action == "restart":
+                if inc.action in ("restart", "stop"):
                     self.stopped = True
                     return found
         return found
@@ -402,6 +402,26 @@ class JobPicture:
             "nonfinite_inputs": sorted(bad), "policy": self.spec.nan}, fault_time=t, detected=now,
             step=members[bad[0]].step, group=list(group))]
 
+    def _errors(self, now: float) -> list[Incident]:
+        """Errors are not faults: a rank that raised one of pliant's input errors (its goodbye
+        says "error: ..."), or the same exception on every rank, ends the job with its message:
+        no restart, no rank blamed. Rerunning bad input on other machines fails the same way."""
+        said = sorted((st.last_seen, st.rank, st.bye) for st in self.ranks.values() if st.bye)
+        inputs = [(t, r, bye) for t, r, bye in said if bye.startswith("error: ")]
+        if inputs:
+            t, _, bye = inputs[0]
+            return [Incident("error", [], "stop", {"why": "an input error (config, data, model or checkpoint)",
+                                                   "message": bye[len("error: "):],
+                                                   "raised_by": sorted(r for _, r, _ in inputs)},
+                             fault_time=t, detected=now, step=self._step())]
+        raised = [(t, r, bye) for t, r, bye in said if bye.startswith("exception: ")]
+        if len(raised) == self.world and len({bye for _, _, bye in raised}) == 1:
+            return [Incident("error", [], "stop", {"why": f"the same exception on all {self.world} ranks",
+                                                   "message": raised[0][2][len("exception: "):],
+                                                   "raised_by": sorted(r for _, r, _ in raised)},
+                             fault_time=raised[0][0], detected=now, step=self._step())]
+        return []
+
     def _crashes(self, now: float) -> list[Incident]:
         """Processes gone without saying goodbye; failing that, ranks that raised. A crash makes
         its peers' collectives fail too, so a silent death outranks the exceptions it causes."""
@@ -417,6 +437,8 @@ class JobPicture:
         settle = 0.25
         if not silent and self.nodes:  # several nodes: a peer's whole node may be gone (its
             settle = max(settle, 4 * self.spec.report_interval_s)  # agent falls quiet a little later)
+        if not silent and len({st.bye for st in raised}) == 1 and now - first < self.spec.same_error_s:
+            return []  # the same exception so far: the others may raise it too (_errors)
         if now - first < settle:
             return []  # ranks that fail together are reported together
         together = sorted(r for r, t in when.items() if t - first <= settle)
@@ -526,7 +548,7 @@ class JobPicture:
                     continue  # busy (start-up under load, a long call holding the GIL): slow, not hung
                 why = (f"process alive, its main thread made no progress for {idle:.2f} s: holding the GIL or stuck "
                        f"in native code" if idle >= self.spec.progress_window_s else
-                       f"its main thread works but its agent was silent for busy_silence_max_s")
+                       "its main thread works but its agent was silent for busy_silence_max_s")
             elif st.process == "unknown":
                 why = "on another host, no outside view: crashed or frozen"
             else:

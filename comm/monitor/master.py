@@ -16,6 +16,7 @@ import argparse
 import json
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -31,6 +32,9 @@ from .progress import py_spy_stack, read_thread
 from .spec import FaultSpec
 
 PID_POLL_S = 0.02
+
+
+DECISIONS = ("restart", "stop")  # the actions a supervisor carries out (stop: the job's own error, no restart)
 
 
 def incident_path(run_dir: Path, attempt: int, n: int) -> Path:
@@ -139,7 +143,7 @@ class Master:
             return ack
         if msg.get("type") == "node":  # a node agent: its view of its ranks; it hears the decisions
             ack["error"] = self.picture.node_report(msg, now)
-            ack["restart"] = [i.to_dict() for i in self.incidents if i.action == "restart"]
+            ack["decisions"] = [i.to_dict() for i in self.incidents if i.action in DECISIONS]
         else:
             self.picture.ingest(msg, now)
         return ack
@@ -169,6 +173,29 @@ class Master:
                 "messages": self.messages, "ranks": ranks, "incidents": [i.to_dict() for i in self.incidents],
                 "baselines": {str(k): len(v) for k, v in self.picture.durations.items()}}
         atomic_write_text(self.run_dir / "monitor" / f"master-a{self.attempt}.json", strict_dumps(body, indent=1))
+
+
+
+def spawn_master(run_dir: Path, world: int, attempt: int, spec: FaultSpec, bind: str | None = None,
+                 node: int | None = None, timeout_s: float = 60.0) -> tuple[subprocess.Popen, str]:
+    """Start the master of one start (attempt) of a job as its own process, bound on `bind`
+    (default: loopback, a free port), and wait for it to listen. Returns the process and the
+    address it wrote; raises RuntimeError when it exits or does not listen within `timeout_s`."""
+    addr_file = Path(run_dir) / "monitor" / f"addr-a{attempt}"
+    addr_file.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "pliant.comm.monitor.master", "--run-dir", str(run_dir), "--world", str(world),
+           "--attempt", str(attempt), "--spec", spec.model_dump_json(), "--address-file", str(addr_file)]
+    cmd += ["--bind", bind] if bind else []
+    cmd += ["--node", str(node)] if node is not None else []
+    proc = subprocess.Popen(cmd)
+    deadline = time.monotonic() + timeout_s
+    while not addr_file.is_file():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            where = f" on {bind}" if bind else ""
+            raise RuntimeError(f"the fault monitor master did not start{where} (exit status {proc.poll()})")
+        time.sleep(0.05)
+    return proc, addr_file.read_text().strip()
 
 
 def main(argv: list[str] | None = None) -> int:

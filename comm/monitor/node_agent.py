@@ -135,8 +135,8 @@ class NodeAgent:
             self._last_ack = time.monotonic()
             if ack.get("error"):
                 self.error = ack["error"]
-            if ack.get("restart"):
-                self.incidents = ack["restart"]
+            if ack.get("decisions"):
+                self.incidents = ack["decisions"]
             self.registered.set()
 
     def close(self) -> None:

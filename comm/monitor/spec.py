@@ -9,7 +9,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
 FaultKind = Literal["crash", "hang_before_collective", "hang_in_collective", "hold_gil", "sigstop", "slow",
-                    "slow_link", "nan", "desync", "die_in_checkpoint", "slow_checkpoint", "jitter", "kill_rollout"]
+                    "slow_link", "nan", "desync", "die_in_checkpoint", "slow_checkpoint", "jitter", "kill_rollout",
+                    "raise", "raise_input_error"]
 
 
 class _Strict(BaseModel):
@@ -31,7 +32,9 @@ class InjectSpec(_Strict):
     * die_in_checkpoint: SIGKILL after writing this rank's checkpoint files, before the
       checkpoint is complete; slow_checkpoint: `seconds` extra inside the checkpoint write;
     * kill_rollout: the RL rollout worker number `rank` is killed (ray.kill, no restart) once
-      training reaches `step`.
+      training reaches `step`;
+    * raise: a RuntimeError at the start of `step` (the same text on every rank it is given
+      for); raise_input_error: one of pliant's input errors (bad input, not a fault).
     """
 
     kind: FaultKind
@@ -104,6 +107,10 @@ class FaultSpec(_Strict):
     # multi-node jobs: the master listens on the first host at this port (null: cluster.port + 1)
     master_port: int | None = Field(default=None, ge=1, le=65535)
     stop_grace_s: PositiveFloat = 3.0  # SIGTERM, then SIGKILL, when stopping a faulty job
+    # errors are not faults: a rank that raised an exception that is not one of pliant's input
+    # errors waits this long before it exits, and the master as long for the other ranks: the
+    # same exception on every rank ends the job (no restart), anything else is a crash
+    same_error_s: PositiveFloat = 2.0
     inject: list[InjectSpec] = Field(default_factory=list)
 
     @model_validator(mode="after")

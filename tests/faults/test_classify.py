@@ -213,3 +213,48 @@ def test_the_master_leaves_out_messages_of_another_start(tmp_path):
     master._handle({**old, "attempt": 1}, 1.1)
     assert list(master.picture.ranks) == [2]
     master.sock.close()
+
+
+# ----- errors are not faults: the job's own error stops it, a rank's odd exception is a crash -----
+def says(picture: JobPicture, rank: int, now: float, reason: str) -> None:
+    picture.ingest({"rank": rank, "pid": 100 + rank, "host": "h", "slot": rank, "type": "bye", "step": 3,
+                    "in_checkpoint": False, "inflight": [], "events": [], "reason": reason}, now)
+
+
+def byes(said: dict[int, str], until: float = 5.0) -> list:
+    """Every rank reports from t=0.2; at t=1 the ranks in `said` say goodbye with their reason."""
+    spec = FaultSpec()
+    picture = JobPicture(spec, world=4)
+
+    def report(t: float) -> None:
+        for r in range(4):
+            if r in said and t >= 1.0:
+                if t == 1.0:
+                    says(picture, r, t, said[r])
+            else:
+                summary(picture, r, t, cpu=t, inflight=False, stack=int(t * 10))
+
+    return every_report(picture, 0.2, until, report)
+
+
+def test_an_input_error_on_one_rank_stops_the_job_at_once_blaming_no_rank():
+    found = byes({2: "error: DataError: tok.bin: token id 300 ..."})
+    assert [(i.kind, i.ranks, i.action, i.exclude) for i in found] == [("error", [], "stop", [])]
+    assert found[0].evidence["raised_by"] == [2] and found[0].evidence["message"].startswith("DataError")
+    assert found[0].detected <= 1.0 + 0.2 + 1e-9
+
+
+def test_the_same_exception_on_every_rank_stops_the_job():
+    found = byes({r: "exception: RuntimeError: boom" for r in range(4)})
+    assert [(i.kind, i.ranks, i.action) for i in found] == [("error", [], "stop")]
+    assert found[0].evidence["raised_by"] == [0, 1, 2, 3]
+
+
+def test_an_exception_on_one_rank_is_a_crash_once_the_others_did_not_follow():
+    spec = FaultSpec()
+    found = byes({1: "exception: RuntimeError: boom"})
+    assert [(i.kind, i.ranks, i.action) for i in found] == [("crash", [1], "restart")]
+    assert found[0].detected >= 1.0 + spec.same_error_s - 1e-9  # the others had their chance to say the same
+    found = byes({1: "exception: RuntimeError: boom", 3: "exception: ValueError: other"})
+    assert [(i.kind, i.ranks) for i in found] == [("crash", [1, 3])]  # different: no wait
+    assert found[0].detected < 1.0 + 0.5
