@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import zlib
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -98,12 +99,34 @@ def recv(like: torch.Tensor, g: SPGroup, from_index: int, kind: str) -> torch.Te
 _DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
 
-def check_metadata(g: SPGroup, op: str, tensors: dict[str, torch.Tensor], lengths: tuple[int, ...]) -> None:
-    """All-gather a few integers describing the call (operator, dtypes, shapes beyond the
-    token dim, the pack's lengths) and raise on every rank if any rank differs."""
+def check_call(g: SPGroup, op: str, tensors: dict[str, torch.Tensor], lengths: tuple[int, ...],
+               local: Callable[[], None]) -> None:
+    """An operator's checks, raised on every rank of its group: `local` (this rank's inputs
+    against the pack's layout; it raises), then the shared metadata check, which carries whether
+    `local` failed. A bad input on one rank thus raises there and, at once, on its peers, instead
+    of leaving them in the operator's first collective until the process group's timeout."""
     if g.size == 1 or not _CHECK:
+        local()
         return
-    fields: list[tuple[str, int]] = [("operator", zlib.crc32(op.encode()))]
+    try:
+        local()
+        error = None
+    except Exception as e:  # noqa: BLE001 (any local check's error: shared, then raised as it is)
+        error = e
+    check_metadata(g, op, tensors, lengths, error)
+
+
+def check_metadata(g: SPGroup, op: str, tensors: dict[str, torch.Tensor], lengths: tuple[int, ...],
+                   local_error: Exception | None = None) -> None:
+    """All-gather a few integers describing the call (operator, whether this rank's local checks
+    failed, dtypes, shapes beyond the token dim, the pack's lengths) and raise on every rank if
+    any rank differs: a rank whose local check failed raises its `local_error`, its peers a
+    CollectiveMismatchError that quotes it."""
+    if g.size == 1 or not _CHECK:
+        if local_error is not None:
+            raise local_error
+        return
+    fields: list[tuple[str, int]] = [("operator", zlib.crc32(op.encode())), ("local checks", int(local_error is not None))]
     for name, t in tensors.items():
         fields.append((f"{name}.dtype", _DTYPES.index(t.dtype) if t.dtype in _DTYPES else 99))
         fields.append((f"{name}.ndim", t.dim()))
@@ -119,6 +142,15 @@ def check_metadata(g: SPGroup, op: str, tensors: dict[str, torch.Tensor], length
     padded = torch.full((width,), -1, dtype=torch.int64, device=device)
     padded[: len(mine)] = mine
     everyone, _ = all_gather(padded, g, "meta")
+    if bool((everyone[:, 1] != 0).any()):  # some rank's inputs failed its local checks: share why
+        texts: list[str | None] = [None] * g.size
+        dist.all_gather_object(texts, None if local_error is None else f"{type(local_error).__name__}: {local_error}",
+                               group=g.pg)
+        if local_error is not None:
+            raise local_error
+        bad = next(i for i, t in enumerate(texts) if t)
+        raise CollectiveMismatchError(f"{op} in SP group {g.name}: rank {g.global_rank(bad)}'s inputs failed its "
+                                      f"checks: {texts[bad]} (this is rank {g.rank}, whose inputs passed)")
     if bool((everyone == everyone[0]).all()):
         return
     for i in range(g.size):

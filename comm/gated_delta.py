@@ -39,7 +39,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .collectives import all_gather, check_metadata, recv, reduce_scatter, send
+from .collectives import all_gather, check_call, recv, reduce_scatter, send
 from .groups import SPGroup
 from .kernels import cumulative, gated_delta_kernel
 from .pack import PackLayout
@@ -54,6 +54,11 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def check_gdn_inputs(op: str, q, k, v, g, beta, layout: PackLayout, group: SPGroup) -> None:
+    check_call(group, op, {"q": q, "k": k, "v": v, "g": g, "beta": beta}, layout.lengths,
+               lambda: _check_gdn_local(op, q, k, v, g, beta, layout, group))
+
+
+def _check_gdn_local(op: str, q, k, v, g, beta, layout: PackLayout, group: SPGroup) -> None:
     for name, t in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
         if t.dtype not in SUPPORTED:
             raise TypeError(f"{op}: {name} has dtype {t.dtype}; supported: float64, float32, bfloat16, float16")
@@ -66,7 +71,6 @@ def check_gdn_inputs(op: str, q, k, v, g, beta, layout: PackLayout, group: SPGro
     layout.check_local(q, "q")
     if layout.group_size != group.size:
         raise ValueError(f"{op}: the pack is laid out for {layout.group_size} ranks, the group has {group.size}")
-    check_metadata(group, op, {"q": q, "k": k, "v": v, "g": g, "beta": beta}, layout.lengths)
 
 
 # ----- the local part: every sequence's chunk at once -----

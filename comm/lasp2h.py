@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .collectives import all_gather, check_metadata, reduce_scatter
+from .collectives import all_gather, check_call, reduce_scatter
 from .groups import SPGroup
 from .pack import PackLayout
 from .softmax_local import check_softmax_inputs, varlen_causal_attention
@@ -33,12 +33,15 @@ def lasp2h_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
                      cu_seqlens: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
     """Causal softmax attention over an SP group by gathering K and V (LASP-2H); same
     contract as ulysses_attention, any head count."""
-    check_softmax_inputs("lasp2h_attention", q, k, v)
-    layout.check_local(q, "q", cu_seqlens)
     s = group.size
-    if layout.group_size != s:
-        raise ValueError(f"lasp2h_attention: the pack is laid out for {layout.group_size} ranks, the group has {s}")
-    check_metadata(group, "lasp2h_attention", {"q": q, "k": k, "v": v}, layout.lengths)
+
+    def local() -> None:
+        check_softmax_inputs("lasp2h_attention", q, k, v)
+        layout.check_local(q, "q", cu_seqlens)
+        if layout.group_size != s:
+            raise ValueError(f"lasp2h_attention: the pack is laid out for {layout.group_size} ranks, the group has {s}")
+
+    check_call(group, "lasp2h_attention", {"q": q, "k": k, "v": v}, layout.lengths, local)
     T = layout.local_tokens
     order = sequence_order(layout).to(q.device)
     kf = _GatherKV.apply(k, group).reshape(s * T, *k.shape[1:])[order]

@@ -117,11 +117,13 @@ def load_linear(ctx):
 
 def prepare_linear(op: str, q, k, v, layout, group, decay_rates, cu_seqlens):
     """Validate a linear-attention call (inputs, pack layout, group, ranks agreeing); return the rates."""
-    from .collectives import check_metadata
+    from .collectives import check_call
 
-    check_inputs(op, q, k, v, decay_rates)
-    layout.check_local(q, "q", cu_seqlens)
-    if layout.group_size != group.size:
-        raise ValueError(f"{op}: the pack is laid out for {layout.group_size} ranks, the group has {group.size}")
-    check_metadata(group, op, {"q": q, "k": k, "v": v}, layout.lengths)
+    def local() -> None:
+        check_inputs(op, q, k, v, decay_rates)
+        layout.check_local(q, "q", cu_seqlens)
+        if layout.group_size != group.size:
+            raise ValueError(f"{op}: the pack is laid out for {layout.group_size} ranks, the group has {group.size}")
+
+    check_call(group, op, {"q": q, "k": k, "v": v}, layout.lengths, local)
     return None if decay_rates is None else decay_rates.detach().to(device=q.device)

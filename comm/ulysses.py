@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .collectives import all_to_all, check_metadata
+from .collectives import all_to_all, check_call
 from .groups import SPGroup
 from .pack import PackLayout
 from .softmax_local import check_softmax_inputs, varlen_causal_attention
@@ -78,15 +78,21 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout:
     q [local_tokens, H, d], k, v [local_tokens, Hkv, d] (GQA), this rank's chunks in the
     pack layout. Returns [local_tokens, H, d].
     """
-    check_softmax_inputs("ulysses_attention", q, k, v)
-    layout.check_local(q, "q", cu_seqlens)
-    s, H = group.size, q.shape[1]
-    if layout.group_size != s:
-        raise ValueError(f"ulysses_attention: the pack is laid out for {layout.group_size} ranks, the group has {s}")
-    if H % s:
-        raise ValueError(f"ulysses_attention: {H} heads do not divide over an SP group of {s} ranks; Ulysses "
-                         f"shards heads, so use LASP-2H (lasp2h_attention) for this group size")
-    check_metadata(group, "ulysses_attention", {"q": q, "k": k, "v": v}, layout.lengths)
+    s = group.size
+
+    def local() -> None:
+        check_softmax_inputs("ulysses_attention", q, k, v)
+        H = q.shape[1]
+        layout.check_local(q, "q", cu_seqlens)
+        if layout.group_size != s:
+            raise ValueError(f"ulysses_attention: the pack is laid out for {layout.group_size} ranks, the group has "
+                             f"{s}")
+        if H % s:
+            raise ValueError(f"ulysses_attention: {H} heads do not divide over an SP group of {s} ranks; Ulysses "
+                             f"shards heads, so use LASP-2H (lasp2h_attention) for this group size")
+
+    check_call(group, "ulysses_attention", {"q": q, "k": k, "v": v}, layout.lengths, local)
+    H = q.shape[1]
     if k.shape[1] % s:  # GQA with fewer kv heads than ranks: replicate kv heads (as DeepSpeed does)
         k = k.repeat_interleave(H // k.shape[1], dim=1)
         v = v.repeat_interleave(H // v.shape[1], dim=1)

@@ -88,6 +88,17 @@ def call(ctx, start, size, what):
             C.lasp2_attention(xi, xi, xi, layout, g)
         elif what == "wrong_tokens":
             C.ulysses_attention(x[:-1], x[:-1], x[:-1], layout, g)
+        elif what.startswith("one_rank_wrong_tokens:"):  # only the group's last rank is off the layout
+            y = torch.randn(layout.local_tokens - (g.index == size - 1), 4, 4, dtype=torch.float64)
+            op = what.split(":")[1]
+            if op == "gdn":
+                from pliant.comm.gated_delta import gated_delta_attention
+
+                gate = torch.zeros(y.shape[:2], dtype=torch.float64)
+                gated_delta_attention(y, y, y, gate, gate, layout, g)
+            else:
+                {"ulysses": C.ulysses_attention, "lasp2h": C.lasp2h_attention, "lasp2": C.lasp2_attention,
+                 "ring": C.ring_attention}[op](y, y, y, layout, g)
         elif what == "wrong_cu_seqlens":
             C.lasp2h_attention(x, x, x, layout, g, cu_seqlens=torch.tensor([0, 3, layout.local_tokens]))
         elif what == "ulysses_heads":

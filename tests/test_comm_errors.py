@@ -41,6 +41,22 @@ def test_shapes_that_disagree_raise_on_every_rank(pool):
     assert time.time() - t0 < 10  # found by the metadata check, not by a timeout
 
 
+@pytest.mark.parametrize("op", ["ulysses", "lasp2h", "lasp2", "ring", "gdn"])
+@pytest.mark.parametrize("size", [2, 4])
+def test_one_rank_off_the_layout_raises_on_every_rank(pool, size, op):
+    """The group's last rank passes one token fewer than the pack's layout gives: it raises its
+    layout error, and its peers, rather than wait in the operator's first collective for the
+    process group's timeout, raise too, quoting it."""
+    t0 = time.time()
+    out = pool.run("dist_jobs:call", 0, size, f"one_rank_wrong_tokens:{op}")
+    assert time.time() - t0 < 10
+    bad = size - 1
+    assert out[bad].startswith("PackLayoutError") and "local tokens" in out[bad], out
+    for o in out[:bad]:
+        assert o.startswith("CollectiveMismatchError") and f"rank {bad}'s inputs failed its checks: " \
+            "PackLayoutError" in o and "local tokens" in o, o
+
+
 def test_metadata_check_can_be_switched_off(pool):
     assert pool.run("dist_jobs:call", 0, 2, "shape_mismatch_unchecked")[:2] == ["ok", "ok"]
 
