@@ -16,6 +16,7 @@ non-communication hang must still be found and named (its latency is reported).
 """
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import tempfile
@@ -94,30 +95,72 @@ def step_seconds(job: Job, skip: int) -> list[float]:
     return [m["seconds"] for m in job.metrics[skip:]]
 
 
+OVERHEAD_PAIRS = 16  # monitor off/on run pairs by default: fewer cannot tell a 3% cost from none here
+
+
+def bootstrap_ci(ratios: list[float], n: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the geometric mean of `ratios` (pairs resampled)."""
+    import numpy as np
+
+    logs = np.log(np.asarray(ratios, dtype=np.float64))
+    idx = np.random.default_rng(seed).integers(0, len(logs), size=(n, len(logs)))
+    means = np.exp(logs[idx].mean(axis=1))
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def monitor_cpu(job: Job) -> dict:
+    """What monitoring cost the job's ranks and master, CPU seconds, from the master's summary
+    (each rank's agent reports its own costs in its goodbye: monitor/master-a0.json)."""
+    import json
+
+    body = json.loads((job.run_dir / "monitor" / "master-a0.json").read_text())
+    costs = [r["cost"] for r in body["ranks"].values() if r.get("cost")]
+    out = {k: sum(c[k] for c in costs) for k in ("agent_thread_s", "zmq_threads_s", "recorder_s", "process_s")}
+    out["master_s"] = body["cpu_s"]
+    out["ranks"] = len(costs)
+    out["monitor_s"] = out["agent_thread_s"] + out["zmq_threads_s"] + out["recorder_s"] + out["master_s"]
+    return out
+
+
 def measure_overhead(config: Path, work: Path, repeats: int, steps: int, skip: int = 3) -> dict:
-    """Step time with the monitor on and off, runs interleaved (on this noisy 2-core machine a
-    run's median moves by +-15% from run to run, so both estimates pool many runs): the ratio
-    of the medians of all steps (headline), and the median of the ratios of step i on / off
-    (the batches are the same in both runs). The first `skip` steps, which build process
-    groups, are left out."""
-    on, off, paired, pooled_on, pooled_off = [], [], [], [], []
+    """The monitor's cost, two ways.
+
+    * CPU: each rank's agent thread, ZeroMQ's I/O threads and the recorder's own time in every
+      wrapped collective, read by the rank itself, plus the master process's CPU, as a fraction
+      of the ranks' whole CPU time (and per step).
+    * Step time: `repeats` pairs of runs, monitor off and on, the same batches, their order
+      alternating (off-on, on-off, ...) so that drift cancels. A pair's ratio is the median over
+      steps of step i on / step i off; the estimate is the geometric mean of the pairs' ratios
+      with a 95% bootstrap interval over pairs (on 2 shared cores a run's median moves by
+      +-15%, so the interval, not one ratio, says whether a cost is there). The first `skip`
+      steps, which build process groups, are left out."""
+    pairs, pooled_on, pooled_off, cpu = [], [], [], []
     for i in range(repeats):
         times = {}
-        for enabled in (False, True):
+        for enabled in ((False, True) if i % 2 == 0 else (True, False)):
             job = run_job(work, f"overhead-{'on' if enabled else 'off'}-{i}", config,
                           overlay={"faults": {"enabled": enabled}, "train": {"steps": steps, "checkpoint_every": steps}})
             if job.rc != 0:
                 raise RuntimeError(f"overhead run failed:\n{job.tail()}")
             times[enabled] = step_seconds(job, skip)
-        off.append(statistics.median(times[False]))
-        on.append(statistics.median(times[True]))
+            if enabled:
+                cpu.append(monitor_cpu(job))
         pooled_off += times[False]
         pooled_on += times[True]
-        paired += [a / b for a, b in zip(times[True], times[False])]
-    return {"runs": repeats, "step_s_off": off, "step_s_on": on, "median_off": statistics.median(pooled_off),
-            "median_on": statistics.median(pooled_on), "paired_steps": len(paired),
-            "paired_ratio": statistics.median(paired),
-            "overhead_ratio": statistics.median(pooled_on) / statistics.median(pooled_off)}
+        pairs.append(statistics.median(a / b for a, b in zip(times[True], times[False])))
+        print(f"  pair {i + 1}/{repeats}: step ratio on/off {pairs[-1]:.4f}; monitor CPU "
+              f"{cpu[-1]['monitor_s'] / cpu[-1]['process_s']:.4%} of the ranks'", flush=True)
+    lo, hi = bootstrap_ci(pairs)
+    total = {k: sum(c[k] for c in cpu) for k in ("agent_thread_s", "zmq_threads_s", "recorder_s", "master_s",
+                                                  "monitor_s", "process_s")}
+    run_steps = steps * len(cpu)
+    return {"pairs": repeats, "pair_ratios": [round(r, 5) for r in pairs],
+            "paired_ratio": math.exp(sum(math.log(r) for r in pairs) / len(pairs)), "ci95": [lo, hi],
+            "median_off": statistics.median(pooled_off), "median_on": statistics.median(pooled_on),
+            "overhead_ratio": statistics.median(pooled_on) / statistics.median(pooled_off),
+            "cpu_fraction": total["monitor_s"] / total["process_s"],
+            "cpu_s_per_step": {k: round(v / run_steps, 6) for k, v in total.items()},
+            "cpu_runs": cpu}
 
 
 def measure_false_alarms(config: Path, work: Path, steps: int, compute_s: float) -> dict:
@@ -335,9 +378,11 @@ def run(config: Path, out: Path, repeats: int, classes: list[str], overhead_step
             print(f"class {name}", flush=True)
             results.append(measure_class(name, repeats, config, work))
         print("instrumentation overhead", flush=True)
-        overhead = measure_overhead(config, work, overhead_repeats or max(repeats, 5), overhead_steps)
+        overhead = measure_overhead(config, work, overhead_repeats or OVERHEAD_PAIRS, overhead_steps)
         print(f"  median step {overhead['median_off']:.4f} s off, {overhead['median_on']:.4f} s on: ratio "
-              f"{overhead['overhead_ratio']:.4f} (paired {overhead['paired_ratio']:.4f})", flush=True)
+              f"{overhead['overhead_ratio']:.4f}; paired {overhead['paired_ratio']:.4f} (95% CI "
+              f"{overhead['ci95'][0]:.4f}-{overhead['ci95'][1]:.4f}); monitor CPU {overhead['cpu_fraction']:.3%}",
+              flush=True)
         print("false alarms under jitter", flush=True)
         alarms = measure_false_alarms(config, work, jitter_steps, overhead["median_off"])
         if torchft_repeats:
@@ -359,6 +404,9 @@ def run(config: Path, out: Path, repeats: int, classes: list[str], overhead_step
         "max_detection_s_hang_crash": max(hang_crash) if hang_crash else None,
         "detection_bound_s": DETECT_S,
         "overhead_ratio": round(overhead["overhead_ratio"], 4) if overhead else None,
+        "overhead_ratio_paired": round(overhead["paired_ratio"], 4) if overhead else None,
+        "overhead_ratio_ci95": [round(x, 4) for x in overhead["ci95"]] if overhead else None,
+        "overhead_cpu_fraction": round(overhead["cpu_fraction"], 5) if overhead else None,
         "false_alarms": alarms["false_alarms"] if alarms else None,
         "repeats": repeats,
         **stress_summary(busy),
@@ -394,6 +442,9 @@ def print_table(body: dict) -> None:
         Console().print(t)
     s = body["summary"]
     if body["overhead"] is not None:
+        print(f"monitor CPU: {s['overhead_cpu_fraction']:.3%} of the ranks'; step time on / off: paired "
+              f"{s['overhead_ratio_paired']:.3f} (95% CI {s['overhead_ratio_ci95'][0]:.3f}-"
+              f"{s['overhead_ratio_ci95'][1]:.3f}, {body['overhead']['pairs']} pairs)")
         print(f"overhead ratio (monitor on / off, median step time): {s['overhead_ratio']:.3f}; false alarms under "
               f"+-50% jitter: {s['false_alarms']} over {body['false_alarm_run']['steps_done']} steps; max detection "
               f"(hangs, crashes): {s['max_detection_s_hang_crash']} s")

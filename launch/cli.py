@@ -86,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "the overhead and false-alarm runs")
     bf.add_argument("--overhead-steps", type=int, default=30)
     bf.add_argument("--jitter-steps", type=int, default=40)
-    bf.add_argument("--overhead-repeats", type=int, default=None, help="monitor on/off run pairs (default: "
-                                                                          "max(--repeats, 5))")
+    bf.add_argument("--overhead-repeats", type=int, default=None,
+                    help="monitor off/on run pairs, interleaved (default: 16)")
     bf.add_argument("--torchft-repeats", type=int, default=None,
                     help="repeats of the torchft side-by-side runs (default: --repeats; 0 leaves them out)")
     bf.add_argument("--torchft-faults", default="crash,hang", help="torchft faults to run: crash, hang")
@@ -105,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="add the RL learner phase: a crash, a hang and a SIGSTOP on a rank of pliant rl's 2-rank "
                          "learner (configs/rl-local.yaml, made small)")
     bf.add_argument("--rl-only", action="store_true", help="run the RL learner phase only")
+
+    bs = bsub.add_parser("startup", help="a one-step job from the command to its exit, and a crashed rank's job "
+                                         "from the crash to the first step after the restart (medians)")
+    add_config_arg(bs, "configs/local-cpu.yaml")
+    bs.add_argument("--fault-config", default="configs/faults-cpu.yaml", help="the job whose rank 1 is crashed")
+    bs.add_argument("--out", default="startup.json")
+    bs.add_argument("--repeats", type=int, default=3)
 
     from pliant.launch.rl import RL_CONFIG, add_rl_args
 
@@ -343,6 +350,17 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     return launch(load_config(args.config), "pliant.bench.train_bench", rank_args, bench_main, args.print_commands)
 
 
+def cmd_bench_startup(args: argparse.Namespace) -> int:
+    from pliant.bench.startup_bench import run
+    from pliant.config import resolve_config_path
+
+    if args.repeats < 1:
+        raise PlanningError(f"--repeats must be >= 1, got {args.repeats}")
+    run(str(resolve_config_path(args.config[0])), str(resolve_config_path(args.fault_config)), Path(args.out),
+        args.repeats)
+    return 0
+
+
 def cmd_bench_faults(args: argparse.Namespace) -> int:
     from pliant.bench.faults_bench import CLASSES, run
     from pliant.bench.torchft_compare import FAULTS
@@ -441,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_bench_planner(args)
         if args.command == "bench" and args.bench == "train":
             return cmd_bench_train(args)
+        if args.command == "bench" and args.bench == "startup":
+            return cmd_bench_startup(args)
         if args.command == "bench" and args.bench == "faults":
             return cmd_bench_faults(args)
         if args.command == "bench" and args.bench == "rl":

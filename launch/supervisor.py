@@ -36,7 +36,8 @@ from pathlib import Path
 import psutil
 import yaml
 
-from pliant.comm.monitor.master import DECISIONS, read_incidents, spawn_master
+from pliant.comm.monitor.address import MONITOR_ADDR_ENV, MONITOR_ADDR_FILE_ENV
+from pliant.comm.monitor.master import DECISIONS, address_file, read_incidents, spawn_master, wait_master
 from pliant.comm.monitor.node_agent import NodeAgent, NodeAgentError
 from pliant.config import ConfigError, JobConfig, load_config
 from pliant.launch.nodes import NodePlacement, interface_of
@@ -165,14 +166,17 @@ class Supervisor:
         return self.cfg.faults.master_port or self.cfg.cluster.port + 1
 
     # ----- one start -----
-    def _start_master(self, attempt: int, world: int) -> tuple[subprocess.Popen, str]:
-        try:  # multi-node: every node's agents reach it on the first host's address
-            proc, addr = spawn_master(self.run_dir, world, attempt, self.cfg.faults,
-                                      bind=f"tcp://*:{self.master_port}" if self.multi else None,
-                                      node=self.node.rank if self.multi else None)
+    def _start_master(self, attempt: int, world: int) -> tuple[subprocess.Popen, str | None]:
+        """The master of this start. On one node it starts beside the job (the ranks read its
+        address from its file when their imports are done): the address is None. On several,
+        it listens before any node agent registers, on the first host's address."""
+        try:
+            proc, _ = spawn_master(self.run_dir, world, attempt, self.cfg.faults,
+                                   bind=f"tcp://*:{self.master_port}" if self.multi else None,
+                                   node=self.node.rank if self.multi else None, wait=self.multi)
         except RuntimeError as e:
-            raise RuntimeError(f"{e}{' (faults.master_port: is the port in use?)' if self.multi else ''}") from None
-        return proc, (self.master_addr if self.multi else addr)
+            raise RuntimeError(f"{e} (faults.master_port: is the port in use?)") from None
+        return proc, (self.master_addr if self.multi else None)
 
     @property
     def master_addr(self) -> str:
@@ -240,7 +244,8 @@ class Supervisor:
         return (f"a world of {cfg.cluster.world_size} holds sequences of at most {longest} tokens (in a group of "
                 f"{size}), but train.max_len is {cfg.train.max_len}")
 
-    def _torchrun(self, attempt: int, start: Start, addr: str | None, resume: bool) -> subprocess.Popen:
+    def _torchrun(self, attempt: int, start: Start, addr: str | None, resume: bool, monitored: bool
+                  ) -> subprocess.Popen:
         cfg = start.cfg
         args = config_args(start.names) + self.module_args + (["--resume"] if resume else [])
         mine = [s for s in start.slots if s // self.per_node == self.node.rank]
@@ -249,7 +254,9 @@ class Supervisor:
                                rdzv_id=f"{rendezvous_id(cfg)}-a{attempt}", local_addr=self.node.host)
         env = {**torchrun_env(cfg), "PLIANT_ATTEMPT": str(attempt), "PLIANT_SLOTS": ",".join(map(str, mine))}
         if addr:
-            env["PLIANT_MONITOR_ADDR"] = addr
+            env[MONITOR_ADDR_ENV] = addr
+        elif monitored:  # the master starts beside the job
+            env[MONITOR_ADDR_FILE_ENV] = str(address_file(self.run_dir, attempt))
         if self.multi:
             env["PLIANT_NODE"] = str(self.node.rank)
             iface = interface_of(self.node)
@@ -359,7 +366,9 @@ class Supervisor:
                     addr = self.master_addr
                     self.agent = NodeAgent(addr, self.node.rank, self.node.host, attempt, spec.report_interval_s,
                                            spec.master_timeout_s).register(self.cfg.cluster.rendezvous_timeout_s)
-                job = self._torchrun(attempt, nxt, addr, resume)
+                job = self._torchrun(attempt, nxt, addr, resume, master is not None)
+                if master is not None and not self.multi:  # started beside the job: it must listen
+                    wait_master(master, address_file(self.run_dir, attempt))
                 if self.agent is not None:
                     self.agent.watch(job.pid)
                 outcome, incidents, nxt = self._wait(job, master, attempt, slots)

@@ -35,8 +35,12 @@ def torchrun_command(cfg, node_rank: int, module: str, module_args: list[str],
 
 def torchrun_env(cfg) -> dict[str, str]:
     """The environment torchrun and its workers start with: one thread per rank unless set,
-    DeepSpeed's CPU accelerator on CPU clusters."""
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    DeepSpeed's CPU accelerator on CPU clusters, and TorchDynamo off unless set: pliant
+    compiles nothing, and DeepSpeed wraps a function it never runs here (its Muon optimizer's
+    Newton-Schulz step) in torch.compile while it checks the optimizer, which imports dynamo
+    and inductor: 2.5 s of CPU per rank at start-up (TORCHDYNAMO_DISABLE=0 keeps it on)."""
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "TORCHDYNAMO_DISABLE": os.environ.get("TORCHDYNAMO_DISABLE", "1")}
     if cfg.cluster.device == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
     return env

@@ -43,7 +43,7 @@ from pliant.planner.spec import BandwidthSpec, ClusterSpec
 from pliant.runtime.checkpoint import Checkpointer
 from pliant.runtime.executor import PlanExecutor
 from pliant.runtime.generate import Request, generate
-from pliant.comm.monitor.agent import MONITOR_ADDR_ENV
+from pliant.comm.monitor.address import MONITOR_ADDR_ENV
 from pliant.runtime.faults import FAULT_ENV
 from pliant.runtime.hf import DTYPES, build_model
 from pliant.runtime.monitoring import ATTEMPT_ENV, RankMonitor

@@ -54,6 +54,26 @@ class JsonlMetrics(Callback):
             self._file = None
 
 
+class StartupClock(Callback):
+    """RUN_DIR/startup-a{attempt}.json (rank 0): where this start of the job spent its time
+    before its first step ended, as wall-clock marks (seconds since the epoch): the process
+    started, its imports done, the trainer built (process group, planner, model, DeepSpeed),
+    the checkpoint loaded, the first step done. `pliant bench startup` reads it."""
+
+    def __init__(self, run_dir: Path, attempt: int, marks: dict[str, float]):
+        self.path = Path(run_dir) / f"startup-a{attempt}.json"
+        self.marks = dict(marks)
+
+    def on_train_start(self, trainer: "Trainer") -> None:
+        self.marks["train_start"] = time.time()
+
+    def on_step_end(self, trainer: "Trainer", result: "StepResult") -> None:
+        if "first_step" in self.marks:
+            return
+        self.marks["first_step"] = time.time()
+        atomic_write_bytes(self.path, strict_dumps(self.marks, indent=1).encode())
+
+
 class CalibrationLog(Callback):
     """RUN_DIR/calibration.jsonl: one JSON line per refit of the cost model (rank 0): the
     coefficients before and after, the window's prediction error both ways, what the bounds
@@ -168,10 +188,12 @@ class FinalParameters(Callback):
 
 
 def standard_callbacks(trainer: "Trainer", run_dir: Path | None, checkpointer: "Checkpointer | None" = None,
-                       save_params: bool = False, after_checkpoint: list | None = None) -> list[Callback]:
+                       save_params: bool = False, after_checkpoint: list | None = None,
+                       startup: tuple[int, dict[str, float]] | None = None) -> list[Callback]:
     """What `pliant train` attaches, in order: checkpoints on every rank when there is a run
     directory, then `after_checkpoint` (fault-injection hooks), then metrics (and TensorBoard
-    when train.tensorboard), final parameters and progress on rank 0."""
+    when train.tensorboard), final parameters, the start-up marks (`startup`: this start's
+    number and its marks so far) and progress on rank 0."""
     out: list[Callback] = []
     if checkpointer is not None:
         out.append(Checkpointing(checkpointer, trainer.train_spec.checkpoint_every))
@@ -185,5 +207,7 @@ def standard_callbacks(trainer: "Trainer", run_dir: Path | None, checkpointer: "
                 out.append(TensorBoardMetrics(run_dir))
             if save_params:
                 out.append(FinalParameters(run_dir))
+            if startup is not None:
+                out.append(StartupClock(run_dir, *startup))
         out.append(ProgressPrinter())
     return out

@@ -1,7 +1,8 @@
 """One rank's side of fault handling, as the worker uses it: the collective recorder, the
 agent that reports to the master, and fault injection (docs/faults.md).
 
-The launcher's supervisor tells a rank where the master is (PLIANT_MONITOR_ADDR), which
+The launcher's supervisor tells a rank where the master is (PLIANT_MONITOR_ADDR, or the file
+the master writes it to: PLIANT_MONITOR_ADDR_FILE), which
 start of the job this is (PLIANT_ATTEMPT) and which device slot each local rank runs on
 (PLIANT_SLOTS). Without a master address the agent stays off; injected faults still fire.
 """
@@ -12,7 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from pliant.comm.monitor.agent import MONITOR_ADDR_ENV, Agent
+from pliant.comm.monitor.address import master_address
+from pliant.comm.monitor.agent import Agent
 from pliant.comm.monitor.recorder import CollectiveRecorder
 from pliant.comm.monitor.spec import FaultSpec
 from pliant.planner.errors import InputError
@@ -44,7 +46,7 @@ class RankMonitor:
         self.attempt = int(os.environ.get(ATTEMPT_ENV, "0"))
         self.slot = my_slot()
         self.injector = FaultInjector(list(spec.inject) + faults_from_env(), self.rank, self.attempt, run_dir)
-        addr = os.environ.get(MONITOR_ADDR_ENV) if spec.enabled else None
+        addr = master_address() if spec.enabled else None
         self.recorder: CollectiveRecorder | None = None
         self.agent: Agent | None = None
         if addr or self.injector:

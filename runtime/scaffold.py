@@ -11,13 +11,15 @@ norms with a head_dim that is not hidden / heads, Mistral's RoPE base.
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .tokenizer import copy_tokenizer_files
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")  # all-softmax
 HYBRID_FAMILIES = ("qwen3_5", "qwen3_next")  # Gated DeltaNet + gated softmax layers (Qwen3-Next: MoE MLPs)
+
+if TYPE_CHECKING:  # torch is imported where a model is written: the command line's parser reads the names above
+    import torch
 
 
 def tiny_config(family: str, vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
@@ -73,7 +75,7 @@ def tiny_config(family: str, vocab_size: int, hidden: int = 64, layers: int = 2,
     return cfg
 
 
-def write_tiny_model(family: str, out: str | Path, vocab_size: int, seed: int = 0, dtype: torch.dtype = torch.float32,
+def write_tiny_model(family: str, out: str | Path, vocab_size: int, seed: int = 0, dtype: "torch.dtype | None" = None,
                      tokenizer_dir: str | Path | None = None, **shape) -> Path:
     """Write a random-initialised model of the family to `out` (config.json, model.safetensors,
     generation_config.json), with the tokenizer files of `tokenizer_dir` beside it."""
@@ -90,6 +92,9 @@ def write_tiny_model(family: str, out: str | Path, vocab_size: int, seed: int = 
         tok = AutoTokenizer.from_pretrained(tokenizer_dir)
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             setattr(cfg, key, getattr(tok, key))
+    import torch
+
+    dtype = dtype or torch.float32
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     with torch.no_grad():  # transformers starts biases at 0 and norms at 1: make them matter in tests

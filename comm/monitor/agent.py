@@ -34,8 +34,23 @@ from .progress import MainThreadProbe
 from .recorder import CollectiveEvent, CollectiveRecorder
 from .spec import FaultSpec
 
-MONITOR_ADDR_ENV = "PLIANT_MONITOR_ADDR"
 NODE_ENV = "PLIANT_NODE"  # the node (index in cluster.hosts) a rank runs on, set by its node's supervisor
+
+
+def threads_cpu(prefix: str) -> float:
+    """CPU seconds of this process's threads whose name starts with `prefix` (/proc)."""
+    total = 0
+    for task in os.scandir("/proc/self/task"):
+        try:
+            with open(f"{task.path}/comm") as f:
+                if not f.read().startswith(prefix):
+                    continue
+            with open(f"{task.path}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def event_row(e: CollectiveEvent, offset: float) -> list:
@@ -71,6 +86,7 @@ class Agent:
         self._thread = threading.Thread(target=self._run, name="pliant-agent", daemon=True)
         self.probe = MainThreadProbe()
         self._wake_r: socket.socket | None = None
+        self._thread_cpu = 0.0  # the agent thread's CPU seconds, as it last read them
 
     def start(self) -> "Agent":
         """Call from the main thread (signal handlers can only be installed there)."""
@@ -81,7 +97,12 @@ class Agent:
             signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
             def on_term(signum, frame):
                 # the agent thread, woken by the same signal, says goodbye and exits the process;
-                # it owns the socket. Only if it is gone does the main thread do it.
+                # it owns the socket. Only if it is gone does the main thread do it; after
+                # close() (the goodbye said, the rank on its way out) the process just exits
+                if self._stop.is_set():
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(128 + signal.SIGTERM)
                 if self._thread.is_alive():
                     self._thread.join(timeout=2.0)
                 self._terminated()
@@ -120,7 +141,9 @@ class Agent:
                 return
             if self._sock in ready:
                 self._drain_acks()
-            if self._wake_r is not None and self._wake_r in ready and signal.SIGTERM in self._wake_r.recv(64):
+            # pyzmq's poller gives a plain socket back as its file descriptor
+            if self._wake_r is not None and self._wake_r.fileno() in ready and \
+                    signal.SIGTERM in self._wake_r.recv(64):
                 self._terminated()
 
     # ----- messages -----
@@ -170,9 +193,18 @@ class Agent:
                 self._clock.append((now - sent, ack["t"] - (sent + now) / 2))
                 self.offset = min(self._clock)[1]
 
+    def cost(self) -> dict[str, float]:
+        """CPU seconds this rank has spent on being monitored, read from the process itself: the
+        agent thread (summaries, the progress probe, acknowledgements), ZeroMQ's I/O threads,
+        the recorder's own time in each wrapped collective on the training thread (binding,
+        the event, the finiteness check: not the collective), and the process's total."""
+        return {"agent_thread_s": round(self._thread_cpu, 4), "zmq_threads_s": round(threads_cpu("ZMQbg"), 4),
+                "recorder_s": round(self.recorder.own_ns / 1e9, 4), "process_s": round(time.process_time(), 4)}
+
     def _run(self) -> None:
         while True:
             self._sleep(self.spec.report_interval_s)
+            self._thread_cpu = time.thread_time()
             if self._stop.is_set():
                 return
             self._send(self.summary())
@@ -196,6 +228,7 @@ class Agent:
         body = self.summary()
         body["type"] = "bye"
         body["reason"] = reason
+        body["cost"] = self.cost()
         self._send(body)
         with self._lock:
             self._ctx.destroy(linger=1000)

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
 from .progress import ThreadProgress, ThreadSample
-from .recorder import POINT_TO_POINT, SENDS
+from .ops import POINT_TO_POINT, SENDS
 from .spec import FaultSpec
 
 # collectives whose every member passes a tensor of the same shape (the desync check)
@@ -109,6 +109,7 @@ class RankState:
     inflight: dict[tuple[int, ...], Row] = field(default_factory=dict)
     gaps: deque = field(default_factory=lambda: deque(maxlen=50))
     bye: str | None = None  # why it said goodbye: finished, exit, exception: ...
+    cost: dict[str, float] | None = None  # what being monitored cost it, CPU seconds (its goodbye)
     gone_at: float | None = None  # when its process was seen gone (same host only)
     process: str = "unknown"  # running, sleeping, stopped, zombie, gone, unknown (remote host)
     # progress evidence (progress.py): the main thread seen by the agent and from outside (its
@@ -182,6 +183,7 @@ class JobPicture:
             st.device = None if msg.get("device") is None else tuple(msg["device"])
         if msg["type"] == "bye":
             st.bye = msg.get("reason", "exit")
+            st.cost = msg.get("cost")
         st.inflight = {}
         for raw in msg["inflight"]:
             row = Row.parse(raw)

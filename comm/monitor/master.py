@@ -167,27 +167,42 @@ class Master:
 
     def _summary(self) -> None:
         ranks = {str(r): {"pid": st.pid, "host": st.host, "node": st.node, "slot": st.slot, "step": st.step,
-                          "said": st.bye,
-                          "process": st.process} for r, st in sorted(self.picture.ranks.items())}
+                          "said": st.bye, "process": st.process, "cost": st.cost}
+                 for r, st in sorted(self.picture.ranks.items())}
+        cpu = psutil.Process().cpu_times()
         body = {"attempt": self.attempt, "uptime_s": round(time.monotonic() - self.started, 3),
+                "cpu_s": round(cpu.user + cpu.system, 3),  # the master's own (its pid watch included)
                 "messages": self.messages, "ranks": ranks, "incidents": [i.to_dict() for i in self.incidents],
                 "baselines": {str(k): len(v) for k, v in self.picture.durations.items()}}
         atomic_write_text(self.run_dir / "monitor" / f"master-a{self.attempt}.json", strict_dumps(body, indent=1))
 
 
 
+def address_file(run_dir: Path, attempt: int) -> Path:
+    """Where the master of one start writes the address it listens on (atomically)."""
+    return Path(run_dir) / "monitor" / f"addr-a{attempt}"
+
+
 def spawn_master(run_dir: Path, world: int, attempt: int, spec: FaultSpec, bind: str | None = None,
-                 node: int | None = None, timeout_s: float = 60.0) -> tuple[subprocess.Popen, str]:
+                 node: int | None = None, timeout_s: float = 60.0, wait: bool = True
+                 ) -> tuple[subprocess.Popen, str | None]:
     """Start the master of one start (attempt) of a job as its own process, bound on `bind`
-    (default: loopback, a free port), and wait for it to listen. Returns the process and the
-    address it wrote; raises RuntimeError when it exits or does not listen within `timeout_s`."""
-    addr_file = Path(run_dir) / "monitor" / f"addr-a{attempt}"
+    (default: loopback, a free port), and wait for it to listen (`wait_master`; with
+    wait=False, the caller does, while the job starts beside it). Returns the process and the
+    address it wrote (None without waiting)."""
+    addr_file = address_file(run_dir, attempt)
     addr_file.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "pliant.comm.monitor.master", "--run-dir", str(run_dir), "--world", str(world),
            "--attempt", str(attempt), "--spec", spec.model_dump_json(), "--address-file", str(addr_file)]
     cmd += ["--bind", bind] if bind else []
     cmd += ["--node", str(node)] if node is not None else []
     proc = subprocess.Popen(cmd)
+    return proc, (wait_master(proc, addr_file, timeout_s, bind) if wait else None)
+
+
+def wait_master(proc: subprocess.Popen, addr_file: Path, timeout_s: float = 60.0, bind: str | None = None) -> str:
+    """The address of a master `spawn_master` started, once it listens; raises RuntimeError when
+    it exits or does not listen within `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while not addr_file.is_file():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -195,7 +210,7 @@ def spawn_master(run_dir: Path, world: int, attempt: int, spec: FaultSpec, bind:
             where = f" on {bind}" if bind else ""
             raise RuntimeError(f"the fault monitor master did not start{where} (exit status {proc.poll()})")
         time.sleep(0.05)
-    return proc, addr_file.read_text().strip()
+    return addr_file.read_text().strip()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -86,6 +86,12 @@ def test_bench_faults_writes_summary_and_torchft_side_by_side(tmp_path: Path) ->
     assert 0 < s["max_detection_s_hang_crash"] < DETECT_S
     assert s["false_alarms"] == 0 and body["false_alarm_run"]["steps_done"] == 6
     assert s["overhead_ratio"] > 0
+    # the monitor's CPU, read by its ranks and master; the paired ratio with its bootstrap interval
+    assert 0 < s["overhead_cpu_fraction"] < 0.5 and s["overhead_ratio_paired"] > 0
+    lo, hi = s["overhead_ratio_ci95"]
+    assert lo <= s["overhead_ratio_paired"] <= hi
+    cpu = body["overhead"]["cpu_runs"][0]
+    assert cpu["ranks"] == 4 and cpu["agent_thread_s"] > 0 and cpu["recorder_s"] > 0 and cpu["master_s"] > 0
     crash = body["classes"][0]
     assert crash["runs"][0]["incident"]["ranks"] == [2] and crash["steps_lost"] is not None
     row = body["vs_torchft"][0]
