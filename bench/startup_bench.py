@@ -61,7 +61,10 @@ def crash_restart_job(config: str, run_dir: Path, step: int = 3, rank: int = 1, 
     incidents = [json.loads(p.read_text()) for p in (run_dir / "incidents").glob("incident-*.json")]
     detected = min(i["detected_wall"] for i in incidents)
     supervisor = json.loads((run_dir / "monitor" / "supervisor.json").read_text())
-    return {"seconds": round(seconds, 3), "crash_to_first_step_s": marks["first_step"],
+    restarted = supervisor["attempts"][1]["started"]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    first = min(row["wall"] for row in rows if row["wall"] > restarted)  # its first step's metrics row
+    return {"seconds": round(seconds, 3), "crash_to_first_step_s": round(first - crash, 3),
             "crash_to_detected_s": round(detected - crash, 3),
             "crash_to_stopped_s": round(supervisor["attempts"][0]["ended"] - crash, 3), "marks": marks}
 
