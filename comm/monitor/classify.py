@@ -159,6 +159,10 @@ class JobPicture:
         self.flagged_since: dict[tuple, float] = {}
         self.stopped = False  # a fatal incident was issued: the job is being stopped
         self.max_rows = max_rows
+        # collectives (group, seq) a report added to or changed since the last check: the
+        # desync and NaN rules look at these only (an unchanged row cannot change their verdict)
+        self._touched: set[tuple] = set()
+        self._scan: list[tuple] = []
         self._order: deque = deque()
 
     # ----- ingestion -----
@@ -207,6 +211,7 @@ class JobPicture:
         if members is None:
             members = self.table[key] = {}
             self._remember(("c", key))
+        self._touched.add(key)
         prev = members.get(rank)
         members[rank] = row
         if row.exit is not None and (prev is None or prev.exit is None) and len(members) == len(row.group) and \
@@ -332,6 +337,8 @@ class JobPicture:
     def check(self, now: float) -> list[Incident]:
         if self.stopped:
             return []
+        self._scan = sorted((k for k in self._touched if k in self.table), key=lambda k: k[1])
+        self._touched = set()
         found: list[Incident] = []
         for rule in (self._errors, self._desync, self._nan, self._nodes_lost, self._crashes, self._hangs,
                      self._silent, self._stragglers, self._links):
@@ -361,7 +368,8 @@ class JobPicture:
         return any(self.ranks[r].in_checkpoint for r in group if r in self.ranks)
 
     def _desync(self, now: float) -> list[Incident]:
-        for (group, seq), members in self.table.items():
+        for group, seq in self._scan:
+            members = self.table[(group, seq)]
             if len(members) < 2:
                 continue
             sigs: dict[tuple, list[int]] = defaultdict(list)
@@ -387,7 +395,8 @@ class JobPicture:
         activations (SP) and gradients (reductions) carry a bad value to the peers, so the
         source is the rank that sent non-finite data while its peers' was still finite."""
         first = None
-        for (group, seq), members in self.table.items():
+        for group, seq in self._scan:
+            members = self.table[(group, seq)]
             bad = [r for r, row in members.items() if row.finite is False]
             good = [r for r, row in members.items() if row.finite is True]
             if not bad or not good:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import threading
 import time
 from collections import deque
@@ -130,13 +131,13 @@ INPUT_ARG = {"all_gather_into_tensor": "input_tensor", "all_gather": "tensor", "
              "scatter": "scatter_list"}
 
 
-def _first_tensor(bound: inspect.BoundArguments, op: str = "") -> torch.Tensor | None:
-    value = bound.arguments.get(INPUT_ARG.get(op, ""))
+def _first_tensor(arguments: dict[str, Any], op: str = "") -> torch.Tensor | None:
+    value = arguments.get(INPUT_ARG.get(op, ""))
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, (list, tuple)) and value and isinstance(value[0], torch.Tensor):
         return value[0]
-    for value in bound.arguments.values():
+    for value in arguments.values():
         if isinstance(value, torch.Tensor):
             return value
         if isinstance(value, (list, tuple)) and value and isinstance(value[0], torch.Tensor):
@@ -144,17 +145,17 @@ def _first_tensor(bound: inspect.BoundArguments, op: str = "") -> torch.Tensor |
     return None
 
 
-def all_finite(t: torch.Tensor) -> torch.Tensor:
-    """Whether every element of `t` is finite, as a 0-dim bool tensor on its device, in one
-    reduction: a sum is finite only if every element is (an Inf or a NaN makes it Inf or NaN).
-    On CPU a non-finite sum (a real Inf/NaN, or an overflow) is checked element by element; on
-    CUDA, where that would wait for the device, the sum is taken in float32 or float64, which
-    no finite gradient or activation overflows (3.4e38). isfinite(t).all() allocates a bool
-    tensor of t's size and reads t twice: about 10x the time on CPU."""
+def all_finite(t: torch.Tensor) -> bool | torch.Tensor:
+    """Whether every element of `t` is finite, in one reduction: a sum is finite only if every
+    element is (an Inf or a NaN makes it Inf or NaN). On CPU, a bool; a non-finite sum (a real
+    Inf/NaN, or an overflow) is checked element by element. On CUDA, a 0-dim bool tensor that
+    the device fills later (reading it would wait for the device), from a sum in float32 or
+    float64, which no finite gradient or activation overflows (3.4e38). isfinite(t).all()
+    allocates a bool tensor of t's size and reads t twice: about 10x the time on large tensors."""
     s = t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
     if t.is_cuda:
         return torch.isfinite(s)
-    return torch.isfinite(s) if bool(torch.isfinite(s)) else torch.isfinite(t).all()
+    return math.isfinite(s.item()) or bool(torch.isfinite(t).all())
 
 
 class CollectiveRecorder:
@@ -206,27 +207,37 @@ class CollectiveRecorder:
 
     def _wrap(self, name: str, fn: Callable) -> Callable:
         sig = inspect.signature(fn)
+        names = tuple(sig.parameters)  # torch.distributed's calls take named parameters only
+        known = frozenset(names)
         p2p = name in POINT_TO_POINT
+
+        def bind(args: tuple, kwargs: dict) -> dict[str, Any] | None:
+            """The arguments passed, by name (what inspect's bind gives, at a tenth of its cost);
+            None for a call torch would refuse (it reports that itself)."""
+            if len(args) > len(names) or not known.issuperset(kwargs) or any(k in kwargs for k in names[:len(args)]):
+                return None
+            arguments = dict(zip(names, args))
+            arguments.update(kwargs)
+            return arguments
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             t0 = time.perf_counter_ns()
-            try:
-                bound = sig.bind(*args, **kwargs)
-            except TypeError:
+            arguments = bind(args, kwargs)
+            if arguments is None:
                 return fn(*args, **kwargs)  # let torch report the bad call
             hook = self.hook
             if hook is not None:  # fault injection: its delays are not the recorder's cost
-                hook.before_enter(name, self.group_ranks(bound.arguments.get("group")), bound.arguments.get(
-                    "dst", bound.arguments.get("src")) if p2p else None)
+                hook.before_enter(name, self.group_ranks(arguments.get("group")), arguments.get(
+                    "dst", arguments.get("src")) if p2p else None)
                 t0 = time.perf_counter_ns()
-            event = self._enter(name, bound, p2p)
+            event = self._enter(name, arguments, p2p)
             t1 = time.perf_counter_ns()
             if hook is not None:
                 hook.after_enter(event)
             out = fn(*args, **kwargs)
             t2 = time.perf_counter_ns()
-            if (p2p and name.startswith("i")) or bound.arguments.get("async_op"):
+            if (p2p and name.startswith("i")) or arguments.get("async_op"):
                 out = _TimedWork(out, lambda: self._exit(event)) if out is not None else out
             else:
                 self._exit(event)
@@ -247,13 +258,13 @@ class CollectiveRecorder:
             self._ranks[key] = ranks
         return ranks
 
-    def _enter(self, name: str, bound: inspect.BoundArguments, p2p: bool) -> CollectiveEvent:
-        group = self.group_ranks(bound.arguments.get("group"))
+    def _enter(self, name: str, arguments: dict[str, Any], p2p: bool) -> CollectiveEvent:
+        group = self.group_ranks(arguments.get("group"))
         peer = None
         if p2p:
-            peer = bound.arguments.get("dst", bound.arguments.get("src"))
+            peer = arguments.get("dst", arguments.get("src"))
             group = tuple(sorted((dist.get_rank(), int(peer)))) if peer is not None else group
-        t = _first_tensor(bound, name)
+        t = _first_tensor(arguments, name)
         nbytes = t.numel() * t.element_size() if t is not None else 0
         on_device = t is not None and t.is_cuda
         finite = None
