@@ -115,6 +115,8 @@ def monitor_cpu(job: Job) -> dict:
 
     body = json.loads((job.run_dir / "monitor" / "master-a0.json").read_text())
     costs = [r["cost"] for r in body["ranks"].values() if r.get("cost")]
+    if not costs:
+        raise RuntimeError(f"{job.run_dir}: no rank reported what monitoring cost it (monitor/master-a0.json)")
     out = {k: sum(c[k] for c in costs) for k in ("agent_thread_s", "zmq_threads_s", "recorder_s", "process_s")}
     out["master_s"] = body["cpu_s"]
     out["ranks"] = len(costs)

@@ -146,11 +146,11 @@ def check_metadata(g: SPGroup, op: str, tensors: dict[str, torch.Tensor], length
         texts: list[str | None] = [None] * g.size
         dist.all_gather_object(texts, None if local_error is None else f"{type(local_error).__name__}: {local_error}",
                                group=g.pg)
-        if local_error is not None:
-            raise local_error
         bad = next(i for i, t in enumerate(texts) if t)
+        # the same text on every rank of the group (the fault monitor's "same exception on every
+        # rank" rule: a program's error, not a fault), the failing rank's own error chained
         raise CollectiveMismatchError(f"{op} in SP group {g.name}: rank {g.global_rank(bad)}'s inputs failed its "
-                                      f"checks: {texts[bad]} (this is rank {g.rank}, whose inputs passed)")
+                                      f"checks: {texts[bad]}") from local_error
     if bool((everyone == everyone[0]).all()):
         return
     for i in range(g.size):
@@ -158,6 +158,6 @@ def check_metadata(g: SPGroup, op: str, tensors: dict[str, torch.Tensor], length
             diff = [name for k, (name, _) in enumerate(fields) if k >= everyone.shape[1] or everyone[i, k] != everyone[0, k]]
             raise CollectiveMismatchError(
                 f"{op} in SP group {g.name}: rank {g.global_rank(i)} disagrees with rank {g.start} on "
-                f"{', '.join(diff[:4]) or 'the number of tensors'} (this is rank {g.rank}); every rank of a group "
+                f"{', '.join(diff[:4]) or 'the number of tensors'}; every rank of a group "
                 f"must call it with the same pack and shapes"
             )

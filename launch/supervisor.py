@@ -253,6 +253,8 @@ class Supervisor:
         cmd = torchrun_command(cfg, start.nodes.index(self.node.rank), self.module, args, monitor_interval_s=0.5,
                                rdzv_id=f"{rendezvous_id(cfg)}-a{attempt}", local_addr=self.node.host)
         env = {**torchrun_env(cfg), "PLIANT_ATTEMPT": str(attempt), "PLIANT_SLOTS": ",".join(map(str, mine))}
+        env.pop(MONITOR_ADDR_ENV, None)  # never an address inherited from whoever started pliant
+        env.pop(MONITOR_ADDR_FILE_ENV, None)
         if addr:
             env[MONITOR_ADDR_ENV] = addr
         elif monitored:  # the master starts beside the job

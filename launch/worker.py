@@ -70,7 +70,8 @@ def _train(args, cfg, run_dir: Path | None, monitor, marks: dict[str, float]) ->
     from pliant.runtime.faults import test_hooks_from_env
 
     trainer = Trainer.from_config(cfg)
-    gc.freeze()  # what start-up made lives to the end: out of the collector's full passes
+    gc.collect()  # start-up's garbage first, then what it made that lives to the end: out of the
+    gc.freeze()  # collector's full passes
     marks["trainer"] = time.time()
     checkpointer = Checkpointer(run_dir, cfg.train.keep_checkpoints, on_stage=monitor.checkpoint_stage) \
         if run_dir is not None else None

@@ -30,14 +30,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pliant.planner.errors import InputError
 from pliant.planner.io import atomic_write_text, fsync_dir, strict_dumps
 
 COMPLETE = "COMPLETE"
 UNIVERSAL = "universal"
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(InputError, RuntimeError):
+    """A checkpoint that cannot be used (incomplete, of another config or world, not
+    convertible): bad input, which a restart would meet again."""
 
 
 def config_differences(there: dict, here: dict, skip: frozenset[str] = frozenset(), prefix: str = "") -> list[str]:

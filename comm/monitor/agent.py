@@ -87,6 +87,8 @@ class Agent:
         self.probe = MainThreadProbe()
         self._wake_r: socket.socket | None = None
         self._thread_cpu = 0.0  # the agent thread's CPU seconds, as it last read them
+        self._closed = False  # the goodbye is out
+        self._term_pending = False  # SIGTERM arrived while close() was saying goodbye
 
     def start(self) -> "Agent":
         """Call from the main thread (signal handlers can only be installed there)."""
@@ -99,10 +101,13 @@ class Agent:
                 # the agent thread, woken by the same signal, says goodbye and exits the process;
                 # it owns the socket. Only if it is gone does the main thread do it; after
                 # close() (the goodbye said, the rank on its way out) the process just exits
-                if self._stop.is_set():
+                if self._closed:
                     sys.stdout.flush()
                     sys.stderr.flush()
                     os._exit(128 + signal.SIGTERM)
+                if self._stop.is_set():  # close() is saying goodbye on this thread: exit when it is out
+                    self._term_pending = True
+                    return
                 if self._thread.is_alive():
                     self._thread.join(timeout=2.0)
                 self._terminated()
@@ -232,3 +237,8 @@ class Agent:
         self._send(body)
         with self._lock:
             self._ctx.destroy(linger=1000)
+        self._closed = True
+        if self._term_pending:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(128 + signal.SIGTERM)

@@ -54,7 +54,7 @@ class Row(NamedTuple):
 class Incident:
     kind: str  # crash, comm_hang, noncomm_hang, straggler, slow_link, nan, desync
     ranks: list[int]  # the culprits
-    action: str  # restart (stop the job, exclude `exclude`), report, skip
+    action: str  # restart (stop the job, exclude `exclude`), stop (the job's own error: no restart), report, skip
     evidence: dict[str, Any]
     fault_time: float  # master clock: the earliest moment the fault is known to have happened by
     detected: float  # master clock
@@ -336,6 +336,7 @@ class JobPicture:
     # ----- rules -----
     def check(self, now: float) -> list[Incident]:
         if self.stopped:
+            self._touched.clear()
             return []
         self._scan = sorted((k for k in self._touched if k in self.table), key=lambda k: k[1])
         self._touched = set()
@@ -426,7 +427,7 @@ class JobPicture:
                                                    "raised_by": sorted(r for _, r, _ in inputs)},
                              fault_time=t, detected=now, step=self._step())]
         raised = [(t, r, bye) for t, r, bye in said if bye.startswith("exception: ")]
-        if len(raised) == self.world and len({bye for _, _, bye in raised}) == 1:
+        if self.world > 1 and len(raised) == self.world and len({bye for _, _, bye in raised}) == 1:
             return [Incident("error", [], "stop", {"why": f"the same exception on all {self.world} ranks",
                                                    "message": raised[0][2][len("exception: "):],
                                                    "raised_by": sorted(r for _, r, _ in raised)},
@@ -494,6 +495,8 @@ class JobPicture:
             ev = {"group": list(g), "seq": k, "op": rows[0].op, "waiting_s": round(now - since, 3),
                   "threshold_s": round(limit, 3), "entered": sorted(entered)}
             missing = sorted(set(g) - entered)
+            if any(self.ranks[m].bye is not None for m in missing if m in self.ranks):
+                continue  # a member said goodbye (it raised, or ended): the crash and error rules decide
             if not missing:
                 # gloo's threads move a collective's bytes on the host; on CUDA (NCCL's proxy thread
                 # spins) the device events decide, not the host's CPU
@@ -593,13 +596,17 @@ class JobPicture:
                   for r in range(self.world) if r != rank]
         rest = max(others) if others else 0.0
         chance = by_chance(tops.count(rank), len(tops), self.world)
+        # a slow device is late by about the same every step; noise makes the last rank's lead
+        # as often tiny as large (the gap between the largest two of a few random delays)
+        least = min(self.step_delay[step].get(rank, 0.0) for step in window)
         if share < s.straggler_share or mine < s.straggler_min_s or mine < s.straggler_factor * rest or \
-                chance > s.straggler_p:
+                chance > s.straggler_p or least < s.straggler_steady * mine:
             self.flagged_since.pop(("straggler", rank), None)
             return []
         inc = Incident("straggler", [rank], "report", {
             "steps": window, "last_to_arrive": tops, "share": round(share, 3), "mean_delay_s": round(mine, 4),
-            "others_max_mean_delay_s": round(rest, 4), "chance": chance}, fault_time=now, detected=now, step=window[-1])
+            "others_max_mean_delay_s": round(rest, 4), "least_delay_s": round(least, 4), "chance": chance},
+            fault_time=now, detected=now, step=window[-1])
         inc = self._persist(("straggler", rank), now, inc)
         return [inc]
 

@@ -157,7 +157,8 @@ class Master:
             where += f" (node {', '.join(map(str, inc.exclude_nodes))})"
         elif any(n is not None for n in inc.nodes):
             where += f" (node {', '.join(str(n) for n in inc.nodes)})"
-        print(f"pliant monitor: {inc.kind} on rank(s) {inc.ranks}{where} at step {inc.step}, detected in "
+        on = inc.ranks or inc.evidence.get("raised_by", [])  # an error blames no rank: who raised it
+        print(f"pliant monitor: {inc.kind} on rank(s) {on}{where} at step {inc.step}, detected in "
               f"{inc.detection_s:.2f} s; action: {inc.action} ({path})", file=sys.stderr, flush=True)
 
     def _summary(self) -> None:

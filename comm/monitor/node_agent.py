@@ -8,9 +8,9 @@ multi-node job, the master's eyes and hands on that node.
   for every process under the node's torchrun, its state and its main thread's CPU and
   bytes from /proc; a process that disappears is reported at once (a crash on this node).
   Its reports are the node's heartbeat: a node whose agent and ranks all fall silent is lost.
-* The master's acknowledgements carry its decisions: the restart incidents of this start
-  of the job, which the supervisor acts on (every node stops, all start again without the
-  culprit's slot or node).
+* The master's acknowledgements carry its decisions: the restart and stop incidents of this
+  start of the job, which the supervisor acts on (every node stops; after a restart incident
+  all start again without the culprit's slot or node, after a stop none does).
 """
 from __future__ import annotations
 

@@ -209,6 +209,7 @@ class CollectiveRecorder:
         sig = inspect.signature(fn)
         names = tuple(sig.parameters)  # torch.distributed's calls take named parameters only
         known = frozenset(names)
+        required = frozenset(n for n, p in sig.parameters.items() if p.default is inspect.Parameter.empty)
         p2p = name in POINT_TO_POINT
 
         def bind(args: tuple, kwargs: dict) -> dict[str, Any] | None:
@@ -218,7 +219,7 @@ class CollectiveRecorder:
                 return None
             arguments = dict(zip(names, args))
             arguments.update(kwargs)
-            return arguments
+            return arguments if required.issubset(arguments) else None
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):

@@ -89,6 +89,9 @@ class FaultSpec(_Strict):
     straggler_p: float = Field(default=1e-3, gt=0.0, le=1.0)
     straggler_factor: PositiveFloat = 3.0
     straggler_min_s: PositiveFloat = 0.02
+    # ... and it is late by at least straggler_steady x its mean delay in every step of the
+    # window (a slow device is steadily late; random delays make the last rank's lead vary)
+    straggler_steady: float = Field(default=0.5, ge=0.0, le=1.0)
     # slow links: a (src, dst) cell of the point-to-point latency matrix above
     # link_factor x the median cell, over at least link_samples transfers per cell
     link_factor: PositiveFloat = 5.0

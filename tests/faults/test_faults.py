@@ -5,6 +5,7 @@ equal to a fault-free run on the same data (deterministic CPU training: exactly 
 No test waits for a process-group timeout: the monitor finds the fault in seconds."""
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from pathlib import Path
@@ -42,6 +43,10 @@ def assert_recovered(job: Job, clean: Job, bad_slots: set[int]) -> None:
     assert set(map(int, sup["bad_slots"])) == bad_slots
     assert not bad_slots & set(sup["attempts"][1]["slots"])
     assert job.steps[-1] == LAST_STEP
+    for attempt in (0, 1):  # rank 0's start-up marks of both starts, in order (pliant bench startup reads them)
+        marks = json.loads((job.run_dir / f"startup-a{attempt}.json").read_text())
+        order = [marks[k] for k in ("process", "imports", "trainer", "first_step")]
+        assert order == sorted(order) and ("resumed" in marks) == (attempt == 1), marks
     assert torch.equal(job.params, clean.params), \
         f"max difference {(job.params - clean.params).abs().max().item():.3e}"
 
