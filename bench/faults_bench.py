@@ -108,6 +108,9 @@ def bootstrap_ci(ratios: list[float], n: int = 10_000, seed: int = 0) -> tuple[f
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
+RANK_COSTS = ("agent_thread_s", "zmq_threads_s", "recorder_s")  # what each rank's goodbye reports monitoring cost it
+
+
 def monitor_cpu(job: Job) -> dict:
     """What monitoring cost the job's ranks and master, CPU seconds, from the master's summary
     (each rank's agent reports its own costs in its goodbye: monitor/master-a0.json)."""
@@ -117,10 +120,10 @@ def monitor_cpu(job: Job) -> dict:
     costs = [r["cost"] for r in body["ranks"].values() if r.get("cost")]
     if not costs:
         raise RuntimeError(f"{job.run_dir}: no rank reported what monitoring cost it (monitor/master-a0.json)")
-    out = {k: sum(c[k] for c in costs) for k in ("agent_thread_s", "zmq_threads_s", "recorder_s", "process_s")}
+    out = {k: sum(c[k] for c in costs) for k in (*RANK_COSTS, "process_s")}
     out["master_s"] = body["cpu_s"]
     out["ranks"] = len(costs)
-    out["monitor_s"] = out["agent_thread_s"] + out["zmq_threads_s"] + out["recorder_s"] + out["master_s"]
+    out["monitor_s"] = sum(out[k] for k in RANK_COSTS) + out["master_s"]
     return out
 
 
@@ -153,8 +156,7 @@ def measure_overhead(config: Path, work: Path, repeats: int, steps: int, skip: i
         print(f"  pair {i + 1}/{repeats}: step ratio on/off {pairs[-1]:.4f}; monitor CPU "
               f"{cpu[-1]['monitor_s'] / cpu[-1]['process_s']:.4%} of the ranks'", flush=True)
     lo, hi = bootstrap_ci(pairs)
-    total = {k: sum(c[k] for c in cpu) for k in ("agent_thread_s", "zmq_threads_s", "recorder_s", "master_s",
-                                                  "monitor_s", "process_s")}
+    total = {k: sum(c[k] for c in cpu) for k in (*RANK_COSTS, "master_s", "monitor_s", "process_s")}
     run_steps = steps * len(cpu)
     return {"pairs": repeats, "pair_ratios": [round(r, 5) for r in pairs],
             "paired_ratio": math.exp(sum(math.log(r) for r in pairs) / len(pairs)), "ci95": [lo, hi],

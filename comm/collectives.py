@@ -117,15 +117,11 @@ def check_call(g: SPGroup, op: str, tensors: dict[str, torch.Tensor], lengths: t
 
 
 def check_metadata(g: SPGroup, op: str, tensors: dict[str, torch.Tensor], lengths: tuple[int, ...],
-                   local_error: Exception | None = None) -> None:
+                   local_error: Exception | None) -> None:
     """All-gather a few integers describing the call (operator, whether this rank's local checks
-    failed, dtypes, shapes beyond the token dim, the pack's lengths) and raise on every rank if
-    any rank differs: a rank whose local check failed raises its `local_error`, its peers a
-    CollectiveMismatchError that quotes it."""
-    if g.size == 1 or not _CHECK:
-        if local_error is not None:
-            raise local_error
-        return
+    failed, dtypes, shapes beyond the token dim, the pack's lengths) and raise on every rank of
+    a group of 2 or more (check_call's) if any rank differs: a CollectiveMismatchError with the
+    same text everywhere, quoting the failing rank's `local_error` when there is one."""
     fields: list[tuple[str, int]] = [("operator", zlib.crc32(op.encode())), ("local checks", int(local_error is not None))]
     for name, t in tensors.items():
         fields.append((f"{name}.dtype", _DTYPES.index(t.dtype) if t.dtype in _DTYPES else 99))

@@ -30,7 +30,7 @@ from typing import Any
 
 import zmq
 
-from .progress import MainThreadProbe
+from .progress import TICK, MainThreadProbe, stat_fields
 from .recorder import CollectiveEvent, CollectiveRecorder
 from .spec import FaultSpec
 
@@ -45,12 +45,12 @@ def threads_cpu(prefix: str) -> float:
             with open(f"{task.path}/comm") as f:
                 if not f.read().startswith(prefix):
                     continue
-            with open(f"{task.path}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
-        except (OSError, IndexError, ValueError):
+        except OSError:
             continue
-    return total / os.sysconf("SC_CLK_TCK")
+        fields = stat_fields(f"{task.path}/stat")
+        if fields is not None:
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / TICK
 
 
 def event_row(e: CollectiveEvent, offset: float) -> list:

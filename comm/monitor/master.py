@@ -28,7 +28,7 @@ import zmq
 from pliant.planner.io import atomic_write_text, strict_dumps
 
 from .classify import Incident, JobPicture
-from .progress import py_spy_stack, read_thread
+from .progress import py_spy_stack, read_thread, stat_fields
 from .spec import FaultSpec
 
 PID_POLL_S = 0.02
@@ -173,7 +173,6 @@ class Master:
         atomic_write_text(self.run_dir / "monitor" / f"master-a{self.attempt}.json", strict_dumps(body, indent=1))
 
 
-
 # /proc/PID/stat's state letter -> what the rules call it
 _STATES = {"R": "running", "S": "sleeping", "D": "disk-sleep", "I": "idle", "T": "stopped", "t": "stopped",
            "Z": "gone", "X": "gone", "x": "gone"}
@@ -183,12 +182,8 @@ def process_state(pid: int) -> str:
     """running, sleeping, disk-sleep, idle, stopped or gone: one read of /proc/PID/stat (the
     watch runs every 20 ms for every rank; a psutil.Process per look cost the master most of
     its CPU)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split(None, 1)[0].decode()
-    except (OSError, IndexError):
-        return "gone"
-    return _STATES.get(state, "running")
+    fields = stat_fields(f"/proc/{pid}/stat")
+    return "gone" if not fields else _STATES.get(fields[0], "running")
 
 
 def address_file(run_dir: Path, attempt: int) -> Path:

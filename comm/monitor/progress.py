@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 
 STACK_FRAMES = 12
-_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 @dataclass(frozen=True)
@@ -54,19 +54,28 @@ def _io_chars(path: str) -> int:
         return 0
 
 
+def stat_fields(path: str) -> list[str] | None:
+    """The fields of a /proc stat file after the command name (which may hold spaces and
+    parentheses): [0] the state letter, [11] and [12] utime and stime in clock ticks; None
+    when it cannot be read (the process or thread is gone)."""
+    try:
+        with open(path) as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return stat[stat.rfind(")") + 2:].split()
+
+
 def read_thread(pid: int, tid: int | None = None) -> ThreadSample | None:
     """A thread of another process seen through /proc (the main thread: tid = pid), or None
     when it is gone or /proc cannot be read."""
     tid = pid if tid is None else tid
     base = f"/proc/{pid}/task/{tid}"
-    try:
-        with open(f"{base}/stat") as f:
-            stat = f.read()
-    except OSError:
+    fields = stat_fields(f"{base}/stat")
+    if fields is None:
         return None
-    fields = stat[stat.rfind(")") + 2:].split()  # the command name may hold spaces and parentheses
     state, utime, stime = fields[0], int(fields[11]), int(fields[12])
-    cpu, wait = (utime + stime) / _TICK, 0.0
+    cpu, wait = (utime + stime) / TICK, 0.0
     try:  # nanoseconds on a CPU and waiting in the run queue (absent without CONFIG_SCHED_INFO)
         with open(f"{base}/schedstat") as f:
             on_cpu, queued = f.read().split()[:2]
