@@ -41,7 +41,8 @@ from pliant.comm.monitor.master import DECISIONS, address_file, read_incidents, 
 from pliant.comm.monitor.node_agent import NodeAgent, NodeAgentError
 from pliant.config import ConfigError, JobConfig, load_config
 from pliant.launch.nodes import NodePlacement, interface_of
-from pliant.launch.torchrun import config_args, torchrun_command, torchrun_env
+from pliant.launch.elastic import AFTER_ENV
+from pliant.launch.torchrun import config_args, preloaded, torchrun_command, torchrun_env
 from pliant.planner.io import atomic_write_text, strict_dumps
 
 POLL_S = 0.1
@@ -119,8 +120,10 @@ def shrink_overlay(cfg: JobConfig, devices: int, hosts: list[str] | None = None)
 
 
 def kill_tree(proc: subprocess.Popen, grace_s: float) -> None:
-    """SIGTERM torchrun and every worker under it, then SIGKILL what is left (a frozen rank
-    ignores SIGTERM until it runs again)."""
+    """SIGTERM torchrun and every process under it (its workers, its fork server, multiprocessing's
+    resource tracker), then SIGKILL what is left (a frozen rank ignores SIGTERM until it runs
+    again). A process is gone once it is a zombie: its parent may be gone too and the zombie
+    left to an init that reaps late, which psutil.wait_procs would wait out as alive."""
     try:
         tree = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
     except psutil.NoSuchProcess:
@@ -130,17 +133,40 @@ def kill_tree(proc: subprocess.Popen, grace_s: float) -> None:
             p.terminate()
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(tree, timeout=grace_s)
-    for p in alive:
+    for p in _wait_gone(proc, tree, grace_s):
         try:
             p.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(alive, timeout=5)
+    _wait_gone(proc, tree, 5.0)
+
+
+def tree_pids(proc: subprocess.Popen) -> list[int]:
+    """The pids of `proc` and every process under it."""
     try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
+        root = psutil.Process(proc.pid)
+        return [proc.pid] + [p.pid for p in root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _wait_gone(proc: subprocess.Popen, tree: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:
+    """Wait until every process of `tree` has exited (`proc`, the supervisor's own child, reaped);
+    returns those still running after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        proc.poll()
+        alive = [p for p in tree if _running(p)]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.02)
+
+
+def _running(p: psutil.Process) -> bool:
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 class Supervisor:
@@ -159,6 +185,7 @@ class Supervisor:
         self.bad: dict[int, str] = {}  # slot -> why
         self.attempts: list[Attempt] = []
         self.agent: NodeAgent | None = None
+        self._prestarted: subprocess.Popen | None = None  # the next start's torchrun, started during a stop
         (self.run_dir / "monitor").mkdir(parents=True, exist_ok=True)
 
     @property
@@ -244,8 +271,10 @@ class Supervisor:
         return (f"a world of {cfg.cluster.world_size} holds sequences of at most {longest} tokens (in a group of "
                 f"{size}), but train.max_len is {cfg.train.max_len}")
 
-    def _torchrun(self, attempt: int, start: Start, addr: str | None, resume: bool, monitored: bool
-                  ) -> subprocess.Popen:
+    def _torchrun(self, attempt: int, start: Start, addr: str | None, resume: bool, monitored: bool,
+                  after: list[int] | None = None) -> subprocess.Popen:
+        """This node's torchrun of one start; `after`: the processes of the failed start whose
+        exit its rendezvous waits for (launch/elastic.py: started early, it preloads meanwhile)."""
         cfg = start.cfg
         args = config_args(start.names) + self.module_args + (["--resume"] if resume else [])
         mine = [s for s in start.slots if s // self.per_node == self.node.rank]
@@ -269,6 +298,8 @@ class Supervisor:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(s % self.per_node) for s in mine)
         if attempt > 0:
             env.pop("PLIANT_FAULT", None)  # injected faults belong to the first start
+        if after:
+            env[AFTER_ENV] = ",".join(map(str, after))
         return subprocess.Popen(cmd, env=env)
 
     def _decisions(self, attempt: int) -> list[dict]:
@@ -300,6 +331,9 @@ class Supervisor:
                 return "stopped", stops, None
             if fatal:
                 nxt = self._compose_restart(attempt, slots, fatal)
+                if isinstance(nxt, Start) and not self.multi and preloaded():  # its preload overlaps the stop
+                    self._prestarted = self._torchrun(attempt + 1, nxt, None, True, spec.enabled,
+                                                      after=tree_pids(job))
                 kill_tree(job, spec.stop_grace_s)
                 return "incident", fatal, nxt
             if follower and self.agent.moved_on:  # node 0 started the next start without a culprit: follow it
@@ -337,6 +371,14 @@ class Supervisor:
 
     # ----- the loop -----
     def run(self) -> int:
+        try:
+            return self._loop()
+        finally:
+            if self._prestarted is not None:  # a restart started early that will not run
+                kill_tree(self._prestarted, self.cfg.faults.stop_grace_s)
+                self._prestarted = None
+
+    def _loop(self) -> int:
         spec = self.cfg.faults
         attempt = 0
         try:
@@ -368,7 +410,8 @@ class Supervisor:
                     addr = self.master_addr
                     self.agent = NodeAgent(addr, self.node.rank, self.node.host, attempt, spec.report_interval_s,
                                            spec.master_timeout_s).register(self.cfg.cluster.rendezvous_timeout_s)
-                job = self._torchrun(attempt, nxt, addr, resume, master is not None)
+                job, self._prestarted = self._prestarted or self._torchrun(attempt, nxt, addr, resume,
+                                                                           master is not None), None
                 if master is not None and not self.multi:  # started beside the job: it must listen
                     wait_master(master, address_file(self.run_dir, attempt))
                 if self.agent is not None:

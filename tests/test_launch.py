@@ -29,10 +29,10 @@ def test_print_torchrun_commands_per_node(tmp_path):
     lines = [ln for ln in r.stdout.splitlines() if not ln.startswith("#")]
     assert len(lines) == 8
     for node, line in enumerate(lines):
-        assert "torch.distributed.run" in line and "--nproc-per-node=8" in line and "--nnodes=8" in line
+        assert "pliant.launch.elastic" in line and "--nproc-per-node=8" in line and "--nnodes=8" in line
         assert "--rdzv-backend=c10d" in line and "--rdzv-endpoint=h0:29611" in line
         assert f"--local-addr=h{node}" in line and f"is_host={int(node == 0)}" in line
-        assert "pliant.launch.worker" in line and "--steps 3" in line
+        assert "--start-method=forkserver --run-path" in line and "launch/worker.py" in line and "--steps 3" in line
 
 
 def test_multi_node_without_hosts_is_an_error(tmp_path):
