@@ -50,6 +50,17 @@ def torchrun_command(cfg, node_rank: int, module: str, module_args: list[str],
     return cmd + ["-m", module, *module_args]
 
 
+def local_command(world: int, module: str, module_args: list[str]) -> list[str]:
+    """torchrun of `world` ranks on this machine running `module` (standalone rendezvous),
+    forked from the preloaded fork server unless $PLIANT_PRELOAD=0: for tests and benches
+    that start ranks without a config's cluster."""
+    if not preloaded():
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}", "-m",
+                module, *module_args]
+    return [sys.executable, "-m", "pliant.launch.elastic", "--standalone", f"--nproc-per-node={world}",
+            "--start-method=forkserver", "--run-path", module_file(module), *module_args]
+
+
 def module_file(module: str) -> str:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.origin:

@@ -8,6 +8,8 @@ import subprocess
 import sys
 
 import pytest
+
+from pliant.launch.torchrun import local_command
 import torch
 
 from conftest import REPO
@@ -32,8 +34,8 @@ def worker(cfg, run_dir, *extra, fail_at=None, timeout=600):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PLIANT_PG_TIMEOUT_S": "60"}
     if fail_at:
         env["PLIANT_FAIL_AT_STEP"] = str(fail_at)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m",
-           "pliant.launch.worker", "--config", str(cfg), "--run-dir", str(run_dir), "--save-params", *extra]
+    cmd = local_command(4, "pliant.launch.worker", ["--config", str(cfg), "--run-dir", str(run_dir), "--save-params",
+                                                    *extra])
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 

@@ -17,6 +17,8 @@ import subprocess
 import sys
 
 import pytest
+
+from pliant.launch.torchrun import local_command
 import torch
 
 from pliant.comm import SPGroup
@@ -89,9 +91,9 @@ def variant(tmp_path, plan: str):
 
 def run_distributed(tmp_path, plan: str, config=None, world: int = 4):
     run_dir = tmp_path / plan
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}", "-m",
-           "pliant.launch.worker", "--config", str(config or variant(tmp_path, plan)), "--steps", str(STEPS),
-           "--plan", plan, "--run-dir", str(run_dir), "--save-params"]
+    cmd = local_command(world, "pliant.launch.worker", ["--config", str(config or variant(tmp_path, plan)), "--steps",
+                                                        str(STEPS), "--plan", plan, "--run-dir", str(run_dir),
+                                                        "--save-params"])
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PLIANT_PG_TIMEOUT_S": "120"}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]

@@ -1,7 +1,7 @@
 """The master: one process per start of the job, beside torchrun (docs/faults.md).
 
 It binds a ROUTER socket, acknowledges every agent summary with its clock, watches the
-processes of the ranks on its own host (every 20 ms: a crash is a process gone without a
+processes of the ranks on its own host (a pidfd each: a crash is a process gone without a
 goodbye), and every `check_interval_s` runs the rules of `classify.JobPicture`. Each
 incident is written atomically to RUN_DIR/incidents/incident-a{attempt}-{n}.json; the
 launcher's supervisor acts on those with `action: restart`. On SIGTERM it writes a summary
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -30,9 +31,6 @@ from pliant.planner.io import atomic_write_text, strict_dumps
 from .classify import Incident, JobPicture
 from .progress import py_spy_stack, read_thread, stat_fields
 from .spec import FaultSpec
-
-PID_POLL_S = 0.02
-
 
 DECISIONS = ("restart", "stop")  # the actions a supervisor carries out (stop: the job's own error, no restart)
 
@@ -63,6 +61,8 @@ class Master:
         self._ctx = zmq.Context.instance()
         self.sock = self._ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self._pidfds: dict[int, int] = {}  # rank -> pidfd of its process (-1: none to be had)
+        self._by_fd: dict[int, object] = {}  # open pidfd -> the rank's state
 
     def bind(self, addr: str) -> str:
         self.sock.bind(addr)
@@ -79,50 +79,75 @@ class Master:
             return st.node == self.node
         return st.host == self.host
 
-    def _watch_processes(self) -> None:
-        """Every 20 ms: is each rank's process on this host still there (a crash is one gone
-        without a goodbye)? Every report interval: its main thread's CPU and bytes from /proc,
-        the outside view of its progress that holds while the rank itself is silent."""
-        next_look = 0.0
-        while not self._stop.wait(PID_POLL_S):
-            now = time.monotonic()
-            look = now >= next_look
-            if look:
-                next_look = now + self.spec.report_interval_s
-            for st in list(self.picture.ranks.values()):
-                if not self._local(st) or st.gone_at is not None:
-                    continue
-                st.process = process_state(st.pid)
-                if st.process == "gone":
-                    st.gone_at = time.monotonic()
-                elif look and (sample := read_thread(st.pid)) is not None:
-                    self.picture.observe(st.rank, sample, time.monotonic())
+    def _watch(self, poller: zmq.Poller) -> None:
+        """Watch the process of each rank on this host that is not watched yet: a pidfd in the
+        main loop's poller, readable when the process exits (a crash is a process gone without a
+        goodbye): no polling. Where pidfds are missing (not Linux, before 5.3) the checks poll."""
+        for st in self.picture.ranks.values():
+            if st.rank in self._pidfds or st.gone_at is not None or not self._local(st):
+                continue
+            try:
+                fd = os.pidfd_open(st.pid) if hasattr(os, "pidfd_open") else -1
+            except ProcessLookupError:
+                st.process, st.gone_at = "gone", time.monotonic()
+                continue
+            except OSError:
+                fd = -1
+            self._pidfds[st.rank] = fd
+            if fd >= 0:
+                poller.register(fd, zmq.POLLIN)
+                self._by_fd[fd] = st
+
+    def _gone(self, poller: zmq.Poller, fd: int) -> None:
+        st = self._by_fd.pop(fd)
+        poller.unregister(fd)
+        os.close(fd)
+        if st.gone_at is None:
+            st.process, st.gone_at = "gone", time.monotonic()
+
+    def _look(self, now: float) -> None:
+        """Every report interval: each local rank's process state and its main thread's CPU and
+        bytes from /proc, the outside view of its progress that holds while the rank itself is
+        silent (and, without a pidfd, whether it is gone)."""
+        for st in list(self.picture.ranks.values()):
+            if not self._local(st) or st.gone_at is not None:
+                continue
+            st.process = process_state(st.pid)
+            if st.process == "gone":
+                st.gone_at = now
+            elif (sample := read_thread(st.pid)) is not None:
+                self.picture.observe(st.rank, sample, now)
 
     # ----- main loop -----
     def serve(self) -> None:
-        watcher = threading.Thread(target=self._watch_processes, name="pid-watch", daemon=True)
-        watcher.start()
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
-        next_check = time.monotonic() + self.spec.check_interval_s
+        now = time.monotonic()
+        next_check, next_look = now + self.spec.check_interval_s, now + self.spec.report_interval_s
         while not self._stop.is_set():
-            timeout = max(0.0, next_check - time.monotonic())
-            if poller.poll(timeout * 1000):
-                while True:
-                    try:
-                        ident, payload = self.sock.recv_multipart(flags=zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    now = time.monotonic()
-                    try:
-                        ack = self._handle(json.loads(payload), now)
-                    except (ValueError, KeyError, TypeError, IndexError) as e:  # bound on every interface
-                        print(f"pliant monitor: ignored a malformed message ({type(e).__name__}: {e})",
-                              file=sys.stderr, flush=True)
-                        continue
-                    self.sock.send_multipart([ident, json.dumps(ack).encode()])
-                    self.messages += 1
+            timeout = max(0.0, min(next_check, next_look) - time.monotonic())
+            for fd, _ in poller.poll(timeout * 1000):
+                if fd in self._by_fd:
+                    self._gone(poller, fd)
+            while True:
+                try:
+                    ident, payload = self.sock.recv_multipart(flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                now = time.monotonic()
+                try:
+                    ack = self._handle(json.loads(payload), now)
+                except (ValueError, KeyError, TypeError, IndexError) as e:  # bound on every interface
+                    print(f"pliant monitor: ignored a malformed message ({type(e).__name__}: {e})",
+                          file=sys.stderr, flush=True)
+                    continue
+                self.sock.send_multipart([ident, json.dumps(ack).encode()])
+                self.messages += 1
+            self._watch(poller)
             now = time.monotonic()
+            if now >= next_look:
+                next_look = now + self.spec.report_interval_s
+                self._look(now)
             if now >= next_check:
                 next_check = now + self.spec.check_interval_s
                 for inc in self.picture.check(now):
@@ -179,9 +204,8 @@ _STATES = {"R": "running", "S": "sleeping", "D": "disk-sleep", "I": "idle", "T":
 
 
 def process_state(pid: int) -> str:
-    """running, sleeping, disk-sleep, idle, stopped or gone: one read of /proc/PID/stat (the
-    watch runs every 20 ms for every rank; a psutil.Process per look cost the master most of
-    its CPU)."""
+    """running, sleeping, disk-sleep, idle, stopped or gone: one read of /proc/PID/stat (a
+    psutil.Process per look cost the master most of its CPU)."""
     fields = stat_fields(f"/proc/{pid}/stat")
     return "gone" if not fields else _STATES.get(fields[0], "running")
 
