@@ -25,37 +25,50 @@ AFTER_TIMEOUT_S = 120.0
 
 
 def main(argv: list[str] | None = None) -> int:
+    after = _processes([int(p) for p in os.environ.pop(AFTER_ENV, "").split(",") if p])
     multiprocessing.set_forkserver_preload([PRELOAD])
     forkserver.ensure_running()  # a new Python imports the preload while this one imports torch
     from torch.distributed.run import main as torchrun_main
 
-    wait_for_exit([int(p) for p in os.environ.pop(AFTER_ENV, "").split(",") if p])
+    wait_for_exit(after)
     torchrun_main(sys.argv[1:] if argv is None else argv)
     return 0
 
 
-def wait_for_exit(pids: list[int], timeout_s: float = AFTER_TIMEOUT_S) -> None:
-    """A restart's launcher is started while the failed start is being stopped, so that its
-    preload overlaps the stop; its ranks start only once every process of that start (`pids`)
-    has exited (a zombie counts as exited), or after `timeout_s` (the supervisor has SIGKILLed
-    them by then)."""
+def _processes(pids: list[int]) -> list:
+    """The processes of these pids that still exist, taken now: a pid reused later is not theirs."""
     import psutil
 
+    out = []
+    for pid in pids:
+        try:
+            out.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def wait_for_exit(procs: list, timeout_s: float = AFTER_TIMEOUT_S) -> None:
+    """A restart's launcher is started while the failed start is being stopped, so that its
+    preload overlaps the stop; its ranks start only once every process of that start (`procs`,
+    psutil.Process) has exited (a zombie counts as exited), or after `timeout_s` (the supervisor
+    has SIGKILLed them by then)."""
+    import psutil
+
+    def running(p) -> bool:
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
     deadline = time.monotonic() + timeout_s
-    while pids and time.monotonic() < deadline:
-        alive = []
-        for pid in pids:
-            try:
-                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                    alive.append(pid)
-            except psutil.NoSuchProcess:
-                pass
-        pids = alive
-        if pids:
+    while procs and time.monotonic() < deadline:
+        procs = [p for p in procs if running(p)]
+        if procs:
             time.sleep(0.02)
-    if pids:
-        print(f"pliant: processes {pids} of the previous start are still running after {timeout_s:.0f} s; "
-              f"starting anyway", file=sys.stderr, flush=True)
+    if procs:
+        print(f"pliant: processes {[p.pid for p in procs]} of the previous start are still running after "
+              f"{timeout_s:.0f} s; starting anyway", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

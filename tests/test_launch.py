@@ -70,3 +70,31 @@ def test_pliant_train_runs_the_local_default(tmp_path):
     assert first["step"] == 1 and 4.5 < first["loss"] < 6.5  # about ln(256) at the start
     assert first["memory_bytes"] > 10_000_000 and first["predicted_memory_bytes"] > 0
     assert "step 3/3" in r.stdout
+
+
+def test_a_restart_launcher_waits_for_the_previous_start_and_counts_a_zombie_as_gone():
+    """launch/elastic.py's wait: returns once every process it was given has exited (an
+    unreaped zombie counts), and not before; the supervisor's stop counts zombies alike."""
+    import threading
+    import time
+
+    import psutil
+
+    from pliant.launch.elastic import _processes, wait_for_exit
+    from pliant.launch.supervisor import _running
+
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    while psutil.Process(zombie.pid).status() != psutil.STATUS_ZOMBIE:  # exited, not reaped
+        time.sleep(0.01)
+    assert not _running(psutil.Process(zombie.pid))
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    done = threading.Event()
+    waiter = threading.Thread(target=lambda: (wait_for_exit(_processes([zombie.pid, sleeper.pid, 2 ** 22 + 7]),
+                                                            timeout_s=30), done.set()))
+    waiter.start()
+    assert not done.wait(1.0)  # the sleeper still runs
+    sleeper.kill()
+    assert done.wait(5.0)
+    waiter.join()
+    sleeper.wait()
+    zombie.wait()

@@ -215,6 +215,48 @@ def test_the_master_leaves_out_messages_of_another_start(tmp_path):
     master.sock.close()
 
 
+def test_the_master_sees_a_rank_process_exit_through_its_pidfd(tmp_path):
+    """A rank's process on the master's host is watched through a pidfd in the main loop's
+    poller: its exit is seen at once (no goodbye: a crash), with no polling thread."""
+    import socket
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    import zmq
+
+    from pliant.comm.monitor.master import Master
+
+    spec = FaultSpec(report_interval_s=5.0, progress_window_s=15.0)  # its look at /proc: every 5 s
+    master = Master(spec, world=1, run_dir=tmp_path)
+    addr = master.bind("tcp://127.0.0.1:*")
+    serving = threading.Thread(target=master.serve)
+    serving.start()
+    rank = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    try:
+        dealer.connect(addr)
+        dealer.send_json({"rank": 0, "pid": rank.pid, "host": socket.gethostname(), "slot": 0, "type": "hello",
+                          "msg": 1})
+        assert dealer.poll(5000) and dealer.recv_json()["msg"] == 1
+        time.sleep(0.3)
+        assert master.picture.ranks[0].gone_at is None and threading.active_count() == 2
+        rank.kill()
+        killed = time.monotonic()
+        deadline = killed + 5
+        while master.picture.ranks[0].gone_at is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert master.picture.ranks[0].gone_at is not None
+        assert master.picture.ranks[0].gone_at - killed < 2.0  # not the look, 5 s after the start
+    finally:
+        master.stop()
+        serving.join(5)
+        dealer.close(0)
+        rank.wait()
+        master.sock.close()
+
+
 # ----- errors are not faults: the job's own error stops it, a rank's odd exception is a crash -----
 def says(picture: JobPicture, rank: int, now: float, reason: str) -> None:
     picture.ingest({"rank": rank, "pid": 100 + rank, "host": "h", "slot": rank, "type": "bye", "step": 3,
