@@ -116,13 +116,8 @@ def check_call(g: SPGroup, op: str, tensors: dict[str, torch.Tensor], lengths: t
     check_metadata(g, op, tensors, lengths, error)
 
 
-def check_metadata(g: SPGroup, op: str, tensors: dict[str, torch.Tensor], lengths: tuple[int, ...],
-                   local_error: Exception | None) -> None:
-    """All-gather a few integers describing the call (operator, whether this rank's local checks
-    failed, dtypes, shapes beyond the token dim, the pack's lengths) and raise on every rank of
-    a group of 2 or more (check_call's) if any rank differs: a CollectiveMismatchError with the
-    same text everywhere, quoting the failing rank's `local_error` when there is one."""
-    fields: list[tuple[str, int]] = [("operator", zlib.crc32(op.encode())), ("local checks", int(local_error is not None))]
+def _describe(tensors: dict[str, torch.Tensor], lengths: tuple[int, ...]) -> list[tuple[str, int]]:
+    fields = []
     for name, t in tensors.items():
         fields.append((f"{name}.dtype", _DTYPES.index(t.dtype) if t.dtype in _DTYPES else 99))
         fields.append((f"{name}.ndim", t.dim()))
@@ -130,7 +125,33 @@ def check_metadata(g: SPGroup, op: str, tensors: dict[str, torch.Tensor], length
             fields.append((f"{name}.shape[{d}]", int(size)))
     fields.append(("pack sequences", len(lengths)))
     fields.append(("pack lengths", zlib.crc32(repr(tuple(lengths)).encode())))
-    device = next(iter(tensors.values())).device  # nccl needs device tensors
+    return fields
+
+
+def _device(g: SPGroup, tensors: dict) -> torch.device:
+    """Where the check's integers go: the inputs' device (nccl needs device tensors), else the
+    group's backend's."""
+    for t in tensors.values():
+        if isinstance(t, torch.Tensor):
+            return t.device
+    if dist.get_backend(g.pg) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def check_metadata(g: SPGroup, op: str, tensors: dict[str, torch.Tensor], lengths: tuple[int, ...],
+                   local_error: Exception | None) -> None:
+    """All-gather a few integers describing the call (operator, whether this rank's local checks
+    failed, dtypes, shapes beyond the token dim, the pack's lengths) and raise on every rank of
+    a group of 2 or more (check_call's) if any rank differs: a CollectiveMismatchError with the
+    same text everywhere, quoting the failing rank's `local_error` when there is one."""
+    try:
+        described = _describe(tensors, lengths)
+    except Exception as e:  # noqa: BLE001 (not tensors, say: this rank's call is wrong; its peers must hear it)
+        described, local_error = [], local_error or TypeError(f"{op}'s inputs cannot be described: {e}")
+    fields: list[tuple[str, int]] = [("operator", zlib.crc32(op.encode())), ("local checks", int(local_error is not None))]
+    fields += described
+    device = _device(g, tensors)
     mine = torch.tensor([v for _, v in fields] + [len(fields)], dtype=torch.int64, device=device)
     # ranks may disagree on the number of fields: gather the count first, then pad to the maximum
     counts, _ = all_gather(torch.tensor([len(fields)], dtype=torch.int64, device=device), g, "meta")

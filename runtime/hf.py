@@ -140,7 +140,11 @@ def load_hf_model(path: str | Path, dtype: torch.dtype, device: torch.device | s
         # which would put transformers' own Gated DeltaNet forward back in place of pliant's
         model, info = AutoModelForCausalLM.from_pretrained(d.path, dtype=dtype, attn_implementation=ATTENTION,
                                                            output_loading_info=True, use_kernels=False, **experts)
-    except (OSError, ValueError, RuntimeError) as e:
+    except OSError as e:
+        if e.errno is not None:  # the file system failed this process (EIO, a lost mount): a fault, not bad input
+            raise
+        raise ModelDirError(f"{d.path}: transformers could not load the model: {e}") from None
+    except (ValueError, RuntimeError) as e:
         raise ModelDirError(f"{d.path}: transformers could not load the model: {e}") from None
     missing = [k for k in info.get("missing_keys", [])]
     unexpected = [k for k in info.get("unexpected_keys", []) if not k.endswith("rotary_emb.inv_freq")]

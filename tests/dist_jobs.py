@@ -99,6 +99,8 @@ def call(ctx, start, size, what):
             else:
                 {"ulysses": C.ulysses_attention, "lasp2h": C.lasp2h_attention, "lasp2": C.lasp2_attention,
                  "ring": C.ring_attention}[op](y, y, y, layout, g)
+        elif what == "one_rank_none":  # the group's last rank passes no tensor for v
+            C.ulysses_attention(x, x, None if g.index == size - 1 else x, layout, g)
         elif what == "wrong_cu_seqlens":
             C.lasp2h_attention(x, x, x, layout, g, cu_seqlens=torch.tensor([0, 3, layout.local_tokens]))
         elif what == "ulysses_heads":

@@ -57,6 +57,16 @@ def test_one_rank_off_the_layout_raises_on_every_rank(pool, size, op):
         "PackLayoutError" in out[0] and "local tokens" in out[0], out
 
 
+def test_one_rank_without_a_tensor_raises_on_every_rank(pool):
+    """A rank whose call cannot even be described (None for a tensor) still takes part in the
+    shared check: its peers raise with it instead of waiting in the metadata exchange."""
+    t0 = time.time()
+    out = pool.run("dist_jobs:call", 0, 2, "one_rank_none")
+    assert time.time() - t0 < 10
+    assert len(set(out[:2])) == 1 and out[0].startswith("CollectiveMismatchError") and \
+        "rank 1's inputs failed its checks" in out[0], out
+
+
 def test_metadata_check_can_be_switched_off(pool):
     assert pool.run("dist_jobs:call", 0, 2, "shape_mismatch_unchecked")[:2] == ["ok", "ok"]
 

@@ -100,6 +100,30 @@ def test_bad_model_directories(model_dirs, tmp_path):
         load_hf_model(bad, torch.float64)
 
 
+def test_a_failing_file_system_is_a_fault_not_a_bad_model_directory(model_dirs, monkeypatch):
+    """An OSError with an errno while the weights load (EIO: a disk or mount failing on this
+    node) is raised as itself, so that the fault monitor restarts the job elsewhere; the
+    errors transformers raises about a directory's content stay ModelDirError (bad input)."""
+    import errno
+
+    from transformers import AutoModelForCausalLM
+
+    src = model_dirs[("llama", "heads4")]
+
+    def failing(exc):
+        def from_pretrained(*args, **kwargs):
+            raise exc
+        return from_pretrained
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", failing(OSError(errno.EIO, "Input/output error")))
+    with pytest.raises(OSError) as raised:
+        load_hf_model(src, torch.float64)
+    assert not isinstance(raised.value, ModelDirError) and raised.value.errno == errno.EIO
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", failing(OSError("no file named model.safetensors")))
+    with pytest.raises(ModelDirError, match="transformers could not load the model: no file named"):
+        load_hf_model(src, torch.float64)
+
+
 def test_tokenizer_larger_than_the_embedding_is_refused(tmp_path):
     from pliant.runtime.tokenizer import train_bpe_tokenizer
 
