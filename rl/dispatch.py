@@ -23,11 +23,13 @@ from __future__ import annotations
 import asyncio
 import warnings
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 from .task_protocol import Prompt
 
@@ -153,6 +155,8 @@ def pack_weights(model: torch.nn.Module) -> np.ndarray:
 
 def pack_state(state: dict[str, torch.Tensor]) -> np.ndarray:
     """A state dict (in a model's state_dict order) as one byte array (pack_weights)."""
+    import torch  # here: the dispatcher's and the weight store's actors never import torch (4 s of CPU each)
+
     parts = []
     for t in state.values():
         raw = t.detach().contiguous().reshape(-1).view(torch.uint8).cpu()
@@ -162,6 +166,8 @@ def pack_state(state: dict[str, torch.Tensor]) -> np.ndarray:
 
 def load_weights(model: torch.nn.Module, packed: np.ndarray) -> None:
     """Copy packed weights (pack_weights of a model of the same spec) into `model`, on its device."""
+    import torch
+
     with warnings.catch_warnings():  # the object store's array is read-only: it is only read here
         warnings.simplefilter("ignore", UserWarning)
         data = torch.from_numpy(packed)

@@ -22,6 +22,7 @@ from pliant.planner.errors import InputError
 from pliant.runtime.checkpoint import complete_checkpoints
 from pliant.runtime.faults import FAULT_ENV
 
+from .board import ProgressBoard
 from .common import log
 from .dispatch import partition_of
 from .learner import Learner, learner_cluster
@@ -30,26 +31,6 @@ from .spec import RLResourceError
 
 PLACEMENT_TIMEOUT_S = 60.0
 NAMING_PATIENCE_S = 3.0  # after Ray reports a rank dead, how long the master may take to name it
-
-
-@ray.remote(num_cpus=0, enable_task_events=False)
-class ProgressBoard:
-    """Rank 0's finished steps and whether it is writing a checkpoint, for the driver to read
-    while the learner's one thread trains (one board per learner generation)."""
-
-    def __init__(self):
-        self.steps: list[dict[str, Any]] = []
-        self.checkpointing = False
-
-    def add(self, row: dict[str, Any]) -> None:
-        self.steps.append(row)
-
-    def writing(self, active: bool) -> None:
-        self.checkpointing = active
-
-    def read(self, since: int) -> tuple[list[dict[str, Any]], bool]:
-        """The steps after the first `since`, and whether a checkpoint write is under way."""
-        return self.steps[since:], self.checkpointing
 
 
 def start_learners(cfg, task, seed: int, generation: int = 0, monitor_addr: str | None = None,
