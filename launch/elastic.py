@@ -25,7 +25,7 @@ AFTER_TIMEOUT_S = 120.0
 
 
 def main(argv: list[str] | None = None) -> int:
-    after = _processes([int(p) for p in os.environ.pop(AFTER_ENV, "").split(",") if p])
+    after = processes([int(p) for p in os.environ.pop(AFTER_ENV, "").split(",") if p])
     multiprocessing.set_forkserver_preload([PRELOAD])
     forkserver.ensure_running()  # a new Python imports the preload while this one imports torch
     from torch.distributed.run import main as torchrun_main
@@ -35,8 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _processes(pids: list[int]) -> list:
-    """The processes of these pids that still exist, taken now: a pid reused later is not theirs."""
+def processes(pids: list[int]) -> list:
+    """The processes of these pids that still exist, taken now (psutil.Process): a pid reused
+    later is not theirs."""
     import psutil
 
     out = []
@@ -48,26 +49,45 @@ def _processes(pids: list[int]) -> list:
     return out
 
 
-def wait_for_exit(procs: list, timeout_s: float = AFTER_TIMEOUT_S) -> None:
-    """A restart's launcher is started while the failed start is being stopped, so that its
-    preload overlaps the stop; its ranks start only once every process of that start (`procs`,
-    psutil.Process) has exited (a zombie counts as exited), or after `timeout_s` (the supervisor
-    has SIGKILLed them by then)."""
+def process_tree(pid: int) -> list:
+    """The process `pid` and every process under it (psutil.Process), taken now."""
     import psutil
 
-    def running(p) -> bool:
-        try:
-            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
+    try:
+        root = psutil.Process(pid)
+        return [root] + root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
 
+
+def running(p) -> bool:
+    """Whether psutil.Process `p` still runs. A zombie has exited: its parent may be gone too and
+    the zombie left to an init that reaps late, which psutil.wait_procs would wait out."""
+    import psutil
+
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def wait_gone(procs: list, timeout_s: float) -> list:
+    """Wait until none of `procs` runs; returns those still running after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
-    while procs and time.monotonic() < deadline:
+    while True:
         procs = [p for p in procs if running(p)]
-        if procs:
-            time.sleep(0.02)
-    if procs:
-        print(f"pliant: processes {[p.pid for p in procs]} of the previous start are still running after "
+        if not procs or time.monotonic() >= deadline:
+            return procs
+        time.sleep(0.02)
+
+
+def wait_for_exit(procs: list, timeout_s: float = AFTER_TIMEOUT_S) -> None:
+    """A restart's launcher is started while the failed start is being stopped, so that its
+    preload overlaps the stop; its ranks start only once every process of that start (`procs`)
+    has exited, or after `timeout_s` (the supervisor has SIGKILLed them by then)."""
+    left = wait_gone(procs, timeout_s)
+    if left:
+        print(f"pliant: processes {[p.pid for p in left]} of the previous start are still running after "
               f"{timeout_s:.0f} s; starting anyway", file=sys.stderr, flush=True)
 
 

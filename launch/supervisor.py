@@ -41,7 +41,7 @@ from pliant.comm.monitor.master import DECISIONS, address_file, read_incidents, 
 from pliant.comm.monitor.node_agent import NodeAgent, NodeAgentError
 from pliant.config import ConfigError, JobConfig, load_config
 from pliant.launch.nodes import NodePlacement, interface_of
-from pliant.launch.elastic import AFTER_ENV
+from pliant.launch.elastic import AFTER_ENV, process_tree, wait_gone
 from pliant.launch.torchrun import config_args, preloaded, torchrun_command, torchrun_env
 from pliant.planner.io import atomic_write_text, strict_dumps
 
@@ -122,51 +122,18 @@ def shrink_overlay(cfg: JobConfig, devices: int, hosts: list[str] | None = None)
 def kill_tree(proc: subprocess.Popen, grace_s: float) -> None:
     """SIGTERM torchrun and every process under it (its workers, its fork server, multiprocessing's
     resource tracker), then SIGKILL what is left (a frozen rank ignores SIGTERM until it runs
-    again). A process is gone once it is a zombie: its parent may be gone too and the zombie
-    left to an init that reaps late, which psutil.wait_procs would wait out as alive."""
-    try:
-        tree = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        tree = []
-    for p in tree:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    for p in _wait_gone(proc, tree, grace_s):
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    _wait_gone(proc, tree, 5.0)
-
-
-def tree_pids(proc: subprocess.Popen) -> list[int]:
-    """The pids of `proc` and every process under it."""
-    try:
-        root = psutil.Process(proc.pid)
-        return [proc.pid] + [p.pid for p in root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
-def _wait_gone(proc: subprocess.Popen, tree: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:
-    """Wait until every process of `tree` has exited (`proc`, the supervisor's own child, reaped);
-    returns those still running after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        proc.poll()
-        alive = [p for p in tree if _running(p)]
-        if not alive or time.monotonic() >= deadline:
-            return alive
-        time.sleep(0.02)
-
-
-def _running(p: psutil.Process) -> bool:
-    try:
-        return p.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+    again); `proc`, the supervisor's own child, is reaped once it has exited."""
+    tree = process_tree(proc.pid)
+    for sig in ("terminate", "kill"):
+        for p in tree:
+            try:
+                getattr(p, sig)()
+            except psutil.NoSuchProcess:
+                pass
+        tree = wait_gone(tree, grace_s if sig == "terminate" else 5.0)
+        if not tree:
+            break
+    proc.poll()
 
 
 class Supervisor:
@@ -333,7 +300,7 @@ class Supervisor:
                 nxt = self._compose_restart(attempt, slots, fatal)
                 if isinstance(nxt, Start) and not self.multi and preloaded():  # its preload overlaps the stop
                     self._prestarted = self._torchrun(attempt + 1, nxt, None, True, spec.enabled,
-                                                      after=tree_pids(job))
+                                                      after=[p.pid for p in process_tree(job.pid)])
                 kill_tree(job, spec.stop_grace_s)
                 return "incident", fatal, nxt
             if follower and self.agent.moved_on:  # node 0 started the next start without a culprit: follow it

@@ -32,9 +32,7 @@ def torchrun_command(cfg, node_rank: int, module: str, module_args: list[str],
     host, which node 0 hosts (`is_host`), each node advertising its own address (`local_addr`,
     else its cluster.hosts entry) so that no node takes a hostname that resolves to loopback."""
     c = cfg.cluster
-    fork = preloaded()
-    cmd = [sys.executable, "-m", "pliant.launch.elastic" if fork else "torch.distributed.run",
-           f"--nproc-per-node={c.devices_per_node}"]
+    cmd = [f"--nproc-per-node={c.devices_per_node}"]
     if monitor_interval_s is not None:
         cmd.append(f"--monitor-interval={monitor_interval_s:g}")
     if c.nodes == 1:
@@ -45,20 +43,23 @@ def torchrun_command(cfg, node_rank: int, module: str, module_args: list[str],
                 f"--rdzv-endpoint={c.hosts[0]}:{c.port}", f"--rdzv-id={rdzv_id}",
                 f"--rdzv-conf=is_host={int(node_rank == 0)},join_timeout={timeout},read_timeout={min(timeout, 60)}",
                 f"--local-addr={local_addr or c.hosts[node_rank]}", "--max-restarts=0"]
-    if fork:  # the worker's file, run as __main__ in a fork of the preloaded server
-        return cmd + ["--start-method=forkserver", "--run-path", module_file(module), *module_args]
-    return cmd + ["-m", module, *module_args]
+    return _command(cmd, module, module_args)
 
 
 def local_command(world: int, module: str, module_args: list[str]) -> list[str]:
     """torchrun of `world` ranks on this machine running `module` (standalone rendezvous),
     forked from the preloaded fork server unless $PLIANT_PRELOAD=0: for tests and benches
     that start ranks without a config's cluster."""
-    if not preloaded():
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}", "-m",
-                module, *module_args]
-    return [sys.executable, "-m", "pliant.launch.elastic", "--standalone", f"--nproc-per-node={world}",
-            "--start-method=forkserver", "--run-path", module_file(module), *module_args]
+    return _command(["--standalone", f"--nproc-per-node={world}"], module, module_args)
+
+
+def _command(options: list[str], module: str, module_args: list[str]) -> list[str]:
+    """torchrun with `options` running `module`: its file run as __main__ in a fork of the
+    preloaded server (launch/elastic.py), or with $PLIANT_PRELOAD=0 plain torchrun's `-m module`."""
+    if preloaded():
+        return [sys.executable, "-m", "pliant.launch.elastic", *options, "--start-method=forkserver", "--run-path",
+                module_file(module), *module_args]
+    return [sys.executable, "-m", "torch.distributed.run", *options, "-m", module, *module_args]
 
 
 def module_file(module: str) -> str:

@@ -80,16 +80,15 @@ def test_a_restart_launcher_waits_for_the_previous_start_and_counts_a_zombie_as_
 
     import psutil
 
-    from pliant.launch.elastic import _processes, wait_for_exit
-    from pliant.launch.supervisor import _running
+    from pliant.launch.elastic import processes, running, wait_for_exit
 
     zombie = subprocess.Popen([sys.executable, "-c", "pass"])
     while psutil.Process(zombie.pid).status() != psutil.STATUS_ZOMBIE:  # exited, not reaped
         time.sleep(0.01)
-    assert not _running(psutil.Process(zombie.pid))
+    assert not running(psutil.Process(zombie.pid))
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     done = threading.Event()
-    waiter = threading.Thread(target=lambda: (wait_for_exit(_processes([zombie.pid, sleeper.pid, 2 ** 22 + 7]),
+    waiter = threading.Thread(target=lambda: (wait_for_exit(processes([zombie.pid, sleeper.pid, 2 ** 22 + 7]),
                                                             timeout_s=30), done.set()))
     waiter.start()
     assert not done.wait(1.0)  # the sleeper still runs

@@ -61,7 +61,7 @@ class Master:
         self._ctx = zmq.Context.instance()
         self.sock = self._ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self._pidfds: dict[int, int] = {}  # rank -> pidfd of its process (-1: none to be had)
+        self._pidfds: dict[int, int] = {}  # pid of a rank's process -> its pidfd (-1: none to be had)
         self._by_fd: dict[int, object] = {}  # open pidfd -> the rank's state
 
     def bind(self, addr: str) -> str:
@@ -84,7 +84,7 @@ class Master:
         main loop's poller, readable when the process exits (a crash is a process gone without a
         goodbye): no polling. Where pidfds are missing (not Linux, before 5.3) the checks poll."""
         for st in self.picture.ranks.values():
-            if st.rank in self._pidfds or st.gone_at is not None or not self._local(st):
+            if st.pid in self._pidfds or st.gone_at is not None or not self._local(st):
                 continue
             try:
                 fd = os.pidfd_open(st.pid) if hasattr(os, "pidfd_open") else -1
@@ -93,7 +93,7 @@ class Master:
                 continue
             except OSError:
                 fd = -1
-            self._pidfds[st.rank] = fd
+            self._pidfds[st.pid] = fd
             if fd >= 0:
                 poller.register(fd, zmq.POLLIN)
                 self._by_fd[fd] = st
