@@ -24,6 +24,7 @@ setup(
         "pulp>=3.3,<4",  # 4.x drops the bundled CBC binary,
         "numpy>=1.24",
         "pyzmq>=25",
+        "msgpack>=1.0",
         "psutil>=5.9",  # the fault monitor's process watch
         "py-spy>=0.3.14",  # a hung rank's Python stack, read from outside without its GIL
         "pydantic>=2.5",

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pliant.planner.io import strict_dumps
+from pliant.io import strict_dumps
 
 METHODS = ("lasp2", "ring", "ulysses", "lasp2h", "deepspeed", "gdn_gather", "gdn_ring", "gdn_heads")
 GDN_FORMS = {"gdn_gather": "gather", "gdn_ring": "ring", "gdn_heads": "heads"}  # method -> gated_delta_attention form

@@ -26,7 +26,7 @@ from . import torchft_compare
 from .fault_runs import DETECT_S, Job, run_job
 from .stress import stress
 
-from pliant.planner.io import strict_dumps
+from pliant.io import strict_dumps
 
 # class -> (faults, config overlay, expected incident kind, expected culprit ranks or link)
 CLASSES: dict[str, tuple[list[dict], dict, str, list[int]]] = {

@@ -20,7 +20,7 @@ from rich.table import Table
 
 from pliant.planner import ClusterSpec, ModelSpec, Planner, PlanningError, baselines, resolve_source, token_batches
 from pliant.planner.blaster import min_micro_batches
-from pliant.planner.io import atomic_write_text, strict_dumps
+from pliant.io import atomic_write_text, strict_dumps
 
 
 def _q(values: list[float], q: float) -> float | None:

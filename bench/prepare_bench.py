@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from pliant.planner.io import strict_dumps
+from pliant.io import strict_dumps
 
 
 _TRIPLE = re.compile(r'(?s)"""(.+?)"""|\'\'\'(.+?)\'\'\'')
@@ -131,7 +131,7 @@ def run(out: Path, mb: float = 50.0, workers: tuple[int, ...] = (1, 2), repeats:
     from rich.console import Console
     from rich.table import Table
 
-    from pliant.planner.io import atomic_write_text
+    from pliant.io import atomic_write_text
     from pliant.runtime.prepare import DEFAULT_BATCH, prepare
     from pliant.runtime.tokenizer import load_tokenizer, train_bpe_tokenizer
 

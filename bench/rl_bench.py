@@ -24,7 +24,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from pliant.planner.io import strict_dumps
+from pliant.io import strict_dumps
 
 MODES: dict[str, tuple[str, int]] = {"sync": ("sync", 0), "async_k1": ("async", 1), "async_k2": ("async", 2)}
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pliant.planner.io import atomic_write_text, strict_dumps
+from pliant.io import atomic_write_text, strict_dumps
 
 PHASES = ("process", "imports", "trainer", "resumed", "first_step")
 

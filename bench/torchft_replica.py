@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pliant.planner.io import strict_dumps
+from pliant.io import strict_dumps
 
 
 def log(path: Path, row: dict) -> None:

@@ -15,7 +15,7 @@ import platform
 import statistics
 from pathlib import Path
 
-from pliant.planner.io import strict_dumps
+from pliant.io import strict_dumps
 
 
 def summarize(records: list[dict], warmup: int) -> dict:

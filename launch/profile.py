@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from pliant.planner.io import strict_dumps
+from pliant.io import strict_dumps
 
 
 def _sig(x: float, digits: int = 4) -> float:

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from pliant.config import RLJobConfig, load_config, merge_config, parse_config
-from pliant.planner.io import atomic_write_text, strict_dumps
+from pliant.io import atomic_write_text, strict_dumps
 
 RL_CONFIG = "configs/rl-local.yaml"
 

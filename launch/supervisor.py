@@ -43,7 +43,7 @@ from pliant.config import ConfigError, JobConfig, load_config
 from pliant.launch.nodes import NodePlacement, interface_of
 from pliant.launch.elastic import AFTER_ENV, process_tree, wait_gone
 from pliant.launch.torchrun import config_args, preloaded, torchrun_command, torchrun_env
-from pliant.planner.io import atomic_write_text, strict_dumps
+from pliant.io import atomic_write_text, strict_dumps
 
 POLL_S = 0.1
 

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .io import atomic_write_text, strict_dumps
+from pliant.io import atomic_write_text, strict_dumps
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,7 @@ def problems(max_operand: int = 20) -> list[dict[str, str]]:
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    from pliant.planner.io import atomic_write_text
+    from pliant.io import atomic_write_text
 
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pliant.planner.io import atomic_write_text, strict_dumps
+from pliant.io import atomic_write_text, strict_dumps
 from pliant.runtime.checkpoint import COMPLETE, complete_checkpoints, config_differences
 
 from .common import log

@@ -35,7 +35,7 @@ from .task import build_task
 from .task_protocol import EVAL_SEED
 from .transfer_queue import TransferQueue
 
-from pliant.planner.io import atomic_write_text, strict_dumps
+from pliant.io import atomic_write_text, strict_dumps
 
 TASKS = ["reward", "reference", "learner"]
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pliant.planner.io import atomic_write_bytes, strict_dumps
+from pliant.io import atomic_write_bytes, strict_dumps
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpointer

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from pliant.planner.errors import InputError
-from pliant.planner.io import atomic_write_text, fsync_dir, strict_dumps
+from pliant.io import atomic_write_text, fsync_dir, strict_dumps
 
 COMPLETE = "COMPLETE"
 UNIVERSAL = "universal"

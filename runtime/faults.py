@@ -26,7 +26,7 @@ from pydantic import TypeAdapter
 from pliant.comm.monitor.recorder import SENDS, CollectiveEvent, CollectiveHook
 from pliant.comm.monitor.spec import InjectSpec
 from pliant.planner.errors import InputError
-from pliant.planner.io import atomic_write_text
+from pliant.io import atomic_write_text
 
 from .rank import rank_device
 

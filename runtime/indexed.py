@@ -28,7 +28,7 @@ from types import TracebackType
 import numpy as np
 
 from pliant.planner.errors import InputError
-from pliant.planner.io import fsync_dir
+from pliant.io import fsync_dir
 
 
 class DataError(InputError):

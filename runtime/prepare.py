@@ -38,7 +38,7 @@ import numpy as np
 
 from pliant.runtime.corpus import TextBatch, check_inputs, iter_text_batches
 from pliant.runtime.indexed import DataError, IndexedTokensWriter, bin_path, idx_path, optimal_dtype
-from pliant.planner.io import strict_dumps
+from pliant.io import strict_dumps
 
 DEFAULT_BATCH = 1024  # documents per encode_batch call: large enough to keep the Rust threads busy
 TASK_CHARS = 1 << 20  # characters per worker task (workers > 1)
@@ -234,7 +234,7 @@ def prepare(inputs: Sequence[str | Path], tokenizer_dir: str | Path, out_prefix:
     Atomic: on any error (or interrupt) no output and no temporary file is left.
     `show_progress`: True a progress bar on stderr, False nothing, None (default) the bar
     when stderr is a terminal and otherwise a log line every ~10% of the input."""
-    from pliant.planner.io import atomic_write_text
+    from pliant.io import atomic_write_text
     from pliant.runtime.tokenizer import load_tokenizer
 
     if workers < 1 or batch_size < 1:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pliant.planner.io import strict_dumps
+from pliant.io import strict_dumps
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import zmq
 
+from . import wire
 from .progress import TICK, MainThreadProbe, stat_fields
 from .recorder import CollectiveEvent, CollectiveRecorder
 from .spec import FaultSpec
@@ -72,7 +73,6 @@ class Agent:
         self._clock: deque[tuple[float, float]] = deque(maxlen=64)  # (round trip, offset) samples
         self._sent_at: dict[int, float] = {}
         self._msg = 0
-        self._since = float("-inf")
         self._last_ack = time.monotonic()
         self.master_lost = False
         self._stop = threading.Event()
@@ -162,13 +162,12 @@ class Agent:
             if len(self._sent_at) > 256:
                 self._sent_at.pop(next(iter(self._sent_at)))
             try:
-                self._sock.send_json(body, flags=zmq.NOBLOCK)
+                wire.send(self._sock, body)
             except zmq.Again:
                 pass
 
     def summary(self) -> dict[str, Any]:
-        snap = self.recorder.snapshot(self._since)
-        self._since = snap["taken"]
+        snap = self.recorder.snapshot()
         off = self.offset
         main, frames, other_cpu = self.probe.sample()
         device = snap["device"]
@@ -184,7 +183,7 @@ class Agent:
         while True:
             try:
                 with self._lock:
-                    ack = self._sock.recv_json(flags=zmq.NOBLOCK)
+                    ack = wire.receive(self._sock)
             except zmq.Again:
                 return
             now = time.monotonic()

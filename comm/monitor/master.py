@@ -26,8 +26,9 @@ from pathlib import Path
 import psutil
 import zmq
 
-from pliant.planner.io import atomic_write_text, strict_dumps
+from pliant.io import atomic_write_text, strict_dumps
 
+from . import wire
 from .classify import Incident, JobPicture
 from .progress import py_spy_stack, read_thread, stat_fields
 from .spec import FaultSpec
@@ -136,12 +137,12 @@ class Master:
                     break
                 now = time.monotonic()
                 try:
-                    ack = self._handle(json.loads(payload), now)
+                    ack = self._handle(wire.unpack(payload), now)
                 except (ValueError, KeyError, TypeError, IndexError) as e:  # bound on every interface
                     print(f"pliant monitor: ignored a malformed message ({type(e).__name__}: {e})",
                           file=sys.stderr, flush=True)
                     continue
-                self.sock.send_multipart([ident, json.dumps(ack).encode()])
+                self.sock.send_multipart([ident, wire.pack(ack)])
                 self.messages += 1
             self._watch(poller)
             now = time.monotonic()

@@ -23,6 +23,7 @@ from typing import Any
 import psutil
 import zmq
 
+from . import wire
 from .progress import read_thread
 
 PID_POLL_S = 0.05
@@ -82,7 +83,7 @@ class NodeAgent:
         self._msg += 1
         body.update(type="node", node=self.node, host=self.host, pid=self.pid, attempt=self.attempt, msg=self._msg)
         try:
-            self._sock.send_json(body, flags=zmq.NOBLOCK)
+            wire.send(self._sock, body)
         except zmq.Again:
             pass
 
@@ -125,7 +126,7 @@ class NodeAgent:
     def _drain(self) -> None:
         while True:
             try:
-                ack = self._sock.recv_json(flags=zmq.NOBLOCK)
+                ack = wire.receive(self._sock)
             except zmq.Again:
                 return
             if ack.get("attempt", -1) > self.attempt:

@@ -41,7 +41,7 @@ class CollectiveHook:
     def after_enter(self, event: "CollectiveEvent") -> None: ...
 
 
-@dataclass
+@dataclass(slots=True, eq=False)  # eq=False: hashed by identity (a snapshot dedupes them)
 class CollectiveEvent:
     group: tuple[int, ...]  # global ranks of the process group
     seq: int  # sequence number within the group: the same on every member for the same collective
@@ -55,11 +55,10 @@ class CollectiveEvent:
     step: int = 0  # the training step it was issued in
     finite: Any = None  # a 0-d bool tensor: is the floating-point input finite (None: not checked)
     in_checkpoint: bool = False  # issued while a checkpoint was being written
-    seen: float = 0.0  # host time its enter or exit was last set: what a snapshot reports since
     marks: "DeviceMarks | None" = None  # CUDA collectives: the events timing it on the device
 
 
-@dataclass
+@dataclass(slots=True)
 class DeviceMarks:
     start: Any  # torch.cuda.Event recorded before the collective on the caller's stream
     end: Any = None  # recorded after it (after the wait of an async one)
@@ -145,6 +144,16 @@ def _first_tensor(arguments: dict[str, Any], op: str = "") -> torch.Tensor | Non
     return None
 
 
+_DTYPE_NAMES: dict[torch.dtype, str] = {}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
+    return name
+
+
 def all_finite(t: torch.Tensor) -> bool | torch.Tensor:
     """Whether every element of `t` is finite, in one reduction: a sum is finite only if every
     element is (an Inf or a NaN makes it Inf or NaN). On CPU, a bool; a non-finite sum (a real
@@ -163,6 +172,9 @@ class CollectiveRecorder:
 
     def __init__(self, capacity: int = 4096, check_finite: bool = True):
         self.events: deque[CollectiveEvent] = deque(maxlen=capacity)
+        # the events entered, ended or started on the device since the last snapshot: what it
+        # reports (a scan of the whole ring per snapshot cost the agent 5 us per event)
+        self.fresh: deque[CollectiveEvent] = deque(maxlen=2 * capacity)  # each in it at most twice
         self.inflight: dict[tuple[int, ...], CollectiveEvent] = {}
         self.step = 0
         self.step_started = time.monotonic()
@@ -281,10 +293,10 @@ class CollectiveRecorder:
             self._seq[key] = seq + 1
             self.step_collectives += 1
             now = time.monotonic()
-            event = CollectiveEvent(group, seq, name, nbytes, str(t.dtype).removeprefix("torch.") if t is not None
-                                    else "", tuple(t.shape) if t is not None else (), None if on_device else now,
+            event = CollectiveEvent(group, seq, name, nbytes, _dtype_name(t.dtype) if t is not None else "",
+                                    tuple(t.shape) if t is not None else (), None if on_device else now,
                                     peer=peer, step=self.step, finite=finite, in_checkpoint=self.in_checkpoint,
-                                    seen=now, marks=marks)
+                                    marks=marks)
             self.events.append(event)
             if on_device:
                 if not self.pending:
@@ -292,8 +304,10 @@ class CollectiveRecorder:
                 self.pending.append(event)
                 if len(self.pending) > self.capacity:  # the device stuck that long: forget the oldest
                     self.pending.popleft()
-            elif not p2p:
-                self.inflight[group] = event
+            else:
+                self.fresh.append(event)
+                if not p2p:
+                    self.inflight[group] = event
         return event
 
     def _start_marks(self, device: torch.device, finite: torch.Tensor | None) -> DeviceMarks:
@@ -319,7 +333,8 @@ class CollectiveRecorder:
                 event.marks.end = end
             return
         with self._lock:
-            event.exit = event.seen = time.monotonic()
+            event.exit = time.monotonic()
+            self.fresh.append(event)
             if self.inflight.get(event.group) is event:
                 del self.inflight[event.group]
 
@@ -337,10 +352,12 @@ class CollectiveRecorder:
                 e.enter = self.clock.time_of(m.start)
                 if m.flag is not None:
                     e.finite = bool(self._flags[m.flag])
-                e.seen = self.device_moved = now
+                self.device_moved = now
+                self.fresh.append(e)
             if m.end is not None and m.end.query():
                 e.exit = max(e.enter, self.clock.time_of(m.end))
-                e.seen = self.device_moved = now
+                self.device_moved = now
+                self.fresh.append(e)
                 continue
             still.append(e)
         self.pending = still
@@ -357,14 +374,15 @@ class CollectiveRecorder:
         """Checkpoint writes are excluded from baselines and alarms."""
         self.in_checkpoint = active
 
-    def snapshot(self, since: float = float("-inf")) -> dict:
+    def snapshot(self) -> dict:
         """What the agent reports: step, in-flight collectives per group, and the events that
-        completed (or started) after `since`; `taken` is the `since` of the next snapshot."""
+        entered or ended (on CUDA: started or ended on the device) since the previous snapshot."""
         with self._lock:
             if self.pending:
                 self._poll_device()
             taken = time.monotonic()
-            recent = [e for e in self.events if e.seen >= since and e.enter is not None]
+            recent = list(dict.fromkeys(self.fresh))[-self.capacity:]  # once each, in the order they first changed
+            self.fresh.clear()
             inflight = {g: e for g, e in self.inflight.items()}
             for e in self.pending:  # started on the device, not ended: the oldest of each group
                 if e.enter is not None and e.peer is None and e.group not in inflight:

@@ -4,7 +4,6 @@ acknowledgements are late, because the master compares enter times across ranks 
 (a wrong offset makes an on-time rank look like a straggler, or a link look slow)."""
 from __future__ import annotations
 
-import json
 import threading
 import time
 
@@ -12,6 +11,7 @@ import pytest
 import zmq
 
 from pliant.comm.monitor.agent import Agent
+from pliant.comm.monitor import wire
 from pliant.comm.monitor.recorder import CollectiveRecorder
 from pliant.comm.monitor.spec import FaultSpec
 
@@ -27,11 +27,11 @@ def fake_master(sock: zmq.Socket, stop: threading.Event, late_every: int) -> Non
             continue
         ident, payload = sock.recv_multipart()
         n += 1
-        msg = json.loads(payload)
+        msg = wire.unpack(payload)
         if late_every and n % late_every == 0:
             time.sleep(0.12)
         ack = {"msg": msg.get("msg"), "t": time.monotonic() + AHEAD_S}
-        sock.send_multipart([ident, json.dumps(ack).encode()])
+        sock.send_multipart([ident, wire.pack(ack)])
 
 
 @pytest.mark.parametrize("late_every", [0, 2])

@@ -226,6 +226,7 @@ def test_the_master_sees_a_rank_process_exit_through_its_pidfd(tmp_path):
 
     import zmq
 
+    from pliant.comm.monitor import wire
     from pliant.comm.monitor.master import Master
 
     spec = FaultSpec(report_interval_s=5.0, progress_window_s=15.0)  # its look at /proc: every 5 s
@@ -237,9 +238,9 @@ def test_the_master_sees_a_rank_process_exit_through_its_pidfd(tmp_path):
     dealer = zmq.Context.instance().socket(zmq.DEALER)
     try:
         dealer.connect(addr)
-        dealer.send_json({"rank": 0, "pid": rank.pid, "host": socket.gethostname(), "slot": 0, "type": "hello",
-                          "msg": 1})
-        assert dealer.poll(5000) and dealer.recv_json()["msg"] == 1
+        dealer.send(wire.pack({"rank": 0, "pid": rank.pid, "host": socket.gethostname(), "slot": 0, "type": "hello",
+                               "msg": 1}))
+        assert dealer.poll(5000) and wire.unpack(dealer.recv())["msg"] == 1
         time.sleep(0.3)
         assert master.picture.ranks[0].gone_at is None and threading.active_count() == 2
         rank.kill()

@@ -1,0 +1,35 @@
+"""The monitor's messages on the wire (agents, node agents, master): MessagePack, one ZeroMQ
+frame per message. A report carries one row per collective; MessagePack packs and parses such
+a row in about a fifth of JSON's time and half its bytes, which on a job that issues a
+collective every half millisecond of rank CPU is most of what the monitor's messages cost."""
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import zmq
+
+
+def pack(body: dict[str, Any]) -> bytes:
+    return msgpack.packb(body)
+
+
+def unpack(payload: bytes) -> dict[str, Any]:
+    """A message; ValueError for one that is not a MessagePack map."""
+    try:
+        body = msgpack.unpackb(payload, strict_map_key=False)  # an incident's evidence may key by rank
+    except (msgpack.UnpackException, ValueError) as e:
+        raise ValueError(f"not a monitor message: {e}") from e
+    if not isinstance(body, dict):
+        raise ValueError(f"not a monitor message: a {type(body).__name__}, not a map")
+    return body
+
+
+def send(sock: zmq.Socket, body: dict[str, Any]) -> None:
+    """Without blocking: raises zmq.Again when the peer's queue is full."""
+    sock.send(pack(body), flags=zmq.NOBLOCK)
+
+
+def receive(sock: zmq.Socket) -> dict[str, Any]:
+    """Without blocking: raises zmq.Again when nothing is there."""
+    return unpack(sock.recv(flags=zmq.NOBLOCK))
