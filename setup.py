@@ -43,7 +43,7 @@ setup(
         # banner to stdout on every new solver, before PuLP can turn its output off
         "highs": ["highspy>=1.7,<1.16"],
         # ray[default]: the dashboard's job server, for the `ray job submit -- pliant rl` test
-        "test": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100", "ray[default]>=2.9",
+        "test": ["pytest>=8", "pytest-timeout>=2.2", "pytest-xdist>=3.5", "hypothesis>=6.100", "ray[default]>=2.9",
                  # the oracle for Megatron's indexed dataset format (CPU)
                  "megatron-core>=0.12",
                  # fla's pure-torch naive simple-GLA recurrence: the fused linear path's contract on CPU

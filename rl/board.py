@@ -16,6 +16,13 @@ class ProgressBoard:
     def __init__(self):
         self.steps: list[dict[str, Any]] = []
         self.checkpointing = False
+        self.written = 0  # the rows the driver has written: it reads the rows after them
+
+    def unwritten(self) -> int | None:
+        """The step of the first row the driver has not written yet (None: it has them all). A
+        checkpoint carries the rows from there on: the driver polls, and on a fast learner it
+        may lag by more than one checkpoint."""
+        return self.steps[self.written]["step"] if self.written < len(self.steps) else None
 
     def add(self, row: dict[str, Any]) -> None:
         self.steps.append(row)
@@ -24,5 +31,7 @@ class ProgressBoard:
         self.checkpointing = active
 
     def read(self, since: int) -> tuple[list[dict[str, Any]], bool]:
-        """The steps after the first `since`, and whether a checkpoint write is under way."""
+        """The steps after the first `since` (the driver has written those), and whether a
+        checkpoint write is under way."""
+        self.written = max(self.written, since)
         return self.steps[since:], self.checkpointing

@@ -261,12 +261,15 @@ class Learner:  # agent watches that thread, and its goodbye handler needs it); 
         policy version. With it, what `pliant rl --resume` needs (rl/resume.py): the run's
         identity, the groups trained, the held-out score before RL."""
         since = self.saved_version if self.saved_version >= 0 else 0
+        if self.board is not None:  # and the rows the driver has not written yet, however old
+            unwritten = ray.get(self.board.unwritten.remote())
+            since = since if unwritten is None else min(since, unwritten)
         recent = [{x: y for x, y in row.items() if x != "staleness"} for row in
                   [*self.steps, *(row for row, _ in self.unrecorded)] if row["step"] >= since]
         meta = {"step": self.version, "version": self.version, "run": "rl", "world_size": self.world,
                 "model": self.cfg.model.model_dump(mode="json"), **self.run_meta,
                 "trained_groups": {str(g): s for g, s in self.trained_groups.items()},
-                "recent_steps": recent}  # the metrics rows since the last checkpoint (a killed driver may not have written them)
+                "recent_steps": recent}  # the metrics rows a killed driver may not have written
         if self.board is not None:  # the driver's stall watchdog waits for a write, as for a step
             self.board.writing.remote(True)
         try:

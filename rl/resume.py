@@ -9,8 +9,9 @@ optimizer, every rank's RNG states, and in meta.json:
     identity            what the run's data and reference depend on (run_identity): the model,
                         the task, the seed, the step's shape, the warm-start settings
     eval_reward_before  the held-out reward before RL (not measured again on resume)
-    recent_steps        the metrics rows since the checkpoint before (the driver writes rows as
-                        they come; one killed a moment after the checkpoint may not have)
+    recent_steps        the metrics rows since the checkpoint before, or since the first row the
+                        driver had not written yet if that is older (the driver writes rows as it
+                        reads them, polling; a fast learner may be more than a checkpoint ahead)
 
 What is not in it, and why it need not be:
 - the data order: group g is the (g+1)-th prompt of the task's seeded stream, and every
@@ -104,8 +105,8 @@ def find_resume_point(run_dir: Path, cfg, seed: int) -> ResumePoint:
 def restore_metrics(metrics: Path, point: ResumePoint) -> list[dict[str, Any]]:
     """RUN/metrics.jsonl as of the checkpoint, rewritten atomically before the resumed run
     appends: the rows of the steps it holds (rows after it were trained by weights that are
-    gone, and are trained again), with the rows since the checkpoint before it from its
-    meta.json where the killed driver had not written them (as the driver writes a row).
+    gone, and are trained again), with the rows of its meta.json that the file lacks (the
+    driver had not written them yet, as it writes a row).
     Returns the rows kept, in step order."""
     rows: dict[int, dict[str, Any]] = {}
     if metrics.is_file():

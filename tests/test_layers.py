@@ -29,8 +29,10 @@ LAYERS: tuple[tuple[str, str, str], ...] = (
     ("bench", "pliant.bench", "bench"),
     ("launch", "pliant.launch", "launch"),
 )
-# Below every layer, importable by all: the namespace package itself and the bundled YAML files.
-BASE: tuple[tuple[str, str], ...] = (("pliant", "pliant/__init__.py"), ("pliant.configs", "configs"))
+# Below every layer, importable by all: the namespace package itself, its file helpers (atomic
+# writes, strict JSON: standard library only) and the bundled YAML files.
+BASE: tuple[tuple[str, str], ...] = (("pliant", "pliant/__init__.py"), ("pliant.io", "pliant/io.py"),
+                                     ("pliant.configs", "configs"))
 
 
 @dataclass(frozen=True)
