@@ -78,11 +78,9 @@ class Agent:
         self._stop = threading.Event()
         self._lock = threading.Lock()  # one sender at a time: the thread, or close()
         self._ctx = zmq.Context()  # its own: destroyed (flushing the last summary) when the rank goes
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 500)
-        self._sock.setsockopt(zmq.SNDHWM, 64)  # the master gone: drop summaries, never block training
-        self._sock.setsockopt(zmq.IDENTITY, f"rank{rank}-{self.pid}".encode())
-        self._sock.connect(addr)
+        self._sock = wire.dealer(self._ctx, addr, f"rank{rank}-{self.pid}")
+        self._connected_at = time.monotonic()
+        self._answered = False  # an acknowledgement came on this connection
         self._thread = threading.Thread(target=self._run, name="pliant-agent", daemon=True)
         self.probe = MainThreadProbe()
         self._wake_r: socket.socket | None = None
@@ -188,7 +186,7 @@ class Agent:
                 return
             now = time.monotonic()
             sent = self._sent_at.pop(ack.get("msg"), None)
-            self._last_ack = now
+            self._last_ack, self._answered = now, True
             if self.master_lost:
                 self.master_lost = False
                 print(f"pliant: rank {self.rank}: fault monitor master at {self.addr} is back", file=sys.stderr,
@@ -211,6 +209,12 @@ class Agent:
             self._thread_cpu = time.thread_time()
             if self._stop.is_set():
                 return
+            if not self._answered and time.monotonic() - self._connected_at > wire.RECONNECT_S:
+                with self._lock:  # unanswered since it connected: a new connection
+                    self._sock.close(linger=0)
+                    self._sock = wire.dealer(self._ctx, self.addr, f"rank{self.rank}-{self.pid}")
+                    self._connected_at = time.monotonic()
+                self._send({"type": "hello"})
             self._send(self.summary())
             if not self.master_lost and time.monotonic() - self._last_ack > self.spec.master_timeout_s:
                 self.master_lost = True

@@ -52,12 +52,12 @@ class NodeAgent:
         self._last_ack = time.monotonic()
         self._stop = threading.Event()
         self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 500)
-        self._sock.setsockopt(zmq.SNDHWM, 64)
-        self._sock.setsockopt(zmq.IDENTITY, f"node{node}-{socket.gethostname()}-{self.pid}".encode())
-        self._sock.connect(addr)
+        self._sock = self._connect()
         self._thread = threading.Thread(target=self._run, name="pliant-node-agent", daemon=True)
+
+    def _connect(self) -> zmq.Socket:
+        self._connected_at = time.monotonic()
+        return wire.dealer(self._ctx, self.addr, f"node{self.node}-{socket.gethostname()}-{self.pid}")
 
     def register(self, timeout_s: float) -> "NodeAgent":
         """Say hello and wait for the master's answer (raises NodeAgentError)."""
@@ -114,6 +114,12 @@ class NodeAgent:
             if poller.poll(PID_POLL_S * 1000):
                 self._drain()
             now = time.monotonic()
+            if not self.registered.is_set() and now - self._connected_at > wire.RECONNECT_S:  # unanswered
+                poller.unregister(self._sock)
+                self._sock.close(linger=0)
+                self._sock = self._connect()
+                poller.register(self._sock, zmq.POLLIN)
+                self._send({"hello": True})
             procs, gone = self._processes(rescan=now >= next_report)
             if gone or now >= next_report:
                 next_report = now + self.report_interval_s

@@ -9,6 +9,22 @@ from typing import Any
 import msgpack
 import zmq
 
+# unanswered this long after connecting, an agent or node agent opens a new connection to the
+# master (ZeroMQ's lazy pirate): a connection accepted by something that never answers (a
+# half-open leftover of the previous start's master) is not held for ZeroMQ's handshake timeout
+RECONNECT_S = 5.0
+
+
+def dealer(ctx: zmq.Context, addr: str, identity: str) -> zmq.Socket:
+    """An agent's socket to the master: summaries dropped, never blocking, when the master is
+    gone (a send high-water mark of 64), the last one flushed for 0.5 s at close."""
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 500)
+    sock.setsockopt(zmq.SNDHWM, 64)
+    sock.setsockopt(zmq.IDENTITY, identity.encode())
+    sock.connect(addr)
+    return sock
+
 
 def pack(body: dict[str, Any]) -> bytes:
     return msgpack.packb(body)

@@ -55,7 +55,10 @@ def test_a_starved_thread_is_waiting_not_stuck_and_a_stopped_one_is_stuck():
         assert after.cpu - before.cpu < 0.5, (before, after)  # starved: well under a fifth of the 2.5 s
         assert time.monotonic() - p.since < 1.0  # ... and so not stuck
         os.kill(starved.pid, signal.SIGSTOP)
-        time.sleep(1.0)  # its last run-queue wait is accounted when it leaves the queue
+        deadline = time.monotonic() + 20  # a starved thread stops once it gets a CPU (on a busy machine: seconds)
+        while read_thread(starved.pid).state != "T" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # its last run-queue wait is accounted when it leaves the queue
         p = watch(starved.pid, 2.5)
         assert p.last.state == "T" and time.monotonic() - p.since > 2.0  # stopped: no CPU, no queueing
         p = watch(sleeper.pid, 2.5)
