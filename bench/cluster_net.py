@@ -37,6 +37,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 
 from .netns import IFACE, SUBNET_FIRST_OCTETS, Node, cleanup_stale, list_namespaces
@@ -201,6 +202,10 @@ def _reap() -> int:
     """The reaper: read namespace names from stdin until it closes (its parent ended, however),
     then kill what still runs in each of them and delete it."""
     names = [line.strip() for line in sys.stdin if line.strip()]
+    if names:  # an `ip netns add` of the killed process may still be finishing: wait it out, then sweep
+        time.sleep(0.5)
+        base = names[0][:-2]  # <prefix>-<pid>-<k>: every name of the network starts with it
+        names += [n for n in list_namespaces() if n.startswith(base) and n not in names]
     for name in reversed(names):
         pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True, timeout=30).stdout
         for pid in pids.split():

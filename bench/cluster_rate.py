@@ -72,12 +72,15 @@ def derive_link_mbit(reference, reference_devices_per_node: int, reference_lengt
     if comm_ref <= 0:
         raise ValueError(f"the reference's group of {s_ref} sends nothing for its softmax layers: no ratio to match")
     rho = comm_ref / compute_ref
-    length = int(reference_length // factor)
+    length = int(emulated.padded(np.array([int(reference_length // factor)]), s)[0])  # as the cost model pads it
     emu_len = np.array([length])
     d = float(emulated.softmax_comm_bytes(emu_len, s)[0])
     compute = float(emulated.compute_ms(emu_len, s)[0])
     if d <= 0:
         raise ValueError(f"the emulated model's group of {s} sends nothing for its softmax layers: no rate to derive")
+    if compute <= 0 or compute_ref <= 0:
+        raise ValueError(f"compute time {compute_ref:g} ms (reference) and {compute:g} ms (emulated) must be positive: "
+                         f"check the cost coefficients")
     link_bytes = d * ranks_per_node ** 2 / (s - 1)
     rate = link_bytes / (rho * compute / 1e3)  # bytes per second
     return RateDerivation(reference_length, s_ref, comm_ref, compute_ref, rho, length, s, ranks_per_node, compute,

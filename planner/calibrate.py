@@ -135,8 +135,8 @@ class Calibration:
 
     def __init__(self, cost: CostModel, window: int = 256, min_samples: int = 8, max_step: float = 2.0,
                  max_drift: float = 8.0, huber: float = 1.5, iterations: int = 5, prior: float = 0.1,
-                 max_condition: float = 10.0):
-        self.max_condition = max_condition
+                 max_condition: float = 10.0, max_uncertainty: float = 0.25):
+        self.max_condition, self.max_uncertainty = max_condition, max_uncertainty
         self.configured = cost
         self.cost = cost
         self.samples: deque[tuple[np.ndarray, float]] = deque(maxlen=window)
@@ -166,9 +166,17 @@ class Calibration:
         return max(0.0, float(np.median([step_ms - price_micro_batches(mbs, cost) for mbs, step_ms in self.steps])))
 
     def _tie(self, scaled: np.ndarray, y: np.ndarray) -> tuple[str, np.ndarray, float]:
-        """The finest tie of the terms the window conditions well: (name, terms x groups map,
-        condition number). Columns that are all zero (a term the model does not use) drop out."""
+        """The finest tie of the terms the window determines: (name, terms x groups map,
+        condition number). A tie's multipliers are uncertain by about its condition number
+        times the window's noise (the relative scatter of the measured times around one common
+        scale of the current prices), so the finest tie with condition <= max_condition and
+        condition x noise <= max_uncertainty wins: on a quiet machine the terms come apart, on
+        a noisy one (ranks sharing cores) they move together. Columns that are all zero (a term
+        the model does not use) drop out."""
         used = [i for i in range(len(TERMS)) if np.any(scaled[:, i] > 0)]
+        free = scaled[:, used] / y[:, None]  # the freest fit's relative residuals: what no price explains
+        r = free @ nnls_small(free, np.ones(len(y))) - 1.0
+        noise = 1.4826 * float(np.median(np.abs(r - np.median(r)))) * np.sqrt(len(y) / max(1, len(y) - len(used)))
         fallback = None
         for name, groups in TIES:
             M = np.zeros((len(TERMS), len(groups)))
@@ -182,7 +190,7 @@ class Calibration:
             if G.shape[1] == 0 or np.any(norms == 0):
                 continue
             cond = float(np.linalg.cond(G / norms))
-            if cond <= self.max_condition:
+            if cond <= self.max_condition and cond * noise <= self.max_uncertainty:
                 return name, M, cond
             fallback = (name, M, cond)
         assert fallback is not None

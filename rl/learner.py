@@ -73,6 +73,7 @@ class Chunk:
 
 
 FINAL_CHECKPOINT = "final checkpoint"  # rank 0's message to the others after the last step
+BOARD_TIMEOUT_S = 30.0  # a checkpoint asks the progress board which rows the driver has not written yet
 
 
 def learner_cluster(cfg) -> ClusterSpec:
@@ -262,10 +263,13 @@ class Learner:  # agent watches that thread, and its goodbye handler needs it); 
         identity, the groups trained, the held-out score before RL."""
         since = self.saved_version if self.saved_version >= 0 else 0
         if self.board is not None:  # and the rows the driver has not written yet, however old
-            unwritten = ray.get(self.board.unwritten.remote())
+            try:
+                unwritten = ray.get(self.board.unwritten.remote(), timeout=BOARD_TIMEOUT_S)
+            except ray.exceptions.GetTimeoutError:
+                unwritten = 0  # no answer: every row goes with the checkpoint
             since = since if unwritten is None else min(since, unwritten)
-        recent = [{x: y for x, y in row.items() if x != "staleness"} for row in
-                  [*self.steps, *(row for row, _ in self.unrecorded)] if row["step"] >= since]
+        recent = [{x: y for x, y in row.items() if x != "staleness"} for row in  # unrecorded: not on the board yet
+                  [*(r for r in self.steps if r["step"] >= since), *(row for row, _ in self.unrecorded)]]
         meta = {"step": self.version, "version": self.version, "run": "rl", "world_size": self.world,
                 "model": self.cfg.model.model_dump(mode="json"), **self.run_meta,
                 "trained_groups": {str(g): s for g, s in self.trained_groups.items()},

@@ -159,10 +159,7 @@ class Agent:
             self._sent_at[self._msg] = now
             if len(self._sent_at) > 256:
                 self._sent_at.pop(next(iter(self._sent_at)))
-            try:
-                wire.send(self._sock, body)
-            except zmq.Again:
-                pass
+            wire.send(self._sock, body)
 
     def summary(self) -> dict[str, Any]:
         snap = self.recorder.snapshot()

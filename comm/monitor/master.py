@@ -62,6 +62,9 @@ class Master:
         self._ctx = zmq.Context.instance()
         self.sock = self._ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        # an agent that reconnects (wire.RECONNECT_S) keeps its identity: the new connection
+        # takes it over, where ZeroMQ's default would drop its messages while the old one lives
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self._pidfds: dict[int, int] = {}  # pid of a rank's process -> its pidfd (-1: none to be had)
         self._by_fd: dict[int, object] = {}  # open pidfd -> the rank's state
 

@@ -82,10 +82,7 @@ class NodeAgent:
     def _send(self, body: dict[str, Any]) -> None:
         self._msg += 1
         body.update(type="node", node=self.node, host=self.host, pid=self.pid, attempt=self.attempt, msg=self._msg)
-        try:
-            wire.send(self._sock, body)
-        except zmq.Again:
-            pass
+        wire.send(self._sock, body)
 
     def _processes(self, rescan: bool) -> tuple[dict[int, list], list[int]]:
         """The processes under torchrun (the tree is scanned once per report; in between only

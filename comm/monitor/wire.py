@@ -4,6 +4,7 @@ a row in about a fifth of JSON's time and half its bytes, which on a job that is
 collective every half millisecond of rank CPU is most of what the monitor's messages cost."""
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import msgpack
@@ -27,7 +28,9 @@ def dealer(ctx: zmq.Context, addr: str, identity: str) -> zmq.Socket:
 
 
 def pack(body: dict[str, Any]) -> bytes:
-    return msgpack.packb(body)
+    """MessagePack; a string that is not valid Unicode (a file name's undecodable bytes in a
+    stack frame or an exception's text) goes with '?' in place of what cannot be encoded."""
+    return msgpack.packb(body, unicode_errors="replace")
 
 
 def unpack(payload: bytes) -> dict[str, Any]:
@@ -41,9 +44,21 @@ def unpack(payload: bytes) -> dict[str, Any]:
     return body
 
 
-def send(sock: zmq.Socket, body: dict[str, Any]) -> None:
-    """Without blocking: raises zmq.Again when the peer's queue is full."""
-    sock.send(pack(body), flags=zmq.NOBLOCK)
+def send(sock: zmq.Socket, body: dict[str, Any]) -> bool:
+    """Without blocking; False when the peer's queue is full (the message is dropped) or the
+    body holds what MessagePack cannot carry (a bug: said on stderr, never raised into the
+    training it monitors)."""
+    try:
+        data = pack(body)
+    except (TypeError, ValueError, OverflowError) as e:
+        print(f"pliant monitor: a {body.get('type', 'message')} could not be packed ({type(e).__name__}: {e})",
+              file=sys.stderr, flush=True)
+        return False
+    try:
+        sock.send(data, flags=zmq.NOBLOCK)
+    except zmq.Again:
+        return False
+    return True
 
 
 def receive(sock: zmq.Socket) -> dict[str, Any]:

@@ -55,3 +55,19 @@ def test_an_unanswered_first_connection_is_replaced():
         held.close()
         master.close()
         ctx.term()
+
+
+def test_a_message_msgpack_cannot_carry_is_dropped_never_raised(capsys):
+    """An exception's text or a stack frame's file name with undecodable bytes goes with '?'
+    (a rank's goodbye must go out); a body with an object MessagePack cannot pack is dropped
+    with a line on stderr, not raised into the training thread or the agent's."""
+    assert wire.unpack(wire.pack({"reason": "bad \udcff name"}))["reason"] == "bad ? name"
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        assert wire.send(sock, {"type": "report", "x": object()}) is False
+        assert "could not be packed" in capsys.readouterr().err
+    finally:
+        sock.close()
+        ctx.term()
