@@ -184,7 +184,9 @@ class CollectiveRecorder:
         self.step_collectives = 0  # collectives this rank entered since the step began
         self._seq: dict[tuple[int, ...], int] = {}
         self._ranks: dict[int, tuple[int, ...]] = {}
-        self._lock = threading.Lock()
+        # re-entrant: torchrun's SIGTERM can land while the training thread holds it, and the
+        # handler's goodbye takes a snapshot on that same thread
+        self._lock = threading.RLock()
         self._originals: dict[str, Callable] = {}
         self.capacity = capacity
         self.clock: DeviceClock | None = None  # set at the first collective on CUDA tensors

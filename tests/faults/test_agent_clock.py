@@ -61,3 +61,31 @@ def test_offset_is_the_masters_clock(late_every):
         server.join(timeout=5)
         sock.close(linger=0)
         ctx.term()
+
+
+TERM_INSIDE_THE_LOCK = """
+import os, signal, time, zmq
+from pliant.comm.monitor.agent import Agent
+from pliant.comm.monitor.recorder import CollectiveRecorder
+from pliant.comm.monitor.spec import FaultSpec
+master = zmq.Context().socket(zmq.ROUTER)
+port = master.bind_to_random_port("tcp://127.0.0.1")
+rec = CollectiveRecorder()
+Agent(rec, f"tcp://127.0.0.1:{port}", 0, FaultSpec()).start()
+with rec._lock:  # the training thread is inside the recorder's bookkeeping when SIGTERM lands
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+"""
+
+
+def test_sigterm_while_the_training_thread_holds_the_recorders_lock_still_exits():
+    """torchrun's SIGTERM can land while the main thread holds the recorder's lock (every
+    collective takes it); the handler's goodbye takes a snapshot on that same thread, which
+    with a plain lock waited for itself forever. The rank says goodbye and exits (143)."""
+    import subprocess
+    import sys
+
+    started = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", TERM_INSIDE_THE_LOCK], capture_output=True, text=True, timeout=40)
+    assert r.returncode == 143, r.stderr[-800:]
+    assert time.monotonic() - started < 20
