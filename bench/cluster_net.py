@@ -40,7 +40,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from .netns import IFACE, SUBNET_FIRST_OCTETS, Node, cleanup_stale, list_namespaces
+from .netns import IFACE, SUBNET_FIRST_OCTETS, Node, _ip, _ip_binary, cleanup_stale, list_namespaces
 
 PREFIX = "plcl"  # namespaces of emulated clusters (bench/netns.py's pairs use "pliant")
 FIRST_HOST = 11  # node i is .(11 + i): addresses of equal length
@@ -98,16 +98,16 @@ def check_host(nodes: int, link_mbit) -> LinkSpec:
     if os.geteuid() != 0:
         raise ClusterNetError("an emulated cluster needs root (it creates network namespaces and sets tc qdiscs); "
                               f"this process runs as uid {os.geteuid()}")
-    for tool, package in (("ip", "iproute2"), ("tc", "iproute2")):
-        if shutil.which(tool) is None:
-            raise ClusterNetError(f"`{tool}` is not on PATH ({package}); an emulated cluster needs it")
+    for tool, found in (("ip", _ip_binary()), ("tc", shutil.which("tc"))):
+        if found is None:
+            raise ClusterNetError(f"`{tool}` is not on PATH (iproute2); an emulated cluster needs it")
     return link
 
 
-def _run(*argv: str) -> None:
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+def _tc(*args: str) -> None:
+    r = subprocess.run(["tc", *args], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
     if r.returncode != 0:
-        raise RuntimeError(f"`{' '.join(argv)}` failed (status {r.returncode}): {r.stderr.strip()}")
+        raise RuntimeError(f"`tc {' '.join(args)}` failed ({r.returncode}): {r.stderr.strip()}")
 
 
 class ClusterNetwork:
@@ -132,19 +132,19 @@ class ClusterNetwork:
         switch = f"{base}sw"
         try:
             self._namespace(switch)
-            _run("ip", "-n", switch, "link", "add", BRIDGE, "type", "bridge")
-            _run("ip", "-n", switch, "link", "set", BRIDGE, "up")
+            _ip("-n", switch, "link", "add", BRIDGE, "type", "bridge")
+            _ip("-n", switch, "link", "set", BRIDGE, "up")
             for i in range(self.nodes_wanted):
                 name, port, addr = f"{base}n{i}", f"p{i}", f"{subnet}.{FIRST_HOST + i}"
                 self._namespace(name)
-                _run("ip", "link", "add", IFACE, "netns", name, "type", "veth", "peer", "name", port, "netns", switch)
-                _run("ip", "-n", switch, "link", "set", port, "master", BRIDGE)
-                _run("ip", "-n", switch, "link", "set", port, "up")
-                _run("ip", "-n", name, "addr", "add", f"{addr}/24", "dev", IFACE)
-                _run("ip", "-n", name, "link", "set", "lo", "up")
-                _run("ip", "-n", name, "link", "set", IFACE, "up")
-                _run("tc", "-n", name, "qdisc", "add", "dev", IFACE, "root", *self.link.tbf_args())  # its upload
-                _run("tc", "-n", switch, "qdisc", "add", "dev", port, "root", *self.link.tbf_args())  # its download
+                _ip("link", "add", IFACE, "netns", name, "type", "veth", "peer", "name", port, "netns", switch)
+                _ip("-n", switch, "link", "set", port, "master", BRIDGE)
+                _ip("-n", switch, "link", "set", port, "up")
+                _ip("-n", name, "addr", "add", f"{addr}/24", "dev", IFACE)
+                _ip("-n", name, "link", "set", "lo", "up")
+                _ip("-n", name, "link", "set", IFACE, "up")
+                _tc("-n", name, "qdisc", "add", "dev", IFACE, "root", *self.link.tbf_args())  # its upload
+                _tc("-n", switch, "qdisc", "add", "dev", port, "root", *self.link.tbf_args())  # its download
                 self.nodes.append(Node(name, addr))
         except BaseException:
             self.close()
@@ -161,7 +161,7 @@ class ClusterNetwork:
     def _namespace(self, name: str) -> None:
         self._tell.write(name + "\n")  # the reaper knows it before it exists
         self._made.append(name)
-        _run("ip", "netns", "add", name)
+        _ip("netns", "add", name)
 
     # ----- tear down -----
     def close(self) -> None:
@@ -170,7 +170,7 @@ class ClusterNetwork:
         for node in self.nodes:
             node.kill_all()
         while self._made:
-            subprocess.run(["ip", "netns", "del", self._made.pop()], capture_output=True, timeout=30)
+            _ip("netns", "del", self._made.pop(), check=False)
         if self._tell is not None:
             self._tell.close()  # the reaper finds nothing left and exits
             self._tell = None
@@ -207,13 +207,13 @@ def _reap() -> int:
         base = names[0][:-2]  # <prefix>-<pid>-<k>: every name of the network starts with it
         names += [n for n in list_namespaces() if n.startswith(base) and n not in names]
     for name in reversed(names):
-        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True, timeout=30).stdout
+        pids = _ip("netns", "pids", name, check=False).stdout
         for pid in pids.split():
             try:
                 os.kill(int(pid), signal.SIGKILL)
             except (ProcessLookupError, ValueError):
                 pass
-        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+        _ip("netns", "del", name, check=False)
     return 0
 
 

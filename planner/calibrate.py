@@ -168,8 +168,8 @@ class Calibration:
     def _tie(self, scaled: np.ndarray, y: np.ndarray) -> tuple[str, np.ndarray, float]:
         """The finest tie of the terms the window determines: (name, terms x groups map,
         condition number). A tie's multipliers are uncertain by about its condition number
-        times the window's noise (the relative scatter of the measured times around one common
-        scale of the current prices), so the finest tie with condition <= max_condition and
+        times the window's noise (the relative scatter of the measured times that even the
+        freest fit leaves), so the finest tie with condition <= max_condition and
         condition x noise <= max_uncertainty wins: on a quiet machine the terms come apart, on
         a noisy one (ranks sharing cores) they move together. Columns that are all zero (a term
         the model does not use) drop out."""

@@ -78,15 +78,18 @@ class Agent:
         self._stop = threading.Event()
         self._lock = threading.Lock()  # one sender at a time: the thread, or close()
         self._ctx = zmq.Context()  # its own: destroyed (flushing the last summary) when the rank goes
-        self._sock = wire.dealer(self._ctx, addr, f"rank{rank}-{self.pid}")
-        self._connected_at = time.monotonic()
-        self._answered = False  # an acknowledgement came on this connection
+        self._sock = self._connect()
         self._thread = threading.Thread(target=self._run, name="pliant-agent", daemon=True)
         self.probe = MainThreadProbe()
         self._wake_r: socket.socket | None = None
         self._thread_cpu = 0.0  # the agent thread's CPU seconds, as it last read them
         self._closed = False  # the goodbye is out
         self._term_pending = False  # SIGTERM arrived while close() was saying goodbye
+
+    def _connect(self) -> zmq.Socket:
+        self._connected_at = time.monotonic()
+        self._answered = False  # an acknowledgement came on this connection
+        return wire.dealer(self._ctx, self.addr, f"rank{self.rank}-{self.pid}")
 
     def start(self) -> "Agent":
         """Call from the main thread (signal handlers can only be installed there)."""
@@ -209,8 +212,7 @@ class Agent:
             if not self._answered and time.monotonic() - self._connected_at > wire.RECONNECT_S:
                 with self._lock:  # unanswered since it connected: a new connection
                     self._sock.close(linger=0)
-                    self._sock = wire.dealer(self._ctx, self.addr, f"rank{self.rank}-{self.pid}")
-                    self._connected_at = time.monotonic()
+                    self._sock = self._connect()
                 self._send({"type": "hello"})
             self._send(self.summary())
             if not self.master_lost and time.monotonic() - self._last_ack > self.spec.master_timeout_s:

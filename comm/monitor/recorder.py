@@ -382,7 +382,6 @@ class CollectiveRecorder:
         with self._lock:
             if self.pending:
                 self._poll_device()
-            taken = time.monotonic()
             recent = list(dict.fromkeys(self.fresh))[-self.capacity:]  # once each, in the order they first changed
             self.fresh.clear()
             inflight = {g: e for g, e in self.inflight.items()}
@@ -392,4 +391,4 @@ class CollectiveRecorder:
             # CUDA work queued that the device has not finished: a busy host is no progress
             device = [bool(self.pending), self.device_moved] if self.clock is not None else None
             return {"step": self.step, "step_started": self.step_started, "in_checkpoint": self.in_checkpoint,
-                    "inflight": inflight, "events": recent, "taken": taken, "device": device}
+                    "inflight": inflight, "events": recent, "device": device}
