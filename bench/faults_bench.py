@@ -123,6 +123,8 @@ def monitor_cpu(job: Job) -> dict:
     out = {k: sum(c[k] for c in costs) for k in (*RANK_COSTS, "process_s")}
     out["master_s"] = body["cpu_s"]
     out["ranks"] = len(costs)
+    # collectives the ranks completed and reported (a collective of g members counts g times)
+    out["collectives"] = sum(n * len(g.split(",")) for g, n in body.get("collectives", {}).items())
     out["monitor_s"] = sum(out[k] for k in RANK_COSTS) + out["master_s"]
     return out
 
@@ -164,6 +166,9 @@ def measure_overhead(config: Path, work: Path, repeats: int, steps: int, skip: i
             "overhead_ratio": statistics.median(pooled_on) / statistics.median(pooled_off),
             "cpu_fraction": total["monitor_s"] / total["process_s"],
             "cpu_s_per_step": {k: round(v / run_steps, 6) for k, v in total.items()},
+            "recorder_us_per_collective": round(1e6 * total["recorder_s"] / max(1, sum(c["collectives"] for c in cpu)), 2),
+            "collectives_per_rank_step": round(sum(c["collectives"] for c in cpu) / max(1, sum(c["ranks"] for c in cpu))
+                                               / steps, 1),
             "cpu_runs": cpu}
 
 
@@ -449,6 +454,11 @@ def print_table(body: dict) -> None:
         print(f"monitor CPU: {s['overhead_cpu_fraction']:.3%} of the ranks'; step time on / off: paired "
               f"{s['overhead_ratio_paired']:.3f} (95% CI {s['overhead_ratio_ci95'][0]:.3f}-"
               f"{s['overhead_ratio_ci95'][1]:.3f}, {body['overhead']['pairs']} pairs)")
+        o, ms = body["overhead"], lambda k: 1e3 * body["overhead"]["cpu_s_per_step"][k]  # noqa: E731
+        print(f"monitor CPU per step, all ranks: recorder {ms('recorder_s'):.2f} ms "
+              f"({o['recorder_us_per_collective']:.1f} us x {o['collectives_per_rank_step']:.0f} collectives per rank), "
+              f"agent threads {ms('agent_thread_s'):.2f} ms, master {ms('master_s'):.2f} ms; the ranks "
+              f"{ms('process_s'):.0f} ms")
         print(f"overhead ratio (monitor on / off, median step time): {s['overhead_ratio']:.3f}; false alarms under "
               f"+-50% jitter: {s['false_alarms']} over {body['false_alarm_run']['steps_done']} steps; max detection "
               f"(hangs, crashes): {s['max_detection_s_hang_crash']} s")

@@ -37,7 +37,7 @@ import psutil
 import yaml
 
 from pliant.comm.monitor.address import MONITOR_ADDR_ENV, MONITOR_ADDR_FILE_ENV
-from pliant.comm.monitor.master import DECISIONS, address_file, read_incidents, spawn_master, wait_master
+from pliant.comm.monitor.master import DECISIONS, MasterThread, address_file, read_incidents
 from pliant.comm.monitor.node_agent import NodeAgent, NodeAgentError
 from pliant.config import ConfigError, JobConfig, load_config
 from pliant.launch.nodes import NodePlacement, interface_of
@@ -160,17 +160,18 @@ class Supervisor:
         return self.cfg.faults.master_port or self.cfg.cluster.port + 1
 
     # ----- one start -----
-    def _start_master(self, attempt: int, world: int) -> tuple[subprocess.Popen, str | None]:
-        """The master of this start. On one node it starts beside the job (the ranks read its
-        address from its file when their imports are done): the address is None. On several,
-        it listens before any node agent registers, on the first host's address."""
+    def _start_master(self, attempt: int, world: int) -> tuple[MasterThread, str | None]:
+        """The master of this start, a thread of this process, listening when it returns. On one
+        node the ranks read its address from its file when their imports are done (a torchrun
+        started early, during the previous start's stop, cannot know it): the address is None.
+        On several nodes it listens on the first host's address before any node agent registers."""
         try:
-            proc, _ = spawn_master(self.run_dir, world, attempt, self.cfg.faults,
-                                   bind=f"tcp://*:{self.master_port}" if self.multi else None,
-                                   node=self.node.rank if self.multi else None, wait=self.multi)
+            master = MasterThread(self.run_dir, world, attempt, self.cfg.faults,
+                                  bind=f"tcp://*:{self.master_port}" if self.multi else None,
+                                  node=self.node.rank if self.multi else None, tick=master_faults())
         except RuntimeError as e:
             raise RuntimeError(f"{e} (faults.master_port: is the port in use?)") from None
-        return proc, (self.master_addr if self.multi else None)
+        return master, (self.master_addr if self.multi else None)
 
     @property
     def master_addr(self) -> str:
@@ -276,7 +277,7 @@ class Supervisor:
             return list(self.agent.incidents)
         return [i for i in read_incidents(self.run_dir, attempt) if i["action"] in DECISIONS]
 
-    def _wait(self, job: subprocess.Popen, master: subprocess.Popen | None, attempt: int, slots: list[int]
+    def _wait(self, job: subprocess.Popen, master: MasterThread | None, attempt: int, slots: list[int]
               ) -> tuple[str, list[dict], "Start | RestartError | None"]:
         """How the start ended, its restart incidents, and for an incident the next start,
         composed and validated while the job still runs (or why there can be none)."""
@@ -312,11 +313,11 @@ class Supervisor:
                     if self.agent.master_lost:
                         return "failed", [], None
                 elif (master is None and (self.agent is None or self.agent.master_lost)) or \
-                        (master is not None and master.poll() is not None) or time.monotonic() - failed_at > patience:
+                        (master is not None and not master.alive()) or time.monotonic() - failed_at > patience:
                     return "failed", [], None
-            if master is not None and master.poll() is not None and not master_warned:
+            if master is not None and not master.alive() and not master_warned:
                 master_warned = True
-                print(f"pliant: the fault monitor master exited (status {master.returncode}); training goes on "
+                print(f"pliant: the fault monitor master stopped ({master.error}); training goes on "
                       f"unmonitored", file=sys.stderr, flush=True)
             time.sleep(POLL_S)
 
@@ -376,11 +377,9 @@ class Supervisor:
                 if spec.enabled and self.multi:
                     addr = self.master_addr
                     self.agent = NodeAgent(addr, self.node.rank, self.node.host, attempt, spec.report_interval_s,
-                                           spec.master_timeout_s).register(self.cfg.cluster.rendezvous_timeout_s)
+                                           spec.master_timeout_s, spec.progress_cpu_s).register(self.cfg.cluster.rendezvous_timeout_s)
                 job, self._prestarted = self._prestarted or self._torchrun(attempt, nxt, addr, resume,
                                                                            master is not None), None
-                if master is not None and not self.multi:  # started beside the job: it must listen
-                    wait_master(master, address_file(self.run_dir, attempt))
                 if self.agent is not None:
                     self.agent.watch(job.pid)
                 outcome, incidents, nxt = self._wait(job, master, attempt, slots)
@@ -393,11 +392,7 @@ class Supervisor:
                     self.agent.close()
                     self.agent = None
                 if master is not None:
-                    master.terminate()
-                    try:
-                        master.wait(timeout=10)
-                    except subprocess.TimeoutExpired:
-                        master.kill()
+                    master.stop()
             record.ended, record.rc, record.outcome = time.time(), job.returncode, outcome
             record.incidents = incidents if self.multi and not self.node.first else read_incidents(self.run_dir,
                                                                                                       attempt)
@@ -436,6 +431,16 @@ class Supervisor:
                 "attempts": [asdict(a) for a in self.attempts]}
         name = f"supervisor-node{self.node.rank}.json" if self.multi and not self.node.first else "supervisor.json"
         atomic_write_text(self.run_dir / "monitor" / name, strict_dumps(body, indent=1))
+
+
+def master_faults():
+    """Fault injection's faults of the master (PLIANT_FAULT), or None in a normal run (which
+    imports nothing for it)."""
+    if not os.environ.get("PLIANT_FAULT"):
+        return None
+    from pliant.runtime.faults import MasterFaults, faults_from_env
+
+    return MasterFaults(faults_from_env()) or None
 
 
 def rendezvous_id(cfg: JobConfig) -> str:

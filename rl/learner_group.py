@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from pliant.comm.monitor.master import read_incidents, spawn_master
+from pliant.comm.monitor.master import MasterThread, read_incidents
 from pliant.planner.errors import InputError
 from pliant.runtime.checkpoint import complete_checkpoints
 from pliant.runtime.faults import FAULT_ENV
@@ -58,11 +57,11 @@ def start_learners(cfg, task, seed: int, generation: int = 0, monitor_addr: str 
     return learners, pg
 
 
-def start_master(run_dir: Path, world: int, attempt: int, spec) -> tuple[subprocess.Popen, str]:
-    """The fault monitor's master for one learner generation, on this (the driver's) node,
-    bound on every interface: the address the learner ranks' agents connect to."""
-    proc, addr = spawn_master(run_dir, world, attempt, spec, bind="tcp://*:*")
-    return proc, f"tcp://{ray.util.get_node_ip_address()}:{addr.rsplit(':', 1)[1]}"
+def start_master(run_dir: Path, world: int, attempt: int, spec) -> tuple[MasterThread, str]:
+    """The fault monitor's master for one learner generation, a thread of the driver, bound on
+    every interface: the address the learner ranks' agents connect to."""
+    master = MasterThread(run_dir, world, attempt, spec, bind="tcp://*:*")
+    return master, f"tcp://{ray.util.get_node_ip_address()}:{master.address.rsplit(':', 1)[1]}"
 
 
 def describe(incident: dict) -> str:
@@ -168,11 +167,7 @@ class LearnerGroup:
 
     def stop(self) -> None:
         if self.master is not None:
-            self.master.terminate()  # it writes what it saw to RUN/monitor/master-a{generation}.json
-            try:
-                self.master.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.master.kill()
+            self.master.stop()  # it writes what it saw to RUN/monitor/master-a{generation}.json
             self.master = None
         for a in [*self.actors, *([self.board] if self.board is not None else [])]:
             ray.kill(a)

@@ -190,6 +190,26 @@ def test_hooks_from_env() -> list:
     return [FailAtStep(step)] if step else []
 
 
+class MasterFaults:
+    """The `master_error` faults of PLIANT_FAULT, for the master's thread (the supervisor
+    passes it as the master's `tick`): raises once a rank has reported the fault's step, in
+    the start named by its `attempt`."""
+
+    KIND = "master_error"
+
+    def __init__(self, faults: list[InjectSpec]):
+        self.faults = [f for f in faults if f.kind == self.KIND]
+
+    def __bool__(self) -> bool:
+        return bool(self.faults)
+
+    def __call__(self, picture) -> None:
+        step = max((st.step for st in picture.ranks.values()), default=0)
+        for f in self.faults:
+            if f.attempt == picture.attempt and step >= f.step:
+                raise RuntimeError(f"injected master error at step {step} (fault injection)")
+
+
 # ----- RL rollout workers -----
 
 

@@ -174,8 +174,11 @@ def record_collectives(ctx, capacity):
         snap = rec.snapshot()
     restored = dist.all_reduce is original
     events = [(e.group, e.seq, e.op, e.nbytes, e.dtype, e.shape, e.peer, e.exit is not None and e.exit >= e.enter)
-              for e in snap["events"]]
-    return {"events": events, "inflight_async": inflight_async, "inflight_after": len(snap["inflight"]),
+              for e in snap["events"]]  # point-to-point transfers, as rows
+    done = {group: [(seq, rec.signatures[sid], step, finite, ckpt, exit_ >= enter)
+                    for seq, sid, enter, exit_, step, finite, ckpt in rows]
+            for group, rows in snap["done"].items()}  # completed collectives, as the columns' rows
+    return {"events": events, "done": done, "inflight_async": inflight_async, "inflight_after": len(snap["inflight"]),
             "step": snap["step"], "restored": restored}
 
 

@@ -1,6 +1,6 @@
 """The agent's collective recorder on real gloo ranks: every collective, with the same
 sequence numbers on every member of a group, bytes, signatures and times; async ones exit
-when waited; a bounded ring; the torch.distributed functions restored afterwards."""
+when waited; bounded columns; the torch.distributed functions restored afterwards."""
 from __future__ import annotations
 
 
@@ -10,23 +10,30 @@ def test_recorder_sees_every_collective_with_matching_sequence_numbers(pools):
     for rank, r in enumerate(out):
         assert r["restored"] and r["step"] == 7 and r["inflight_after"] == 0
         assert r["inflight_async"] == 1  # the async all_reduce is in flight until waited on
-        ev = r["events"]
-        assert all(done for *_, done in ev), "every event has an exit time after its enter time"
-        on_world = [(seq, op, nbytes, dtype, shape) for group, seq, op, nbytes, dtype, shape, _, _ in ev
-                    if group == world]
-        assert on_world == [(0, "all_reduce", 32, "float32", (8,)), (1, "all_to_all_single", 64, "float32", (16,)),
-                            (2, "all_reduce", 24, "float64", (3,)), (3, "barrier", 0, "", ())]
-        pair = [(seq, op) for group, seq, op, *_ in ev if group == (0, 1)]
+        done = r["done"]
+        assert all(ok for rows in done.values() for *_, ok in rows), "every exit time is after its enter time"
+        # completed collectives: sequence number, signature (shape only where members pass equal
+        # shapes), step, finiteness of the input (-1: not floating point), checkpoint flag
+        assert done[world] == [(0, ("all_reduce", "float32", (8,)), 0, 1, False, True),
+                               (1, ("all_to_all_single", "float32", None), 0, 1, False, True),
+                               (2, ("all_reduce", "float64", (3,)), 0, 1, False, True),
+                               (3, ("barrier", "", ()), 7, -1, False, True)]
+        transfers = [(group, seq, op, nbytes, dtype, shape, peer, ok) for group, seq, op, nbytes, dtype, shape, peer, ok
+                     in r["events"]]
         if rank == 0:
-            assert pair == [(0, "all_reduce"), (0, "send")]
-            assert [e[6] for e in ev if e[2] == "send"] == [1]
+            assert done[(0, 1)] == [(0, ("all_reduce", "float32", (2,)), 0, 1, False, True)]
+            assert transfers == [((0, 1), 0, "send", 20, "float32", (5,), 1, True)]
         elif rank == 1:
-            assert pair == [(0, "all_reduce"), (0, "recv")]
-            assert [e[6] for e in ev if e[2] == "recv"] == [0]
+            assert done[(0, 1)] == [(0, ("all_reduce", "float32", (2,)), 0, 1, False, True)]
+            assert transfers == [((0, 1), 0, "recv", 20, "float32", (5,), 0, True)]  # (its input is not checked)
         else:
-            assert pair == []
+            assert (0, 1) not in done and transfers == []
 
 
-def test_recorder_ring_is_bounded(pools):
-    out = pools[4].run("dist_jobs:record_collectives", 2)
-    assert all(len(r["events"]) == 2 and r["events"][-1][2] == "barrier" for r in out)
+def test_recorder_queue_is_bounded(pools):
+    """With no snapshot taken, a rank keeps its newest 4 x `capacity` ended collectives."""
+    out = pools[4].run("dist_jobs:record_collectives", 1)
+    for r in out:
+        kept = sum(len(rows) for rows in r["done"].values())
+        assert kept + sum(1 for e in r["events"] if e[-1]) == 4  # (ended transfers count too)
+        assert r["done"][(0, 1, 2, 3)][-1][0] == 3  # the newest, the barrier, is kept

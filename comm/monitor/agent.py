@@ -19,6 +19,8 @@ rank never says goodbye; that is how the master tells the culprit from its peers
 from __future__ import annotations
 
 import atexit
+import math
+from array import array
 import os
 import signal
 import socket
@@ -54,6 +56,17 @@ def threads_cpu(prefix: str) -> float:
     return total / TICK
 
 
+def done_block(group: tuple[int, ...], columns: list[tuple]) -> list:
+    """A group's completed collectives as columns (`columns`: recorder.done's rows transposed), each a packed
+    array in this machine's byte order (little-endian everywhere pliant runs): [group, seq,
+    signature id, enter, exit, step, finite (1, 0, -1 unchecked), in_checkpoint]; times on the
+    rank's clock (the report carries the offset to the master's)."""
+    seq, sig, enter, exit_, step, finite, ckpt = columns
+    return [list(group), array("q", seq).tobytes(), array("q", sig).tobytes(), array("d", enter).tobytes(),
+            array("d", exit_).tobytes(), array("q", step).tobytes(), array("b", finite).tobytes(),
+            array("b", ckpt).tobytes()]
+
+
 def event_row(e: CollectiveEvent, offset: float) -> list:
     """[group, seq, op, enter, exit, nbytes, dtype, shape, peer, step, finite, in_checkpoint] on the
     master's clock (see master.Row)."""
@@ -80,7 +93,7 @@ class Agent:
         self._ctx = zmq.Context()  # its own: destroyed (flushing the last summary) when the rank goes
         self._sock = self._connect()
         self._thread = threading.Thread(target=self._run, name="pliant-agent", daemon=True)
-        self.probe = MainThreadProbe()
+        self.probe = MainThreadProbe(spec.progress_cpu_s)
         self._wake_r: socket.socket | None = None
         self._thread_cpu = 0.0  # the agent thread's CPU seconds, as it last read them
         self._closed = False  # the goodbye is out
@@ -141,7 +154,9 @@ class Agent:
                 return
             # no wake-ups but these: each one costs the training thread a GIL hand-over
             try:
-                ready = dict(poller.poll(timeout=left * 1000))
+                # whole milliseconds, rounded up: pyzmq truncates, and a wait under 1 ms became
+                # a spin of polls until the deadline (most of this thread's CPU)
+                ready = dict(poller.poll(timeout=math.ceil(left * 1000)))
             except zmq.ZMQError:  # the context is gone: the main thread is saying goodbye (SIGTERM)
                 self._stop.set()
                 return
@@ -169,21 +184,26 @@ class Agent:
         off = self.offset
         main, frames, other_cpu = self.probe.sample()
         device = snap["device"]
+        sigs, done = {e.sig for e in snap["inflight"].values()}, []
+        for g, rows in snap["done"].items():
+            columns = list(zip(*rows))
+            sigs.update(columns[1])
+            done.append(done_block(g, columns))
         return {"type": "report", "step": snap["step"], "step_started": snap["step_started"] + off,
                 "in_checkpoint": snap["in_checkpoint"],
                 "inflight": [event_row(e, off) for e in snap["inflight"].values()],
                 "events": [event_row(e, off) for e in snap["events"]],
+                "done": done, "offset": off, "sigs": {k: list(self.recorder.signatures[k]) for k in sigs},
                 # progress evidence (progress.py): the main thread's CPU, bytes and stack, the other threads' CPU
                 "main": [main.cpu, main.io, main.stack], "frames": frames, "other_cpu": other_cpu,
                 "device": None if device is None else [device[0], device[1] + off]}
 
     def _drain_acks(self) -> None:
         while True:
-            try:
-                with self._lock:
-                    ack = wire.receive(self._sock)
-            except zmq.Again:
-                return
+            with self._lock:
+                if not wire.waiting(self._sock):
+                    return
+                ack = wire.receive(self._sock)
             now = time.monotonic()
             sent = self._sent_at.pop(ack.get("msg"), None)
             self._last_ack, self._answered = now, True

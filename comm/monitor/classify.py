@@ -15,13 +15,13 @@ from collections import defaultdict, deque
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
+import numpy as np
+
+from .completed import Completed, GroupRing, columns
 from .progress import ThreadProgress, ThreadSample
-from .ops import POINT_TO_POINT, SENDS
+from .ops import POINT_TO_POINT, SENDS, signature, signature_id
 from .spec import FaultSpec
 
-# collectives whose every member passes a tensor of the same shape (the desync check)
-SAME_SHAPE = {"all_reduce", "reduce", "broadcast", "all_gather_into_tensor", "reduce_scatter_tensor", "all_gather",
-              "reduce_scatter", "barrier"}
 FATAL = {"crash", "comm_hang", "noncomm_hang", "desync"}
 
 
@@ -47,7 +47,7 @@ class Row(NamedTuple):
 
     @property
     def signature(self) -> tuple:
-        return (self.op, self.dtype, self.shape if self.op in SAME_SHAPE else None)
+        return signature(self.op, self.dtype, self.shape)
 
 
 @dataclass
@@ -164,6 +164,10 @@ class JobPicture:
         self._touched: set[tuple] = set()
         self._scan: list[tuple] = []
         self._order: deque = deque()
+        # completed collectives as the agents' columns, per group, until every member reported them
+        self.rings: dict[tuple[int, ...], GroupRing] = {}
+        self.signatures: dict[int, tuple] = {}  # signature id -> (op, dtype, shape or None), from the agents
+        self._found: dict[str, list[tuple]] = {"desync": [], "nan": []}  # what judging the columns found
 
     # ----- ingestion -----
     def ingest(self, msg: dict[str, Any], now: float) -> None:
@@ -195,6 +199,17 @@ class JobPicture:
             self._record(r, row)
         for raw in msg["events"]:
             self._record(r, Row.parse(raw))
+        for k, sig in (msg.get("sigs") or {}).items():
+            if int(k) not in self.signatures:
+                op, dtype, shape = sig
+                self.signatures[int(k)] = (op, dtype, None if shape is None else tuple(shape))
+        off = float(msg.get("offset") or 0.0)
+        for block in msg.get("done") or ():
+            group, (seq, sig, enter, exit_, step, finite, ckpt) = columns(block)
+            ring = self.rings.get(group)
+            if ring is None:
+                ring = self.rings[group] = GroupRing(group)
+            ring.put(r, seq, sig, enter + off, exit_ + off, step, finite, ckpt)
 
     def _record(self, rank: int, row: Row) -> None:
         if row.op in POINT_TO_POINT:
@@ -246,6 +261,46 @@ class JobPicture:
         last_rank, last = ordered[-1]
         gap = last.enter - ordered[-2][1].enter
         self.step_delay[last.step][last_rank] += gap
+
+    def _op(self, sid: int) -> str:
+        return self.signatures.get(sid, ("?",))[0]
+
+    def _judge(self, c: Completed) -> None:
+        """A run of collectives every member of a group completed (the agents' columns): their
+        durations feed the baselines and who arrived last, by how much, the straggler rule;
+        differing signatures and mixed finiteness are kept for the desync and NaN rules."""
+        group, m = c.group, len(c.group)
+        clean = (c.step > self.spec.warmup_steps).all(axis=0) & (c.ckpt == 0).all(axis=0)
+        lead_sid = c.sig[0]
+        if clean.any():
+            took = c.exit - c.enter
+            for sid in set(lead_sid[clean].tolist()):  # (np.unique imports numpy.ma on first use: 25 ms)
+                op = self._op(sid)
+                mask = clean & (lead_sid == sid)
+                values = took[:, mask].ravel().tolist()  # the group's own baseline, and pooled ones for new groups
+                for key in ((group, op), (m, op), op):
+                    self.durations[key].extend(values)
+                if m < 2 or op.endswith("_object") or op == "broadcast_object_list":
+                    continue  # rank 0's planning ends before it broadcasts the plan: not a straggler
+                cols = np.nonzero(mask)[0]
+                order = np.argsort(c.enter[:, cols], axis=0)
+                last, second = order[-1], order[-2]
+                gaps = c.enter[last, cols] - c.enter[second, cols]
+                steps = c.step[last, cols]
+                for step, who, gap in zip(steps.tolist(), last.tolist(), gaps.tolist()):
+                    self.step_delay[step][group[who]] += gap
+        odd = np.nonzero((c.sig != lead_sid).any(axis=0))[0]
+        if len(odd):
+            j = int(odd[0])
+            self._found["desync"].append((group, int(c.seq[j]), {r: int(c.sig[i, j]) for i, r in enumerate(group)},
+                                          float(c.enter[:, j].min()), int(c.step[:, j].min())))
+        bad, good = c.finite == 0, c.finite == 1
+        mixed = np.nonzero(bad.any(axis=0) & good.any(axis=0))[0]
+        if len(mixed):
+            j = int(mixed[np.argmin([c.enter[bad[:, k], k].min() for k in mixed])])
+            self._found["nan"].append((float(c.enter[bad[:, j], j].min()), group, int(c.seq[j]), self._op(int(lead_sid[j])),
+                                       [group[i] for i in np.nonzero(bad[:, j])[0]],
+                                       [group[i] for i in np.nonzero(good[:, j])[0]], int(c.step[:, j].min())))
 
     def _transfer(self, key: tuple[int, int, int]) -> None:
         send, recv = self.sends.get(key), self.recvs.get(key)
@@ -338,6 +393,9 @@ class JobPicture:
         if self.stopped:
             self._touched.clear()
             return []
+        for ring in self.rings.values():
+            while (run := ring.completed()) is not None:
+                self._judge(run)
         self._scan = sorted((k for k in self._touched if k in self.table), key=lambda k: k[1])
         self._touched = set()
         found: list[Incident] = []
@@ -369,50 +427,71 @@ class JobPicture:
         return any(self.ranks[r].in_checkpoint for r in group if r in self.ranks)
 
     def _desync(self, now: float) -> list[Incident]:
+        # in flight (a desync often hangs): the members' rows, with the columns of those that completed it
         for group, seq in self._scan:
             members = self.table[(group, seq)]
-            if len(members) < 2:
-                continue
-            sigs: dict[tuple, list[int]] = defaultdict(list)
-            for r, row in members.items():
-                sigs[row.signature].append(r)
-            if len(sigs) < 2:
-                continue
-            sizes = sorted(map(len, sigs.values()), reverse=True)
-            if sizes[0] == sizes[1] and len(members) < len(group):
-                continue  # a tie so far (e.g. one rank of each kind): the rest of the group tells which is odd
-            majority = max(sigs.values(), key=len)
-            culprits = sorted(r for rs in sigs.values() if rs is not majority for r in rs)
+            sids = {r: signature_id(row.signature) for r, row in members.items()}
+            names = {r: row.signature for r, row in members.items()}
+            ring = self.rings.get(group)
+            for r, (sid, _, _) in (ring.reported(seq) if ring is not None else {}).items():
+                sids.setdefault(r, sid)
             rows = list(members.values())
-            return [Incident("desync", culprits, "restart", {
-                "group": list(group), "seq": seq,
-                "signatures": {str(r): list(members[r].signature) for r in sorted(members)}},
-                fault_time=min(r.enter for r in rows), detected=now, step=min(r.step for r in rows),
-                group=list(group), exclude=culprits)]
+            inc = self._desync_of(group, seq, sids, names, min(r.enter for r in rows), min(r.step for r in rows), now)
+            if inc is not None:
+                return [inc]
+        found, self._found["desync"] = self._found["desync"], []
+        for group, seq, sids, enter, step in found:
+            inc = self._desync_of(group, seq, sids, {}, enter, step, now)
+            if inc is not None:
+                return [inc]
         return []
+
+    def _desync_of(self, group: tuple[int, ...], seq: int, sids: dict[int, int], names: dict[int, tuple],
+                   enter: float, step: int, now: float) -> Incident | None:
+        """Collective `seq` of `group` whose members (so far) disagree on its signature: the
+        minority are the culprits (a tie waits for the rest of the group)."""
+        if len(sids) < 2:
+            return None
+        by: dict[int, list[int]] = defaultdict(list)
+        for r, sid in sids.items():
+            by[sid].append(r)
+        if len(by) < 2:
+            return None
+        sizes = sorted(map(len, by.values()), reverse=True)
+        if sizes[0] == sizes[1] and len(sids) < len(group):
+            return None  # a tie so far (e.g. one rank of each kind): the rest of the group tells which is odd
+        majority = max(by.values(), key=len)
+        culprits = sorted(r for rs in by.values() if rs is not majority for r in rs)
+        readable = {str(r): list(names.get(r) or self.signatures.get(sids[r], (f"signature {sids[r]}",)))
+                    for r in sorted(sids)}
+        return Incident("desync", culprits, "restart", {"group": list(group), "seq": seq, "signatures": readable},
+                        fault_time=enter, detected=now, step=step, group=list(group), exclude=culprits)
 
     def _nan(self, now: float) -> list[Incident]:
         """The first collective whose inputs were finite on some members and not on others:
         activations (SP) and gradients (reductions) carry a bad value to the peers, so the
         source is the rank that sent non-finite data while its peers' was still finite."""
-        first = None
-        for group, seq in self._scan:
+        found, self._found["nan"] = self._found["nan"], []
+        candidates = list(found)  # (t, group, seq, op, bad, good, step), from the columns
+        for group, seq in self._scan:  # in flight: the rows, with the columns of the members that completed it
             members = self.table[(group, seq)]
-            bad = [r for r, row in members.items() if row.finite is False]
-            good = [r for r, row in members.items() if row.finite is True]
-            if not bad or not good:
-                continue
-            t = min(members[r].enter for r in bad)
-            if first is None or t < first[0]:
-                first = (t, group, seq, members, bad, good)
-        if first is None:
+            flags = {r: (row.finite, row.enter) for r, row in members.items()}
+            ring = self.rings.get(group)
+            for r, (_, finite, enter) in (ring.reported(seq) if ring is not None else {}).items():
+                flags.setdefault(r, (None if finite < 0 else bool(finite), enter))
+            bad = [r for r, (f, _) in flags.items() if f is False]
+            good = [r for r, (f, _) in flags.items() if f is True]
+            if bad and good:
+                row = next(iter(members.values()))
+                candidates.append((min(flags[r][1] for r in bad), group, seq, row.op, bad, good, row.step))
+        if not candidates:
             return []
-        t, group, seq, members, bad, good = first
+        t, group, seq, op, bad, good, step = min(candidates, key=lambda c: c[0])
         action = "restart" if self.spec.nan == "rollback" else "skip"
         return [Incident("nan", sorted(bad), action, {
-            "group": list(group), "seq": seq, "op": members[bad[0]].op, "finite_inputs": sorted(good),
+            "group": list(group), "seq": seq, "op": op, "finite_inputs": sorted(good),
             "nonfinite_inputs": sorted(bad), "policy": self.spec.nan}, fault_time=t, detected=now,
-            step=members[bad[0]].step, group=list(group))]
+            step=step, group=list(group))]
 
     def _errors(self, now: float) -> list[Incident]:
         """Errors are not faults: a rank that raised one of pliant's input errors (its goodbye
@@ -485,7 +564,9 @@ class JobPicture:
                 continue  # what a quiet node's ranks last said is stale: _nodes_lost decides
             k = max(row.seq for _, row in waiting)
             at_k = [(r, row) for r, row in waiting if row.seq == k]
-            done_k = set(self.table.get((g, k), {})) - {r for r, _ in at_k}
+            ring = self.rings.get(g)
+            done_k = (set(self.table.get((g, k), {})) | (ring.done_by(k) if ring is not None else set())) - \
+                {r for r, _ in at_k}
             entered = {r for r, _ in at_k} | done_k
             rows = [row for _, row in at_k]
             since = min(row.enter for row in rows)
@@ -584,15 +665,19 @@ class JobPicture:
 
     def _stragglers(self, now: float) -> list[Incident]:
         s = self.spec
-        done = sorted(step for step in self.step_delay if step > s.warmup_steps and step < self._step())
+        current = self._step()
+        done = sorted(step for step in self.step_delay if s.warmup_steps < step < current)
+        for step in done[:-2 * s.straggler_window]:  # older steps never enter a window again
+            del self.step_delay[step]
         window = done[-s.straggler_window:]
         if len(window) < s.straggler_window:
             return []
         tops = [max(self.step_delay[step].items(), key=lambda kv: kv[1])[0] for step in window]
         rank = max(set(tops), key=tops.count)
         share = tops.count(rank) / len(tops)
-        mine = statistics.mean(self.step_delay[step].get(rank, 0.0) for step in window)
-        others = [statistics.mean(self.step_delay[step].get(r, 0.0) for step in window)
+        n = len(window)  # (statistics.mean adds in fractions: most of the rule's cost)
+        mine = sum(self.step_delay[step].get(rank, 0.0) for step in window) / n
+        others = [sum(self.step_delay[step].get(r, 0.0) for step in window) / n
                   for r in range(self.world) if r != rank]
         rest = max(others) if others else 0.0
         chance = by_chance(tops.count(rank), len(tops), self.world)

@@ -1,36 +1,32 @@
-"""The master: one process per start of the job, beside torchrun (docs/faults.md).
+"""The master: one per start of the job, a thread of the first node's supervisor beside
+torchrun (docs/faults.md).
 
 It binds a ROUTER socket, acknowledges every agent summary with its clock, watches the
 processes of the ranks on its own host (a pidfd each: a crash is a process gone without a
 goodbye), and every `check_interval_s` runs the rules of `classify.JobPicture`. Each
 incident is written atomically to RUN_DIR/incidents/incident-a{attempt}-{n}.json; the
-launcher's supervisor acts on those with `action: restart`. On SIGTERM it writes a summary
-of what it saw to RUN_DIR/monitor/master-a{attempt}.json and exits.
-
-    python -m pliant.comm.monitor.master --bind tcp://127.0.0.1:* --run-dir RUN --world 4 \\
-        --attempt 0 --spec '{"hang_factor": 10}' --address-file RUN/monitor/addr-a0
+launcher's supervisor acts on those with `action: restart`. When stopped it writes a summary
+of what it saw to RUN_DIR/monitor/master-a{attempt}.json.
 """
 from __future__ import annotations
 
-import argparse
 import json
+import math
 import os
-import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
-import psutil
 import zmq
 
 from pliant.io import atomic_write_text, strict_dumps
 
 from . import wire
 from .classify import Incident, JobPicture
-from .progress import py_spy_stack, read_thread, stat_fields
+from .progress import py_spy_stack, read_thread
 from .spec import FaultSpec
 
 DECISIONS = ("restart", "stop")  # the actions a supervisor carries out (stop: the job's own error, no restart)
@@ -59,6 +55,7 @@ class Master:
         self.messages = 0
         self.started = time.monotonic()
         self._stop = threading.Event()
+        self._cpu0 = 0.0
         self._ctx = zmq.Context.instance()
         self.sock = self._ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -116,28 +113,31 @@ class Master:
         for st in list(self.picture.ranks.values()):
             if not self._local(st) or st.gone_at is not None:
                 continue
-            st.process = process_state(st.pid)
+            # the main thread's stat: its state is the process's (a zombie's, a stopped one's)
+            sample = read_thread(st.pid, prev=st.outside.last if st.outside is not None else None,
+                                 min_cpu_s=self.spec.progress_cpu_s)
+            st.process = "gone" if sample is None else _STATES.get(sample.state, "running")
             if st.process == "gone":
                 st.gone_at = now
-            elif (sample := read_thread(st.pid)) is not None:
+            else:
                 self.picture.observe(st.rank, sample, now)
 
     # ----- main loop -----
-    def serve(self) -> None:
+    def serve(self, tick: "Callable[[JobPicture], None] | None" = None) -> None:
+        self._cpu0 = time.thread_time()
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         now = time.monotonic()
         next_check, next_look = now + self.spec.check_interval_s, now + self.spec.report_interval_s
         while not self._stop.is_set():
             timeout = max(0.0, min(next_check, next_look) - time.monotonic())
-            for fd, _ in poller.poll(timeout * 1000):
+            for fd, _ in poller.poll(math.ceil(timeout * 1000)):  # pyzmq truncates: under 1 ms it would spin
                 if fd in self._by_fd:
                     self._gone(poller, fd)
-            while True:
-                try:
-                    ident, payload = self.sock.recv_multipart(flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    break
+            # what is queued, no more: a receive that finds nothing raises, and pyzmq's exception
+            # cost the master more than the message did
+            while self.sock.get(zmq.EVENTS) & zmq.POLLIN:
+                ident, payload = self.sock.recv_multipart(flags=zmq.NOBLOCK)
                 now = time.monotonic()
                 try:
                     ack = self._handle(wire.unpack(payload), now)
@@ -156,6 +156,8 @@ class Master:
                 next_check = now + self.spec.check_interval_s
                 for inc in self.picture.check(now):
                     self._write(inc)
+                if tick is not None:
+                    tick(self.picture)
         self._summary()
 
     def _handle(self, msg: dict, now: float) -> dict:
@@ -194,11 +196,12 @@ class Master:
         ranks = {str(r): {"pid": st.pid, "host": st.host, "node": st.node, "slot": st.slot, "step": st.step,
                           "said": st.bye, "process": st.process, "cost": st.cost}
                  for r, st in sorted(self.picture.ranks.items())}
-        cpu = psutil.Process().cpu_times()
         body = {"attempt": self.attempt, "uptime_s": round(time.monotonic() - self.started, 3),
-                "cpu_s": round(cpu.user + cpu.system, 3),  # the master's own (its pid watch included)
+                "cpu_s": round(time.thread_time() - self._cpu0, 3),  # the master thread's own (its pid watch included)
                 "messages": self.messages, "ranks": ranks, "incidents": [i.to_dict() for i in self.incidents],
-                "baselines": {str(k): len(v) for k, v in self.picture.durations.items()}}
+                "baselines": {str(k): len(v) for k, v in self.picture.durations.items()},
+                # collectives every member completed and reported, per group
+                "collectives": {",".join(map(str, g)): ring.base for g, ring in self.picture.rings.items()}}
         atomic_write_text(self.run_dir / "monitor" / f"master-a{self.attempt}.json", strict_dumps(body, indent=1))
 
 
@@ -207,66 +210,49 @@ _STATES = {"R": "running", "S": "sleeping", "D": "disk-sleep", "I": "idle", "T":
            "Z": "gone", "X": "gone", "x": "gone"}
 
 
-def process_state(pid: int) -> str:
-    """running, sleeping, disk-sleep, idle, stopped or gone: one read of /proc/PID/stat (a
-    psutil.Process per look cost the master most of its CPU)."""
-    fields = stat_fields(f"/proc/{pid}/stat")
-    return "gone" if not fields else _STATES.get(fields[0], "running")
-
-
 def address_file(run_dir: Path, attempt: int) -> Path:
     """Where the master of one start writes the address it listens on (atomically)."""
     return Path(run_dir) / "monitor" / f"addr-a{attempt}"
 
 
-def spawn_master(run_dir: Path, world: int, attempt: int, spec: FaultSpec, bind: str | None = None,
-                 node: int | None = None, timeout_s: float = 60.0, wait: bool = True
-                 ) -> tuple[subprocess.Popen, str | None]:
-    """Start the master of one start (attempt) of a job as its own process, bound on `bind`
-    (default: loopback, a free port), and wait for it to listen (`wait_master`; with
-    wait=False, the caller does, while the job starts beside it). Returns the process and the
-    address it wrote (None without waiting)."""
-    addr_file = address_file(run_dir, attempt)
-    addr_file.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "pliant.comm.monitor.master", "--run-dir", str(run_dir), "--world", str(world),
-           "--attempt", str(attempt), "--spec", spec.model_dump_json(), "--address-file", str(addr_file)]
-    cmd += ["--bind", bind] if bind else []
-    cmd += ["--node", str(node)] if node is not None else []
-    proc = subprocess.Popen(cmd)
-    return proc, (wait_master(proc, addr_file, timeout_s, bind) if wait else None)
+class MasterThread:
+    """The master of one start (attempt) of a job on a thread of the calling process: the
+    supervisor of the first node, or the RL driver. Starting it costs no interpreter and no
+    imports (a process of its own paid 0.14 s of CPU per start, as much as it then spent
+    serving a 30-step job). It binds before the constructor returns (`address`; also written
+    to `address_file`) and serves until `stop`. `tick`, if given, is called with the picture
+    after every check (fault injection's master faults: runtime/faults.py). A master that
+    raises leaves the job running unmonitored: `error` says why."""
+
+    def __init__(self, run_dir: Path, world: int, attempt: int, spec: FaultSpec, bind: str | None = None,
+                 node: int | None = None, tick: Callable[[JobPicture], None] | None = None):
+        self.master = Master(spec, world, Path(run_dir), attempt, node)
+        where = bind or "tcp://127.0.0.1:*"
+        try:
+            self.address = self.master.bind(where)
+        except zmq.ZMQError as e:
+            self.master.sock.close(linger=0)
+            raise RuntimeError(f"the fault monitor master cannot listen on {where}: {e}") from None
+        atomic_write_text(address_file(run_dir, attempt), self.address)
+        self.error: str | None = None
+        self._thread = threading.Thread(target=self._run, args=(tick,), name=f"pliant-master-a{attempt}", daemon=True)
+        self._thread.start()
+
+    def _run(self, tick) -> None:
+        try:
+            self.master.serve(tick)
+        except Exception as e:  # noqa: BLE001 (a monitor's failure must not take the job down)
+            self.error = f"{type(e).__name__}: {e}"
+            print(f"pliant monitor: the master stopped: {self.error}", file=sys.stderr, flush=True)
+        finally:
+            self.master.sock.close(linger=0)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop serving; it writes RUN_DIR/monitor/master-a{attempt}.json on its way out."""
+        self.master.stop()
+        self._thread.join(timeout_s)
 
 
-def wait_master(proc: subprocess.Popen, addr_file: Path, timeout_s: float = 60.0, bind: str | None = None) -> str:
-    """The address of a master `spawn_master` started, once it listens; raises RuntimeError when
-    it exits or does not listen within `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while not addr_file.is_file():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            where = f" on {bind}" if bind else ""
-            raise RuntimeError(f"the fault monitor master did not start{where} (exit status {proc.poll()})")
-        time.sleep(0.05)
-    return addr_file.read_text().strip()
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser("pliant-monitor-master")
-    p.add_argument("--bind", default="tcp://127.0.0.1:*")
-    p.add_argument("--run-dir", required=True)
-    p.add_argument("--world", type=int, required=True)
-    p.add_argument("--attempt", type=int, default=0)
-    p.add_argument("--spec", default="{}", help="the job config's faults section as JSON")
-    p.add_argument("--address-file", required=True, help="where to write the address the agents connect to")
-    p.add_argument("--node", type=int, default=None, help="multi-node jobs: the node this master runs on")
-    args = p.parse_args(argv)
-    master = Master(FaultSpec.model_validate_json(args.spec), args.world, Path(args.run_dir), args.attempt, args.node)
-    addr = master.bind(args.bind)
-    signal.signal(signal.SIGTERM, master.stop)
-    signal.signal(signal.SIGINT, master.stop)
-    atomic_write_text(Path(args.address_file), addr)
-    master.serve()
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -35,8 +35,11 @@ class NodeAgentError(RuntimeError):
 
 class NodeAgent:
     def __init__(self, addr: str, node: int, host: str, attempt: int, report_interval_s: float,
-                 master_timeout_s: float):
+                 master_timeout_s: float, min_cpu_s: float = 0.01):
+        """`min_cpu_s`: a rank's CPU growth that is progress by itself (faults.progress_cpu_s)."""
         self.addr, self.node, self.host, self.attempt = addr, node, host, attempt
+        self.min_cpu_s = min_cpu_s
+        self._last: dict[int, Any] = {}  # pid -> its last sample
         self.report_interval_s, self.master_timeout_s = report_interval_s, master_timeout_s
         self.pid = psutil.Process().pid
         self.root: int | None = None  # the node's torchrun: its descendants are the ranks
@@ -94,10 +97,12 @@ class NodeAgent:
                     self._tree = [p.pid for p in psutil.Process(self.root).children(recursive=True)]
                 except psutil.NoSuchProcess:
                     self._tree = []
+            prev, self._last = self._last, {}
             for pid in self._tree:
-                s = read_thread(pid)
+                s = read_thread(pid, prev=prev.get(pid), min_cpu_s=self.min_cpu_s)
                 if s is not None and s.state not in ("Z", "X"):
                     procs[pid] = [s.cpu, s.io, s.state, s.wait]
+                    self._last[pid] = s
         gone = sorted(self._seen - set(procs))
         self._seen = set(procs)
         return procs, gone
@@ -127,11 +132,8 @@ class NodeAgent:
                       f"{self.master_timeout_s:g} s; this node goes on unmonitored", file=sys.stderr, flush=True)
 
     def _drain(self) -> None:
-        while True:
-            try:
-                ack = wire.receive(self._sock)
-            except zmq.Again:
-                return
+        while wire.waiting(self._sock):
+            ack = wire.receive(self._sock)
             if ack.get("attempt", -1) > self.attempt:
                 self.moved_on = True
             if ack.get("attempt") != self.attempt:

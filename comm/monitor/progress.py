@@ -66,9 +66,12 @@ def stat_fields(path: str) -> list[str] | None:
     return stat[stat.rfind(")") + 2:].split()
 
 
-def read_thread(pid: int, tid: int | None = None) -> ThreadSample | None:
+def read_thread(pid: int, tid: int | None = None, prev: ThreadSample | None = None,
+                min_cpu_s: float = 0.0) -> ThreadSample | None:
     """A thread of another process seen through /proc (the main thread: tid = pid), or None
-    when it is gone or /proc cannot be read."""
+    when it is gone or /proc cannot be read. Given the previous sample, the byte counters are
+    read only when the CPU time grew by less than `min_cpu_s` since it (more is progress
+    already, and reading /proc/PID/task/TID/io costs the kernel 60-100 us: most of a look)."""
     tid = pid if tid is None else tid
     base = f"/proc/{pid}/task/{tid}"
     fields = stat_fields(f"{base}/stat")
@@ -82,7 +85,8 @@ def read_thread(pid: int, tid: int | None = None) -> ThreadSample | None:
         cpu, wait = int(on_cpu) / 1e9, int(queued) / 1e9
     except (OSError, ValueError):
         pass
-    return ThreadSample(cpu, _io_chars(f"{base}/io"), None, state, wait)
+    io = prev.io if prev is not None and cpu - prev.cpu >= min_cpu_s > 0 else _io_chars(f"{base}/io")
+    return ThreadSample(cpu, io, None, state, wait)
 
 
 def python_stack(thread_id: int, limit: int = STACK_FRAMES) -> list[str]:
@@ -100,8 +104,11 @@ def python_stack(thread_id: int, limit: int = STACK_FRAMES) -> list[str]:
 class MainThreadProbe:
     """The agent's view of its rank's main thread (build it on any thread, sample it from the agent's)."""
 
-    def __init__(self) -> None:
+    def __init__(self, min_cpu_s: float = 0.0) -> None:
+        """`min_cpu_s`: CPU growth that is progress by itself (the byte counters are then not read)."""
         main = threading.main_thread()
+        self.min_cpu_s = min_cpu_s
+        self._last: ThreadSample | None = None
         self.ident, self.native_id = main.ident, main.native_id
         self._clock = time.pthread_getcpuclockid(self.ident) if hasattr(time, "pthread_getcpuclockid") else None
         self._io_path = f"/proc/self/task/{self.native_id}/io"
@@ -116,7 +123,10 @@ class MainThreadProbe:
         changed = key != self._last_stack
         self._last_stack = key
         other = time.process_time() - cpu - time.thread_time()
-        return ThreadSample(cpu, _io_chars(self._io_path), key), frames if changed else None, other
+        last = self._last
+        io = last.io if last is not None and cpu - last.cpu >= self.min_cpu_s > 0 else _io_chars(self._io_path)
+        self._last = ThreadSample(cpu, io, key)
+        return self._last, frames if changed else None, other
 
 
 @dataclass

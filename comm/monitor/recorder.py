@@ -1,5 +1,5 @@
 """The agent's collective recorder (docs/faults.md): every collective this rank issues, in a
-bounded ring buffer, with the group, the sequence number within the group, op, bytes,
+bounded queue of what changed since the last report, with the group, the sequence number within the group, op, bytes,
 dtype, shape, enter and exit times, and the peer of point-to-point transfers.
 
 It wraps the `torch.distributed` functions in place, so it sees the comm layer's
@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import random
 import threading
 import time
 from collections import deque
@@ -29,7 +30,16 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from .ops import COLLECTIVES, POINT_TO_POINT, SENDS  # noqa: F401 (re-exported)
+from .ops import COLLECTIVES, POINT_TO_POINT, SENDS, signature, signature_id  # noqa: F401 (re-exported)
+
+
+_P2P = frozenset(POINT_TO_POINT)
+_RECEIVES = frozenset({"recv", "irecv"})  # their tensor is the output: not checked
+# the share of calls whose own CPU time the recorder reads (a thread CPU clock is a system call,
+# 0.5 us: reading it four times on every call cost a quarter of what it measured); the sum of
+# the samples over the share estimates the whole
+COST_SAMPLE = 0.125
+_draw = random.Random(0x5EED).random
 
 
 class CollectiveHook:
@@ -56,6 +66,7 @@ class CollectiveEvent:
     finite: Any = None  # a 0-d bool tensor: is the floating-point input finite (None: not checked)
     in_checkpoint: bool = False  # issued while a checkpoint was being written
     marks: "DeviceMarks | None" = None  # CUDA collectives: the events timing it on the device
+    sig: int = 0  # ops.signature_id of (op, dtype, shape)
 
 
 @dataclass(slots=True)
@@ -130,28 +141,34 @@ INPUT_ARG = {"all_gather_into_tensor": "input_tensor", "all_gather": "tensor", "
              "scatter": "scatter_list"}
 
 
-def _first_tensor(arguments: dict[str, Any], op: str = "") -> torch.Tensor | None:
-    value = arguments.get(INPUT_ARG.get(op, ""))
+def _tensor_of(value: Any) -> torch.Tensor | None:
+    """A tensor argument, or the first of a list of them."""
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, (list, tuple)) and value and isinstance(value[0], torch.Tensor):
         return value[0]
-    for value in arguments.values():
-        if isinstance(value, torch.Tensor):
-            return value
-        if isinstance(value, (list, tuple)) and value and isinstance(value[0], torch.Tensor):
-            return value[0]
     return None
 
 
-_DTYPE_NAMES: dict[torch.dtype, str] = {}
+def _any_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The first tensor among the arguments (ops whose data argument is absent on this rank,
+    such as scatter's list off the source, or that take none)."""
+    for value in (*args, *kwargs.values()):
+        t = _tensor_of(value)
+        if t is not None:
+            return t
+    return None
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    name = _DTYPE_NAMES.get(dtype)
-    if name is None:
-        name = _DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
-    return name
+_DTYPES: dict[torch.dtype, tuple[str, bool]] = {}  # dtype -> (its name, is it floating point)
+_EXACT_SUM = (torch.float32, torch.float64)  # summed in their own type on CPU; others in float32
+
+
+def _dtype_info(dtype: torch.dtype) -> tuple[str, bool]:
+    info = _DTYPES.get(dtype)
+    if info is None:
+        info = _DTYPES[dtype] = (str(dtype).removeprefix("torch."), dtype.is_floating_point)
+    return info
 
 
 def all_finite(t: torch.Tensor) -> bool | torch.Tensor:
@@ -161,20 +178,27 @@ def all_finite(t: torch.Tensor) -> bool | torch.Tensor:
     the device fills later (reading it would wait for the device), from a sum in float32 or
     float64, which no finite gradient or activation overflows (3.4e38). isfinite(t).all()
     allocates a bool tensor of t's size and reads t twice: about 10x the time on large tensors."""
-    s = t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
     if t.is_cuda:
-        return torch.isfinite(s)
+        return torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))
+    s = t.sum() if t.dtype in _EXACT_SUM else t.sum(dtype=torch.float32)
     return math.isfinite(s.item()) or bool(torch.isfinite(t).all())
 
 
 class CollectiveRecorder:
-    """Records collectives into a ring of `capacity` events; thread-safe snapshots."""
+    """Records collectives (at most `capacity` changes between snapshots); thread-safe snapshots."""
 
     def __init__(self, capacity: int = 4096, check_finite: bool = True):
-        self.events: deque[CollectiveEvent] = deque(maxlen=capacity)
         # the events entered, ended or started on the device since the last snapshot: what it
         # reports (a scan of the whole ring per snapshot cost the agent 5 us per event)
-        self.fresh: deque[CollectiveEvent] = deque(maxlen=2 * capacity)  # each in it at most twice
+        # point-to-point transfers entered or ended since the last snapshot (reported as rows:
+        # each one at most twice)
+        self.fresh: deque[CollectiveEvent] = deque(maxlen=2 * capacity)
+        # collectives and transfers ended since the last snapshot; the snapshot files them as
+        # rows (transfers) and as columns per group (collectives: seq, signature id, enter, exit,
+        # step, finite 1 / 0 / -1 unchecked, in_checkpoint)
+        self.ended: deque[CollectiveEvent] = deque(maxlen=4 * capacity)
+        self.signatures: dict[int, tuple] = {}  # signature id -> (op, dtype, shape or None)
+        self._sig_ids: dict[tuple, int] = {}  # (op, dtype, shape) -> signature id
         self.inflight: dict[tuple[int, ...], CollectiveEvent] = {}
         self.step = 0
         self.step_started = time.monotonic()
@@ -184,6 +208,7 @@ class CollectiveRecorder:
         self.step_collectives = 0  # collectives this rank entered since the step began
         self._seq: dict[tuple[int, ...], int] = {}
         self._ranks: dict[int, tuple[int, ...]] = {}
+        self._me = -1  # this rank (global), known once a group was looked up
         # re-entrant: torchrun's SIGTERM can land while the training thread holds it, and the
         # handler's goodbye takes a snapshot on that same thread
         self._lock = threading.RLock()
@@ -194,8 +219,11 @@ class CollectiveRecorder:
         self.device_moved = time.monotonic()  # when a queued CUDA collective last started or ended
         self._flags: torch.Tensor | None = None  # pinned ring of finiteness flags of CUDA inputs
         self._flag_next = 0
-        # the wrapper's own time on the calling thread (binding, the event, the finiteness
-        # check), not the collective's: what the recorder costs training, in nanoseconds
+        # the wrapper's own CPU time on the calling thread (its arguments, the event, the
+        # finiteness check), not the collective's: what the recorder costs training, in
+        # nanoseconds, estimated from a random COST_SAMPLE of the calls. A CPU clock, not a
+        # wall clock: on a loaded host a wall clock also counts the time the thread is not
+        # running (4 ranks on 2 cores: 5x the CPU)
         self.own_ns = 0
 
     # ----- install -----
@@ -220,43 +248,51 @@ class CollectiveRecorder:
         self.uninstall()
 
     def _wrap(self, name: str, fn: Callable) -> Callable:
-        sig = inspect.signature(fn)
-        names = tuple(sig.parameters)  # torch.distributed's calls take named parameters only
-        known = frozenset(names)
-        required = frozenset(n for n, p in sig.parameters.items() if p.default is inspect.Parameter.empty)
+        params = tuple(inspect.signature(fn).parameters)  # torch.distributed's calls take named parameters only
+        known, count = frozenset(params), len(params)
         p2p = name in POINT_TO_POINT
+        asynchronous = p2p and name.startswith("i")
 
-        def bind(args: tuple, kwargs: dict) -> dict[str, Any] | None:
-            """The arguments passed, by name (what inspect's bind gives, at a tenth of its cost);
-            None for a call torch would refuse (it reports that itself)."""
-            if len(args) > len(names) or not known.issuperset(kwargs) or any(k in kwargs for k in names[:len(args)]):
-                return None
-            arguments = dict(zip(names, args))
-            arguments.update(kwargs)
-            return arguments if required.issubset(arguments) else None
+        def position(param: str | None) -> int:
+            return params.index(param) if param in params else count  # count: never passed by position
+
+        source = INPUT_ARG.get(name, params[0] if params else None)
+        i_input, i_group, i_async = position(source), position("group"), position("async_op")
+        peer_param = ("dst" if "dst" in params else "src") if p2p else None
+        i_peer = position(peer_param)
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
-            t0 = time.perf_counter_ns()
-            arguments = bind(args, kwargs)
-            if arguments is None:
-                return fn(*args, **kwargs)  # let torch report the bad call
+            # the arguments this needs, by position or by name (binding every argument, as
+            # inspect does, cost the wrapper a third of its time); a call torch will refuse
+            # for its arguments' number or names is passed through, for torch to report
+            n = len(args)
+            if n > count or (kwargs and not known.issuperset(kwargs)):
+                return fn(*args, **kwargs)
+            timed = _draw() < COST_SAMPLE  # its own CPU time is read on a random share of the calls
+            t0 = time.thread_time_ns() if timed else 0
+            group = args[i_group] if i_group < n else kwargs.get("group")
+            peer = (args[i_peer] if i_peer < n else kwargs.get(peer_param)) if p2p else None
             hook = self.hook
             if hook is not None:  # fault injection: its delays are not the recorder's cost
-                hook.before_enter(name, self.group_ranks(arguments.get("group")), arguments.get(
-                    "dst", arguments.get("src")) if p2p else None)
-                t0 = time.perf_counter_ns()
-            event = self._enter(name, arguments, p2p)
-            t1 = time.perf_counter_ns()
+                hook.before_enter(name, self.group_ranks(group), peer)
+                t0 = time.thread_time_ns() if timed else 0
+            value = args[i_input] if i_input < n else kwargs.get(source)
+            t = _tensor_of(value) if value is not None else None
+            if t is None:
+                t = _any_tensor(args, kwargs)
+            event = self._enter(name, t, group, peer, p2p)
+            t1 = time.thread_time_ns() if timed else 0
             if hook is not None:
                 hook.after_enter(event)
             out = fn(*args, **kwargs)
-            t2 = time.perf_counter_ns()
-            if (p2p and name.startswith("i")) or arguments.get("async_op"):
+            t2 = time.thread_time_ns() if timed else 0
+            if asynchronous or (args[i_async] if i_async < n else kwargs.get("async_op")):
                 out = _TimedWork(out, lambda: self._exit(event)) if out is not None else out
             else:
                 self._exit(event)
-            self.own_ns += t1 - t0 + time.perf_counter_ns() - t2
+            if timed:
+                self.own_ns += (t1 - t0 + time.thread_time_ns() - t2) / COST_SAMPLE
             return out
 
         return wrapper
@@ -271,45 +307,50 @@ class CollectiveRecorder:
             else:
                 ranks = tuple(dist.get_process_group_ranks(group))
             self._ranks[key] = ranks
+            if self._me < 0:
+                self._me = dist.get_rank()
         return ranks
 
-    def _enter(self, name: str, arguments: dict[str, Any], p2p: bool) -> CollectiveEvent:
-        group = self.group_ranks(arguments.get("group"))
-        peer = None
-        if p2p:
-            peer = arguments.get("dst", arguments.get("src"))
-            group = tuple(sorted((dist.get_rank(), int(peer)))) if peer is not None else group
-        t = _first_tensor(arguments, name)
-        nbytes = t.numel() * t.element_size() if t is not None else 0
-        on_device = t is not None and t.is_cuda
-        finite = None
-        marks = None
-        if self.check_finite and t is not None and t.is_floating_point() and name not in ("recv", "irecv"):
-            finite = all_finite(t)  # before the collective spreads a bad value
-        if on_device:
-            marks = self._start_marks(t.device, finite)
-            finite = None  # read from the pinned flag once the device has run the start event
-        with self._lock:
-            key = (group, "send" if name in SENDS else "recv") if p2p else group
-            seq = self._seq.get(key, 0)
-            self._seq[key] = seq + 1
-            self.step_collectives += 1
-            now = time.monotonic()
-            event = CollectiveEvent(group, seq, name, nbytes, _dtype_name(t.dtype) if t is not None else "",
-                                    tuple(t.shape) if t is not None else (), None if on_device else now,
-                                    peer=peer, step=self.step, finite=finite, in_checkpoint=self.in_checkpoint,
-                                    marks=marks)
-            self.events.append(event)
+    def _enter(self, name: str, t: torch.Tensor | None, group_obj: Any, peer: Any, p2p: bool) -> CollectiveEvent:
+        group = self._ranks.get(id(group_obj)) or self.group_ranks(group_obj)
+        if p2p and peer is not None:
+            peer = int(peer)
+            group = (self._me, peer) if self._me < peer else (peer, self._me)
+        finite = marks = None
+        on_device = False
+        if t is not None:
+            dtype, floating = _dtype_info(t.dtype)
+            shape, nbytes, on_device = t.shape, t.nbytes, t.is_cuda  # (a torch.Size is a tuple)
+            if floating and self.check_finite and name not in _RECEIVES:
+                finite = all_finite(t)  # before the collective spreads a bad value
             if on_device:
+                marks = self._start_marks(t.device, finite)
+                finite = None  # read from the pinned flag once the device has run the start event
+        else:
+            dtype, shape, nbytes = "", (), 0
+        sid = self._sig_ids.get((name, dtype, shape))
+        if sid is None:
+            sig = signature(name, dtype, shape)
+            sid = self._sig_ids[(name, dtype, shape)] = signature_id(sig)
+            self.signatures[sid] = sig
+        key = (group, "send" if name in SENDS else "recv") if p2p else group
+        seq = self._seq.get(key, 0)
+        self._seq[key] = seq + 1
+        self.step_collectives += 1
+        now = time.monotonic()
+        event = CollectiveEvent(group, seq, name, nbytes, dtype, shape, None if on_device else now, None, peer,
+                                self.step, finite, self.in_checkpoint, marks, sid)  # by position: half the cost
+        if on_device:
+            with self._lock:  # the agent thread polls the device's queue
                 if not self.pending:
                     self.device_moved = now  # the device's queue was empty: nothing was overdue
                 self.pending.append(event)
                 if len(self.pending) > self.capacity:  # the device stuck that long: forget the oldest
                     self.pending.popleft()
-            else:
-                self.fresh.append(event)
-                if not p2p:
-                    self.inflight[group] = event
+        elif p2p:
+            self.fresh.append(event)
+        else:
+            self.inflight[group] = event
         return event
 
     def _start_marks(self, device: torch.device, finite: torch.Tensor | None) -> DeviceMarks:
@@ -334,11 +375,21 @@ class CollectiveRecorder:
                 end.record()
                 event.marks.end = end
             return
-        with self._lock:
-            event.exit = time.monotonic()
-            self.fresh.append(event)
-            if self.inflight.get(event.group) is event:
-                del self.inflight[event.group]
+        event.exit = time.monotonic()
+        self.ended.append(event)  # the agent's snapshot files it
+        if self.inflight.get(event.group) is event:
+            self.inflight.pop(event.group, None)
+
+    def _file(self, e: CollectiveEvent, done: dict[tuple[int, ...], list[tuple]]) -> None:
+        """Agent thread: an ended transfer into the rows, an ended collective into its group's columns."""
+        if e.op in _P2P:
+            self.fresh.append(e)
+            return
+        rows = done.get(e.group)
+        if rows is None:
+            rows = done[e.group] = []
+        rows.append((e.seq, e.sig, e.enter, e.exit, e.step, -1 if e.finite is None else 1 if e.finite else 0,
+                     e.in_checkpoint))
 
     def _poll_device(self) -> None:
         """Agent thread, under the lock: the CUDA collectives the device has started or ended
@@ -355,20 +406,20 @@ class CollectiveRecorder:
                 if m.flag is not None:
                     e.finite = bool(self._flags[m.flag])
                 self.device_moved = now
-                self.fresh.append(e)
+                if e.op in _P2P:
+                    self.fresh.append(e)
             if m.end is not None and m.end.query():
                 e.exit = max(e.enter, self.clock.time_of(m.end))
                 self.device_moved = now
-                self.fresh.append(e)
+                self.ended.append(e)
                 continue
             still.append(e)
         self.pending = still
 
     # ----- step boundaries -----
     def mark_step(self, step: int) -> None:
-        with self._lock:
-            self.step, self.step_started = step, time.monotonic()
-            self.step_collectives = 0
+        self.step, self.step_started = step, time.monotonic()
+        self.step_collectives = 0
         if self.clock is not None:
             self.clock.maybe_renew()
 
@@ -377,18 +428,33 @@ class CollectiveRecorder:
         self.in_checkpoint = active
 
     def snapshot(self) -> dict:
-        """What the agent reports: step, in-flight collectives per group, and the events that
-        entered or ended (on CUDA: started or ended on the device) since the previous snapshot."""
+        """What the agent reports: step, in-flight collectives per group, the collectives
+        completed since the previous snapshot (per group), and the point-to-point transfers that
+        entered or ended (on CUDA: started or ended on the device) since then."""
         with self._lock:
             if self.pending:
                 self._poll_device()
-            recent = list(dict.fromkeys(self.fresh))[-self.capacity:]  # once each, in the order they first changed
-            self.fresh.clear()
-            inflight = {g: e for g, e in self.inflight.items()}
-            for e in self.pending:  # started on the device, not ended: the oldest of each group
-                if e.enter is not None and e.peer is None and e.group not in inflight:
-                    inflight[e.group] = e
-            # CUDA work queued that the device has not finished: a busy host is no progress
-            device = [bool(self.pending), self.device_moved] if self.clock is not None else None
-            return {"step": self.step, "step_started": self.step_started, "in_checkpoint": self.in_checkpoint,
-                    "inflight": inflight, "events": recent, "device": device}
+            pending = list(self.pending)
+        done: dict[tuple[int, ...], list[tuple]] = {}
+        for e in _drain(self.ended):
+            self._file(e, done)
+        recent = list(dict.fromkeys(_drain(self.fresh)))[-self.capacity:]  # once each, in the order they first changed
+        inflight = self.inflight.copy()  # (one C call: the training thread may change it meanwhile)
+        for e in pending:  # started on the device, not ended: the oldest of each group
+            if e.enter is not None and e.peer is None and e.group not in inflight:
+                inflight[e.group] = e
+        # CUDA work queued that the device has not finished: a busy host is no progress
+        device = [bool(pending), self.device_moved] if self.clock is not None else None
+        return {"step": self.step, "step_started": self.step_started, "in_checkpoint": self.in_checkpoint,
+                "inflight": inflight, "events": recent, "done": done, "device": device}
+
+
+def _drain(queue: deque) -> list:
+    """Everything in a deque another thread appends to, taken out (each popleft is atomic under the
+    GIL: a clear() after a copy would lose what came in between)."""
+    out = []
+    while True:
+        try:
+            out.append(queue.popleft())
+        except IndexError:
+            return out

@@ -1,4 +1,6 @@
 """The master's rules on hand-made agent reports (the real JobPicture, no job)."""
+import pytest
+
 from pliant.comm.monitor.classify import JobPicture
 from pliant.comm.monitor.spec import FaultSpec
 
@@ -153,7 +155,8 @@ def two_nodes(picture: JobPicture, t: float) -> None:
 
 
 def test_a_node_whose_agent_and_ranks_fall_silent_is_lost_while_its_peers_raise():
-    picture = JobPicture(FaultSpec(hang_warmup_s=1.0), world=4)
+    # agents and node agents report every 0.2 s here
+    picture = JobPicture(FaultSpec(hang_warmup_s=1.0, report_interval_s=0.2, check_interval_s=0.2), world=4)
     for t in (0.2, 0.4, 0.6, 0.8, 1.0):
         two_nodes(picture, t)
     found, t = [], 1.0
@@ -301,3 +304,91 @@ def test_an_exception_on_one_rank_is_a_crash_once_the_others_did_not_follow():
     found = byes({1: "exception: RuntimeError: boom", 3: "exception: ValueError: other"})
     assert [(i.kind, i.ranks) for i in found] == [("crash", [1, 3])]  # different: no wait
     assert found[0].detected < 1.0 + 0.5
+
+
+# ----- completed collectives as columns (agent.done_block -> the master's rings) -----
+def columns_report(picture: JobPicture, rank: int, group: list[int], rows: list[tuple], now: float,
+                   offset: float = 0.0) -> None:
+    """Rank `rank` reports the completed collectives `rows` of `group`, as an agent does:
+    (seq, (op, dtype, shape), enter, exit, step, finite) each, times on its own clock."""
+    from pliant.comm.monitor.agent import done_block
+    from pliant.comm.monitor.ops import signature_id
+
+    cols = list(zip(*[(seq, signature_id(sig), enter, exit_, step, finite, False)
+                      for seq, sig, enter, exit_, step, finite in rows]))
+    sigs = {signature_id(sig): list(sig) for _, sig, *_ in rows}
+    picture.ingest({"rank": rank, "pid": 100 + rank, "host": "h", "slot": rank, "type": "report", "step": 9,
+                    "in_checkpoint": False, "inflight": [], "events": [], "done": [done_block(tuple(group), cols)],
+                    "sigs": sigs, "offset": offset}, now)
+
+
+SUM = ("all_reduce", "float64", (4,))
+
+
+def test_columns_feed_the_baselines_and_the_arrival_order_once_every_member_reported():
+    picture = JobPicture(FaultSpec(warmup_steps=1), world=3)
+    group = [0, 1, 2]
+    # rank 2 enters every collective 50 ms after the others; ten collectives, two per step from step 2
+    rows = {r: [(seq, SUM, seq + (0.05 if r == 2 else 0.0), seq + 0.06, 2 + seq // 2, 1) for seq in range(10)]
+            for r in group}
+    columns_report(picture, 0, group, rows[0][:4], 0.1)
+    columns_report(picture, 1, group, rows[1], 0.1)
+    columns_report(picture, 2, group, rows[2], 0.1, offset=0.0)
+    picture.check(0.2)  # collectives 0-3 are complete; 4-9 wait for rank 0
+    assert picture.rings[(0, 1, 2)].base == 4
+    assert len(picture.durations[((0, 1, 2), "all_reduce")]) == 3 * 4
+    columns_report(picture, 0, group, rows[0][4:], 0.3)
+    assert picture.check(0.4) == []
+    assert len(picture.durations[((0, 1, 2), "all_reduce")]) == 3 * 10
+    assert sorted(picture.durations[(3, "all_reduce")])[0] >= 0.01 - 1e-9
+    # rank 2 arrived last every time, 50 ms after the next-to-last: its delay per step
+    assert {step: dict(d) for step, d in picture.step_delay.items()} == \
+        {step: {2: pytest.approx(0.1)} for step in range(2, 7)}
+
+
+def test_columns_catch_a_desync_and_the_source_of_a_nan():
+    group = [0, 1, 2]
+    picture = JobPicture(FaultSpec(), world=3)
+    for r in group:
+        sig = ("all_reduce", "float64", (5,)) if r == 1 else SUM
+        columns_report(picture, r, group, [(0, SUM, 1.0, 1.1, 3, 1), (1, sig, 1.2, 1.3, 3, 1)], 1.4)
+    found = picture.check(1.5)
+    assert [(i.kind, i.ranks) for i in found] == [("desync", [1])]
+    assert found[0].evidence["seq"] == 1 and found[0].evidence["signatures"]["1"] == ["all_reduce", "float64", (5,)]
+
+    picture = JobPicture(FaultSpec(nan="rollback"), world=3)
+    for r in group:  # rank 2's input went non-finite at collective 1; at 2 every input is (it spread)
+        rows = [(0, SUM, 1.0, 1.1, 3, 1), (1, SUM, 1.2, 1.3, 3, 0 if r == 2 else 1), (2, SUM, 1.4, 1.5, 3, 0)]
+        columns_report(picture, r, group, rows, 1.6)
+    found = picture.check(1.7)
+    assert [(i.kind, i.ranks, i.evidence["seq"]) for i in found] == [("nan", [2], 1)]
+
+
+def test_a_ring_grows_past_its_window_and_keeps_what_is_open():
+    from pliant.comm.monitor.completed import GroupRing
+
+    picture = JobPicture(FaultSpec(warmup_steps=0), world=2)
+    group = [0, 1]
+    rows = [(seq, SUM, float(seq), seq + 0.5, 1, 1) for seq in range(700)]
+    columns_report(picture, 0, group, rows, 1.0)  # one member far ahead: 700 open collectives
+    ring = picture.rings[(0, 1)]
+    assert ring.window >= 700 > GroupRing((0, 1)).window
+    columns_report(picture, 1, group, rows[:300], 1.1)
+    picture.check(1.2)
+    assert ring.base == 300
+    columns_report(picture, 1, group, rows[300:], 1.3)
+    picture.check(1.4)
+    assert ring.base == 700 and len(picture.durations[(2, "all_reduce")]) == 400  # (its deque keeps 400)
+
+
+def test_a_collective_one_member_never_reported_does_not_stop_the_group():
+    from pliant.comm.monitor.completed import LOST_AFTER
+
+    picture = JobPicture(FaultSpec(warmup_steps=0), world=2)
+    rows = [(seq, SUM, float(seq), seq + 0.5, 1, 1) for seq in range(LOST_AFTER + 10)]
+    columns_report(picture, 0, [0, 1], rows, 1.0)
+    columns_report(picture, 1, [0, 1], rows[:3] + rows[4:], 1.0)  # rank 1 lost collective 3
+    picture.check(1.1)
+    ring = picture.rings[(0, 1)]
+    assert ring.base == len(rows)
+    assert len(picture.durations[((0, 1), "all_reduce")]) == 2 * (len(rows) - 1)
