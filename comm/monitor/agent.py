@@ -59,9 +59,11 @@ def threads_cpu(prefix: str) -> float:
 def done_block(group: tuple[int, ...], columns: list[tuple]) -> list:
     """A group's completed collectives as columns (`columns`: recorder.done's rows transposed), each a packed
     array in this machine's byte order (little-endian everywhere pliant runs): [group, seq,
-    signature id, enter, exit, step, finite (1, 0, -1 unchecked), in_checkpoint]; times on the
+    signature id, enter, exit, step, finite (1, 0, -1 unchecked; given as True, False, None),
+    in_checkpoint]; times on the
     rank's clock (the report carries the offset to the master's)."""
     seq, sig, enter, exit_, step, finite, ckpt = columns
+    finite = [-1 if f is None else 1 if f else 0 for f in finite]
     return [list(group), array("q", seq).tobytes(), array("q", sig).tobytes(), array("d", enter).tobytes(),
             array("d", exit_).tobytes(), array("q", step).tobytes(), array("b", finite).tobytes(),
             array("b", ckpt).tobytes()]

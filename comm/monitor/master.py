@@ -107,11 +107,17 @@ class Master:
             st.process, st.gone_at = "gone", time.monotonic()
 
     def _look(self, now: float) -> None:
-        """Every report interval: each local rank's process state and its main thread's CPU and
-        bytes from /proc, the outside view of its progress that holds while the rank itself is
-        silent (and, without a pidfd, whether it is gone)."""
+        """Every report interval: the process state and main thread's CPU and bytes, from /proc,
+        of each local rank that missed its last two reports (the outside view of its progress,
+        which holds while the rank itself is silent: its stuck window of progress_window_s then
+        runs inside the silence threshold of 10 report gaps), and of every local rank without
+        a pidfd (whether it is gone). A rank that reports gives its own evidence."""
+        quiet = now - 2 * self.spec.report_interval_s
         for st in list(self.picture.ranks.values()):
             if not self._local(st) or st.gone_at is not None:
+                continue
+            if st.last_seen > quiet and self._pidfds.get(st.pid, -1) >= 0:
+                st.outside = None  # a new view when it falls silent: no stale sample to compare with
                 continue
             # the main thread's stat: its state is the process's (a zombie's, a stopped one's)
             sample = read_thread(st.pid, prev=st.outside.last if st.outside is not None else None,

@@ -89,16 +89,28 @@ def read_thread(pid: int, tid: int | None = None, prev: ThreadSample | None = No
     return ThreadSample(cpu, io, None, state, wait)
 
 
-def python_stack(thread_id: int, limit: int = STACK_FRAMES) -> list[str]:
-    """The innermost `limit` frames of a thread of this process, innermost first, as
-    'file:line function' (call it from another thread: the caller holds the GIL)."""
-    frame = sys._current_frames().get(thread_id)
+def format_stack(frame, limit: int = STACK_FRAMES) -> list[str]:
+    """The innermost `limit` frames from `frame` (of this process; call it holding the GIL),
+    innermost first, as 'file:line function'."""
     out = []
     while frame is not None and len(out) < limit:
         code = frame.f_code
         out.append(f"{os.path.basename(code.co_filename)}:{frame.f_lineno} {code.co_name}")
         frame = frame.f_back
     return out
+
+
+def stack_key(thread_id: int, limit: int = STACK_FRAMES) -> tuple[int | None, object]:
+    """A fingerprint of a thread's innermost `limit` frames (code and line; the same within a
+    process), and its innermost frame, formatted only when needed."""
+    top = frame = sys._current_frames().get(thread_id)
+    if frame is None:
+        return None, None
+    parts = []
+    while frame is not None and len(parts) < limit:
+        parts.append((id(frame.f_code), frame.f_lineno))
+        frame = frame.f_back
+    return hash(tuple(parts)), top
 
 
 class MainThreadProbe:
@@ -113,20 +125,24 @@ class MainThreadProbe:
         self._clock = time.pthread_getcpuclockid(self.ident) if hasattr(time, "pthread_getcpuclockid") else None
         self._io_path = f"/proc/self/task/{self.native_id}/io"
         self._last_stack: int | None = None
+        self._given: int | None = None  # the stack whose frames were given last
 
     def sample(self) -> tuple[ThreadSample, list[str] | None, float]:
-        """The main thread's sample, its frames when the stack changed since the last sample
-        (else None), and the CPU seconds of the rank's other threads but the caller's."""
+        """The main thread's sample; its frames when its stack is the one of the previous sample
+        and they were not given yet (where a stuck thread waits: while it runs, its stack
+        changes between samples and formatting it every time cost the agent most of a report);
+        and the CPU seconds of the rank's other threads but the caller's."""
         cpu = time.clock_gettime(self._clock) if self._clock is not None else 0.0
-        frames = python_stack(self.ident)
-        key = hash(tuple(frames))
-        changed = key != self._last_stack
+        key, top = stack_key(self.ident)
+        frames = None
+        if key is not None and key == self._last_stack and key != self._given:
+            frames, self._given = format_stack(top), key
         self._last_stack = key
         other = time.process_time() - cpu - time.thread_time()
         last = self._last
         io = last.io if last is not None and cpu - last.cpu >= self.min_cpu_s > 0 else _io_chars(self._io_path)
         self._last = ThreadSample(cpu, io, key)
-        return self._last, frames if changed else None, other
+        return self._last, frames, other
 
 
 @dataclass

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import operator
 import random
 import threading
 import time
@@ -34,6 +35,8 @@ from .ops import COLLECTIVES, POINT_TO_POINT, SENDS, signature, signature_id  # 
 
 
 _P2P = frozenset(POINT_TO_POINT)
+# an ended collective's group and its row in the columns (finite: True, False or None unchecked)
+_ROW = operator.attrgetter("group", "seq", "sig", "enter", "exit", "step", "finite", "in_checkpoint")
 _RECEIVES = frozenset({"recv", "irecv"})  # their tensor is the output: not checked
 # the share of calls whose own CPU time the recorder reads (a thread CPU clock is a system call,
 # 0.5 us: reading it four times on every call cost a quarter of what it measured); the sum of
@@ -193,9 +196,8 @@ class CollectiveRecorder:
         # point-to-point transfers entered or ended since the last snapshot (reported as rows:
         # each one at most twice)
         self.fresh: deque[CollectiveEvent] = deque(maxlen=2 * capacity)
-        # collectives and transfers ended since the last snapshot; the snapshot files them as
-        # rows (transfers) and as columns per group (collectives: seq, signature id, enter, exit,
-        # step, finite 1 / 0 / -1 unchecked, in_checkpoint)
+        # collectives ended since the last snapshot; the snapshot files them into columns per
+        # group (seq, signature id, enter, exit, step, finite, in_checkpoint)
         self.ended: deque[CollectiveEvent] = deque(maxlen=4 * capacity)
         self.signatures: dict[int, tuple] = {}  # signature id -> (op, dtype, shape or None)
         self._sig_ids: dict[tuple, int] = {}  # (op, dtype, shape) -> signature id
@@ -205,7 +207,6 @@ class CollectiveRecorder:
         self.in_checkpoint = False
         self.check_finite = check_finite
         self.hook: CollectiveHook | None = None
-        self.step_collectives = 0  # collectives this rank entered since the step began
         self._seq: dict[tuple[int, ...], int] = {}
         self._ranks: dict[int, tuple[int, ...]] = {}
         self._me = -1  # this rank (global), known once a group was looked up
@@ -336,7 +337,6 @@ class CollectiveRecorder:
         key = (group, "send" if name in SENDS else "recv") if p2p else group
         seq = self._seq.get(key, 0)
         self._seq[key] = seq + 1
-        self.step_collectives += 1
         now = time.monotonic()
         event = CollectiveEvent(group, seq, name, nbytes, dtype, shape, None if on_device else now, None, peer,
                                 self.step, finite, self.in_checkpoint, marks, sid)  # by position: half the cost
@@ -376,20 +376,10 @@ class CollectiveRecorder:
                 event.marks.end = end
             return
         event.exit = time.monotonic()
-        self.ended.append(event)  # the agent's snapshot files it
+        # the agent's snapshot files it: a transfer as a row, a collective into its group's columns
+        (self.fresh if event.op in _P2P else self.ended).append(event)
         if self.inflight.get(event.group) is event:
             self.inflight.pop(event.group, None)
-
-    def _file(self, e: CollectiveEvent, done: dict[tuple[int, ...], list[tuple]]) -> None:
-        """Agent thread: an ended transfer into the rows, an ended collective into its group's columns."""
-        if e.op in _P2P:
-            self.fresh.append(e)
-            return
-        rows = done.get(e.group)
-        if rows is None:
-            rows = done[e.group] = []
-        rows.append((e.seq, e.sig, e.enter, e.exit, e.step, -1 if e.finite is None else 1 if e.finite else 0,
-                     e.in_checkpoint))
 
     def _poll_device(self) -> None:
         """Agent thread, under the lock: the CUDA collectives the device has started or ended
@@ -411,7 +401,7 @@ class CollectiveRecorder:
             if m.end is not None and m.end.query():
                 e.exit = max(e.enter, self.clock.time_of(m.end))
                 self.device_moved = now
-                self.ended.append(e)
+                (self.fresh if e.op in _P2P else self.ended).append(e)
                 continue
             still.append(e)
         self.pending = still
@@ -419,7 +409,6 @@ class CollectiveRecorder:
     # ----- step boundaries -----
     def mark_step(self, step: int) -> None:
         self.step, self.step_started = step, time.monotonic()
-        self.step_collectives = 0
         if self.clock is not None:
             self.clock.maybe_renew()
 
@@ -436,8 +425,11 @@ class CollectiveRecorder:
                 self._poll_device()
             pending = list(self.pending)
         done: dict[tuple[int, ...], list[tuple]] = {}
-        for e in _drain(self.ended):
-            self._file(e, done)
+        for row in map(_ROW, _drain(self.ended)):  # (attrgetter reads the fields in C)
+            rows = done.get(row[0])
+            if rows is None:
+                rows = done[row[0]] = []
+            rows.append(row[1:])
         recent = list(dict.fromkeys(_drain(self.fresh)))[-self.capacity:]  # once each, in the order they first changed
         inflight = self.inflight.copy()  # (one C call: the training thread may change it meanwhile)
         for e in pending:  # started on the device, not ended: the oldest of each group

@@ -314,7 +314,7 @@ def columns_report(picture: JobPicture, rank: int, group: list[int], rows: list[
     from pliant.comm.monitor.agent import done_block
     from pliant.comm.monitor.ops import signature_id
 
-    cols = list(zip(*[(seq, signature_id(sig), enter, exit_, step, finite, False)
+    cols = list(zip(*[(seq, signature_id(sig), enter, exit_, step, {1: True, 0: False, -1: None}[finite], False)
                       for seq, sig, enter, exit_, step, finite in rows]))
     sigs = {signature_id(sig): list(sig) for _, sig, *_ in rows}
     picture.ingest({"rank": rank, "pid": 100 + rank, "host": "h", "slot": rank, "type": "report", "step": 9,
