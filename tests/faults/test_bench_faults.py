@@ -16,22 +16,28 @@ import pytest
 from pliant.bench.fault_runs import DETECT_S, environment
 from pliant.bench.faults_bench import STRESS_KEYS
 from pliant.bench.stress import DISK_FILE, stress
+from pliant.comm.monitor.progress import read_thread
 
 
 def test_stress_burns_cpu_hammers_disk_and_leaves_nothing(tmp_path: Path) -> None:
     with stress(2, tmp_path, sample_s=0.2) as info:
         procs = [psutil.Process(p) for p in info.pids]
         assert len(procs) == 3 and all(p.is_running() and p.ppid() == psutil.Process().pid for p in procs)
-        first = [sum(p.cpu_times()[:2]) for p in procs[:2]]
+        # a burner always wants a core: its time on a CPU plus its time waiting in the run queue
+        # (schedstat) is the whole second, however little of a core the machine's other work
+        # (the suite's other worker) leaves it; a burner that slept would not queue
+        first = [read_thread(p.pid) for p in procs[:2]]
         time.sleep(1.0)
-        burned = [sum(p.cpu_times()[:2]) - t for p, t in zip(procs[:2], first)]
-        assert all(b > 0.1 for b in burned), burned  # each burner got a real share of a core (ideally 1 s)
+        later = [read_thread(p.pid) for p in procs[:2]]
+        runnable = [(b.cpu - a.cpu) + (b.wait - a.wait) for a, b in zip(first, later)]
+        assert all(r > 0.8 for r in runnable), runnable
+        assert all(b.cpu > a.cpu for a, b in zip(first, later))  # and it got some CPU
         assert (tmp_path / DISK_FILE).is_file()
     assert not (tmp_path / DISK_FILE).exists()
     assert not [p.pid for p in procs if p.is_running()]  # reaped: not even zombies
     s = info.summary()
     assert s["survivors"] == [] and s["cpu_burners"] == 2 and s["disk_hammer"] is True
-    assert s["samples"] >= 3 and s["load1_max"] is not None and s["burner_cpu_s"] > 0.2
+    assert s["samples"] >= 3 and s["load1_max"] is not None and s["burner_cpu_s"] > 0
     assert s["disk_mb_written"] is None or s["disk_mb_written"] > 0
 
 
