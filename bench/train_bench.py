@@ -1,8 +1,9 @@
-"""`pliant bench train`: measured step time of adaptive SP against every static degree and
-plain data parallel, on the same long-tail batches, in one job.
+"""`pliant bench train`: measured step time of adaptive SP against every static degree,
+BatchAda (with --batchada) and plain data parallel, on the same long-tail batches, in one job.
 
 Every rank builds one `Trainer` per plan mode (adaptive; static at each uniform degree > 1
-that holds the longest sequence; dp), all sharing the process groups. The modes take turns
+that holds the longest sequence; batchada, the best uniform degree per batch; dp where the
+longest sequence fits one device), all sharing the process groups. The modes take turns
 in rounds of a few steps each (round robin, so that a noisy machine slows them alike), each
 continuing its own run over the same batch stream. Step times after each mode's warm-up
 steps are kept; medians, ratios, and the cost model's prediction error per step are
@@ -15,7 +16,7 @@ import platform
 import statistics
 from pathlib import Path
 
-from pliant.io import strict_dumps
+from pliant.io import atomic_write_text, strict_dumps
 
 
 def summarize(records: list[dict], warmup: int) -> dict:
@@ -37,10 +38,10 @@ def summarize(records: list[dict], warmup: int) -> dict:
             "final_loss": [r["loss"] for r in records if r["mode"] == name][-1],
         }
     statics = {k: v for k, v in modes.items() if k.startswith("static-")}
-    if "adaptive" not in modes or "dp" not in modes or not statics:
-        raise ValueError(f"need adaptive, dp and at least one static mode, got {sorted(modes)}")
+    if "adaptive" not in modes or not statics:
+        raise ValueError(f"need adaptive and at least one static mode, got {sorted(modes)}")
     best = min(statics, key=lambda k: statics[k]["median_step_s"])
-    ad, st, dp = modes["adaptive"], modes[best], modes["dp"]
+    ad, st, dp, ba = modes["adaptive"], modes[best], modes.get("dp"), modes.get("batchada")
     per_round = [s / a for s, a in zip(st["round_medians_s"], ad["round_medians_s"])]
     all_errors = [abs(r["predicted_s"] - r["seconds"]) / r["seconds"] for r in records if r["step"] > warmup]
     # with calibration on: the same steps as the configured coefficients price them
@@ -52,9 +53,13 @@ def summarize(records: list[dict], warmup: int) -> dict:
             "adaptive_step_s": ad["median_step_s"],
             "static_step_s": st["median_step_s"],
             "static_degree": int(best.split("-")[1]),
-            "dp_step_s": dp["median_step_s"],
+            "dp_step_s": dp["median_step_s"] if dp else None,  # None: the longest sequence needs SP
+            "batchada_step_s": ba["median_step_s"] if ba else None,
             "speedup_vs_static": st["median_step_s"] / ad["median_step_s"],
-            "speedup_vs_dp": dp["median_step_s"] / ad["median_step_s"],
+            "speedup_vs_dp": dp["median_step_s"] / ad["median_step_s"] if dp else None,
+            "speedup_vs_batchada": ba["median_step_s"] / ad["median_step_s"] if ba else None,
+            "predicted_speedup_vs_static": st["median_predicted_s"] / ad["median_predicted_s"],
+            "predicted_speedup_vs_batchada": ba["median_predicted_s"] / ad["median_predicted_s"] if ba else None,
             "speedup_vs_static_per_round": per_round,
             "prediction_error_median": statistics.median(all_errors),
             "prediction_error_median_adaptive": ad["prediction_error_median"],
@@ -70,16 +75,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps-per-round", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2, help="first steps of each mode left out")
+    p.add_argument("--batchada", action="store_true", help="add BatchAda: the best uniform degree per batch")
+    p.add_argument("--resume", action="store_true",
+                   help="(a supervisor's restart) the bench starts over: its records are kept by rank 0 only at the end")
     args = p.parse_args(argv)
 
-    import numpy as np
+    from pliant.config import load_config
+    from pliant.runtime.monitoring import RankMonitor
+
+    cfg = load_config(args.config)
+    # under the fault supervisor (a multi-node bench), the fault monitor's agent: before DeepSpeed
+    # starts, as in `pliant train`'s worker; otherwise it does nothing
+    monitor = RankMonitor(cfg.faults, None)
+    try:
+        rc = _bench(args, cfg, monitor)
+    except BaseException as e:
+        monitor.close_on(e)
+        raise
+    monitor.close("finished")
     import torch.distributed as dist
 
-    from pliant.config import load_config
+    dist.barrier()
+    dist.destroy_process_group()
+    return rc
+
+
+def _bench(args, cfg, monitor) -> int:
+    import numpy as np
+
     from pliant.runtime.rank import setup_rank
     from pliant.runtime.trainer import Trainer
 
-    cfg = load_config(args.config)
     c = cfg.cluster
     setup = setup_rank(c, cfg.model, cfg.cost, cfg.planner)
     rank, world, planner, registry = setup.rank, setup.world, setup.planner, setup.registry
@@ -89,13 +115,22 @@ def main(argv: list[str] | None = None) -> int:
     if not degrees:
         raise SystemExit(f"pliant bench train: no uniform degree > 1 holds max_len={max_len}")
     modes = {"adaptive": {"plan": "adaptive"}, **{f"static-{s}": {"plan": "static", "static_degree": s}
-                                                   for s in degrees}, "dp": {"plan": "dp"}}
+                                                   for s in degrees}}
+    if args.batchada:
+        modes["batchada"] = {"plan": "batchada"}
+    if planner.cost.seq_fits(np.array([max_len]), 1)[0]:  # data parallel where the longest sequence fits a device
+        modes["dp"] = {"plan": "dp"}
     trainers = {name: Trainer.from_config(cfg, registry=registry, steps=total, **upd) for name, upd in modes.items()}
+    for trainer in trainers.values():
+        monitor.attach(trainer)
     records: list[dict] = []
+    marks = 0  # the monitor's step count runs over every mode's steps
     try:
         for rnd in range(args.rounds):
             for name, trainer in trainers.items():
                 for _ in range(args.steps_per_round):
+                    marks += 1
+                    monitor.begin_step(marks)
                     r = trainer.train_step()
                     records.append({"mode": name, "round": rnd, "step": r.step, "seconds": r.seconds,
                                     "predicted_s": r.predicted_s, "predicted_configured_s": r.predicted_configured_s,
@@ -113,11 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         doc = {"benchmark": "train", "config": args.config, "world_size": world, "device": c.device,
                "host": platform.node(), "rounds": args.rounds, "steps_per_round": args.steps_per_round,
                "warmup": args.warmup, "cost": cfg.cost.model_dump(mode="json"), **result, "records": records}
-        Path(args.out).write_text(strict_dumps(doc, indent=1))
+        atomic_write_text(Path(args.out), strict_dumps(doc, indent=1))
         print_table(result)
         print(f"wrote {args.out}", flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
     return 0
 
 
@@ -134,9 +167,11 @@ def print_table(result: dict) -> None:
                   f"{m['prediction_error_median']:.1%}", f"{m['median_step_s'] / ad:.2f}x", f"{m['final_loss']:.4f}")
     Console().print(t)
     s = result["summary"]
+    extra = "".join(f"  vs {name} {s[key]:.2f}x" for name, key in (("BatchAda", "speedup_vs_batchada"),
+                                                                    ("dp", "speedup_vs_dp")) if s[key] is not None)
     print(f"adaptive {s['adaptive_step_s']:.3f}s  best static (SP={s['static_degree']}) {s['static_step_s']:.3f}s  "
-          f"dp {s['dp_step_s']:.3f}s  speedup vs static {s['speedup_vs_static']:.2f}x  vs dp "
-          f"{s['speedup_vs_dp']:.2f}x  prediction error median {s['prediction_error_median']:.1%}")
+          f"speedup vs static {s['speedup_vs_static']:.2f}x (predicted {s['predicted_speedup_vs_static']:.2f}x){extra}  "
+          f"prediction error median {s['prediction_error_median']:.1%}")
     if s.get("prediction_error_median_uncalibrated") is not None:
         print(f"online calibration: prediction error median {s['prediction_error_median']:.1%} calibrated, "
               f"{s['prediction_error_median_uncalibrated']:.1%} with the configured coefficients on the same steps")

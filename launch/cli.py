@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -75,7 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--rounds", type=int, default=3, help="round-robin rounds over the modes")
     bt.add_argument("--steps-per-round", type=int, default=8)
     bt.add_argument("--warmup", type=int, default=2, help="first steps of each mode left out of the medians")
+    bt.add_argument("--batchada", action="store_true", help="add BatchAda: the best uniform degree per batch")
     bt.add_argument("--print-commands", action="store_true", help="print the torchrun command for every node")
+    bt.add_argument("--node-rank", type=int, default=None, metavar="I",
+                    help="multi-node configs: this node's index in cluster.hosts (default: SLURM_NODEID)")
+    bt.add_argument("--run-dir", default="runs/bench-train",
+                    help="multi-node configs: the fault supervisor's and monitor's files go here")
 
     bf = bsub.add_parser("faults", help="every fault class injected into a supervised job: detection, "
                                         "localisation, recovery, overhead, false alarms")
@@ -139,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arg(t, LOCAL_CONFIG)
     t.add_argument("--steps", type=int, default=None, help="override train.steps")
     t.add_argument("--run-dir", default="runs/latest", help="metrics (and checkpoints) go here")
-    t.add_argument("--plan", choices=["adaptive", "static", "dp"], default=None, help="override train.plan")
+    t.add_argument("--plan", choices=["adaptive", "static", "dp", "batchada"], default=None, help="override train.plan")
     t.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --run-dir")
     t.add_argument("--save-params", action="store_true", help="write the final parameters to RUN_DIR/final_params.pt")
     t.add_argument("--print-commands", action="store_true",
@@ -155,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--calibration-steps", type=int, default=8, help="training steps that measure the per-step overhead")
     pf.add_argument("--quick", action="store_true", help="short sequences and one repeat (a smoke test)")
     pf.add_argument("--print-commands", action="store_true", help="print the torchrun command for every node")
+    pf.add_argument("--node-rank", type=int, default=None, metavar="I",
+                    help="multi-node configs: this node's index in cluster.hosts (default: SLURM_NODEID)")
 
     rp = sub.add_parser("report", help="PNG plots of a training run (loss, step time, group sizes), or the reward "
                                        "of RL runs against wall time and samples")
@@ -332,7 +340,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
         rank_args += ["--report", str(Path(args.report).resolve())]
     if args.quick:
         rank_args.append("--quick")
-    return launch(load_config(args.config), "pliant.launch.profile", rank_args, profile_main, args.print_commands)
+    return launch(load_config(args.config), "pliant.launch.profile", rank_args, profile_main, args.print_commands,
+                  node_rank=args.node_rank)
 
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
@@ -344,10 +353,18 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     if args.rounds < 1 or args.steps_per_round < 1 or not 0 <= args.warmup < args.rounds * args.steps_per_round:
         raise PlanningError(f"--rounds and --steps-per-round must be >= 1 and --warmup below their product, got "
                             f"{args.rounds}, {args.steps_per_round}, {args.warmup}")
-    rank_args = config_args(args.config)
-    rank_args += ["--out", str(Path(args.out).resolve()), "--rounds", str(args.rounds), "--steps-per-round",
-                  str(args.steps_per_round), "--warmup", str(args.warmup)]
-    return launch(load_config(args.config), "pliant.bench.train_bench", rank_args, bench_main, args.print_commands)
+    bench_args = ["--out", str(Path(args.out).resolve()), "--rounds", str(args.rounds), "--steps-per-round",
+                  str(args.steps_per_round), "--warmup", str(args.warmup)] + (["--batchada"] if args.batchada else [])
+    cfg = load_config(args.config)
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if cfg.cluster.nodes > 1 and not (launched or args.print_commands):
+        # several nodes: this node's part, as `pliant train --node-rank I` runs it (under the
+        # fault supervisor and its monitor when faults.enabled)
+        from pliant.launch.launcher import run_node
+
+        return run_node(cfg, args.config, "pliant.bench.train_bench", bench_args, Path(args.run_dir), args.node_rank)
+    return launch(cfg, "pliant.bench.train_bench", config_args(args.config) + bench_args, bench_main,
+                  args.print_commands)
 
 
 def cmd_bench_startup(args: argparse.Namespace) -> int:

@@ -35,13 +35,14 @@ def worker_args(args: argparse.Namespace, with_config: bool = True) -> list[str]
 
 
 def launch(cfg, module: str, module_args: list[str], rank_main: Callable[[list[str]], int],
-           print_commands: bool = False) -> int:
-    """Run `module` on every rank of the config's cluster: in this process when a launcher
-    already started it, through a local torchrun on one node, or print each node's command."""
+           print_commands: bool = False, node_rank: int | None = None) -> int:
+    """Run `module` on every rank of the config's cluster, unsupervised: in this process when a
+    launcher already started it; else this node's torchrun (one node: node 0; several: the node
+    --node-rank or Slurm names); with `print_commands`, print every node's command instead."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun / deepspeed / a scheduler
         return rank_main(module_args)
     c = cfg.cluster
-    if print_commands or c.nodes > 1:
+    if print_commands:
         if c.nodes > 1 and not c.hosts:
             raise ConfigError(f"cluster.hosts: a {c.nodes}-node cluster needs one address per node to build the "
                               f"torchrun commands")
@@ -50,7 +51,22 @@ def launch(cfg, module: str, module_args: list[str], rank_main: Callable[[list[s
             print(f"# node {node} ({host})")
             print(" ".join(shlex.quote(x) for x in torchrun_command(cfg, node, module, module_args)))
         return 0
-    return subprocess.run(torchrun_command(cfg, 0, module, module_args), env=torchrun_env(cfg)).returncode
+    node = place_node(c, node_rank)
+    return subprocess.run(torchrun_command(cfg, node.rank, module, module_args), env=torchrun_env(cfg)).returncode
+
+
+def run_node(cfg, config_names: list[str], module: str, module_args: list[str], run_dir, node_rank: int | None = None,
+             resume: bool = False) -> int:
+    """This node's part of a job that runs `module` on every rank, as `pliant train` runs its
+    worker: under the fault supervisor (its master on node 0, the monitor's agents in the ranks)
+    when faults.enabled, else this node's torchrun. `module_args` without the config."""
+    node = place_node(cfg.cluster, node_rank)
+    if cfg.faults.enabled:
+        from pliant.launch.supervisor import Supervisor
+
+        return Supervisor(cfg, config_names, module, module_args, run_dir, resume=resume, node=node).run()
+    args = config_args(config_names) + module_args + (["--resume"] if resume else [])
+    return subprocess.run(torchrun_command(cfg, node.rank, module, args), env=torchrun_env(cfg)).returncode
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -62,13 +78,5 @@ def cmd_train(args: argparse.Namespace) -> int:
         return launch(cfg, "pliant.launch.worker", worker_args(args), worker_main, args.print_commands)
     # the whole job, as the ranks will see it, before anything starts: bad input is not a fault
     check_job(with_overrides(cfg, "train", steps=args.steps, plan=args.plan))
-    node = place_node(cfg.cluster, getattr(args, "node_rank", None))
-    if cfg.faults.enabled:
-        from pliant.launch.supervisor import Supervisor
-
-        return Supervisor(cfg, args.config, "pliant.launch.worker", worker_args(args, with_config=False),
-                          args.run_dir, resume=args.resume, node=node).run()
-    if cfg.cluster.nodes > 1:  # unsupervised: this node's torchrun
-        cmd = torchrun_command(cfg, node.rank, "pliant.launch.worker", worker_args(args))
-        return subprocess.run(cmd, env=torchrun_env(cfg)).returncode
-    return launch(cfg, "pliant.launch.worker", worker_args(args), worker_main)
+    return run_node(cfg, args.config, "pliant.launch.worker", worker_args(args, with_config=False), args.run_dir,
+                    getattr(args, "node_rank", None), resume=args.resume)

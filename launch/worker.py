@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, action="append", help="config file; repeat to overlay more")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--run-dir", default=None)
-    p.add_argument("--plan", choices=["adaptive", "static", "dp"], default=None, help="override train.plan")
+    p.add_argument("--plan", choices=["adaptive", "static", "dp", "batchada"], default=None, help="override train.plan")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --run-dir")
     p.add_argument("--save-params", action="store_true", help="write the final parameters (tests)")
     args = p.parse_args(argv)

@@ -37,6 +37,9 @@ def _better(a: tuple[float, list] | None, b: tuple[float, list] | None) -> tuple
     return b
 
 
+BATCH_ADAPTIVE = "batch"  # plan_for's degree for one uniform degree chosen per batch (BatchAda)
+
+
 @dataclass
 class _Draft:
     """A micro-batch scheduled by the heuristic (or as a uniform mix), waiting for the MILP."""
@@ -334,9 +337,25 @@ class Planner:
             micro.append(mb)
         return self._assemble(f"fixed-{s}", arr, micro, t0, candidates)
 
-    def plan_for(self, lengths, degree: int | None = None) -> Plan | None:
-        """The adaptive plan, or with `degree` the fixed-degree one (None if it cannot hold the batch)."""
-        return self.plan(lengths) if degree is None else self.plan_fixed(lengths, degree)
+    def plan_batch_adaptive(self, lengths, time_budget_s: float = 0.5) -> Plan | None:
+        """BatchAda (FlexSP's batch-adaptive baseline): the plan of the uniform degree the cost
+        model prices fastest for this batch, every group of that size (None if no degree holds
+        it). `time_budget_s` is each degree's search."""
+        best = None
+        for s in self.fixed_degrees():
+            plan = self.plan_fixed(lengths, s, time_budget_s)
+            if plan is not None and (best is None or plan.predicted_ms < best.predicted_ms):
+                best = plan
+        return best
+
+    def plan_for(self, lengths, degree: int | str | None = None) -> Plan | None:
+        """The adaptive plan (degree None); every group of size `degree` (an int); or the best
+        uniform degree for this batch (degree BATCH_ADAPTIVE). None if the batch does not fit."""
+        if degree is None:
+            return self.plan(lengths)
+        if degree == BATCH_ADAPTIVE:
+            return self.plan_batch_adaptive(lengths)
+        return self.plan_fixed(lengths, degree)
 
     # ----- common -----
     def _assemble(self, strategy: str, arr: np.ndarray, micro: list[MicroBatchPlan], t0: float,

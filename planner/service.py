@@ -49,7 +49,7 @@ def _init(planner: Planner, parent_pid: int) -> None:
     _planner = planner
 
 
-def _plan(lengths: np.ndarray, degree: int | None, cost=None) -> Plan | None:
+def _plan(lengths: np.ndarray, degree: int | str | None, cost=None) -> Plan | None:
     assert _planner is not None
     if cost is not None:  # a refit cost model (planner/calibrate.py) replaces the one it started with
         _planner.cost = cost
@@ -63,9 +63,10 @@ class PlanningService:
         self._pool = ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"),
                                          initializer=_init, initargs=(planner, os.getpid()))
 
-    def submit(self, lengths, degree: int | None = None) -> "Future[Plan | None]":
-        """The adaptive plan of a batch; with `degree`, the plan with every group of that size
-        (None when some sequence does not fit it, as `Planner.plan_fixed`). Plans with
+    def submit(self, lengths, degree: int | str | None = None) -> "Future[Plan | None]":
+        """`Planner.plan_for(lengths, degree)` in the background: the adaptive plan of a batch;
+        with an int `degree`, the plan with every group of that size; with BATCH_ADAPTIVE the
+        best uniform degree's (None when the batch does not fit). Plans with
         `self.planner.cost`: a cost model refit since the last call travels with this one."""
         cost = self.planner.cost
         changed = cost is not self._sent_cost

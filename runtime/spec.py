@@ -38,7 +38,9 @@ class TrainSpec(_Strict):
     steps: PositiveInt = 200
     batch_tokens: PositiveInt = 8192
     max_len: PositiveInt | None = 4096
-    plan: Literal["adaptive", "static", "dp"] = "adaptive"
+    # adaptive: groups of any sizes per batch; static: every group of static_degree; dp: no SP;
+    # batchada: one uniform degree per batch, the one the cost model prices fastest (a baseline)
+    plan: Literal["adaptive", "static", "dp", "batchada"] = "adaptive"
     static_degree: PositiveInt | None = None  # for plan: static; default: the smallest that holds max_len
     lr: PositiveFloat = 3e-3
     min_lr: NonNegativeFloat = 3e-4

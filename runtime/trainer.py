@@ -33,6 +33,7 @@ import torch.distributed as dist
 from pliant.comm import GroupRegistry
 from pliant.planner import Plan, PlanningService, get_distribution, load_length_file
 from pliant.planner.baselines import static_degree
+from pliant.planner.core import BATCH_ADAPTIVE
 from pliant.planner.calibrate import Calibration, GroupSample, Refit, price_plan
 from pliant.planner.spec import ClusterSpec, CostSpec, ModelSpec, PlannerSpec
 
@@ -131,25 +132,27 @@ class Trainer:
 
     # ----- planning -----
     @property
-    def fixed_degree(self) -> int | None:
-        """The group size of every group under plan static or dp; None when adaptive."""
+    def plan_degree(self) -> int | str | None:
+        """Planner.plan_for's degree for this run's plan mode: the group size of every group under
+        static or dp, None when adaptive, BATCH_ADAPTIVE for batchada."""
         mode = self.train_spec.plan
-        return None if mode == "adaptive" else (1 if mode == "dp" else self.static_degree)
+        return {"adaptive": None, "dp": 1, "batchada": BATCH_ADAPTIVE}.get(mode, self.static_degree)
 
     def _resolve(self, pending: Future | Plan | None, lengths: np.ndarray) -> Plan:
         """A plan that may still be computing in the background; a fixed degree that cannot hold
         the batch (no plan) is an error."""
         plan = pending.result() if isinstance(pending, Future) else pending
         if plan is None:
+            where = "any uniform degree" if self.plan_degree == BATCH_ADAPTIVE else f"a group of {self.plan_degree}"
             raise LaunchError(f"plan '{self.train_spec.plan}': a sequence of {int(lengths.max())} tokens does not fit "
-                              f"a group of {self.fixed_degree}")
+                              f"{where}")
         return plan
 
     def _fetch_batch_and_plan(self) -> tuple[np.ndarray, np.ndarray, Plan]:
         """This step's batch and plan; rank 0 starts planning the next batch in the background."""
         if self._pending is None:
             ids, lengths = self.batcher.next_batch()
-            pending = self.planner.plan_for(lengths, self.fixed_degree) if self.rank == 0 else None
+            pending = self.planner.plan_for(lengths, self.plan_degree) if self.rank == 0 else None
         else:
             ids, lengths, pending = self._pending
         plan = None
@@ -162,7 +165,7 @@ class Trainer:
         next_ids, next_lengths = self.batcher.next_batch()
         nxt = None
         if self.rank == 0:
-            nxt = self._service.submit(next_lengths, self.fixed_degree)
+            nxt = self._service.submit(next_lengths, self.plan_degree)
         self._pending = (next_ids, next_lengths, nxt)
         return ids, lengths, plan
 
@@ -290,7 +293,7 @@ class Trainer:
             plan = None
             if self.rank == 0:  # a plan for another world is planned again
                 plan = Plan.from_dict(meta["pending_plan"]) if not resize else self.planner.plan_for(
-                    np.array(meta["pending_lengths"], dtype=np.int64), self.fixed_degree)
+                    np.array(meta["pending_lengths"], dtype=np.int64), self.plan_degree)
             self._pending = (np.array(meta["pending_ids"], dtype=np.int64),
                              np.array(meta["pending_lengths"], dtype=np.int64), plan)
         return True

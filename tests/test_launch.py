@@ -40,6 +40,20 @@ def test_multi_node_without_hosts_is_an_error(tmp_path):
     assert r.returncode == 2 and "cluster.hosts" in r.stderr and "8-node" in r.stderr
 
 
+def test_bench_and_profile_run_one_node_of_a_multi_node_config(tmp_path):
+    """`pliant bench train` and `pliant profile` on a multi-node config run this node's part
+    (--node-rank, as `pliant train`); without one they name what is missing instead of
+    printing commands; --print-commands still prints every node's."""
+    cfg = _cfg(tmp_path, BASE.replace("  backend: nccl", "  backend: nccl\n  hosts: [h0, h1, h2, h3, h4, h5, h6, h7]"))
+    for cmd in (["bench", "train"], ["profile"]):
+        r = run(*cmd, "--config", str(cfg))
+        assert r.returncode == 2 and "--node-rank" in r.stderr and "8-node" in r.stderr, (cmd, r.stderr)
+        r = run(*cmd, "--config", str(cfg), "--node-rank", "9")
+        assert r.returncode == 2 and "node rank 9" in r.stderr, (cmd, r.stderr)
+    r = run("bench", "train", "--config", str(cfg), "--print-commands", "--batchada")
+    assert r.returncode == 0 and r.stdout.count("train_bench.py") == 8 and "--batchada" in r.stdout
+
+
 def test_hosts_must_match_nodes(tmp_path):
     cfg = _cfg(tmp_path, BASE.replace("  backend: nccl", "  backend: nccl\n  hosts: [h0, h1]"))
     r = run("train", "--config", str(cfg), "--print-commands")

@@ -243,3 +243,20 @@ def test_solver_choice_falls_back_to_cbc(monkeypatch):
     monkeypatch.setattr(milp, "highs_available", lambda: True)
     assert milp.pick_solver("auto") == "highs"
     assert milp.pick_solver("heuristic") == "heuristic"
+
+
+def test_batch_adaptive_takes_the_uniform_degree_priced_fastest():
+    """BatchAda (plan_for with BATCH_ADAPTIVE): one uniform degree for the whole batch, the one
+    whose plan the cost model prices fastest; no degree when no uniform one holds the batch."""
+    from pliant.planner.core import BATCH_ADAPTIVE
+
+    planner = small_planner(1, 8, 40.0, time_limit_s=0.3)
+    for lengths in ([4096, 300, 200, 100, 50, 2000, 900], [60000, 800, 700], [100] * 16):
+        plan = planner.plan_for(lengths, BATCH_ADAPTIVE)
+        fixed = {s: planner.plan_fixed(lengths, s) for s in planner.fixed_degrees()}
+        priced = {s: p.predicted_ms for s, p in fixed.items() if p is not None}
+        validate_plan(plan, planner.cost)
+        assert len({g.size for mb in plan.micro_batches for g in mb.groups}) == 1
+        assert plan.predicted_ms == pytest.approx(min(priced.values()))
+        assert plan.strategy == f"fixed-{min(priced, key=priced.get)}"
+        assert planner.plan(lengths).predicted_ms <= plan.predicted_ms * (1 + 1e-9)

@@ -133,6 +133,18 @@ def test_summarize_picks_the_best_static_degree():
     assert s["static_degree"] == 4 and s["static_step_s"] == 1.2
     assert s["speedup_vs_static"] == pytest.approx(1.2) and s["speedup_vs_dp"] == pytest.approx(2.0)
     assert s["prediction_error_median"] == pytest.approx(0.1)
+    assert s["speedup_vs_batchada"] is None and s["predicted_speedup_vs_static"] == pytest.approx(1.2)
+
+
+def test_summarize_without_dp_and_with_batchada():
+    """Where the longest sequence needs SP there is no dp mode; BatchAda is compared when run."""
+    recs = [{"mode": mode, "round": 0, "step": step, "seconds": secs, "predicted_s": pred, "loss": 1.0}
+            for mode, secs, pred in (("adaptive", 1.0, 0.9), ("static-4", 1.5, 1.6), ("batchada", 1.25, 1.2))
+            for step in range(1, 4)]
+    s = summarize(recs, warmup=1)["summary"]
+    assert s["dp_step_s"] is None and s["speedup_vs_dp"] is None
+    assert s["speedup_vs_batchada"] == pytest.approx(1.25) and s["predicted_speedup_vs_batchada"] == pytest.approx(1.2 / 0.9)
+    assert s["predicted_speedup_vs_static"] == pytest.approx(1.6 / 0.9)
 
 
 def _pliant(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -160,13 +172,14 @@ def test_profile_end_to_end_writes_a_usable_overlay(tmp_path):
 def test_bench_train_end_to_end(tmp_path):
     out = tmp_path / "train.json"
     r = _pliant("bench", "train", "--config", str(LOCAL), "--out", str(out), "--rounds", "1", "--steps-per-round",
-                "3", "--warmup", "1")
+                "3", "--warmup", "1", "--batchada")
     assert r.returncode == 0, r.stderr[-3000:]
     doc = json.loads(out.read_text())
     s = doc["summary"]
-    for key in ("adaptive_step_s", "static_step_s", "dp_step_s", "speedup_vs_static", "prediction_error_median"):
+    for key in ("adaptive_step_s", "static_step_s", "dp_step_s", "batchada_step_s", "speedup_vs_static",
+                "speedup_vs_batchada", "prediction_error_median"):
         assert s[key] > 0, key
-    assert set(doc["modes"]) == {"adaptive", "static-2", "static-4", "dp"}
+    assert set(doc["modes"]) == {"adaptive", "static-2", "static-4", "batchada", "dp"}
     # every mode trained the same batches from the same initial weights: same losses (any plan, same gradients)
     losses = [m["final_loss"] for m in doc["modes"].values()]
     assert max(losses) - min(losses) < 1e-4
