@@ -112,6 +112,20 @@ def build_parser() -> argparse.ArgumentParser:
                          "learner (configs/rl-local.yaml, made small)")
     bf.add_argument("--rl-only", action="store_true", help="run the RL learner phase only")
 
+    bk = bsub.add_parser("cluster", help="adaptive SP on an emulated multi-node cluster: network namespaces "
+                                         "joined by rate-limited links (root, ip, tc), profiled, every mode, a "
+                                         "sweep of link rates")
+    add_config_arg(bk, "configs/emulated-cluster.yaml")
+    bk.add_argument("--out", default="bench-cluster.json", help="the JSON (a PNG of the sweep beside it)")
+    bk.add_argument("--link-mbit", default=None,
+                    help="the link rate, Mbit/s each way (default: derived from configs/flexsp-7b-64gpu.yaml)")
+    bk.add_argument("--sweep", default="0.0625,0.25,4,16",
+                    help="other link rates, as factors of the first (comma-separated; '' for none)")
+    bk.add_argument("--rounds", type=int, default=3, help="round-robin rounds over the modes")
+    bk.add_argument("--steps-per-round", type=int, default=6)
+    bk.add_argument("--warmup", type=int, default=2, help="first steps of each mode left out of the medians")
+    bk.add_argument("--timeout", type=float, default=1800, help="seconds for each profile and each bench")
+
     bs = bsub.add_parser("startup", help="a one-step job from the command to its exit, and a crashed rank's job "
                                          "from the crash to the first step after the restart (medians)")
     add_config_arg(bs, "configs/local-cpu.yaml")
@@ -344,6 +358,23 @@ def cmd_profile(args: argparse.Namespace) -> int:
                   node_rank=args.node_rank)
 
 
+def cmd_bench_cluster(args: argparse.Namespace) -> int:
+    from pliant.bench.cluster_net import ClusterNetError, parse_link_mbit
+    from pliant.launch.cluster_bench import run
+
+    try:
+        link = parse_link_mbit(args.link_mbit) if args.link_mbit is not None else None
+        factors = tuple(float(parse_link_mbit(f)) for f in args.sweep.split(",") if f.strip())
+        if args.rounds < 1 or args.steps_per_round < 1 or not 0 <= args.warmup < args.rounds * args.steps_per_round:
+            raise PlanningError(f"--rounds and --steps-per-round must be >= 1 and --warmup below their product, got "
+                                f"{args.rounds}, {args.steps_per_round}, {args.warmup}")
+        return run(args.config, Path(args.out), link, factors, args.rounds, args.steps_per_round, args.warmup,
+                   args.timeout)
+    except ClusterNetError as e:
+        print(f"pliant: error: {e}", file=sys.stderr)
+        return 2
+
+
 def cmd_bench_train(args: argparse.Namespace) -> int:
     from pliant.bench.train_bench import main as bench_main
     from pliant.config import load_config
@@ -476,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_bench_planner(args)
         if args.command == "bench" and args.bench == "train":
             return cmd_bench_train(args)
+        if args.command == "bench" and args.bench == "cluster":
+            return cmd_bench_cluster(args)
         if args.command == "bench" and args.bench == "startup":
             return cmd_bench_startup(args)
         if args.command == "bench" and args.bench == "faults":
