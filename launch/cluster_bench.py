@@ -70,11 +70,11 @@ def check_capacity(cfg: JobConfig, cores: int | None = None, memory_gib: float |
     if ranks * RANK_MEMORY_GIB > memory_gib:
         raise ClusterNetError(f"{ranks} ranks need about {ranks * RANK_MEMORY_GIB:g} GiB ({RANK_MEMORY_GIB:g} each); "
                               f"this machine has {memory_gib:.1f} GiB available")
-    if c.cores is not None and c.cores > cores:
-        raise ClusterNetError(f"cluster.cores = {c.cores}: the config prices {c.cores} shared cores, this machine "
-                              f"has {cores}")
+    if c.cores is not None and c.cores * c.nodes > cores:  # (cluster.cores counts one node's cores)
+        raise ClusterNetError(f"cluster.cores = {c.cores} per node: the config prices {c.cores * c.nodes} cores for "
+                              f"its {c.nodes} nodes, and their ranks share this machine's {cores}")
     return {"ranks": ranks, "cores": cores, "memory_gib_available": round(memory_gib, 1),
-            "ranks_share_cores": c.cores}
+            "cores_priced": None if c.cores is None else c.cores * c.nodes}
 
 
 def _cli(sub: list[str], configs: list[Path]) -> list[str]:

@@ -26,7 +26,8 @@ def test_a_machine_too_small_for_the_cluster_is_named():
                        cores=1, memory_gib=8.0)
     with pytest.raises(ClusterNetError, match=r"4 ranks need about 4 GiB .* 2.0 GiB available"):
         check_capacity(cfg, cores=2, memory_gib=2.0)
-    with pytest.raises(ClusterNetError, match=r"cluster.cores = 2: the config prices 2 shared cores, this machine has 1"):
+    with pytest.raises(ClusterNetError, match=r"cluster.cores = 1 per node: the config prices 2 cores for its 2 "
+                                              r"nodes, and their ranks share this machine's 1"):
         check_capacity(cfg, cores=1, memory_gib=8.0)
 
 
