@@ -126,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("--warmup", type=int, default=2, help="first steps of each mode left out of the medians")
     bk.add_argument("--timeout", type=float, default=1800, help="seconds for each profile and each bench")
 
+    bg = bsub.add_parser("gpu-step", help="one GPU: a few steps of the job under torch.profiler: the GPU's busy "
+                                          "fraction and kernel launches per pass (scripts/gpu-check.sh runs it)")
+    add_config_arg(bg, "configs/faults-1gpu.yaml")
+    bg.add_argument("--out", default="gpu-step.json")
+    bg.add_argument("--warmup", type=int, default=3)
+    bg.add_argument("--steps", type=int, default=5)
+
     bs = bsub.add_parser("startup", help="a one-step job from the command to its exit, and a crashed rank's job "
                                          "from the crash to the first step after the restart (medians)")
     add_config_arg(bs, "configs/local-cpu.yaml")
@@ -507,6 +514,15 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_bench_planner(args)
         if args.command == "bench" and args.bench == "train":
             return cmd_bench_train(args)
+        if args.command == "bench" and args.bench == "gpu-step":
+            from pliant.bench.gpu_check import main as gpu_main
+            from pliant.config import load_config
+            from pliant.launch.launcher import launch
+            from pliant.launch.torchrun import config_args
+
+            rank_args = config_args(args.config) + ["--out", str(Path(args.out).resolve()), "--warmup",
+                                                    str(args.warmup), "--steps", str(args.steps)]
+            return launch(load_config(args.config), "pliant.bench.gpu_check", rank_args, gpu_main)
         if args.command == "bench" and args.bench == "cluster":
             return cmd_bench_cluster(args)
         if args.command == "bench" and args.bench == "startup":
