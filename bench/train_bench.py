@@ -35,6 +35,7 @@ def summarize(records: list[dict], warmup: int) -> dict:
             "prediction_error_median": statistics.median(errors),
             "round_medians_s": [statistics.median(r["seconds"] for r in mine if r["round"] == k) for k in rounds],
             "steps": len(mine),
+            "plan_wait_median_s": statistics.median(r.get("plan_wait_s", 0.0) for r in mine),
             "final_loss": [r["loss"] for r in records if r["mode"] == name][-1],
         }
     statics = {k: v for k, v in modes.items() if k.startswith("static-")}
@@ -134,7 +135,7 @@ def _bench(args, cfg, monitor) -> int:
                     r = trainer.train_step()
                     records.append({"mode": name, "round": rnd, "step": r.step, "seconds": r.seconds,
                                     "predicted_s": r.predicted_s, "predicted_configured_s": r.predicted_configured_s,
-                                    "loss": r.loss, "tokens": r.tokens,
+                                    "loss": r.loss, "tokens": r.tokens, "plan_wait_s": r.plan_wait_s,
                                     "group_mix": r.group_mix, "micro_batches": r.micro_batches})
                 if rank == 0:
                     done = records[-1]

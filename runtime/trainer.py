@@ -82,6 +82,7 @@ class StepResult:
     memory_bytes: int  # this rank's peak: CUDA max allocated, or the process's max RSS on CPU
     predicted_memory_bytes: float  # the plan's largest per-device peak
     predicted_configured_s: float | None = None  # with calibration: the plan as the configured coefficients price it
+    plan_wait_s: float = 0.0  # rank 0: how long the step waited for its plan from the background planner
 
 
 class Trainer:
@@ -121,6 +122,7 @@ class Trainer:
         self.last_refit: Refit | None = None
         self._service = PlanningService(self.planner) if self.rank == 0 else None
         self._pending: tuple[np.ndarray, np.ndarray, Future | Plan] | None = None
+        self._plan_wait = 0.0
 
     def _deepspeed(self, module: torch.nn.Module, model: ModelSpec, train: TrainSpec):
         opt = torch.optim.AdamW(module.parameters(), lr=train.lr, betas=tuple(train.betas), eps=train.adam_eps,
@@ -156,8 +158,10 @@ class Trainer:
         else:
             ids, lengths, pending = self._pending
         plan = None
+        waited = time.perf_counter()
         if self.rank == 0:
             plan = self._resolve(pending, lengths)
+        self._plan_wait = time.perf_counter() - waited
         box = [plan]
         dist.broadcast_object_list(box, src=0)
         plan = box[0]
@@ -200,7 +204,8 @@ class Trainer:
                           predicted_s=(plan.predicted_ms + self.planner.cost.step_overhead_ms) / 1e3,
                           group_mix={int(k): int(v) for k, v in sorted(mix.items())},
                           micro_batches=len(plan.micro_batches), memory_bytes=peak_memory_bytes(self.device),
-                          predicted_memory_bytes=predicted_mem, predicted_configured_s=configured)
+                          predicted_memory_bytes=predicted_mem, predicted_configured_s=configured,
+                          plan_wait_s=self._plan_wait)
 
     def _calibrate(self, plan: Plan, lengths: np.ndarray, mb_ms: torch.Tensor, seconds: float) -> None:
         """Every rank's group times reach rank 0, which refits the planner's cost model: a

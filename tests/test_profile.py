@@ -180,6 +180,8 @@ def test_bench_train_end_to_end(tmp_path):
                 "speedup_vs_batchada", "prediction_error_median"):
         assert s[key] > 0, key
     assert set(doc["modes"]) == {"adaptive", "static-2", "static-4", "batchada", "dp"}
+    # rank 0's wait for each step's plan from the background planner is recorded
+    assert all(0 <= r["plan_wait_s"] < r["seconds"] for r in doc["records"])
     # every mode trained the same batches from the same initial weights: same losses (any plan, same gradients)
     losses = [m["final_loss"] for m in doc["modes"].values()]
     assert max(losses) - min(losses) < 1e-4
