@@ -365,6 +365,24 @@ def cmd_profile(args: argparse.Namespace) -> int:
                   node_rank=args.node_rank)
 
 
+def check_rounds(args: argparse.Namespace) -> None:
+    """The round-robin benches' --rounds, --steps-per-round and --warmup."""
+    if args.rounds < 1 or args.steps_per_round < 1 or not 0 <= args.warmup < args.rounds * args.steps_per_round:
+        raise PlanningError(f"--rounds and --steps-per-round must be >= 1 and --warmup below their product, got "
+                            f"{args.rounds}, {args.steps_per_round}, {args.warmup}")
+
+
+def cmd_bench_gpu_step(args: argparse.Namespace) -> int:
+    from pliant.bench.gpu_check import main as gpu_main
+    from pliant.config import load_config
+    from pliant.launch.launcher import launch
+    from pliant.launch.torchrun import config_args
+
+    rank_args = config_args(args.config) + ["--out", str(Path(args.out).resolve()), "--warmup", str(args.warmup),
+                                            "--steps", str(args.steps)]
+    return launch(load_config(args.config), "pliant.bench.gpu_check", rank_args, gpu_main)
+
+
 def cmd_bench_cluster(args: argparse.Namespace) -> int:
     from pliant.bench.cluster_net import ClusterNetError, parse_link_mbit
     from pliant.launch.cluster_bench import run
@@ -372,9 +390,7 @@ def cmd_bench_cluster(args: argparse.Namespace) -> int:
     try:
         link = parse_link_mbit(args.link_mbit) if args.link_mbit is not None else None
         factors = tuple(float(parse_link_mbit(f)) for f in args.sweep.split(",") if f.strip())
-        if args.rounds < 1 or args.steps_per_round < 1 or not 0 <= args.warmup < args.rounds * args.steps_per_round:
-            raise PlanningError(f"--rounds and --steps-per-round must be >= 1 and --warmup below their product, got "
-                                f"{args.rounds}, {args.steps_per_round}, {args.warmup}")
+        check_rounds(args)
         return run(args.config, Path(args.out), link, factors, args.rounds, args.steps_per_round, args.warmup,
                    args.timeout)
     except ClusterNetError as e:
@@ -388,9 +404,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     from pliant.launch.launcher import launch
     from pliant.launch.torchrun import config_args
 
-    if args.rounds < 1 or args.steps_per_round < 1 or not 0 <= args.warmup < args.rounds * args.steps_per_round:
-        raise PlanningError(f"--rounds and --steps-per-round must be >= 1 and --warmup below their product, got "
-                            f"{args.rounds}, {args.steps_per_round}, {args.warmup}")
+    check_rounds(args)
     bench_args = ["--out", str(Path(args.out).resolve()), "--rounds", str(args.rounds), "--steps-per-round",
                   str(args.steps_per_round), "--warmup", str(args.warmup)] + (["--batchada"] if args.batchada else [])
     cfg = load_config(args.config)
@@ -515,14 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench" and args.bench == "train":
             return cmd_bench_train(args)
         if args.command == "bench" and args.bench == "gpu-step":
-            from pliant.bench.gpu_check import main as gpu_main
-            from pliant.config import load_config
-            from pliant.launch.launcher import launch
-            from pliant.launch.torchrun import config_args
-
-            rank_args = config_args(args.config) + ["--out", str(Path(args.out).resolve()), "--warmup",
-                                                    str(args.warmup), "--steps", str(args.steps)]
-            return launch(load_config(args.config), "pliant.bench.gpu_check", rank_args, gpu_main)
+            return cmd_bench_gpu_step(args)
         if args.command == "bench" and args.bench == "cluster":
             return cmd_bench_cluster(args)
         if args.command == "bench" and args.bench == "startup":

@@ -35,7 +35,6 @@ REFERENCE = Path(__file__).resolve().parents[1] / "configs" / "flexsp-7b-64gpu.y
 REFERENCE_LENGTH = 191_872  # its longest Wikipedia document, which needs a group of 16 (across two nodes)
 RANK_MEMORY_GIB = 1.0  # what one CPU rank of the emulated job needs (torch, DeepSpeed, the model, its buffers)
 RANKS_PER_CORE = 4  # more ranks than this per core measure the scheduler, not the link
-SWEEP = (1 / 16, 1 / 4, 4.0, 16.0)  # the other link rates, as factors of the derived one
 
 
 def cost_model(cfg: JobConfig):

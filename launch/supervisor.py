@@ -376,8 +376,9 @@ class Supervisor:
                     master, addr = self._start_master(attempt, world)
                 if spec.enabled and self.multi:
                     addr = self.master_addr
-                    self.agent = NodeAgent(addr, self.node.rank, self.node.host, attempt, spec.report_interval_s,
-                                           spec.master_timeout_s, spec.progress_cpu_s).register(self.cfg.cluster.rendezvous_timeout_s)
+                    agent = NodeAgent(addr, self.node.rank, self.node.host, attempt, spec.report_interval_s,
+                                      spec.master_timeout_s, spec.progress_cpu_s)
+                    self.agent = agent.register(self.cfg.cluster.rendezvous_timeout_s)
                 job, self._prestarted = self._prestarted or self._torchrun(attempt, nxt, addr, resume,
                                                                            master is not None), None
                 if self.agent is not None:

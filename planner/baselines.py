@@ -45,10 +45,7 @@ def baselines(planner: Planner, lengths, max_len: int | None = None) -> Baseline
     run_max = int(max_len) if max_len is not None else int(arr.max())
     if run_max < int(arr.max()):
         raise PlanningError(f"max_len={run_max} is shorter than the batch's longest sequence ({int(arr.max())})")
-    fixed: dict[int, float | None] = {}
-    for s in planner.fixed_degrees():
-        plan = planner.plan_fixed(arr, s)
-        fixed[s] = None if plan is None else plan.predicted_ms
+    fixed = {s: None if plan is None else plan.predicted_ms for s, plan in planner.fixed_plans(arr).items()}
     feasible = {s: ms for s, ms in fixed.items() if ms is not None}
     if not feasible:
         raise PlanningError("no uniform SP degree can run this batch")

@@ -341,12 +341,12 @@ class Planner:
         """BatchAda (FlexSP's batch-adaptive baseline): the plan of the uniform degree the cost
         model prices fastest for this batch, every group of that size (None if no degree holds
         it). `time_budget_s` is each degree's search."""
-        best = None
-        for s in self.fixed_degrees():
-            plan = self.plan_fixed(lengths, s, time_budget_s)
-            if plan is not None and (best is None or plan.predicted_ms < best.predicted_ms):
-                best = plan
-        return best
+        plans = [p for p in self.fixed_plans(lengths, time_budget_s).values() if p is not None]
+        return min(plans, key=lambda p: p.predicted_ms) if plans else None
+
+    def fixed_plans(self, lengths, time_budget_s: float = 0.5) -> dict[int, Plan | None]:
+        """Every uniform degree's plan of the batch (None where a sequence does not fit it)."""
+        return {s: self.plan_fixed(lengths, s, time_budget_s) for s in self.fixed_degrees()}
 
     def plan_for(self, lengths, degree: int | str | None = None) -> Plan | None:
         """The adaptive plan (degree None); every group of size `degree` (an int); or the best

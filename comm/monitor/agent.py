@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import atexit
 import math
-from array import array
 import os
 import signal
 import socket
 import sys
 import threading
 import time
+from array import array
 from collections import deque
 from typing import Any
 
@@ -57,11 +57,11 @@ def threads_cpu(prefix: str) -> float:
 
 
 def done_block(group: tuple[int, ...], columns: list[tuple]) -> list:
-    """A group's completed collectives as columns (`columns`: recorder.done's rows transposed), each a packed
-    array in this machine's byte order (little-endian everywhere pliant runs): [group, seq,
-    signature id, enter, exit, step, finite (1, 0, -1 unchecked; given as True, False, None),
-    in_checkpoint]; times on the
-    rank's clock (the report carries the offset to the master's)."""
+    """A group's completed collectives (`columns`: the snapshot's rows of the group transposed)
+    as packed arrays in this machine's byte order (little-endian everywhere pliant runs):
+    [group, seq, signature id, enter, exit, step, finite (1, 0, -1 unchecked; given as True,
+    False, None), in_checkpoint]; times on the rank's clock (the report carries the offset to
+    the master's)."""
     seq, sig, enter, exit_, step, finite, ckpt = columns
     finite = [-1 if f is None else 1 if f else 0 for f in finite]
     return [list(group), array("q", seq).tobytes(), array("q", sig).tobytes(), array("d", enter).tobytes(),

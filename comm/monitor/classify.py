@@ -227,11 +227,7 @@ class JobPicture:
             members = self.table[key] = {}
             self._remember(("c", key))
         self._touched.add(key)
-        prev = members.get(rank)
-        members[rank] = row
-        if row.exit is not None and (prev is None or prev.exit is None) and len(members) == len(row.group) and \
-                all(m.exit is not None for m in members.values()):
-            self._completed(row.group, members)
+        members[rank] = row  # (in flight: completed collectives come as columns, judged in check)
 
     def _remember(self, key) -> None:
         self._order.append(key)
@@ -245,22 +241,6 @@ class JobPicture:
 
     def _clean(self, row: Row) -> bool:
         return row.step > self.spec.warmup_steps and not row.in_checkpoint
-
-    def _completed(self, group: tuple[int, ...], members: dict[int, Row]) -> None:
-        """A collective every member left: its duration feeds the baseline; who arrived last
-        and by how much feeds the straggler rule."""
-        rows = list(members.values())
-        if not all(self._clean(m) for m in rows):
-            return
-        for m in rows:  # the group's own baseline, and pooled ones for groups new to the plan
-            for key in ((group, m.op), (len(group), m.op), m.op):
-                self.durations[key].append(m.exit - m.enter)
-        if len(rows) < 2 or rows[0].op.endswith("_object") or rows[0].op == "broadcast_object_list":
-            return  # rank 0's planning ends before it broadcasts the plan: not a straggler
-        ordered = sorted(members.items(), key=lambda kv: kv[1].enter)
-        last_rank, last = ordered[-1]
-        gap = last.enter - ordered[-2][1].enter
-        self.step_delay[last.step][last_rank] += gap
 
     def _op(self, sid: int) -> str:
         return self.signatures.get(sid, ("?",))[0]

@@ -142,7 +142,7 @@ class Master:
                     self._gone(poller, fd)
             # what is queued, no more: a receive that finds nothing raises, and pyzmq's exception
             # cost the master more than the message did
-            while self.sock.get(zmq.EVENTS) & zmq.POLLIN:
+            while wire.waiting(self.sock):
                 ident, payload = self.sock.recv_multipart(flags=zmq.NOBLOCK)
                 now = time.monotonic()
                 try:
@@ -260,5 +260,3 @@ class MasterThread:
         """Stop serving; it writes RUN_DIR/monitor/master-a{attempt}.json on its way out."""
         self.master.stop()
         self._thread.join(timeout_s)
-
-

@@ -54,6 +54,15 @@ def _io_chars(path: str) -> int:
         return 0
 
 
+def _io_since(prev: "ThreadSample | None", cpu: float, min_cpu_s: float, path: str) -> int:
+    """The thread's read/write bytes: the previous sample's when its CPU time grew by
+    `min_cpu_s` since (that is progress already, and reading /proc/.../io costs the kernel
+    60-100 us), else read from `path`."""
+    if prev is not None and cpu - prev.cpu >= min_cpu_s > 0:
+        return prev.io
+    return _io_chars(path)
+
+
 def stat_fields(path: str) -> list[str] | None:
     """The fields of a /proc stat file after the command name (which may hold spaces and
     parentheses): [0] the state letter, [11] and [12] utime and stime in clock ticks; None
@@ -85,8 +94,7 @@ def read_thread(pid: int, tid: int | None = None, prev: ThreadSample | None = No
         cpu, wait = int(on_cpu) / 1e9, int(queued) / 1e9
     except (OSError, ValueError):
         pass
-    io = prev.io if prev is not None and cpu - prev.cpu >= min_cpu_s > 0 else _io_chars(f"{base}/io")
-    return ThreadSample(cpu, io, None, state, wait)
+    return ThreadSample(cpu, _io_since(prev, cpu, min_cpu_s, f"{base}/io"), None, state, wait)
 
 
 def format_stack(frame, limit: int = STACK_FRAMES) -> list[str]:
@@ -139,9 +147,7 @@ class MainThreadProbe:
             frames, self._given = format_stack(top), key
         self._last_stack = key
         other = time.process_time() - cpu - time.thread_time()
-        last = self._last
-        io = last.io if last is not None and cpu - last.cpu >= self.min_cpu_s > 0 else _io_chars(self._io_path)
-        self._last = ThreadSample(cpu, io, key)
+        self._last = ThreadSample(cpu, _io_since(self._last, cpu, self.min_cpu_s, self._io_path), key)
         return self._last, frames, other
 
 

@@ -1,6 +1,7 @@
 """The agent's collective recorder (docs/faults.md): every collective this rank issues, in a
-bounded queue of what changed since the last report, with the group, the sequence number within the group, op, bytes,
-dtype, shape, enter and exit times, and the peer of point-to-point transfers.
+bounded queue of what changed since the last report, with the group, the sequence number
+within the group, op, bytes, dtype, shape, enter and exit times, and the peer of
+point-to-point transfers.
 
 It wraps the `torch.distributed` functions in place, so it sees the comm layer's
 collectives and every library that calls them through the module, DeepSpeed's gradient
@@ -191,10 +192,8 @@ class CollectiveRecorder:
     """Records collectives (at most `capacity` changes between snapshots); thread-safe snapshots."""
 
     def __init__(self, capacity: int = 4096, check_finite: bool = True):
-        # the events entered, ended or started on the device since the last snapshot: what it
-        # reports (a scan of the whole ring per snapshot cost the agent 5 us per event)
-        # point-to-point transfers entered or ended since the last snapshot (reported as rows:
-        # each one at most twice)
+        # point-to-point transfers entered or ended (on CUDA: started or ended on the device)
+        # since the last snapshot, reported as rows: each one at most twice
         self.fresh: deque[CollectiveEvent] = deque(maxlen=2 * capacity)
         # collectives ended since the last snapshot; the snapshot files them into columns per
         # group (seq, signature id, enter, exit, step, finite, in_checkpoint)
