@@ -105,10 +105,27 @@ def with_learner_world(cfg, world: int, learner_cpus: float):
     return parse_config(merge_config(cfg.model_dump(), overlay), f"learner world {world}", RLJobConfig)
 
 
+def with_learner_plan(cfg, plan: str):
+    """`cfg` with learner.plan = `plan` (static: the degree the config names, else the
+    smallest that holds the task's longest sample)."""
+    from pliant.config import RLJobConfig, merge_config, parse_config
+
+    if plan not in LEARNER_PLANS:
+        raise ValueError(f"learner plan {plan!r}: choose from {', '.join(LEARNER_PLANS)}")
+    body = cfg.model_dump()
+    if plan != "static":
+        body["learner"]["static_degree"] = None
+    return parse_config(merge_config(body, {"learner": {"plan": plan}}), f"learner plan {plan}", RLJobConfig)
+
+
+LEARNER_PLANS = ("adaptive", "static", "uniform", "dp")
+
+
 def run(cfg, out: Path, seeds: int, modes: list[str], last: int = 5, worlds: list[int] | None = None,
-        learner_cpus: float | None = None) -> dict[str, Any]:
+        learner_cpus: float | None = None, plans: list[str] | None = None) -> dict[str, Any]:
     """`last`: steps whose training reward is averaged into `train_reward_last`; `worlds`:
-    learner worlds to run each mode with, at `learner_cpus` learner CPUs in all."""
+    learner worlds to run each mode with, at `learner_cpus` learner CPUs in all; `plans`:
+    learner plans (learner.plan) to run each mode with, on the same seeds."""
     import ray
 
     from pliant.bench.report import render_rl
@@ -117,38 +134,54 @@ def run(cfg, out: Path, seeds: int, modes: list[str], last: int = 5, worlds: lis
     res = cfg.resources
     learner_cpus = learner_cpus or res.learner.world * res.learner.num_cpus
     worlds = worlds or [res.learner.world]
-    configs = {w: with_learner_world(cfg, w, learner_cpus) if len(worlds) > 1 else cfg for w in worlds}
+    plans = plans or [cfg.learner.plan]
+
+    def config_for(w: int, plan: str):
+        c = with_learner_world(cfg, w, learner_cpus) if len(worlds) > 1 else cfg
+        return with_learner_plan(c, plan) if len(plans) > 1 else c
+
+    configs = {(w, p): config_for(w, p) for w in worlds for p in plans}
     runs_dir = out.parent / f"{out.stem}-runs"
     runner.ensure_ray(max(configs.values(), key=lambda c: c.resources.num_cpus or 0).resources)
     records = []
     try:
         for seed in range(seeds):
             order = modes[seed % len(modes):] + modes[:seed % len(modes)]
+            plan_order = plans[seed % len(plans):] + plans[:seed % len(plans)]
             for w in worlds if seed % 2 == 0 else worlds[::-1]:
-                for name in order:
-                    mode, k = MODES[name]
-                    run_dir = runs_dir / (f"{name}-seed{seed}" if len(worlds) == 1 else f"{name}-w{w}-seed{seed}")
-                    r = runner.run(configs[w], run_dir, mode=mode, staleness=k, seed=seed,
-                                   sft_cache=runs_dir / f"warm-start-seed{seed}.pt",
-                                   checkpoints=False)  # throughput: no checkpoint writes in the runs measured
-                    rewards = [s["reward"] for s in r.steps[-last:] if s["reward"] is not None]
-                    rec = {"name": name, **r.summary(), "run_dir": str(run_dir),
-                           "train_reward_last": sum(rewards) / len(rewards) if rewards else None,
-                           "rollout": r.rollout, "reward_curve": [s["reward"] for s in r.steps],
-                           "skipped": len(r.learner["skipped"]) + len(r.reward_worker["skipped"])}
-                    records.append(rec)
-                    print(f"  seed {seed} {name:9s} W={w} {rec['tokens_per_s']:7.0f} tok/s "
-                          f"{rec['samples_per_s']:6.1f} samples/s  idle rollout {rec['rollout_idle_fraction']:.0%} "
-                          f"learner {rec['learner_idle_fraction']:.0%}  staleness <= {rec['max_staleness']}  "
-                          f"held-out reward {rec['eval_reward_before']} -> {rec['eval_reward_after']}", flush=True)
+                for plan in plan_order:
+                    for name in order:
+                        mode, k = MODES[name]
+                        tag = "".join([f"-w{w}" if len(worlds) > 1 else "", f"-{plan}" if len(plans) > 1 else ""])
+                        run_dir = runs_dir / f"{name}{tag}-seed{seed}"
+                        r = runner.run(configs[(w, plan)], run_dir, mode=mode, staleness=k, seed=seed,
+                                       sft_cache=runs_dir / f"warm-start-seed{seed}.pt",
+                                       checkpoints=False)  # throughput: no checkpoint writes in the runs measured
+                        rewards = [s["reward"] for s in r.steps[-last:] if s["reward"] is not None]
+                        rec = {"name": name, "learner_plan": plan, **r.summary(), "run_dir": str(run_dir),
+                               "train_reward_last": sum(rewards) / len(rewards) if rewards else None,
+                               "rollout": r.rollout, "reward_curve": [s["reward"] for s in r.steps],
+                               "skipped": len(r.learner["skipped"]) + len(r.reward_worker["skipped"])}
+                        records.append(rec)
+                        step = rec["learner_step_s"]
+                        print(f"  seed {seed} {name:9s} W={w} plan={plan:8s} {rec['tokens_per_s']:7.0f} tok/s "
+                              f"{rec['samples_per_s']:6.1f} samples/s  learner step "
+                              f"{'-' if step is None else f'{step:.3f}'} s  idle rollout "
+                              f"{rec['rollout_idle_fraction']:.0%} learner {rec['learner_idle_fraction']:.0%}  "
+                              f"staleness <= {rec['max_staleness']}  held-out reward {rec['eval_reward_before']} -> "
+                              f"{rec['eval_reward_after']}", flush=True)
     finally:
         ray.shutdown()
-    first = [r for r in records if r["learner_world"] == worlds[0]]
+    first = [r for r in records if r["learner_world"] == worlds[0] and r["learner_plan"] == plans[0]]
     body = {"config": cfg.model_dump(mode="json"), "host": {"machine": platform.machine(),
                                                              "python": platform.python_version()},
-            "modes_run": modes, **summarize(first, cfg.rl.eval_prompts), "runs": records}
+            "modes_run": modes, "runs": records}
+    if "sync" in modes:
+        body.update(summarize(first, cfg.rl.eval_prompts))
     if len(worlds) > 1:
         body["learner_worlds"] = by_world(records, worlds, learner_cpus, cfg.rl.eval_prompts)
+    if len(plans) > 1:
+        body["learner_plans"] = by_plan(records, plans)
     plot = out.with_suffix(".png")
     render_rl([Path(r["run_dir"]) for r in records], plot)
     body["plot"] = str(plot)
@@ -178,10 +211,90 @@ def by_world(records: list[dict], worlds: list[int], learner_cpus: float, eval_p
     return out
 
 
+def by_plan(records: list[dict], plans: list[str]) -> dict[str, Any]:
+    """Per mode and learner plan: medians over seeds of the learner's step time (forward,
+    backward, optimizer), trained tokens and samples per second and the idle fractions; which
+    samples went to which SP group size (summed over seeds); and adaptive's ratios to every
+    other plan (of the medians, and the median of the per-seed ratios)."""
+    out: dict[str, Any] = {"plans": plans, "modes": {}}
+    by = {(r["name"], r["learner_plan"], r["seed"]): r for r in records}
+    for name in dict.fromkeys(r["name"] for r in records):
+        per_plan: dict[str, Any] = {}
+        for plan in plans:
+            runs = [r for r in records if r["name"] == name and r["learner_plan"] == plan]
+            if not runs:
+                continue
+            m = {key: _median(runs, key) for key in ("learner_step_s", "tokens_per_s", "samples_per_s",
+                                                     "rollout_idle_fraction", "learner_idle_fraction",
+                                                     "eval_reward_before", "eval_reward_after")}
+            placed: dict[str, dict[str, int]] = {}
+            for r in runs:
+                for size, d in r.get("placement", {}).items():
+                    t = placed.setdefault(size, {"samples": 0, "tokens": 0, "shortest": d["shortest"], "longest": 0})
+                    t["samples"] += d["samples"]
+                    t["tokens"] += d["tokens"]
+                    t["shortest"], t["longest"] = min(t["shortest"], d["shortest"]), max(t["longest"], d["longest"])
+            m["placement"] = dict(sorted(placed.items(), key=lambda kv: int(kv[0])))
+            m["seeds"] = len(runs)
+            per_plan[plan] = m
+        ratios: dict[str, Any] = {}
+        if "adaptive" in per_plan:
+            ad = per_plan["adaptive"]
+            for plan, m in per_plan.items():
+                if plan == "adaptive":
+                    continue
+                seeds = [s for (n, p, s) in by if n == name and p == plan and (name, "adaptive", s) in by]
+                tok = [by[(name, "adaptive", s)]["tokens_per_s"] / by[(name, plan, s)]["tokens_per_s"] for s in seeds]
+                step = [by[(name, plan, s)]["learner_step_s"] / by[(name, "adaptive", s)]["learner_step_s"]
+                        for s in seeds if by[(name, plan, s)].get("learner_step_s")
+                        and by[(name, "adaptive", s)].get("learner_step_s")]
+                ratios[f"adaptive_over_{plan}"] = {
+                    "tokens_per_s": ad["tokens_per_s"] / m["tokens_per_s"] if ad["tokens_per_s"] and m["tokens_per_s"]
+                    else None,
+                    "learner_step_speedup": m["learner_step_s"] / ad["learner_step_s"]
+                    if ad["learner_step_s"] and m["learner_step_s"] else None,
+                    "tokens_per_s_per_seed": tok, "learner_step_speedup_per_seed": step,
+                    "tokens_per_s_median_per_seed": statistics.median(tok) if tok else None,
+                    "learner_step_speedup_median_per_seed": statistics.median(step) if step else None}
+        out["modes"][name] = {"plans": per_plan, "ratios": ratios}
+    return out
+
+
+def print_plans(body: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    fmt = lambda v, spec=".2f": "-" if v is None else format(v, spec)  # noqa: E731
+    plans = body["learner_plans"]
+    for name, entry in plans["modes"].items():
+        t = Table(title=f"{name}: the learner's plan (medians over seeds)")
+        for col in ("learner plan", "learner step s", "x adaptive", "trained tok/s", "samples/s", "rollout idle",
+                    "learner idle", "held-out reward after", "samples by SP group size (lengths)"):
+            t.add_column(col)
+        ad = entry["plans"].get("adaptive", {}).get("learner_step_s")
+        for plan, m in entry["plans"].items():
+            where = ", ".join(f"{d['samples']} in {size} ({d['shortest']}-{d['longest']})"
+                              for size, d in m["placement"].items()) or "-"
+            t.add_row(plan, fmt(m["learner_step_s"], ".3f"),
+                      fmt(m["learner_step_s"] / ad if ad and m["learner_step_s"] else None),
+                      fmt(m["tokens_per_s"], ".0f"), fmt(m["samples_per_s"], ".1f"),
+                      fmt(m["rollout_idle_fraction"], ".0%"), fmt(m["learner_idle_fraction"], ".0%"),
+                      fmt(m["eval_reward_after"], ".3f"), where)
+        Console(width=200).print(t)
+        for key, r in entry["ratios"].items():
+            print(f"{name} {key.replace('_', ' ')}: learner step {fmt(r['learner_step_speedup'])}x "
+                  f"(per seed {', '.join(fmt(x) for x in r['learner_step_speedup_per_seed'])}), trained tok/s "
+                  f"{fmt(r['tokens_per_s'])}x (per seed {', '.join(fmt(x) for x in r['tokens_per_s_per_seed'])})")
+
+
 def print_table(body: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    if body.get("learner_plans"):
+        print_plans(body)
+    if "modes" not in body:
+        return
     fmt = lambda v, spec=".2f": "-" if v is None else format(v, spec)  # noqa: E731
     t = Table(title=f"RL: sync vs async (medians over {body['summary']['seeds']} seeds, "
                     f"{body['summary']['samples_per_run']} samples per run)")

@@ -4,8 +4,8 @@ BatchAda (with --batchada) and plain data parallel, on the same long-tail batche
 Every rank builds one `Trainer` per plan mode (adaptive; static at each uniform degree > 1
 that holds the longest sequence; batchada, the best uniform degree per batch; dp where the
 longest sequence fits one device), all sharing the process groups. The modes take turns
-in rounds of a few steps each (round robin, so that a noisy machine slows them alike), each
-continuing its own run over the same batch stream. Step times after each mode's warm-up
+in rounds of a few steps each (round robin, so that a noisy machine slows them alike; each
+round starts with the next mode), each continuing its own run over the same batch stream. Step times after each mode's warm-up
 steps are kept; medians, ratios, and the cost model's prediction error per step are
 written as JSON by rank 0, with a table.
 """
@@ -17,6 +17,35 @@ import statistics
 from pathlib import Path
 
 from pliant.io import atomic_write_text, strict_dumps
+
+
+def paired(records: list[dict], warmup: int, base: str, mode: str = "adaptive", seed: int = 0) -> dict:
+    """`base`'s step time over `mode`'s on the same batches (the modes run the same batch stream):
+    the median of the per-batch ratios with its 95% bootstrap interval, the ratio of total times
+    (throughput), and the batches on which the two modes' plans differ in group mix or
+    micro-batch count, with the median ratio there (where they agree, the ratio is noise)."""
+    import numpy as np
+
+    def key(r: dict) -> tuple:
+        return tuple(sorted(r.get("group_mix", {}).items())), r.get("micro_batches")
+
+    steps: dict[int, dict[str, dict]] = {}
+    for r in records:
+        if r["step"] > warmup and r["mode"] in (base, mode):
+            steps.setdefault(r["step"], {})[r["mode"]] = r
+    pairs = [(v[base], v[mode]) for _, v in sorted(steps.items()) if len(v) == 2]
+    if not pairs:
+        raise ValueError(f"no batch ran under both {base} and {mode}")
+    ratio = np.array([b["seconds"] / m["seconds"] for b, m in pairs])
+    differ = np.array([key(b) != key(m) for b, m in pairs])
+    rng = np.random.default_rng(seed)
+    boot = np.median(rng.choice(ratio, size=(2000, len(ratio))), axis=1)
+    return {"batches": len(pairs), "median_ratio": float(np.median(ratio)),
+            "median_ratio_ci95": [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))],
+            "throughput_ratio": sum(b["seconds"] for b, _ in pairs) / sum(m["seconds"] for _, m in pairs),
+            "plans_differ": int(differ.sum()),
+            "median_ratio_where_plans_differ": float(np.median(ratio[differ])) if differ.any() else None,
+            "median_ratio_where_plans_agree": float(np.median(ratio[~differ])) if (~differ).any() else None}
 
 
 def summarize(records: list[dict], warmup: int) -> dict:
@@ -65,6 +94,8 @@ def summarize(records: list[dict], warmup: int) -> dict:
             "prediction_error_median": statistics.median(all_errors),
             "prediction_error_median_adaptive": ad["prediction_error_median"],
             "prediction_error_median_uncalibrated": statistics.median(configured) if configured else None,
+            "paired_vs_static": paired(records, warmup, best),
+            "paired_vs_batchada": paired(records, warmup, "batchada") if ba else None,
         },
     }
 
@@ -127,8 +158,11 @@ def _bench(args, cfg, monitor) -> int:
     records: list[dict] = []
     marks = 0  # the monitor's step count runs over every mode's steps
     try:
+        names = list(trainers)
         for rnd in range(args.rounds):
-            for name, trainer in trainers.items():
+            # each round starts with the next mode, so that no mode always follows the same one
+            for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+                trainer = trainers[name]
                 for _ in range(args.steps_per_round):
                     marks += 1
                     monitor.begin_step(marks)
@@ -173,6 +207,14 @@ def print_table(result: dict) -> None:
     print(f"adaptive {s['adaptive_step_s']:.3f}s  best static (SP={s['static_degree']}) {s['static_step_s']:.3f}s  "
           f"speedup vs static {s['speedup_vs_static']:.2f}x (predicted {s['predicted_speedup_vs_static']:.2f}x){extra}  "
           f"prediction error median {s['prediction_error_median']:.1%}")
+    for name, key in (("best static", "paired_vs_static"), ("BatchAda", "paired_vs_batchada")):
+        if s.get(key):
+            p = s[key]
+            where = (f", {p['median_ratio_where_plans_differ']:.2f}x on the {p['plans_differ']} where the plans differ"
+                     if p["plans_differ"] else "")
+            print(f"same batches, {name} / adaptive: median {p['median_ratio']:.3f}x (95% CI {p['median_ratio_ci95'][0]:.3f}-"
+                  f"{p['median_ratio_ci95'][1]:.3f}) over {p['batches']} batches{where}; total time "
+                  f"{p['throughput_ratio']:.3f}x")
     if s.get("prediction_error_median_uncalibrated") is not None:
         print(f"online calibration: prediction error median {s['prediction_error_median']:.1%} calibrated, "
               f"{s['prediction_error_median_uncalibrated']:.1%} with the configured coefficients on the same steps")

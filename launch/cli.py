@@ -121,8 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the link rate, Mbit/s each way (default: derived from configs/flexsp-7b-64gpu.yaml)")
     bk.add_argument("--sweep", default="0.0625,0.25,4,16",
                     help="other link rates, as factors of the first (comma-separated; '' for none)")
-    bk.add_argument("--rounds", type=int, default=3, help="round-robin rounds over the modes")
-    bk.add_argument("--steps-per-round", type=int, default=6)
+    bk.add_argument("--rounds", type=int, default=6, help="round-robin rounds over the modes")
+    bk.add_argument("--steps-per-round", type=int, default=8)
     bk.add_argument("--warmup", type=int, default=2, help="first steps of each mode left out of the medians")
     bk.add_argument("--timeout", type=float, default=1800, help="seconds for each profile and each bench")
 
@@ -147,12 +147,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arg(br, RL_CONFIG)
     br.add_argument("--out", default="rl.json")
     br.add_argument("--seeds", type=int, default=3)
-    br.add_argument("--modes", default="sync,async_k1,async_k2")
+    br.add_argument("--modes", default=None, help="from sync, async_k1, async_k2 (default: all three; with "
+                                                  "--learner-plan, the config's mode)")
+    br.add_argument("--learner-plan", default=None, metavar="P[,P...]",
+                    help="run every mode with each learner plan (adaptive, static, uniform, dp) on the same seeds: "
+                         "the learner's step time, trained tokens/s, idle fractions, which samples went where")
     br.add_argument("--steps", type=int, default=None, help="override rl.steps")
     br.add_argument("--learner-world", default=None, metavar="W[,W...]",
                     help="run every mode with each learner world (e.g. 1,2) at the same total learner CPUs")
     br.add_argument("--learner-cpus", type=float, default=None,
                     help="learner CPUs in all, shared by its ranks (default: the config's world x num_cpus)")
+
+    bw = bsub.add_parser("weights", help="the policy's weights from the learner to a rollout worker: publish-to-"
+                                         "loaded time and the learner's time blocked, against model size (1M, 10M, "
+                                         "100M parameters), bucketed and overlapped against packed on the learner's "
+                                         "thread")
+    bw.add_argument("--out", default="weights.json")
+    bw.add_argument("--sizes", default="1000000,10000000,100000000")
+    bw.add_argument("--repeats", type=int, default=5)
 
     r = sub.add_parser("rl", help="RL post-training (GRPO) on Ray: sync, or async streaming with a staleness bound")
     add_config_arg(r, RL_CONFIG)
@@ -226,6 +238,16 @@ def _add_data_parsers(sub, bsub) -> None:
                                                       "(qwen3_5, qwen3_next: Gated DeltaNet hybrids, 4 layers)")
     da.add_argument("--overwrite", action="store_true", help="replace DIR/policy if it exists")
 
+    dl = dsub.add_parser("long-context", help="the RL long-context task: train.jsonl and test.jsonl of retrieval "
+                                              "questions over generated contexts of long-tailed length (most a few "
+                                              "hundred tokens, a few several thousand), and a tiny Llama policy "
+                                              "directory (no downloads; configs/rl-long.yaml uses it)")
+    dl.add_argument("--out", default="data/long-context", metavar="DIR")
+    dl.add_argument("--train", type=int, default=2000, help="training prompts")
+    dl.add_argument("--test", type=int, default=200, help="held-out prompts")
+    dl.add_argument("--seed", type=int, default=0)
+    dl.add_argument("--overwrite", action="store_true", help="replace DIR/policy if it exists")
+
     bpp = bsub.add_parser("prepare", help="pliant data prepare vs the tokenizer's own encode_batch, tokens/s")
     bpp.add_argument("--out", default="bench-prepare.json")
     bpp.add_argument("--mb", type=float, default=50.0, help="size of the generated JSONL corpus")
@@ -250,6 +272,18 @@ def cmd_data(args: argparse.Namespace) -> int:
         files = prepare_arithmetic(out, train=args.train, test=args.test, seed=args.seed, overwrite=args.overwrite,
                                    family=args.family, layers=layers)
         print(f"wrote {files.train} ({args.train} problems), {files.test} ({args.test}) and the policy {files.policy}")
+        return 0
+    if args.data == "long-context":
+        from pliant.rl.long_context import prepare_long_context
+
+        out = Path(args.out)
+        if (out / "policy").exists() and not args.overwrite:
+            print(f"{out / 'policy'} exists: keeping it and its dataset (--overwrite makes them again)")
+            return 0
+        if args.train < 1 or args.test < 1:
+            raise PlanningError(f"--train {args.train} and --test {args.test} must be >= 1")
+        files = prepare_long_context(out, train=args.train, test=args.test, seed=args.seed, overwrite=args.overwrite)
+        print(f"wrote {files.train} ({args.train} prompts), {files.test} ({args.test}) and the policy {files.policy}")
         return 0
     if args.data == "sample-corpus":
         from pliant.bench.prepare_bench import make_corpus
@@ -464,10 +498,22 @@ def cmd_bench_rl(args: argparse.Namespace) -> int:
     from pliant.bench.rl_bench import MODES, run
     from pliant.launch.rl import rl_config
 
-    modes = args.modes.split(",")
-    if args.seeds < 1 or not modes or any(m not in MODES for m in modes) or "sync" not in modes:
-        raise PlanningError(f"--seeds {args.seeds} must be >= 1; --modes {args.modes!r} must include sync, from "
-                            f"{', '.join(MODES)}")
+    from pliant.bench.rl_bench import LEARNER_PLANS
+
+    cfg = rl_config(args.config, steps=args.steps)
+    plans = args.learner_plan.split(",") if args.learner_plan else None
+    if plans is not None and (not plans or any(p not in LEARNER_PLANS for p in plans) or len(set(plans)) != len(plans)):
+        raise PlanningError(f"--learner-plan {args.learner_plan!r} must be distinct plans from "
+                            f"{', '.join(LEARNER_PLANS)}")
+    if args.modes is not None:
+        modes = args.modes.split(",")
+    elif plans:  # the config's mode
+        modes = ["sync" if cfg.rl.mode == "sync" else f"async_k{cfg.rl.staleness}"]
+    else:
+        modes = list(MODES)
+    if args.seeds < 1 or not modes or any(m not in MODES for m in modes) or ("sync" not in modes and not plans):
+        raise PlanningError(f"--seeds {args.seeds} must be >= 1; --modes {args.modes!r} must be from "
+                            f"{', '.join(MODES)} and include sync (unless --learner-plan compares plans)")
     try:
         worlds = [int(w) for w in args.learner_world.split(",")] if args.learner_world else None
     except ValueError:
@@ -476,8 +522,7 @@ def cmd_bench_rl(args: argparse.Namespace) -> int:
         raise PlanningError(f"--learner-world {args.learner_world!r} must be distinct positive integers, e.g. 1,2")
     if args.learner_cpus is not None and args.learner_cpus <= 0:
         raise PlanningError(f"--learner-cpus {args.learner_cpus} must be positive")
-    run(rl_config(args.config, steps=args.steps), Path(args.out), args.seeds, modes, worlds=worlds,
-        learner_cpus=args.learner_cpus)
+    run(cfg, Path(args.out), args.seeds, modes, worlds=worlds, learner_cpus=args.learner_cpus, plans=plans)
     print(f"wrote {args.out}")
     return 0
 
@@ -538,6 +583,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_bench_faults(args)
         if args.command == "bench" and args.bench == "rl":
             return cmd_bench_rl(args)
+        if args.command == "bench" and args.bench == "weights":
+            from pliant.bench.weights_bench import main as weights_main
+
+            return weights_main(["--out", args.out, "--sizes", args.sizes, "--repeats", str(args.repeats)])
         if args.command == "bench" and args.bench == "comm":
             return cmd_bench_comm(args)
         if args.command == "bench" and args.bench == "prepare":

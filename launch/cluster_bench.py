@@ -143,6 +143,7 @@ def summarize(point: dict) -> dict:
     best = min(statics, key=lambda k: statics[k]["median_step_s"])
     predicted_best = min(statics, key=lambda k: statics[k]["median_predicted_s"])
     ad = modes["adaptive"]
+    pb = s.get("paired_vs_batchada") or {}
     return {
         "link_mbit": point["link_mbit"],
         "best_static": best,
@@ -150,6 +151,14 @@ def summarize(point: dict) -> dict:
         "predicted_speedup_vs_best_static": statics[predicted_best]["median_predicted_s"] / ad["median_predicted_s"],
         "measured_speedup_vs_batchada": s["speedup_vs_batchada"],
         "predicted_speedup_vs_batchada": s["predicted_speedup_vs_batchada"],
+        # the same batches paired (bench/train_bench.py's `paired`): the median per-batch ratio and
+        # its 95% interval, total time, and the batches on which the two plans differ
+        "paired_speedup_vs_batchada": pb.get("median_ratio"),
+        "paired_speedup_vs_batchada_ci95": pb.get("median_ratio_ci95"),
+        "throughput_speedup_vs_batchada": pb.get("throughput_ratio"),
+        "batches_plans_differ_vs_batchada": pb.get("plans_differ"),
+        "speedup_vs_batchada_where_plans_differ": pb.get("median_ratio_where_plans_differ"),
+        "batches": pb.get("batches"),
         "prediction_error_median": s["prediction_error_median"],
         "prediction_error_median_per_mode": {k: v["prediction_error_median"] for k, v in modes.items()},
     }
@@ -215,19 +224,30 @@ def plot(rows: list[dict], path: Path, derived: float) -> None:
     plt.close(fig)
 
 
+def _paired(row: dict) -> str:
+    if row.get("paired_speedup_vs_batchada") is None:
+        return "-"
+    lo, hi = row["paired_speedup_vs_batchada_ci95"]
+    return f"{row['paired_speedup_vs_batchada']:.2f}x ({lo:.2f}-{hi:.2f})"
+
+
 def print_table(body: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
     t = Table(title="adaptive SP on the emulated cluster, by link rate")
     for col in ("link Mbit/s", "best static", "measured vs static", "predicted vs static", "measured vs BatchAda",
-                "prediction error (median, worst mode)"):
+                "paired vs BatchAda (95% CI)", "where plans differ", "prediction error (median, worst mode)"):
         t.add_column(col, justify="right")
     for r in body["sweep"]:
         t.add_row(f"{r['link_mbit']:.4g}", r["best_static"], f"{r['measured_speedup_vs_best_static']:.2f}x",
                   f"{r['predicted_speedup_vs_best_static']:.2f}x", f"{r['measured_speedup_vs_batchada']:.2f}x",
+                  _paired(r),
+                  "-" if r.get("speedup_vs_batchada_where_plans_differ") is None else
+                  f"{r['speedup_vs_batchada_where_plans_differ']:.2f}x ({r['batches_plans_differ_vs_batchada']} of "
+                  f"{r['batches']})",
                   f"{r['prediction_error_median']:.1%}, {max(r['prediction_error_median_per_mode'].values()):.1%}")
-    Console().print(t)
+    Console(width=170).print(t)
     print(f"derived link rate: {body['derivation']['formula']}")
     print(f"with the profiled coefficients: {body['points'][0]['derived_with_profile']['formula']}")
 

@@ -38,6 +38,9 @@ def _better(a: tuple[float, list] | None, b: tuple[float, list] | None) -> tuple
 
 
 BATCH_ADAPTIVE = "batch"  # plan_for's degree for one uniform degree chosen per batch (BatchAda)
+# plan_for's degree for the smallest uniform degree that holds the batch's longest sequence, chosen
+# per batch: what verl's and Megatron's dynamic context parallelism do
+LONGEST_FITS = "longest"
 
 
 @dataclass
@@ -344,17 +347,30 @@ class Planner:
         plans = [p for p in self.fixed_plans(lengths, time_budget_s).values() if p is not None]
         return min(plans, key=lambda p: p.predicted_ms) if plans else None
 
+    def plan_longest_fits(self, lengths, time_budget_s: float = 0.5) -> Plan | None:
+        """Every group of the smallest uniform degree that holds the batch's longest sequence
+        (None if no degree does): one degree per batch, from its longest sequence alone."""
+        arr = np.asarray(lengths, dtype=np.int64)
+        longest = arr[[int(arr.argmax())]] if len(arr) else arr
+        for s in self.fixed_degrees():
+            if self.cost.seq_fits(longest, s).all():
+                return self.plan_fixed(arr, s, time_budget_s)
+        return None
+
     def fixed_plans(self, lengths, time_budget_s: float = 0.5) -> dict[int, Plan | None]:
         """Every uniform degree's plan of the batch (None where a sequence does not fit it)."""
         return {s: self.plan_fixed(lengths, s, time_budget_s) for s in self.fixed_degrees()}
 
     def plan_for(self, lengths, degree: int | str | None = None) -> Plan | None:
-        """The adaptive plan (degree None); every group of size `degree` (an int); or the best
-        uniform degree for this batch (degree BATCH_ADAPTIVE). None if the batch does not fit."""
+        """The adaptive plan (degree None); every group of size `degree` (an int); the best
+        uniform degree for this batch (degree BATCH_ADAPTIVE); or the smallest uniform degree
+        that holds its longest sequence (LONGEST_FITS). None if the batch does not fit."""
         if degree is None:
             return self.plan(lengths)
         if degree == BATCH_ADAPTIVE:
             return self.plan_batch_adaptive(lengths)
+        if degree == LONGEST_FITS:
+            return self.plan_longest_fits(lengths)
         return self.plan_fixed(lengths, degree)
 
     # ----- common -----

@@ -116,34 +116,41 @@ def prepare_arithmetic(out_dir: str | Path, train: int = 1000, test: int = 100, 
                        vocab_size: int = 384, family: str = "llama", hidden: int = 64, layers: int = 2, heads: int = 4,
                        kv_heads: int = 2, ffn_hidden: int = 192, overwrite: bool = False) -> ArithmeticFiles:
     """The dataset (write_arithmetic) and a tiny random-initialised model directory under
-    out_dir/policy, as `pliant model init` makes one (runtime/scaffold.py) but with the
-    tokenizer trained on the problems as the policy will see them (chat template applied,
-    answer and end of sequence after). The directory appears whole or not at all: it is
-    written beside its place and renamed into it."""
-    import torch
-
-    from pliant.runtime.scaffold import write_tiny_model
-
+    out_dir/policy (write_policy)."""
     out = Path(out_dir)
     policy = out / "policy"
     if policy.exists() and not overwrite:
         raise FileExistsError(f"{policy} exists; pass overwrite=True to replace it")
     train_path, test_path = write_arithmetic(out, train, test, seed, max_operand)
     rows = [json.loads(line) for line in train_path.read_text().splitlines()]
-    tmp = out / ".policy.tmp"
+    write_policy(policy, [(r["question"], r["answer"]) for r in rows], vocab_size, family, seed, hidden=hidden,
+                 layers=layers, heads=heads, kv_heads=kv_heads, ffn_hidden=ffn_hidden)
+    return ArithmeticFiles(train_path, test_path, policy)
+
+
+def write_policy(policy: Path, examples: list[tuple[str, str]], vocab_size: int, family: str, seed: int,
+                 **shape) -> Path:
+    """A tiny random-initialised model directory at `policy`, as `pliant model init` makes one
+    (runtime/scaffold.py) but with the tokenizer trained on the task's (prompt, answer) pairs
+    as the policy will see them (chat template applied, answer after). The directory appears
+    whole or not at all: it is written beside its place and renamed into it (an existing one
+    is replaced)."""
+    import torch
+    from jinja2 import Template
+
+    from pliant.runtime.scaffold import write_tiny_model
+
+    tmp = policy.parent / f".{policy.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        from jinja2 import Template
-
         render = Template(CHAT_TEMPLATE)
-        texts = [render.render(messages=[{"role": "user", "content": r["question"]}], add_generation_prompt=True,
-                               bos_token="") + r["answer"] for r in rows]
+        texts = [render.render(messages=[{"role": "user", "content": q}], add_generation_prompt=True,
+                               bos_token="") + a for q, a in examples]
         tok = write_tokenizer(texts, vocab_size, tmp)
         vocab = -(-len(tok) // 64) * 64  # the embedding rounded up to a multiple of 64, as `pliant model init` does
-        write_tiny_model(family, tmp, vocab, seed=seed, dtype=torch.float32, tokenizer_dir=tmp, hidden=hidden,
-                         layers=layers, heads=heads, kv_heads=kv_heads, ffn_hidden=ffn_hidden)
+        write_tiny_model(family, tmp, vocab, seed=seed, dtype=torch.float32, tokenizer_dir=tmp, **shape)
         if policy.exists():
-            old = out / ".policy.old"
+            old = policy.parent / f".{policy.name}.old"
             shutil.rmtree(old, ignore_errors=True)
             policy.rename(old)
             tmp.rename(policy)
@@ -153,4 +160,4 @@ def prepare_arithmetic(out_dir: str | Path, train: int = 1000, test: int = 100, 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return ArithmeticFiles(train_path, test_path, policy)
+    return policy

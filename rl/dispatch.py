@@ -1,4 +1,4 @@
-"""Admission control and versioned weights: the two small actors every RL worker talks to.
+"""Admission control: the dispatcher, the small actor every rollout worker asks for work.
 
 `Dispatcher` hands out prompt groups in order. Group g belongs to step b = g // prompts_per_step
 and is trained at policy version b; a rollout worker holding weights of version v may start
@@ -12,24 +12,14 @@ dispatcher rewinds to the checkpoint's first group and admits only workers holdi
 generation's weights, and every group's queue partition is per (generation, step)
 (`partition_of`), so what was generated for a lost generation is never trained.
 
-`WeightStore` keeps the newest published weights (a Ray object reference) with their
-(generation, version); rollout workers poll it between decode steps and wait on it when admission says
-their weights are too old. Weights travel packed in one byte array (`pack_weights`): Ray
-hands a numpy array to its readers straight from the object store, where a dict of tensors
-is unpickled tensor by tensor (publish to loaded: 11 ms here against 21-24 ms).
+The weights the workers generate with travel through rl/weights.py's `WeightStore`.
 """
 from __future__ import annotations
 
-import asyncio
-import warnings
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
 import ray
-
-if TYPE_CHECKING:
-    import torch
 
 from .task_protocol import Prompt
 
@@ -139,73 +129,3 @@ class Dispatcher:
         return {"handed_out": self.next_group, "written": dict(self.written), "late": dict(self.late),
                 "held": {w: sorted(h) for w, h in self.held.items()}, "again": list(self.again),
                 "generation": self.generation, "discarded": self.discarded}
-
-
-ALIGN = 8  # bytes: every tensor starts at a multiple, so its bytes view as its dtype
-
-
-def _padded(nbytes: int) -> int:
-    return -(-nbytes // ALIGN) * ALIGN
-
-
-def pack_weights(model: torch.nn.Module) -> np.ndarray:
-    """The model's state (parameters and buffers, in state_dict order) as one byte array."""
-    return pack_state(model.state_dict())
-
-
-def pack_state(state: dict[str, torch.Tensor]) -> np.ndarray:
-    """A state dict (in a model's state_dict order) as one byte array (pack_weights)."""
-    import torch  # here: the dispatcher's and the weight store's actors never import torch (4 s of CPU each)
-
-    parts = []
-    for t in state.values():
-        raw = t.detach().contiguous().reshape(-1).view(torch.uint8).cpu()
-        parts += [raw, torch.zeros(_padded(len(raw)) - len(raw), dtype=torch.uint8)]
-    return torch.cat(parts).numpy()
-
-
-def load_weights(model: torch.nn.Module, packed: np.ndarray) -> None:
-    """Copy packed weights (pack_weights of a model of the same spec) into `model`, on its device."""
-    import torch
-
-    with warnings.catch_warnings():  # the object store's array is read-only: it is only read here
-        warnings.simplefilter("ignore", UserWarning)
-        data = torch.from_numpy(packed)
-    state = model.state_dict()
-    need = sum(_padded(t.numel() * t.element_size()) for t in state.values())
-    if need != data.numel():
-        raise ValueError(f"packed weights have {data.numel()} bytes, the model's state needs {need}")
-    off = 0
-    with torch.no_grad():
-        for t in state.values():
-            n = t.numel() * t.element_size()
-            t.copy_(data[off:off + n].view(t.dtype).view(t.shape))
-            off += _padded(n)
-
-
-@ray.remote(num_cpus=0, enable_task_events=False)
-class WeightStore:
-    def __init__(self):
-        self.key = (-1, -1)  # (generation, version) of the newest weights
-        self.ref: list = []  # [ObjectRef] (wrapped, so Ray hands the reference, not the value)
-        self.changed = asyncio.Condition()
-
-    async def publish(self, generation: int, version: int, wrapped: list) -> None:
-        """Newer weights: a higher version, or any version of a newer learner generation (a
-        restarted learner publishes its checkpoint's version, below what the lost one had)."""
-        async with self.changed:
-            if (generation, version) > self.key:  # the learner does not wait for a publish: they may overtake
-                self.key, self.ref = (generation, version), wrapped
-                self.changed.notify_all()
-
-    async def latest(self, newer_than: tuple[int, int] = (-1, -1), timeout: float | None = None
-                     ) -> tuple[tuple[int, int], list]:
-        """((generation, version), [ref]) once weights newer than `newer_than` exist (or at
-        the timeout: whatever is there)."""
-        newer_than = tuple(newer_than)
-        async with self.changed:
-            try:
-                await asyncio.wait_for(self.changed.wait_for(lambda: self.key > newer_than), timeout)
-            except asyncio.TimeoutError:
-                pass
-            return self.key, self.ref

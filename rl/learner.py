@@ -51,12 +51,13 @@ from pliant.runtime.packing import Pack, Sequences
 from pliant.runtime.rank import deepspeed_engine, peak_memory_bytes, setup_rank
 
 from .common import Timed, log
-from .dispatch import pack_weights, partition_of
+from .dispatch import partition_of
+from .weights import WeightPublisher
 from .grpo import group_advantages, pack_loss, policy_sequences, response_logprobs
 from .reward import load_reward_fn
 from .sample import QUEUED_FIELDS, Sample, from_columns
 from .spec import RLConfigError
-from .task_protocol import Prompt
+from .task_protocol import LearnerCapacity, Prompt
 
 
 
@@ -73,6 +74,7 @@ class Chunk:
 
 
 FINAL_CHECKPOINT = "final checkpoint"  # rank 0's message to the others after the last step
+MIN_SAMPLE_TOKENS = 2  # a sample is a prompt token and a response token at least
 BOARD_TIMEOUT_S = 30.0  # a checkpoint asks the progress board which rows the driver has not written yet
 
 
@@ -104,6 +106,51 @@ def learner_cluster(cfg) -> ClusterSpec:
         raise RLConfigError(f"learner: {e}") from None
 
 
+def placement(chunk: Chunk, into: dict[str, dict[str, int]]) -> None:
+    """Which samples went where: per SP group size, the samples its groups trained, their
+    tokens, and the shortest and longest of them (added into `into`, keyed by the size)."""
+    for mb in chunk.plan.micro_batches:
+        for g in mb.groups:
+            if not g.seq_ids:
+                continue
+            lengths = [chunk.samples[i].length for i in g.seq_ids]
+            d = into.setdefault(str(g.size), {"samples": 0, "tokens": 0, "shortest": min(lengths), "longest": 0})
+            d["samples"] += len(lengths)
+            d["tokens"] += sum(lengths)
+            d["shortest"] = min(d["shortest"], min(lengths))
+            d["longest"] = max(d["longest"], max(lengths))
+
+
+def learner_capacity(cfg) -> LearnerCapacity:
+    """The longest sample the learner's memory holds (its largest SP group's), for the task
+    to keep longer prompts out (rl/task.py `build_task`); an RLConfigError when no sample of
+    even a few tokens fits (the model's states alone fill learner.device_memory_gib)."""
+    from pliant.planner.core import Planner
+
+    spec = cfg.learner
+    planner = Planner.from_specs(learner_cluster(cfg), cfg.model, spec.cost, spec.planner)
+    tokens, ranks = planner.longest_supported()
+    if tokens < MIN_SAMPLE_TOKENS:
+        states = planner.cost.memory_coeffs(1)[0] / 2 ** 30
+        raise RLConfigError(f"learner.device_memory_gib={spec.device_memory_gib:g} holds no sample: the largest SP "
+                            f"group ({ranks} rank(s)) holds {tokens} tokens, the policy's model states take "
+                            f"{states:.3g} GiB per rank; give the learner more memory (or ranks)")
+    return LearnerCapacity(tokens, ranks, spec.device_memory_gib)
+
+
+def plan_degree(cfg, task, planner) -> int | str | None:
+    """Planner.plan_for's degree for learner.plan: None (adaptive), 1 (dp), LONGEST_FITS
+    (uniform), or static's degree: learner.static_degree, else the smallest that holds the
+    task's longest sample (its longest prompt and response)."""
+    from pliant.planner.baselines import static_degree
+    from pliant.planner.core import LONGEST_FITS
+
+    spec = cfg.learner
+    if spec.plan == "static":
+        return spec.static_degree or static_degree(planner, task.max_prompt() + task.max_response())
+    return {"adaptive": None, "dp": 1, "uniform": LONGEST_FITS}[spec.plan]
+
+
 def pg_timeout_s(rl) -> float:
     """The process group's timeout: rank 0 may wait on the queue up to the stall timeout while
     the other ranks wait in the broadcast."""
@@ -130,6 +177,7 @@ class Learner:  # agent watches that thread, and its goodbye handler needs it); 
         self.saved: Path | None = None  # the newest checkpoint this run wrote
         self.saved_version = -1
         self.board = None  # rank 0's ProgressBoard (run): where the driver reads the steps
+        self.publisher: WeightPublisher | None = None  # rank 0: the weights' way to the rollout workers
         self.run_meta: dict[str, Any] = {}  # what every checkpoint of this run carries besides the state
 
     # ----- the process group -----
@@ -202,8 +250,7 @@ class Learner:  # agent watches that thread, and its goodbye handler needs it); 
                                                           None, rl.grad_clip)
         self.planner = self.setup.planner
         self.executor = PlanExecutor(self.engine, self.setup.registry, self.rank, self.world, self.device)
-        plan = self.cfg.learner.plan
-        self.fixed_degree = None if plan == "adaptive" else (1 if plan == "dp" else self.cfg.learner.static_degree)
+        self.fixed_degree = plan_degree(self.cfg, self.task, self.planner)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -217,8 +264,11 @@ class Learner:  # agent watches that thread, and its goodbye handler needs it); 
         lengths = [smp.length for smp in samples]
         plan = self.planner.plan_for(lengths, self.fixed_degree)
         if plan is None:
+            longest, size = self.planner.longest_supported()
+            where = f"a group of {self.fixed_degree}" if isinstance(self.fixed_degree, int) else \
+                f"any group (the largest, of {size} ranks, holds {longest} tokens)"
             raise RLConfigError(f"learner.plan {self.cfg.learner.plan!r}: a sample of {max(lengths)} tokens does not "
-                                f"fit a group of {self.fixed_degree}")
+                                f"fit {where}")
         return plan
 
     def train_chunk(self, chunk: Chunk, version: int | None = None) -> dict[str, Any]:
@@ -244,9 +294,13 @@ class Learner:  # agent watches that thread, and its goodbye handler needs it); 
         return {"is_weights": (stats[:n, 0] / tokens).tolist(), "kl": (stats[:n, 1] / tokens).tolist(),
                 "clipped": float(stats[:n, 2].sum()), "tokens": float(stats[:n, 3].sum())}
 
-    def optimizer_step(self) -> None:
+    def optimizer_step(self) -> float:
+        """The optimizer step; first (rank 0) the publish's copies of the weights it changes
+        must be done. Returns the seconds waited for them."""
+        waited = self.publisher.before_update() if self.publisher is not None else 0.0
         self.engine.step()
         self.version += 1
+        return waited
 
     def checkpoint_due(self) -> None:
         """Every rank, after the step's optimizer step (rank 0 after its metrics row, which the
@@ -330,10 +384,13 @@ class Learner:  # agent watches that thread, and its goodbye handler needs it); 
         dist.broadcast_object_list(box, src=0, group=self.control)
         return box[0]
 
-    def publish(self, store) -> None:
-        """Hand the store this version's weights; rank 0 goes on at once (the store keeps the
-        newest version whatever order its calls run in)."""
-        self.published = store.publish.remote(self.generation, self.version, [ray.put(pack_weights(self.model))])
+    def publish(self, store) -> float:
+        """Hand the store this version's weights (rl/weights.py: buckets copied by a thread
+        while the next step trains); rank 0 goes on at once (the store keeps the newest
+        version whatever order its calls run in). Returns the seconds it took here."""
+        if self.publisher is None or self.publisher.store is not store:
+            self.publisher = WeightPublisher(self.model, store, self.generation)
+        return self.publisher.publish(self.version)
 
     def _record(self, block: bool = False) -> None:
         """Move the finished steps whose queue statistics have come to `self.steps`."""
@@ -416,7 +473,7 @@ class Learner:  # agent watches that thread, and its goodbye handler needs it); 
             t0 = time.perf_counter()
             seen_groups: set[int] = set()
             rewards, staleness, weights, kls, trained, latency = [], [], [], [], 0, []
-            tokens, plan_s, micro, mix, step_groups = 0, 0.0, 0, {}, []
+            tokens, plan_s, micro, mix, step_groups, train_s, placed = 0, 0.0, 0, {}, [], 0.0, {}
             while len(seen_groups) < rl.prompts_per_step:
                 self.monitor.pause(True)  # waiting for rollouts: the others' wait in the broadcast is not a hang
                 try:
@@ -453,11 +510,14 @@ class Learner:  # agent watches that thread, and its goodbye handler needs it); 
                     if not chunk.samples and not chunk.last:
                         continue
                     self._broadcast(chunk)
+                    started = time.perf_counter()
                     out = self.train_chunk(chunk)
+                    train_s += time.perf_counter() - started
                     if chunk.plan is not None:
                         micro += len(chunk.plan.micro_batches)
                         for size, count in chunk.plan.group_mix().items():
                             mix[int(size)] = mix.get(int(size), 0) + int(count)
+                        placement(chunk, placed)
                     rewards += chunk.stats["rewards"]
                     plan_s += chunk.stats["plan_s"]
                     staleness += [step - smp.version for smp in chunk.samples]
@@ -465,20 +525,24 @@ class Learner:  # agent watches that thread, and its goodbye handler needs it); 
                     kls += out["kl"]
                     tokens += sum(smp.length for smp in chunk.samples)
                     trained += len(chunk.samples)
-            self.optimizer_step()
-            self.publish(store)
+            started = time.perf_counter()
+            publish_wait_s = self.optimizer_step()
+            train_s += time.perf_counter() - started - publish_wait_s
+            publish_wait_s += self.publish(store)
             row = {"step": step, "version": self.version, "wall": time.time(), "seconds": time.perf_counter() - t0,
                    "samples": trained, "tokens": tokens, "reward": sum(rewards) / len(rewards) if rewards else None,
                    "max_staleness": max(staleness) if staleness else 0, "staleness": staleness,
                    "is_weight_min": min(weights) if weights else None,
                    "is_weight_max": max(weights) if weights else None, "kl": sum(kls) / len(kls) if kls else 0.0,
                    "queue_latency_s": max(latency) if latency else None, "group_mix": mix, "micro_batches": micro,
-                   "plan_s": plan_s, "memory_bytes": peak_memory_bytes(self.device), "groups": sorted(step_groups)}
+                   "plan_s": plan_s, "train_s": train_s, "placement": placed, "publish_wait_s": publish_wait_s,
+                   "memory_bytes": peak_memory_bytes(self.device), "groups": sorted(step_groups)}
             self.unrecorded.append((row, tq.clear_partition(partition_of(self.generation, step), wait=False)))
             self.checkpoint_due()
             self._record()
         self._record(block=True)
-        ray.get(self.published)
+        self.publisher.before_update()
+        ray.get(self.publisher.last)
         return {"steps": self.steps, "trained_groups": self.trained_groups, "duplicates": self.duplicates,
                 "skipped": self.skipped, "world": self.world, **timer.report()}
 

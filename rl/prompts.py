@@ -35,7 +35,7 @@ import numpy as np
 from .common import log
 from .reward import RewardSample
 from .spec import RLConfigError
-from .task_protocol import EVAL_SEED, SFT_SEED_OFFSET, Prompt
+from .task_protocol import EVAL_SEED, SFT_SEED_OFFSET, LearnerCapacity, Prompt
 
 ENCODE_BATCH = 1024  # prompts per tokenizer call when the rows are measured
 
@@ -213,8 +213,9 @@ class DatasetTask:
 
     Implements the Task protocol of rl/task_protocol.py."""
 
-    def __init__(self, spec, model_spec, seed: int, eval_prompts: int):
+    def __init__(self, spec, model_spec, seed: int, eval_prompts: int, learner: LearnerCapacity | None = None):
         self.spec, self.seed = spec, seed
+        self.learner = learner
         self.model_dir = Path(model_spec.hf_path).absolute() if model_spec.hf_path is not None else None
         tok_dir = spec.tokenizer if spec.tokenizer is not None else model_spec.hf_path
         if tok_dir is None:
@@ -265,7 +266,8 @@ class DatasetTask:
             kept = np.sort(kept[pick[eval_prompts:]])
         if not len(kept):
             raise PromptDataError(f"task.dataset {spec.dataset}: no prompt is left to train on ({skipped} of "
-                                  f"{len(train)} skipped as longer than the context allows)")
+                                  f"{len(train)} skipped: their samples exceed "
+                                  f"{' or '.join(why for _, why in self._limits())})")
         self._train_idx, self._held_idx = kept, held
         self._max_prompt = longest
         self._train = _Epochs(len(kept), seed)
@@ -324,31 +326,43 @@ class DatasetTask:
                 return n, f"max_position_embeddings in {self.model_dir / 'config.json'}"
         return None, "unknown"
 
+    def _limits(self) -> list[tuple[int, str]]:
+        """(tokens a prompt plus its longest response may take, what sets it): the policy's
+        context and the learner's memory."""
+        out = []
+        if self.context is not None:
+            out.append((self.context, f"the policy's context of {self.context} tokens ({self.context_source})"))
+        if self.learner is not None:
+            out.append((self.learner.tokens, self.learner.describe()))
+        return out
+
     def _measure(self, rows: Rows) -> tuple[np.ndarray, int, int]:
-        """The rows that fit the context, the longest prompt among them, how many were skipped."""
-        limit = None if self.context is None else self.context - self.spec.max_response_tokens
+        """The rows whose samples fit the policy's context and the learner's memory, the
+        longest prompt among them, how many were skipped."""
+        limits = self._limits()
+        room = self.spec.max_response_tokens
         kept: list[int] = []
         longest = 0
+        over: dict[str, int] = {}
         for start in range(0, len(rows), ENCODE_BATCH):
             stop = min(start + ENCODE_BATCH, len(rows))
             for i, ids in zip(range(start, stop), self.encode(rows.prompts(start, stop))):
                 n = len(ids)
-                if limit is not None and n > limit:
+                beyond = next((why for limit, why in limits if n + room > limit), None)
+                if beyond is not None:
                     if self.spec.overlong == "error":
                         raise PromptDataError(
-                            f"{rows.where(i)}: the prompt is {n} tokens; with task.max_response_tokens="
-                            f"{self.spec.max_response_tokens} that is {n + self.spec.max_response_tokens}, above the "
-                            f"policy's context of {self.context} tokens ({self.context_source}); task.overlong: skip "
-                            f"leaves such prompts out")
+                            f"{rows.where(i)}: the prompt is {n} tokens; with task.max_response_tokens={room} its "
+                            f"samples take up to {n + room}, above {beyond}; task.overlong: skip leaves such prompts "
+                            f"out (and counts them)")
+                    over[beyond] = over.get(beyond, 0) + 1
                     continue
                 kept.append(i)
                 longest = max(longest, n)
-        skipped = len(rows) - len(kept)
-        if skipped:
-            log(f"{rows.path}: {skipped} of {len(rows)} prompts skipped: with task.max_response_tokens="
-                f"{self.spec.max_response_tokens} they exceed the policy's context of {self.context} tokens "
-                f"({self.context_source})")
-        return np.asarray(kept, dtype=np.int64), longest, skipped
+        for why, k in over.items():
+            log(f"{rows.path}: {k} of {len(rows)} prompts skipped: with task.max_response_tokens={room} their samples "
+                f"exceed {why}")
+        return np.asarray(kept, dtype=np.int64), longest, len(rows) - len(kept)
 
     # ----- tokenizing
     def messages(self, text: str) -> list[dict[str, str]]:

@@ -21,6 +21,7 @@ from .common import Timed, log
 from .rollout_engine import build_engine
 from .sample import ROLLOUT_FIELDS, Sample, to_columns
 from .spec import RLSpec
+from .weights import fetch
 from .transfer_queue import TransferQueue
 
 
@@ -43,17 +44,19 @@ class RolloutWorker:
         self.max_response = task.max_response()
         self.weights = (-1, -1)  # (learner generation, policy version) of the loaded weights
         self.samples = 0
+        self.weights_latency_s: list[float] = []  # each load: from the learner's publish to loaded here
 
     @property
     def version(self) -> int:
         return self.weights[1]
 
     def _load(self, reply) -> None:
-        key, wrapped = ray.get(reply)
+        key, published = ray.get(reply)
         key = tuple(key)
         if key > self.weights:
-            self.engine.load_weights(ray.get(wrapped[0]), key[1])
+            self.engine.load_weights(fetch(published), key[1])
             self.weights = key
+            self.weights_latency_s.append(time.time() - published.published_at)
 
     def _poll_weights(self, store) -> None:
         """A long poll for weights newer than ours, answered when the trainer publishes;
@@ -138,7 +141,9 @@ class RolloutWorker:
             self.split["write_s"] += time.perf_counter() - t1
         self._check_landed(block=True)
         ray.get(dispatcher.written_groups.remote(self.key, self.landed, self.late))
+        lat = sorted(self.weights_latency_s)
         return {"worker": self.worker, "engine": type(self.engine).__name__, "samples": self.samples,
+                "weights_loaded": len(lat), "weights_latency_median_s": lat[len(lat) // 2] if lat else None,
                 **self.timer.report(),
                 **{k: round(v, 4) for k, v in self.split.items()}}
 

@@ -19,8 +19,9 @@ thin adapter:
                             (stop token included when generated) and the log-probability of
                             each response token under the distribution it was sampled from
     load_weights(packed, version)
-                            the learner's new weights (rl/dispatch.py: one byte array, the
-                            model's state_dict tensors in order); taken between steps, so
+                            the learner's new weights (rl/weights.py: byte arrays, buckets of
+                            the model's state_dict tensors in order, `load_weights` reads
+                            them into a model); taken between steps, so
                             requests in flight go on under the new weights, their earlier
                             tokens keeping the log-probs they were sampled with
 
@@ -45,7 +46,7 @@ from pliant.runtime.generate import Completion, Request, make_decoder
 from pliant.runtime.hf import DTYPES, build_model
 
 from .common import actor_device
-from .dispatch import load_weights
+from .weights import load_weights
 from .reward import load_function
 from .spec import RLConfigError
 
@@ -62,7 +63,7 @@ class RolloutEngine(Protocol):
 
     def step(self) -> list[Completion]: ...
 
-    def load_weights(self, packed: np.ndarray, version: int) -> None: ...
+    def load_weights(self, packed: list[np.ndarray], version: int) -> None: ...
 
 
 class BuiltinEngine:
@@ -89,7 +90,7 @@ class BuiltinEngine:
     def step(self) -> list[Completion]:
         return self.decoder.step()
 
-    def load_weights(self, packed: np.ndarray, version: int) -> None:
+    def load_weights(self, packed: list[np.ndarray], version: int) -> None:
         load_weights(self.model, packed)
 
 

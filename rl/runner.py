@@ -11,6 +11,7 @@ handed out again.
 """
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,9 @@ from pliant.runtime.checkpoint import complete_checkpoints
 from pliant.runtime.faults import RolloutFaults
 
 from .common import log
-from .dispatch import Dispatcher, WeightStore, pack_state
+from .dispatch import Dispatcher
+from .weights import WeightStore, pack_state
+from .learner import learner_capacity
 from .learner_group import LearnerGroup, start_learners  # noqa: F401 (start_learners: tests build a group)
 from .resume import find_resume_point, restore_metrics, run_identity, warm_start_key
 from .reward import load_function, load_reward_fn, split_function_path
@@ -72,6 +75,26 @@ class RunResult:
                 total[str(size)] = total.get(str(size), 0) + n
         return dict(sorted(total.items(), key=lambda kv: int(kv[0])))
 
+    def placement(self) -> dict[str, dict[str, int]]:
+        """Which samples went where over the run: per SP group size, the samples trained in
+        groups of that size, their tokens, the shortest and the longest."""
+        total: dict[str, dict[str, int]] = {}
+        for s in self.steps:
+            for size, d in s.get("placement", {}).items():
+                t = total.setdefault(size, {"samples": 0, "tokens": 0, "shortest": d["shortest"], "longest": 0})
+                t["samples"] += d["samples"]
+                t["tokens"] += d["tokens"]
+                t["shortest"] = min(t["shortest"], d["shortest"])
+                t["longest"] = max(t["longest"], d["longest"])
+        return dict(sorted(total.items(), key=lambda kv: int(kv[0])))
+
+    def learner_step_s(self) -> float | None:
+        """The learner's median time per step in forward, backward and the optimizer (not
+        waiting for rollouts), over the steps after the first."""
+        steps, _ = self._steady()
+        times = [s["train_s"] for s in steps if s.get("train_s") is not None]
+        return statistics.median(times) if times else None
+
     @property
     def tokens_per_s(self) -> float:
         steps, wall = self._steady()
@@ -92,6 +115,9 @@ class RunResult:
                 "rollout_idle_fraction": sum(roll_idle) / len(roll_idle) if roll_idle else None,
                 "learner_idle_fraction": self.learner["idle_fraction"], "restarts": self.restarts,
                 "learner_world": self.learner["world"], "group_sizes": self.group_sizes(),
+                "placement": self.placement(), "learner_step_s": self.learner_step_s(),
+                "publish_wait_median_s": statistics.median(w) if (w := [s["publish_wait_s"] for s in self.steps
+                                                                        if "publish_wait_s" in s]) else None,
                 "task": self.learner.get("task_counts", {}),
                 "reward_first": self.steps[0]["reward"], "reward_last": self.steps[-1]["reward"],
                 "eval_reward_before": self.eval_reward.get("before"), "eval_reward_after": self.eval_reward.get("after"),
@@ -201,10 +227,10 @@ def run(cfg, run_dir: Path, mode: str | None = None, staleness: int | None = Non
     if checkpoints and rl.checkpoint_every > rl.steps:
         log(f"rl.checkpoint_every={rl.checkpoint_every} is beyond the run's {rl.steps} steps: only the last step "
             f"is checkpointed")
-    task = build_task(cfg.task, cfg.model, seed, rl.eval_prompts)
     first = point.version if point else 0
     ensure_ray(res)
     check_resources(res)
+    task = build_task(cfg.task, cfg.model, seed, rl.eval_prompts, learner_capacity(cfg))
     run_dir.mkdir(parents=True, exist_ok=True)
     faults = RolloutFaults.from_env(run_dir, log)  # injected faults (PLIANT_FAULT); none: a no-op
     actors: list = []

@@ -20,7 +20,7 @@ import torch
 from pliant.runtime.hf import DTYPES, build_model
 
 from .common import Timed, actor_device, log
-from .dispatch import load_weights
+from .weights import load_weights
 from .grpo import response_logprobs
 from .reward import load_reward_fn
 from .sample import from_columns, to_columns

@@ -214,7 +214,11 @@ class LearnerSpec(_Strict):
     for resources.learner.world ranks): how micro-batches are planned into SP groups, and the
     cluster facts and cost coefficients the planner prices plans with."""
 
-    plan: Literal["adaptive", "static", "dp"] = "adaptive"
+    # adaptive: the planner's SP groups of mixed sizes per micro-batch; static: every group of
+    # static_degree (null: the smallest degree that holds the task's longest sample) for the whole
+    # run; uniform: every group of the smallest degree that holds the micro-batch's longest sample,
+    # chosen per micro-batch (verl's and Megatron's dynamic context parallelism); dp: groups of one
+    plan: Literal["adaptive", "static", "uniform", "dp"] = "adaptive"
     static_degree: PositiveInt | None = None  # plan: static
     devices_per_node: PositiveInt | None = Field(
         default=None, description="learner ranks per node, for the bandwidth table (default: all on one node)")
@@ -226,8 +230,9 @@ class LearnerSpec(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "LearnerSpec":
-        if self.plan == "static" and self.static_degree is None:
-            raise ValueError("plan 'static' needs static_degree (the SP group size of every group)")
+        if self.static_degree is not None and self.plan != "static":
+            raise ValueError(f"static_degree={self.static_degree} is set but plan is {self.plan!r}; it is the group "
+                             f"size of plan: static")
         return self
 
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from .reward import RewardSample
 from .spec import RLConfigError
-from .task_protocol import EVAL_SEED, SFT_SEED_OFFSET, Prompt, Task
+from .task_protocol import EVAL_SEED, SFT_SEED_OFFSET, LearnerCapacity, Prompt, Task
 
 DIGITS = 10
 BOS, SEP, EOS = 10, 11, 12
@@ -127,10 +127,13 @@ def reward(sample: RewardSample) -> float:
     return 1.0 if list(sample.response_ids) == [*map(int, sample.row["digits"]), EOS] else 0.0
 
 
-def build_task(task_spec, model_spec, seed: int, eval_prompts: int) -> Task:
+def build_task(task_spec, model_spec, seed: int, eval_prompts: int, learner: "LearnerCapacity | None" = None) -> Task:
     """The task of a config's `task` section for a policy `model_spec` (planner ModelSpec);
     `eval_prompts`: how many held-out prompts the run evaluates on (a dataset without an
-    eval_dataset keeps that many of its rows out of training)."""
+    eval_dataset keeps that many of its rows out of training); `learner`: the longest sample
+    the learner's memory holds (rl/learner.py `learner_capacity`), a second limit beside the
+    policy's context (a dataset's prompts beyond it are skipped and counted, or an error, as
+    task.overlong says; the copy task's longest sample must fit it)."""
     if task_spec.kind == "copy":
         if model_spec.hf_path is not None:
             raise RLConfigError(f"task.kind=copy needs pliant's own model (its token ids 0..{VOCAB - 1} are digits "
@@ -138,11 +141,16 @@ def build_task(task_spec, model_spec, seed: int, eval_prompts: int) -> Task:
                                 f"give it prompts with task.kind: dataset")
         if model_spec.vocab_size < VOCAB:
             raise RLConfigError(f"model.vocab_size={model_spec.vocab_size}: the copy task needs at least {VOCAB}")
-        return CopyTask.from_spec(task_spec, seed)
+        task = CopyTask.from_spec(task_spec, seed)
+        if learner is not None and task.max_prompt() + task.max_response() > learner.tokens:
+            raise RLConfigError(f"task.max_digits={task_spec.max_digits}: the longest copy sample is "
+                                f"{task.max_prompt() + task.max_response()} tokens, above what the learner holds: "
+                                f"{learner.describe()}")
+        return task
     if task_spec.kind == "dataset":
         from .prompts import DatasetTask
 
-        return DatasetTask(task_spec, model_spec, seed, eval_prompts)
+        return DatasetTask(task_spec, model_spec, seed, eval_prompts, learner)
     raise RLConfigError(f"task.kind={task_spec.kind!r} is not a task kind")
 
 

@@ -24,6 +24,20 @@ class Prompt:
     row: dict = field(default_factory=dict, hash=False)  # the dataset row as read (copy task: {"digits": "0412"})
 
 
+@dataclass(frozen=True)
+class LearnerCapacity:
+    """The longest sample (prompt + response tokens) the learner's memory holds: in its
+    largest SP group (`ranks` ranks of `memory_gib` each)."""
+
+    tokens: int
+    ranks: int
+    memory_gib: float
+
+    def describe(self) -> str:
+        return (f"the learner's largest SP group ({self.ranks} rank(s) of learner.device_memory_gib="
+                f"{self.memory_gib:g}) holds a sample of {self.tokens} tokens")
+
+
 @runtime_checkable
 class Task(Protocol):
     """What the RL runner needs of a task. The object pickles small (it is sent to Ray actors)

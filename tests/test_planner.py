@@ -260,3 +260,22 @@ def test_batch_adaptive_takes_the_uniform_degree_priced_fastest():
         assert plan.predicted_ms == pytest.approx(min(priced.values()))
         assert plan.strategy == f"fixed-{min(priced, key=priced.get)}"
         assert planner.plan(lengths).predicted_ms <= plan.predicted_ms * (1 + 1e-9)
+
+
+def test_longest_fits_takes_the_smallest_degree_that_holds_the_longest_sequence():
+    """plan_for with LONGEST_FITS (verl's and Megatron's dynamic CP): every group of the
+    smallest uniform degree that holds the batch's longest sequence, whatever the rest; None
+    when no degree holds it."""
+    from pliant.planner.core import LONGEST_FITS
+
+    planner = small_planner(1, 8, 40.0, time_limit_s=0.3)
+    for lengths in ([4096, 300, 200, 100, 50, 2000, 900], [60000, 800, 700], [100] * 16):
+        arr = np.asarray(lengths)
+        want = next(s for s in planner.fixed_degrees() if planner.cost.seq_fits(arr[[arr.argmax()]], s)[0])
+        plan = planner.plan_for(lengths, LONGEST_FITS)
+        validate_plan(plan, planner.cost)
+        assert {g.size for mb in plan.micro_batches for g in mb.groups} == {want}
+        assert plan.strategy == f"fixed-{want}"
+        assert planner.plan(lengths).predicted_ms <= plan.predicted_ms * (1 + 1e-9)
+    longest, _ = planner.longest_supported()
+    assert planner.plan_for([longest + 1, 10], LONGEST_FITS) is None

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from pliant.bench.train_bench import summarize
+from pliant.bench.train_bench import paired, summarize
 from pliant.config import ConfigError, load_config
 from pliant.planner import Planner
 from pliant.planner.calibrate import nnls_fit
@@ -145,6 +145,28 @@ def test_summarize_without_dp_and_with_batchada():
     assert s["dp_step_s"] is None and s["speedup_vs_dp"] is None
     assert s["speedup_vs_batchada"] == pytest.approx(1.25) and s["predicted_speedup_vs_batchada"] == pytest.approx(1.2 / 0.9)
     assert s["predicted_speedup_vs_static"] == pytest.approx(1.6 / 0.9)
+
+
+def test_paired_ratios_pair_the_same_batches_and_name_where_plans_differ():
+    """Step k of every mode trains the same batch: the ratios pair them; the batches whose plans
+    differ are counted and summarised apart from those where they agree (noise only)."""
+    recs = []
+    for step in range(1, 12):
+        long_doc = step % 4 == 0  # batches with a long document: adaptive mixes sizes, BatchAda cannot
+        for mode, secs in (("adaptive", 1.0), ("batchada", 2.0 if long_doc else 1.0 + 0.01 * (step % 3 - 1))):
+            mix = {1: 6, 4: 1} if long_doc and mode == "adaptive" else ({4: 2} if long_doc else {1: 8})
+            recs.append({"mode": mode, "round": 0, "step": step, "seconds": secs, "group_mix": mix,
+                         "micro_batches": 2})
+    p = paired(recs, warmup=1, base="batchada")
+    assert p["batches"] == 10 and p["plans_differ"] == 2
+    assert p["median_ratio_where_plans_differ"] == pytest.approx(2.0)
+    assert p["median_ratio_where_plans_agree"] == pytest.approx(1.0)
+    assert p["throughput_ratio"] == pytest.approx(sum(r["seconds"] for r in recs if r["mode"] == "batchada"
+                                                      and r["step"] > 1) / 10)
+    lo, hi = p["median_ratio_ci95"]
+    assert lo <= p["median_ratio"] <= hi
+    with pytest.raises(ValueError, match="no batch ran under both"):
+        paired(recs, warmup=1, base="static-4")
 
 
 def _pliant(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:

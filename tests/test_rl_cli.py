@@ -136,7 +136,9 @@ def test_bench_rl_writes_the_summary_and_the_plot(tmp_path, overlay):
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "async_k1" in r.stdout and "samples/s" in r.stdout
     r = pliant("bench", "rl", "--modes", "async_k1", "--out", str(out))
-    assert r.returncode == 2 and "must include sync" in r.stderr
+    assert r.returncode == 2 and "and include sync (unless --learner-plan compares plans)" in r.stderr
+    r = pliant("bench", "rl", "--learner-plan", "adaptive,ring", "--out", str(out))
+    assert r.returncode == 2 and "--learner-plan 'adaptive,ring' must be distinct plans from adaptive, static" in r.stderr
 
 
 def free_port() -> int:
@@ -210,3 +212,32 @@ def test_a_run_directory_with_an_earlier_runs_checkpoints_is_refused(tmp_path):
                                                    r"the newest\): choose a new --run-dir"):
         runner.run(cfg, tmp_path / "run")
     assert (done / "COMPLETE").is_file()
+
+
+def test_bench_rl_compares_learner_plans_on_the_same_seeds():
+    """by_plan: medians per plan, which samples went to which group size (summed over seeds),
+    and adaptive's ratios to every other plan, of the medians and per seed."""
+    from pliant.bench.rl_bench import by_plan, print_table
+
+    records = []
+    for seed in range(3):
+        for plan, step, tok, placed in (
+                ("adaptive", 1.0 + 0.1 * seed, 900.0, {"1": (60, 300, 80, 900), "2": (4, 8000, 1900, 2100)}),
+                ("static", 2.0 + 0.1 * seed, 450.0, {"4": (64, 8300, 80, 2100)}),
+                ("uniform", 1.5 + 0.1 * seed, 600.0, {"1": (56, 280, 80, 700), "2": (8, 8020, 800, 2100)})):
+            records.append({"name": "async_k1", "learner_plan": plan, "seed": seed, "learner_step_s": step,
+                            "tokens_per_s": tok, "samples_per_s": tok / 100, "rollout_idle_fraction": 0.2,
+                            "learner_idle_fraction": 0.3, "eval_reward_before": 0.2, "eval_reward_after": 0.3,
+                            "placement": {k: dict(zip(("samples", "tokens", "shortest", "longest"), v))
+                                          for k, v in placed.items()}})
+    out = by_plan(records, ["adaptive", "static", "uniform"])
+    entry = out["modes"]["async_k1"]
+    ad, st = entry["plans"]["adaptive"], entry["plans"]["static"]
+    assert ad["learner_step_s"] == pytest.approx(1.1) and st["learner_step_s"] == pytest.approx(2.1)
+    assert ad["placement"] == {"1": {"samples": 180, "tokens": 900, "shortest": 80, "longest": 900},
+                               "2": {"samples": 12, "tokens": 24000, "shortest": 1900, "longest": 2100}}
+    r = entry["ratios"]["adaptive_over_static"]
+    assert r["learner_step_speedup"] == pytest.approx(2.1 / 1.1) and r["tokens_per_s"] == pytest.approx(2.0)
+    assert r["learner_step_speedup_per_seed"] == pytest.approx([2.0, 2.1 / 1.1, 2.2 / 1.2])
+    assert entry["ratios"]["adaptive_over_uniform"]["tokens_per_s"] == pytest.approx(1.5)
+    print_table({"learner_plans": out})

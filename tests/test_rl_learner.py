@@ -56,19 +56,21 @@ def config(**overlay) -> RLJobConfig:
     return parse_config(merge_config(merge_config(base, EQUIV), overlay), "test", RLJobConfig)
 
 
+def make_sample(g: torch.Generator, p: int, r: int, version: int, adv: float) -> Sample:
+    """A sample of a p-token prompt and an r-token response, random ids and log-probs."""
+    prompt = torch.randint(0, 16, (p,), generator=g).tolist()
+    response = torch.randint(0, 16, (r,), generator=g).tolist()
+    behav = (-2.5 + 0.3 * torch.randn(r, generator=g, dtype=torch.float64)).tolist()
+    ref = (-2.5 + 0.3 * torch.randn(r, generator=g, dtype=torch.float64)).tolist()
+    return Sample(Prompt(0, tuple(prompt)), response, behav_logp=behav, version=version, ref_logp=ref, adv=adv)
+
+
 def samples(seed: int) -> list[list[Sample]]:
     """Two micro-batches of GRPO groups (2 samples each): short samples, then a long one."""
     g = torch.Generator().manual_seed(seed)
-
-    def sample(p: int, r: int, version: int, adv: float) -> Sample:
-        prompt = torch.randint(0, 16, (p,), generator=g).tolist()
-        response = torch.randint(0, 16, (r,), generator=g).tolist()
-        behav = (-2.5 + 0.3 * torch.randn(r, generator=g, dtype=torch.float64)).tolist()
-        ref = (-2.5 + 0.3 * torch.randn(r, generator=g, dtype=torch.float64)).tolist()
-        return Sample(Prompt(0, tuple(prompt)), response, behav_logp=behav, version=version, ref_logp=ref, adv=adv)
-
-    short = [sample(5, 7, 0, 1.0), sample(4, 9, 0, -1.0), sample(6, 3, -1, 0.7), sample(3, 11, -1, -0.7)]
-    long = [sample(12, 78, 0, 0.9), sample(7, 14, 0, -0.9)]
+    short = [make_sample(g, 5, 7, 0, 1.0), make_sample(g, 4, 9, 0, -1.0), make_sample(g, 6, 3, -1, 0.7),
+             make_sample(g, 3, 11, -1, -0.7)]
+    long = [make_sample(g, 12, 78, 0, 0.9), make_sample(g, 7, 14, 0, -0.9)]
     return [short, long]
 
 
@@ -123,22 +125,37 @@ def test_pack_loss_of_one_rank_is_the_single_process_policy_loss():
 
 
 def test_a_learner_of_two_ranks_takes_the_single_process_step(ray_cluster):
-    cfg = config()
+    def check(plans):
+        mixes = [dict(p.group_mix()) for p in plans]
+        assert mixes[0] == {1: 2}, mixes  # two groups of one rank
+        assert mixes[1].get(2, 0) >= 1, mixes  # the long sample: one group of both ranks
+
+    distributed_step(config(), samples(1), check)
+
+
+def mixed(seed: int) -> list[Sample]:
+    """One micro-batch: a long sample that needs a group of two, and short ones."""
+    g = torch.Generator().manual_seed(seed)
+    return [make_sample(g, 12, 78, 0, 0.9), make_sample(g, 7, 14, 0, -0.9), make_sample(g, 5, 17, -1, 0.6),
+            make_sample(g, 6, 15, 0, -0.6)]
+
+
+def distributed_step(cfg: RLJobConfig, chunks: list[list[Sample]], check_plans) -> None:
+    """One step of the learner group on `chunks` (each a micro-batch, planned by rank 0 and
+    checked by `check_plans`), against the single-process step: every rank's parameters at
+    the float32 bound, and the step large enough that the check means something."""
     task = build_task(cfg.task, cfg.model, 0, 0)
     torch.manual_seed(0)
     initial = build_model(cfg.model, "cpu", torch.float64)
     state = initial.state_dict()
     start = torch.cat([p.detach().reshape(-1) for p in initial.parameters()])
-    chunks = samples(1)
     learners, pg = runner.start_learners(cfg, task, seed=0)
     try:
         ray.get([a.build.remote(state) for a in learners])
         plans = ray.get([learners[0].plan.remote(c) for c in chunks])
-        mixes = [dict(p.group_mix()) for p in plans]
-        assert mixes[0] == {1: 2}, mixes  # two groups of one rank
-        assert mixes[1].get(2, 0) >= 1, mixes  # the long sample: one group of both ranks
-        for c, plan, last in zip(chunks, plans, (False, True)):
-            ray.get([a.train_chunk.remote(Chunk(c, plan, last), 0) for a in learners])
+        check_plans(plans)
+        for k, (c, plan) in enumerate(zip(chunks, plans)):
+            ray.get([a.train_chunk.remote(Chunk(c, plan, k == len(chunks) - 1), 0) for a in learners])
         ray.get([a.optimizer_step.remote() for a in learners])
         got = ray.get([a.parameters_vector.remote() for a in learners])
     finally:
@@ -152,7 +169,21 @@ def test_a_learner_of_two_ranks_takes_the_single_process_step(ray_cluster):
         rel = ((params - want).norm() / want.norm()).item()
         print(f"rank {rank}: parameters vs the single-process step: relative L2 {rel:.1e} (step size {moved:.1e})")
         assert rel <= RTOL, f"rank {rank}: relative L2 error {rel:.3e}"
-    assert torch.equal(got[0], got[1])
+    assert all(torch.equal(got[0], g) for g in got[1:])
+
+
+def test_a_learner_of_four_ranks_with_groups_of_2_1_1_takes_the_single_process_step(ray_cluster):
+    """Four ranks, one micro-batch planned into a group of two (the long sample, split over
+    both its ranks) and two groups of one (the short samples): the parameters after the step
+    equal the single-process step's at the float32 bound, on every rank."""
+    def check(plans):
+        (plan,) = plans
+        assert dict(plan.group_mix()) == {2: 1, 1: 2} and len(plan.micro_batches) == 1, plan.group_mix()
+        long_group = next(g for g in plan.micro_batches[0].groups if g.size == 2)
+        assert long_group.seq_ids == [0], long_group.seq_ids  # the long sample is the one split
+
+    distributed_step(config(resources={"learner": {"world": 4, "num_cpus": 0.5}}, rl={"prompts_per_step": 2}),
+                     [mixed(2)], check)
 
 
 def test_the_learner_group_as_the_planner_sees_it():
@@ -171,7 +202,7 @@ def test_the_learner_group_as_the_planner_sees_it():
         learner_cluster(config(model={"zero_stage": 3}))
     with pytest.raises(RLConfigError, match=r"world=3 is not a multiple of learner.devices_per_node=2"):
         learner_cluster(config(resources={"learner": {"world": 3}}, learner={"devices_per_node": 2}))
-    with pytest.raises(ConfigError, match=r"plan 'static' needs static_degree"):
-        config(learner={"plan": "static"})
+    with pytest.raises(ConfigError, match=r"static_degree=2 is set but plan is 'adaptive'"):
+        config(learner={"static_degree": 2})
     with pytest.raises(ConfigError, match=r"num_gpus=0.5: a learner rank drives one whole GPU"):
         config(resources={"learner": {"num_gpus": 0.5}})

@@ -197,7 +197,7 @@ def test_samples_with_empty_responses_are_logged_and_skipped_without_a_stall(ray
     (trained on its other three samples), one with three (too few left for an advantage:
     skipped whole); the step still completes."""
 
-    from pliant.rl.dispatch import WeightStore
+    from pliant.rl.weights import WeightStore
     from pliant.rl.task import build_task
     from pliant.rl.transfer_queue import TransferQueue
 

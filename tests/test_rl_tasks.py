@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import json
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -69,11 +70,12 @@ def plain_tok(tmp_path_factory):
     return d
 
 
-def dataset_task(path, tok_dir=None, model=None, seed: int = 0, eval_prompts: int = 0, **spec) -> DatasetTask:
+def dataset_task(path, tok_dir=None, model=None, seed: int = 0, eval_prompts: int = 0, learner=None,
+                 **spec) -> DatasetTask:
     fields = {"kind": "dataset", "dataset": str(path), **spec}
     if tok_dir is not None:
         fields["tokenizer"] = str(tok_dir)
-    return build_task(task_spec(**fields), model or own_model(512), seed, eval_prompts)
+    return build_task(task_spec(**fields), model or own_model(512), seed, eval_prompts, learner)
 
 
 # ---------------------------------------------------------------- the copy task
@@ -362,9 +364,35 @@ def test_overlong_prompts_are_skipped_and_counted_or_an_error(plain_tok, tmp_pat
     assert task.max_prompt() == max(lengths[:10])
     assert capsys.readouterr().err.count(f"{path}: 2 of 12 prompts skipped") == 1
     with pytest.raises(PromptDataError, match=rf"{path}: row 11: the prompt is {lengths[10]} tokens; with "
-                                              rf"task.max_response_tokens=8 that is {lengths[10] + 8}, above the "
-                                              rf"policy's context of {context} tokens \(task.max_context_tokens\)"):
+                                              rf"task.max_response_tokens=8 its samples take up to {lengths[10] + 8}, "
+                                              rf"above the policy's context of {context} tokens "
+                                              rf"\(task.max_context_tokens\)"):
         dataset_task(path, plain_tok, max_context_tokens=context, max_response_tokens=8, overlong="error")
+
+
+def test_prompts_beyond_the_learners_memory_are_skipped_and_counted_or_an_error(plain_tok, tmp_path, capsys):
+    """The learner's largest SP group is a second limit beside the policy's context: a prompt
+    whose samples it cannot hold is left out and counted, or stops the run naming its row,
+    its length and the group's capacity."""
+    from pliant.rl.task_protocol import LearnerCapacity
+    from pliant.runtime.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(plain_tok)
+    rows = rows_of(10) + [{"prompt": " ".join(TEXTS), "answer": "1", "extra": 10}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    lengths = [len(tok(r["prompt"])["input_ids"]) for r in rows]
+    cap = LearnerCapacity(tokens=max(lengths[:10]) + 8, ranks=4, memory_gib=0.05)
+    task = dataset_task(path, plain_tok, max_response_tokens=8, learner=cap)
+    assert task.counts()["overlong_skipped"] == {"train": 1} and task.max_prompt() == max(lengths[:10])
+    assert "learner's largest SP group (4 rank(s) of learner.device_memory_gib=0.05)" in capsys.readouterr().err
+    with pytest.raises(PromptDataError, match=rf"row 11: the prompt is {lengths[10]} tokens; .* up to "
+                                              rf"{lengths[10] + 8}, above the learner's largest SP group \(4 rank\(s\) "
+                                              rf"of learner.device_memory_gib=0.05\) holds a sample of {cap.tokens} "
+                                              rf"tokens"):
+        dataset_task(path, plain_tok, max_response_tokens=8, learner=cap, overlong="error")
+    with pytest.raises(PromptDataError, match=r"no prompt is left to train on \(11 of 11 skipped: their samples "
+                                              r"exceed the learner's largest SP group"):
+        dataset_task(path, plain_tok, max_response_tokens=8, learner=LearnerCapacity(5, 4, 0.05))
 
 
 def test_the_context_and_stop_tokens_come_from_the_model_directory(arith, tmp_path):
@@ -494,3 +522,59 @@ def test_prepare_arithmetic_makes_a_policy_pliant_loads(arith):
         from pliant.rl.arithmetic import prepare_arithmetic
 
         prepare_arithmetic(arith.policy.parent)
+
+
+# ---------------------------------------------------------------- the long-context task
+
+def test_long_context_rows_hold_the_fact_they_ask_about_and_a_long_tail():
+    import numpy as np
+
+    from pliant.rl.long_context import LengthTail, make_row, reward
+
+    rng = np.random.default_rng(0)
+    tail = LengthTail()
+    rows = [make_row(rng, tail) for _ in range(3000)]
+    for r in rows[:200]:
+        name = r["prompt"].rsplit("code of ", 1)[1].rstrip("?")
+        facts = dict(re.findall(r"the code of (\w+) is:(\d+)\.", r["prompt"]))
+        assert len(facts) == 3 and len(set(facts.values())) == 3 and facts[name] == r["answer"]
+        assert r["prompt"].count(". ") + 1 == r["sentences"] + 3  # filler sentences and the facts
+    n = np.array([r["sentences"] for r in rows])
+    assert np.median(n) < 40 and (n >= tail.tail_start).mean() > 0.03 and n.max() == tail.maximum
+    sample = lambda text: RewardSample(rows[0]["prompt"], text, [], rows[0], [])  # noqa: E731
+    answer = rows[0]["answer"]
+    assert reward(sample(answer)) == 1.0 and reward(sample(f" {answer}.")) == 1.0
+    assert reward(sample("")) == 0.0 and reward(sample(f"1{answer}")) == 0.0 and reward(sample("x")) == 0.0
+
+
+def test_prepare_long_context_makes_held_out_rows_and_a_policy_for_long_prompts(tmp_path):
+    import torch
+
+    from pliant.rl.long_context import prepare_long_context, reward
+    from pliant.runtime.hf import load_hf_model
+    from pliant.runtime.tokenizer import load_tokenizer
+
+    files = prepare_long_context(tmp_path / "lc", train=120, test=20, seed=2)
+    tr = [json.loads(line) for line in files.train.read_text().splitlines()]
+    te = [json.loads(line) for line in files.test.read_text().splitlines()]
+    assert len(tr) == 120 and len(te) == 20 and {r["prompt"] for r in tr}.isdisjoint(r["prompt"] for r in te)
+    cfg = json.loads((files.policy / "config.json").read_text())
+    assert cfg["max_position_embeddings"] == 8192
+    tok = load_tokenizer(files.policy)
+    task = dataset_task(files.train, model=hf_model(files.policy), chat_template=True,
+                        eval_dataset=str(files.test), max_response_tokens=6, eval_prompts=20)
+    lengths = [len(p.tokens) for p in task.prompts(120)]
+    assert max(lengths) > 3 * sorted(lengths)[60]  # a long tail in tokens too
+    p = task.held_out(1)[0]
+    assert reward(task.reward_sample(p, list(p.answer))) == 1.0
+    assert reward(task.reward_sample(p, [tok.eos_token_id])) == 0.0
+    longest = max(task.prompts(40), key=lambda q: len(q.tokens))
+    model = load_hf_model(files.policy, torch.float32)
+    from pliant.comm import SOLO
+    from pliant.runtime.model import SeqContext
+
+    n = len(longest.tokens)
+    with torch.no_grad():  # the whole prompt in one sequence: its positions fit the policy
+        logits = model(torch.tensor(longest.tokens), SeqContext.build(SOLO, [n], "cpu"))
+    assert logits.shape == (n, cfg["vocab_size"]) and torch.isfinite(logits).all()
+    assert not any(q.name.startswith(".") for q in files.policy.parent.iterdir())

@@ -3,7 +3,7 @@ dtype mix, and a mismatch is an error that names the sizes."""
 import pytest
 import torch
 
-from pliant.rl.dispatch import load_weights, pack_weights
+from pliant.rl.weights import load_weights, pack_weights
 
 
 class Mixed(torch.nn.Module):

@@ -1,0 +1,134 @@
+"""The built-in long-context task: a retrieval question over a long generated context whose
+length follows a long tail, as RL post-training's prompts do (most of a few hundred tokens, a
+few of several thousand).
+
+    context   filler sentences ("the old boat sees a green hill.") with a few facts
+              among them ("the code of nova is:47.") at random places
+    question  "what is the code of nova?"                       answer "47"
+
+`prepare_long_context(out_dir)` writes, like `pliant data arithmetic`,
+
+    out_dir/train.jsonl     {"prompt": "...", "answer": "47", "sentences": 212}, ...
+    out_dir/test.jsonl      held-out rows (contexts and facts drawn apart from the training ones)
+    out_dir/policy/         a tiny random-initialised Llama with a byte-level BPE tokenizer
+                            trained on the rows and a chat template
+
+and `reward` checks an answer: 1.0 when the first integer of the response is the code asked
+for. The facts' names and codes are drawn from small sets, so a guess among the context's
+codes is right now and then, and the lookup (find the name's fact, copy its code) is what
+an induction head learns: the tiny policy learns it partly from its supervised warm start,
+less well the longer the context, which leaves RL room to raise the held-out reward.
+
+The sentence count is a lognormal body with a Pareto tail, capped; `configs/rl-long.yaml`
+trains on it with a learner whose memory does not hold the longest prompts on one rank.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .arithmetic import _write_jsonl, write_policy
+from .reward import RewardSample
+
+NAMES = ("nova", "orin", "pike", "luma", "tarn", "vela", "brix", "cora", "dune", "echo", "fenn", "gale",
+         "hale", "iris", "jade", "kite")
+ADJECTIVES = ("old", "red", "small", "green", "quiet", "bright", "cold", "tall", "soft", "dark")
+NOUNS = ("boat", "hill", "river", "stone", "bird", "tree", "road", "house", "cloud", "field", "lamp", "wall")
+VERBS = ("sees", "finds", "passes", "follows", "holds", "meets", "leaves", "builds")
+_INTEGER = re.compile(r"\d+")
+
+
+@dataclass(frozen=True)
+class LengthTail:
+    """Sentences per context: lognormal around `median` (spread `sigma`) with probability
+    1 - tail_share, else Pareto from `tail_start` with index `alpha`; within [minimum, maximum]."""
+
+    median: float = 24.0
+    sigma: float = 0.5
+    tail_share: float = 0.08
+    tail_start: int = 80
+    alpha: float = 1.1
+    minimum: int = 4
+    maximum: int = 480
+
+    def draw(self, rng: np.random.Generator) -> int:
+        if rng.random() < self.tail_share:
+            n = self.tail_start * (1.0 - rng.random()) ** (-1.0 / self.alpha)
+        else:
+            n = math.exp(math.log(self.median) + self.sigma * rng.standard_normal())
+        return int(min(self.maximum, max(self.minimum, round(n))))
+
+
+def _sentence(rng: np.random.Generator) -> str:
+    a, b = rng.choice(ADJECTIVES, 2)
+    return f"the {a} {rng.choice(NOUNS)} {rng.choice(VERBS)} a {b} {rng.choice(NOUNS)}."
+
+
+def make_row(rng: np.random.Generator, tail: LengthTail, facts: int = 3) -> dict:
+    """One prompt: a context of `tail.draw` sentences, `facts` of them facts about distinct
+    names with distinct codes (10-99), and a question about one of them."""
+    n = tail.draw(rng)
+    names = rng.choice(NAMES, facts, replace=False)
+    codes = rng.choice(np.arange(10, 100), facts, replace=False)
+    sentences = [_sentence(rng) for _ in range(n)]
+    for name, code in zip(names, codes):
+        # "is:47": the code is the pre-token "47", as in the answer (" 47" would be another token)
+        sentences.insert(int(rng.integers(0, len(sentences) + 1)), f"the code of {name} is:{code}.")
+    asked = int(rng.integers(facts))
+    prompt = " ".join(sentences) + f"\nwhat is the code of {names[asked]}?"
+    return {"prompt": prompt, "answer": str(codes[asked]), "sentences": n}
+
+
+def write_long_context(out_dir: str | Path, train: int = 2000, test: int = 200, seed: int = 0,
+                       tail: LengthTail = LengthTail(), facts: int = 3) -> tuple[Path, Path]:
+    """out_dir/train.jsonl and out_dir/test.jsonl, drawn from separate seeded streams."""
+    if train < 1 or test < 1:
+        raise ValueError(f"train={train}, test={test}: need at least one row of each")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    streams = np.random.SeedSequence(seed).spawn(2)
+    for name, stream, k in (("train", streams[0], train), ("test", streams[1], test)):
+        rng = np.random.default_rng(stream)
+        _write_jsonl(out / f"{name}.jsonl", [make_row(rng, tail, facts) for _ in range(k)])
+    return out / "train.jsonl", out / "test.jsonl"
+
+
+def first_integer(text: str) -> int | None:
+    found = _INTEGER.search(text)
+    return int(found.group()) if found else None
+
+
+def reward(sample: RewardSample) -> float:
+    """1.0 when the first integer in the response is the row's code, else 0.0."""
+    got = first_integer(sample.response)
+    return 1.0 if got is not None and got == int(sample.row["answer"]) else 0.0
+
+
+@dataclass(frozen=True)
+class LongContextFiles:
+    train: Path
+    test: Path
+    policy: Path
+
+
+def prepare_long_context(out_dir: str | Path, train: int = 2000, test: int = 200, seed: int = 0,
+                         vocab_size: int = 384, family: str = "llama", hidden: int = 64, layers: int = 2,
+                         heads: int = 4, kv_heads: int = 2, ffn_hidden: int = 192, max_context: int = 8192,
+                         facts: int = 3, overwrite: bool = False) -> LongContextFiles:
+    """The dataset (write_long_context) and a tiny policy directory (rl/arithmetic.py's
+    write_policy) whose context holds the longest prompts."""
+    out = Path(out_dir)
+    policy = out / "policy"
+    if policy.exists() and not overwrite:
+        raise FileExistsError(f"{policy} exists; pass overwrite=True to replace it")
+    train_path, test_path = write_long_context(out, train, test, seed, facts=facts)
+    rows = [json.loads(line) for line in train_path.read_text().splitlines()]
+    write_policy(policy, [(r["prompt"], r["answer"]) for r in rows], vocab_size, family, seed, hidden=hidden,
+                 layers=layers, heads=heads, kv_heads=kv_heads, ffn_hidden=ffn_hidden,
+                 max_position_embeddings=max_context)
+    return LongContextFiles(train_path, test_path, policy)
