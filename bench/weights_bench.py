@@ -31,7 +31,7 @@ from typing import Any
 from pliant.io import atomic_write_text, strict_dumps
 
 # (hidden, layers) of pliant's own softmax model with a 1,024-token vocabulary: about 1M, 10M, 100M parameters
-SHAPES = {1_000_000: (128, 4), 10_000_000: (256, 12), 100_000_000: (768, 14)}
+SHAPES = {1_000_000: (128, 3), 10_000_000: (256, 9), 100_000_000: (640, 15)}
 WAYS = ("bucketed", "blocking")
 
 
@@ -43,7 +43,8 @@ def model_spec(params: int):
     hidden, layers = SHAPES[params]
     heads = hidden // 64
     return ModelSpec(name=f"weights-{params}", layers=layers, hidden=hidden, heads=heads, kv_heads=heads,
-                     head_dim=64, ffn_hidden=4 * hidden, vocab_size=1024, attention=["softmax"], dtype="fp32")
+                     head_dim=64, ffn_hidden=4 * hidden, vocab_size=1024, attention=["softmax"], dtype="fp32",
+                     zero_stage=0)
 
 
 def loader_class():
@@ -124,7 +125,7 @@ def measure(params: int, repeats: int) -> dict[str, Any]:
         pub.publish(version + 1)
         pub.before_update()
         ray.get(loaded)
-        want = float(sum(p.double().sum() for p in model.parameters()))
+        want = float(sum(p.detach().double().sum() for p in model.parameters()))
         if ray.get(loader.checksum.remote()) != want:
             raise RuntimeError("the loader's weights differ from the learner's after a publish")
     finally:
