@@ -224,7 +224,7 @@ def by_plan(records: list[dict], plans: list[str]) -> dict[str, Any]:
             runs = [r for r in records if r["name"] == name and r["learner_plan"] == plan]
             if not runs:
                 continue
-            m = {key: _median(runs, key) for key in ("learner_step_s", "tokens_per_s", "samples_per_s",
+            m = {key: _median(runs, key) for key in ("learner_step_s", "learner_train_s", "tokens_per_s", "samples_per_s",
                                                      "rollout_idle_fraction", "learner_idle_fraction",
                                                      "eval_reward_before", "eval_reward_after")}
             placed: dict[str, dict[str, int]] = {}
@@ -253,6 +253,9 @@ def by_plan(records: list[dict], plans: list[str]) -> dict[str, Any]:
                     else None,
                     "learner_step_speedup": m["learner_step_s"] / ad["learner_step_s"]
                     if ad["learner_step_s"] and m["learner_step_s"] else None,
+                    # the learner's whole time in forward, backward and optimizer over the run
+                    "learner_time_speedup": m["learner_train_s"] / ad["learner_train_s"]
+                    if ad.get("learner_train_s") and m.get("learner_train_s") else None,
                     "tokens_per_s_per_seed": tok, "learner_step_speedup_per_seed": step,
                     "tokens_per_s_median_per_seed": statistics.median(tok) if tok else None,
                     "learner_step_speedup_median_per_seed": statistics.median(step) if step else None}
@@ -268,7 +271,8 @@ def print_plans(body: dict) -> None:
     plans = body["learner_plans"]
     for name, entry in plans["modes"].items():
         t = Table(title=f"{name}: the learner's plan (medians over seeds)")
-        for col in ("learner plan", "learner step s", "x adaptive", "trained tok/s", "samples/s", "rollout idle",
+        for col in ("learner plan", "learner step s", "x adaptive", "learner time s", "trained tok/s", "samples/s",
+                    "rollout idle",
                     "learner idle", "held-out reward after", "samples by SP group size (lengths)"):
             t.add_column(col)
         ad = entry["plans"].get("adaptive", {}).get("learner_step_s")
@@ -277,12 +281,14 @@ def print_plans(body: dict) -> None:
                               for size, d in m["placement"].items()) or "-"
             t.add_row(plan, fmt(m["learner_step_s"], ".3f"),
                       fmt(m["learner_step_s"] / ad if ad and m["learner_step_s"] else None),
+                      fmt(m.get("learner_train_s"), ".1f"),
                       fmt(m["tokens_per_s"], ".0f"), fmt(m["samples_per_s"], ".1f"),
                       fmt(m["rollout_idle_fraction"], ".0%"), fmt(m["learner_idle_fraction"], ".0%"),
                       fmt(m["eval_reward_after"], ".3f"), where)
         Console(width=200).print(t)
         for key, r in entry["ratios"].items():
-            print(f"{name} {key.replace('_', ' ')}: learner step {fmt(r['learner_step_speedup'])}x "
+            print(f"{name} {key.replace('_', ' ')}: learner step {fmt(r['learner_step_speedup'])}x, whole run's "
+                  f"learner time {fmt(r['learner_time_speedup'])}x "
                   f"(per seed {', '.join(fmt(x) for x in r['learner_step_speedup_per_seed'])}), trained tok/s "
                   f"{fmt(r['tokens_per_s'])}x (per seed {', '.join(fmt(x) for x in r['tokens_per_s_per_seed'])})")
 

@@ -5,6 +5,7 @@ row, tokenized with the policy's own tokenizer (its chat template applied when a
       kind: dataset
       dataset: data/train.jsonl         # rows like {"question": "What is 12 + 7?", "answer": "19"}
       eval_dataset: data/test.jsonl     # null: rl.eval_prompts rows of `dataset` kept out of training
+      sft_dataset: data/sft.jsonl       # the warm start's rows; null: `dataset`'s
       prompt_key: question
       answer_key: answer                # the supervised warm start's targets (null: none)
       chat_template: true
@@ -226,7 +227,8 @@ class DatasetTask:
         # directory need not be the driver's
         self.tokenizer_dir = str(Path(tok_dir).absolute())
         self.paths = {"train": Path(spec.dataset).absolute(),
-                      "eval": Path(spec.eval_dataset).absolute() if spec.eval_dataset is not None else None}
+                      "eval": Path(spec.eval_dataset).absolute() if spec.eval_dataset is not None else None,
+                      "sft": Path(spec.sft_dataset).absolute() if spec.sft_dataset is not None else None}
         self._tok: Any = None
         self._rows: dict[str, Rows] = {}
         tok = self.tokenizer()
@@ -269,9 +271,19 @@ class DatasetTask:
                                   f"{len(train)} skipped: their samples exceed "
                                   f"{' or '.join(why for _, why in self._limits())})")
         self._train_idx, self._held_idx = kept, held
+        self._sft_from, self._sft_idx = "train", kept
+        if spec.sft_dataset is not None:  # the warm start's own rows
+            sft = self.rows("sft")
+            self.rows_in["sft"] = len(sft)
+            self._sft_idx, sft_longest, self.skipped["sft"] = self._measure(sft)
+            self._sft_from = "sft"
+            longest = max(longest, sft_longest)
+            if not len(self._sft_idx):
+                raise PromptDataError(f"task.sft_dataset {spec.sft_dataset}: no row is left for the warm start (all "
+                                      f"{len(sft)} skipped as too long)")
         self._max_prompt = longest
         self._train = _Epochs(len(kept), seed)
-        self._sft = _Epochs(len(kept), seed + SFT_SEED_OFFSET)
+        self._sft = _Epochs(len(self._sft_idx), seed + SFT_SEED_OFFSET)
         self.next_uid = 0
         self.sft_handed = 0
 
@@ -296,7 +308,7 @@ class DatasetTask:
         if which not in self._rows:
             path = self.paths[which]
             rows = Rows(path, self.spec.prompt_key, self.spec.answer_key,
-                        "task.dataset" if which == "train" else "task.eval_dataset")
+                        {"train": "task.dataset", "eval": "task.eval_dataset", "sft": "task.sft_dataset"}[which])
             expected = getattr(self, "rows_in", {}).get(which)
             if expected is not None and len(rows) != expected:
                 raise PromptDataError(f"{path} has {len(rows)} rows now but had {expected} when the task was built; "
@@ -410,8 +422,8 @@ class DatasetTask:
         if self.spec.answer_key is None:
             raise PromptDataError("task.answer_key is null: the rows have no reference answers for the supervised "
                                   "warm start; set rl.sft_steps: 0, or name the answers' key in task.answer_key")
-        idx = [int(self._train_idx[p]) for p in self._sft.take(n)]
-        out = self._prompts("train", idx, list(range(self.sft_handed, self.sft_handed + n)))
+        idx = [int(self._sft_idx[p]) for p in self._sft.take(n)]
+        out = self._prompts(self._sft_from, idx, list(range(self.sft_handed, self.sft_handed + n)))
         self.sft_handed += n
         return out
 

@@ -116,6 +116,7 @@ class RunResult:
                 "learner_idle_fraction": self.learner["idle_fraction"], "restarts": self.restarts,
                 "learner_world": self.learner["world"], "group_sizes": self.group_sizes(),
                 "placement": self.placement(), "learner_step_s": self.learner_step_s(),
+                "learner_train_s": sum(s.get("train_s", 0.0) for s in self._steady()[0]),
                 "publish_wait_median_s": statistics.median(w) if (w := [s["publish_wait_s"] for s in self.steps
                                                                         if "publish_wait_s" in s]) else None,
                 "task": self.learner.get("task_counts", {}),

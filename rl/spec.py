@@ -65,6 +65,8 @@ class DatasetTaskSpec(_Strict):
     kind: Literal["dataset"]
     dataset: str  # JSONL (.jsonl, .jsonl.gz) or Parquet
     eval_dataset: str | None = None  # held-out prompts; null: a seeded split of `dataset`, kept out of training
+    # the supervised warm start's rows (prompt and answer keys as `dataset`); null: `dataset`'s own
+    sft_dataset: str | None = None
     prompt_key: str = "prompt"
     answer_key: str | None = "answer"  # the reference answer for the supervised warm start; null: none
     tokenizer: str | None = None  # a tokenizer directory; null: model.hf_path
@@ -74,7 +76,7 @@ class DatasetTaskSpec(_Strict):
     overlong: Literal["skip", "error"] = "skip"
     max_context_tokens: PositiveInt | None = None  # the policy's context; null: the model directory's
 
-    @field_validator("dataset", "eval_dataset")
+    @field_validator("dataset", "eval_dataset", "sft_dataset")
     @classmethod
     def _readable_format(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is not None and not value.lower().endswith(DATASET_SUFFIXES):

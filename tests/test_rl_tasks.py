@@ -533,7 +533,8 @@ def test_long_context_rows_hold_the_fact_they_ask_about_and_a_long_tail():
 
     rng = np.random.default_rng(0)
     tail = LengthTail()
-    rows = [make_row(rng, tail) for _ in range(3000)]
+    rows = [make_row(rng, tail, facts=3) for _ in range(3000)]
+    assert make_row(rng, tail)["prompt"].count("the code of ") == 2  # one fact (the default) and the question
     for r in rows[:200]:
         name = r["prompt"].rsplit("code of ", 1)[1].rstrip("?")
         facts = dict(re.findall(r"the code of (\w+) is:(\d+)\.", r["prompt"]))
@@ -557,12 +558,17 @@ def test_prepare_long_context_makes_held_out_rows_and_a_policy_for_long_prompts(
     files = prepare_long_context(tmp_path / "lc", train=120, test=20, seed=2)
     tr = [json.loads(line) for line in files.train.read_text().splitlines()]
     te = [json.loads(line) for line in files.test.read_text().splitlines()]
+    sft = [json.loads(line) for line in files.sft.read_text().splitlines()]
     assert len(tr) == 120 and len(te) == 20 and {r["prompt"] for r in tr}.isdisjoint(r["prompt"] for r in te)
+    assert len(sft) == 5000 and max(r["sentences"] for r in sft) <= 16 < max(r["sentences"] for r in tr)
     cfg = json.loads((files.policy / "config.json").read_text())
     assert cfg["max_position_embeddings"] == 8192
     tok = load_tokenizer(files.policy)
     task = dataset_task(files.train, model=hf_model(files.policy), chat_template=True,
-                        eval_dataset=str(files.test), max_response_tokens=6, eval_prompts=20)
+                        eval_dataset=str(files.test), sft_dataset=str(files.sft), max_response_tokens=6,
+                        eval_prompts=20)
+    assert all(len(p.tokens) < 300 for p in task.sft_examples(50))  # the warm start's rows: short contexts
+    assert task.counts()["rows"] == {"train": 120, "eval": 20, "sft": 5000}
     lengths = [len(p.tokens) for p in task.prompts(120)]
     assert max(lengths) > 3 * sorted(lengths)[60]  # a long tail in tokens too
     p = task.held_out(1)[0]
