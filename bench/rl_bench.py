@@ -245,9 +245,11 @@ def by_plan(records: list[dict], plans: list[str]) -> dict[str, Any]:
                     continue
                 seeds = [s for (n, p, s) in by if n == name and p == plan and (name, "adaptive", s) in by]
                 tok = [by[(name, "adaptive", s)]["tokens_per_s"] / by[(name, plan, s)]["tokens_per_s"] for s in seeds]
-                step = [by[(name, plan, s)]["learner_step_s"] / by[(name, "adaptive", s)]["learner_step_s"]
-                        for s in seeds if by[(name, plan, s)].get("learner_step_s")
-                        and by[(name, "adaptive", s)].get("learner_step_s")]
+                def per_seed(key: str) -> list[float]:
+                    return [by[(name, plan, s)][key] / by[(name, "adaptive", s)][key] for s in seeds
+                            if by[(name, plan, s)].get(key) and by[(name, "adaptive", s)].get(key)]
+
+                step, busy = per_seed("learner_step_s"), per_seed("learner_train_s")
                 ratios[f"adaptive_over_{plan}"] = {
                     "tokens_per_s": ad["tokens_per_s"] / m["tokens_per_s"] if ad["tokens_per_s"] and m["tokens_per_s"]
                     else None,
@@ -257,6 +259,7 @@ def by_plan(records: list[dict], plans: list[str]) -> dict[str, Any]:
                     "learner_time_speedup": m["learner_train_s"] / ad["learner_train_s"]
                     if ad.get("learner_train_s") and m.get("learner_train_s") else None,
                     "tokens_per_s_per_seed": tok, "learner_step_speedup_per_seed": step,
+                    "learner_time_speedup_per_seed": busy,
                     "tokens_per_s_median_per_seed": statistics.median(tok) if tok else None,
                     "learner_step_speedup_median_per_seed": statistics.median(step) if step else None}
         out["modes"][name] = {"plans": per_plan, "ratios": ratios}
@@ -287,9 +290,10 @@ def print_plans(body: dict) -> None:
                       fmt(m["eval_reward_after"], ".3f"), where)
         Console(width=200).print(t)
         for key, r in entry["ratios"].items():
-            print(f"{name} {key.replace('_', ' ')}: learner step {fmt(r['learner_step_speedup'])}x, whole run's "
-                  f"learner time {fmt(r['learner_time_speedup'])}x "
-                  f"(per seed {', '.join(fmt(x) for x in r['learner_step_speedup_per_seed'])}), trained tok/s "
+            print(f"{name} {key.replace('_', ' ')}: learner step {fmt(r['learner_step_speedup'])}x (per seed "
+                  f"{', '.join(fmt(x) for x in r['learner_step_speedup_per_seed'])}), whole run's learner time "
+                  f"{fmt(r['learner_time_speedup'])}x (per seed "
+                  f"{', '.join(fmt(x) for x in r['learner_time_speedup_per_seed'])}), trained tok/s "
                   f"{fmt(r['tokens_per_s'])}x (per seed {', '.join(fmt(x) for x in r['tokens_per_s_per_seed'])})")
 
 

@@ -131,6 +131,7 @@ def learner_capacity(cfg) -> LearnerCapacity:
     planner = Planner.from_specs(learner_cluster(cfg), cfg.model, spec.cost, spec.planner)
     tokens, ranks = planner.longest_supported()
     if tokens < MIN_SAMPLE_TOKENS:
+        ranks = max(planner.sizes)
         states = planner.cost.memory_coeffs(1)[0] / 2 ** 30
         raise RLConfigError(f"learner.device_memory_gib={spec.device_memory_gib:g} holds no sample: the largest SP "
                             f"group ({ranks} rank(s)) holds {tokens} tokens, the policy's model states take "

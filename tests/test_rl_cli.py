@@ -94,6 +94,39 @@ def test_pliant_rl_on_a_dataset_with_a_hugging_face_policy(tmp_path):
     assert r.returncode == 0 and "exists: keeping it" in r.stdout
 
 
+@pytest.mark.slow
+def test_pliant_rl_on_the_long_context_task_puts_long_samples_into_sp_groups(tmp_path):
+    """The README's long-tail job: `pliant data long-context` makes the task and its policy, and
+    `pliant rl --config configs/rl-long.yaml` trains a learner of 4 ranks on it: samples that a
+    rank's memory does not hold go to groups of 2 or 4, the short ones to groups of one."""
+    data = tmp_path / "lc"
+    r = pliant("data", "long-context", "--out", str(data), "--train", "400", "--test", "20")
+    assert r.returncode == 0 and (data / "policy" / "config.json").is_file(), r.stderr
+    rows = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
+    long_rows = [row for row in rows if row["sentences"] >= 160][:6]  # about 1,500 tokens and more
+    assert len(long_rows) >= 3
+    train = tmp_path / "train.jsonl"  # a long row among every 4 short ones: every step holds some
+    train.write_text("".join(json.dumps(row) + "\n" for row in long_rows + [r for r in rows if r["sentences"] < 40][:24]))
+    small = tmp_path / "small.yaml"
+    small.write_text(yaml.safe_dump({
+        "model": {"hf_path": str(data / "policy")},
+        "task": {"dataset": str(train), "eval_dataset": str(data / "test.jsonl"),
+                 "sft_dataset": str(data / "sft.jsonl")},
+        "rl": {"steps": 2, "prompts_per_step": 5, "group_size": 4, "micro_batch_groups": 5, "rollout_slots": 8,
+               "sft_steps": 10, "eval_prompts": 8}}))
+    run_dir = tmp_path / "run"
+    r = pliant("rl", "--config", "configs/rl-long.yaml", "--config", str(small), "--run-dir", str(run_dir))
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    sizes = {int(k) for k in summary["group_sizes"]}
+    assert summary["learner_world"] == 4 and 1 in sizes and sizes & {2, 4}, summary["group_sizes"]
+    placed = summary["placement"]
+    assert placed["1"]["longest"] < min(placed[k]["longest"] for k in placed if k != "1")
+    assert summary["learner_step_s"] > 0 and summary["publish_wait_median_s"] is not None
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["publish_wait_s"] >= 0 and row["train_s"] > 0 for row in rows)
+
+
 def load_exported(path: Path) -> dict:
     """An exported directory through transformers: no missing or unexpected keys, the chat
     template with it; its state dict."""

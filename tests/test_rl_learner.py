@@ -204,5 +204,12 @@ def test_the_learner_group_as_the_planner_sees_it():
         learner_cluster(config(resources={"learner": {"world": 3}}, learner={"devices_per_node": 2}))
     with pytest.raises(ConfigError, match=r"static_degree=2 is set but plan is 'adaptive'"):
         config(learner={"static_degree": 2})
+    from pliant.rl.learner import learner_capacity
+
+    cap = learner_capacity(config())
+    assert cap.ranks == 2 and 90 < cap.tokens < 1_000 and cap.memory_gib == 0.0009  # the long sample (90) fits
+    with pytest.raises(RLConfigError, match=r"learner.device_memory_gib=0.0001 holds no sample: the largest SP group "
+                                            r"\(2 rank\(s\)\) holds 0 tokens, the policy's model states take"):
+        learner_capacity(config(learner={"device_memory_gib": 0.0001}))
     with pytest.raises(ConfigError, match=r"num_gpus=0.5: a learner rank drives one whole GPU"):
         config(resources={"learner": {"num_gpus": 0.5}})
