@@ -76,7 +76,37 @@ def split_snake(lengths: np.ndarray, k: int) -> list[np.ndarray]:
     return [order[which == i] for i in range(k) if np.any(which == i)]
 
 
+CUT_FRACTIONS = (0.15, 0.25, 0.35, 0.45, 0.55, 0.65)  # where the first cut of split_cut may fall
+
+
+def split_cut(lengths: np.ndarray, k: int, cost: CostModel, first: float) -> list[np.ndarray]:
+    """FlexSP's split: the length-sorted batch cut contiguously, the longest sequences
+    together in the first micro-batch, which ends where `first` of the batch's weight
+    (_weights) has been taken; the rest cut min-max into k - 1."""
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    if k <= 1:
+        return [order]
+    w = _weights(lengths, cost)[order]
+    cut = int(np.searchsorted(np.cumsum(w), first * w.sum(), side="left")) + 1
+    cut = min(max(cut, 1), len(order) - (k - 1))
+    rest = order[cut:]
+    tail = split_min_max(np.asarray(lengths)[rest], k - 1, cost)
+    return [order[:cut], *(rest[part] for part in tail)]
+
+
 def candidate_splits(lengths: np.ndarray, k: int, cost: CostModel) -> list[tuple[str, list[np.ndarray]]]:
+    """The splits tried for k micro-batches, in order: min-max and snake first, then FlexSP's
+    sorted cut at several first-cut points (duplicates of an earlier split left out). A
+    later family only adds candidates: the best over them is never worse than over fewer."""
     if k == 1:
         return [("single", split_min_max(lengths, 1, cost))]
-    return [("min-max", split_min_max(lengths, k, cost)), ("snake", split_snake(lengths, k))]
+    out = [("min-max", split_min_max(lengths, k, cost)), ("snake", split_snake(lengths, k))]
+    if len(lengths) > k:
+        seen = {tuple(map(tuple, (np.sort(p) for p in parts))) for _, parts in out}
+        for f in CUT_FRACTIONS:
+            parts = split_cut(lengths, k, cost, f)
+            key = tuple(map(tuple, (np.sort(p) for p in parts)))
+            if key not in seen and all(len(p) for p in parts):
+                seen.add(key)
+                out.append((f"cut-{f:g}", parts))
+    return out

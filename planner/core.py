@@ -159,8 +159,11 @@ class Planner:
                             candidates[k] = found[0]
                             best = _better(best, found)
                         return candidates, best
-                    # every part still to solve in this count gets an equal share of the time left
-                    left = (len(splits) - si) * len(parts) - i
+                    # every part still to solve in this count gets an equal share of the time left; the
+                    # first two splits (min-max, snake) share it as if they were the only ones, so the
+                    # sorted cuts after them only add candidates (more splits never plan worse)
+                    ahead = len(splits) - si if si >= 2 else min(2, len(splits)) - si
+                    left = ahead * len(parts) - i
                     d = solve_part(ids, time.perf_counter() + max(0.0, deadline - time.perf_counter()) / left)
                     if d is None:
                         break

@@ -181,6 +181,47 @@ def test_more_sizes_never_plan_worse(nodes, per_node, memory, short, long):
             assert plan.predicted_ms <= fixed.predicted_ms * (1 + 1e-9)
 
 
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(
+    per_node=st.sampled_from([4, 8]),
+    memory=st.sampled_from([0.25, 0.4]),
+    short=st.lists(st.integers(50, 3000), min_size=8, max_size=40),
+    long=st.lists(st.integers(3000, 9000), min_size=1, max_size=4),
+)
+def test_more_split_families_never_plan_worse(monkeypatch, per_node, memory, short, long):
+    """The sorted cuts (FlexSP's split) come after min-max and snake, which keep the time they
+    had alone: with them the plan is never worse than without. (monkeypatch's context is
+    entered and left within each example.)"""
+    from pliant.planner import blaster
+
+    lengths = long + short
+    planner = small_planner(2, per_node, memory, time_limit_s=30.0, solver="heuristic")
+    try:
+        planner.check_lengths(lengths)
+    except SequenceTooLongError:
+        assume(False)
+    with_cuts = planner.plan(lengths)
+    _check(with_cuts, planner)
+    with monkeypatch.context() as m:
+        m.setattr(blaster, "CUT_FRACTIONS", ())
+        without = planner.plan(lengths)
+    assert with_cuts.predicted_ms <= without.predicted_ms * (1 + 1e-9)
+
+
+def test_the_sorted_cut_puts_the_longest_sequences_together():
+    from pliant.planner.blaster import candidate_splits, split_cut
+
+    planner = small_planner(2, 4, memory_gib=0.25, time_limit_s=1.0)
+    lengths = np.array([9000, 300, 3000, 200, 2500, 100, 2400, 800, 700, 600])
+    parts = split_cut(lengths, 3, planner.cost, 0.35)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(len(lengths)))
+    first = lengths[parts[0]]
+    assert first.min() >= max(lengths[p].max() for p in parts[1:])  # contiguous in length order
+    names = [n for n, _ in candidate_splits(lengths, 3, planner.cost)]
+    assert names[:2] == ["min-max", "snake"] and any(n.startswith("cut-") for n in names[2:])
+
+
 def test_plan_json_round_trip(tmp_path):
     planner = small_planner(2, 4)
     plan = planner.plan([5000, 300, 200, 100, 2000])
