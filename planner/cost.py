@@ -349,7 +349,9 @@ class CostModel:
         the breakpoints t_js. It is at least the older two bounds, the slowest sequence's best
         time (the least feasible C) and the least device-time spread over N (f at C = inf), and
         binds where both are loose: one very long sequence has to take a large group to meet
-        C, paying more device-time than its cheapest group would.
+        C, paying more device-time than its cheapest group would. Where the batch does not fit
+        the devices' memory at once, `memory_bound` raises it: the longest micro-batch can do only
+        a memory's worth of the device-time, and the rest adds to the other micro-batches.
 
         Shared CPU cores (`cores`): group times shrink when neighbours idle, so the slowest
         sequence's floor is priced as the cost model prices a group running alone, and the
@@ -367,7 +369,11 @@ class CostModel:
             floor = float(((self.beta_ms + t) * scale[None, :]).min(axis=1).max())
             spread = float(device_time.min(axis=1).sum() / self.world_size)
             return max(floor, spread + k * self.beta_ms / self.world_size)
-        return k * self.beta_ms + divisible_bound(t, device_time, self.world_size)
+        per_device = np.stack([self.memory_coeffs(s)[1] * self.padded(L, s) + self.memory_coeffs(s)[2]
+                               for s in sizes], axis=1) * np.asarray(sizes, dtype=np.float64)[None, :]
+        mem = np.where(np.isfinite(t), per_device, np.inf).min(axis=1)  # a sequence's least bytes over its group
+        room = self.device_memory_bytes - self.model_state_bytes
+        return k * self.beta_ms + memory_bound(t, device_time, self.world_size, mem, room)
 
     def simple_bounds_ms(self, lengths: np.ndarray, sizes: list[int], micro_batches: int = 1) -> tuple[float, float]:
         """The two bounds the LP bound improves on, for reports: (the slowest sequence's best
@@ -377,6 +383,47 @@ class CostModel:
         spread = float((t * np.asarray(sizes, dtype=np.float64)[None, :]).min(axis=1).sum() / self.world_size)
         k = max(1, int(micro_batches))
         return float(t.min(axis=1).max()) + k * self.beta_ms, spread + k * self.beta_ms
+
+
+def memory_bound(t: np.ndarray, device_time: np.ndarray, world: int, mem: np.ndarray, room: float) -> float:
+    """A bound for the batch split into micro-batches because memory binds (less k beta).
+
+    Let C be the longest micro-batch's time less beta. Every sequence then runs where its time
+    is at most C, so it takes at least d_j(C) = min {device_time_js : t_js <= C} device-time
+    wherever it runs, f(C) in all. The longest micro-batch does at most N C of it, and at most
+    what its devices' memory holds: Wcap(C), the most device-time sequences of at most N x room
+    bytes carry (`mem`: each sequence's least bytes over its group's devices; a fractional
+    knapsack). The rest runs in the other micro-batches, whose times add up to at least it / N:
+
+        total - k beta >= min over C of  C + max(0, f(C) - min(N C, Wcap(C))) / N.
+
+    Never below `divisible_bound` (which is max(C, f(C)/N) under the same C); equal to it when
+    the whole batch fits the memory at once. f and Wcap change only at the t_js, so the minimum
+    is at a breakpoint or where C crosses Wcap / N or f / N inside an interval."""
+    n = len(t)
+    if n == 0 or mem.sum() <= world * room:
+        return divisible_bound(t, device_time, world)
+    least = float(t.min(axis=1).max())
+    # d_j changes with C only for rows whose cheapest group finishes after the least C
+    cheapest = device_time.argmin(axis=1)
+    moving = t[np.arange(n), cheapest] > least
+    t_m = t[moving]
+    points = np.unique(np.concatenate([[least], t_m[np.isfinite(t_m) & (t_m > least)]]))
+    budget = world * room
+    best = np.inf
+    for lo, hi in zip(points, np.append(points[1:], np.inf)):
+        d = np.where(t <= lo, device_time, np.inf).min(axis=1)  # constant on [lo, hi)
+        f = float(d.sum())
+        order = np.argsort(-(d / mem), kind="stable")  # the most device-time per byte first
+        fill = np.cumsum(mem[order])
+        whole = int(np.searchsorted(fill, budget, side="right"))
+        wcap = float(d[order[:whole]].sum())
+        if whole < n:
+            wcap += float(d[order[whole]]) * (budget - (fill[whole - 1] if whole else 0.0)) / float(mem[order[whole]])
+        for c in (lo, wcap / world, f / world):
+            if lo <= c < hi:
+                best = min(best, c + max(0.0, f - min(world * c, wcap)) / world)
+    return max(best, divisible_bound(t, device_time, world))  # equal or above it in exact arithmetic
 
 
 def divisible_bound(t: np.ndarray, device_time: np.ndarray, world: int) -> float:

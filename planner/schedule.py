@@ -9,7 +9,7 @@ from functools import cached_property, lru_cache
 
 import numpy as np
 
-from .cost import CostModel, divisible_bound
+from .cost import CostModel, memory_bound
 from .layout import free_ranks, place_groups
 from .plan import GroupPlan, MicroBatchPlan, SolverStats
 
@@ -54,9 +54,13 @@ class SeqTable:
 
     @cached_property
     def bound_ms(self) -> float:
-        """The divisible LP's optimum (CostModel.lower_bound_ms) for one micro-batch of these
-        sequences with these sizes, less beta: the table already holds every t_js."""
-        return divisible_bound(self.t, self.t * np.asarray(self.sizes, dtype=np.float64)[None, :], self.world)
+        """The cost model's bound (CostModel.lower_bound_ms) for these sequences with these
+        sizes, less k beta: the divisible LP's optimum, raised by the memory term where the
+        sequences do not fit the devices' memory at once (cost.py `memory_bound`); the table
+        already holds every t_js and each sequence's bytes."""
+        sizes = np.asarray(self.sizes, dtype=np.float64)[None, :]
+        mem = np.where(np.isfinite(self.t), self.mem * sizes, np.inf).min(axis=1)
+        return memory_bound(self.t, self.t * sizes, self.world, mem, self.room)
 
     @classmethod
     def build(cls, cost: CostModel, lengths: np.ndarray, ids: np.ndarray, sizes: list[int]) -> "SeqTable":

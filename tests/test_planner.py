@@ -93,6 +93,66 @@ def _brute_force(planner, lengths) -> float:
     return best
 
 
+def _set_partitions(items: list[int]):
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for part in _set_partitions(rest):
+        for i in range(len(part)):
+            yield part[:i] + [[first] + part[i]] + part[i + 1:]
+        yield [[first]] + part
+
+
+def _brute_force_split(planner, lengths) -> tuple[float, int]:
+    """Optimal plan over every split into micro-batches (each optimal by _brute_force): its
+    time and its micro-batch count."""
+    lengths = np.asarray(lengths)
+    best, count, memo = np.inf, 0, {}
+    for part in _set_partitions(list(range(len(lengths)))):
+        total = 0.0
+        for mb in part:
+            key = tuple(sorted(lengths[mb].tolist()))
+            if key not in memo:
+                memo[key] = _brute_force(planner, lengths[mb])
+            total += memo[key]
+            if total >= best:
+                break
+        if total < best:
+            best, count = total, len(part)
+    return best, count
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_the_bound_never_exceeds_the_optimum_when_memory_splits_the_batch(seed):
+    """With memory forcing two or three micro-batches, the cost model's bound (the divisible LP,
+    raised by the memory term: the longest micro-batch holds only a memory's worth of work) is
+    never above the optimum over every split, found by brute force; it prints how tight it is."""
+    from pliant.planner.blaster import min_micro_batches
+    from pliant.planner.cost import divisible_bound
+
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(300, 2500, size=int(rng.integers(5, 7)))
+    lengths[0] = int(rng.integers(2500, 4000))
+    planner = small_planner(1, 4, memory_gib=float(rng.choice([0.2, 0.25, 0.3])), time_limit_s=5.0,
+                            solver="heuristic")
+    try:
+        planner.check_lengths(lengths)
+    except SequenceTooLongError:
+        pytest.skip("the long sequence fits no group at this memory")
+    cost = planner.cost
+    k = min_micro_batches(lengths, cost)
+    optimum, count = _brute_force_split(planner, lengths)
+    assert np.isfinite(optimum) and count >= k >= 2, (k, count)
+    bound = cost.lower_bound_ms(lengths, planner.sizes, k)
+    t = np.stack([np.where(cost.seq_fits(lengths, s), cost.seq_ms(lengths, s), np.inf) for s in planner.sizes], 1)
+    divisible = k * cost.beta_ms + divisible_bound(t, t * np.asarray(planner.sizes)[None, :], cost.world_size)
+    print(f"seed {seed}: {len(lengths)} sequences, at least {k} micro-batches (optimum {count}): bound / optimum "
+          f"{bound / optimum:.3f} (the divisible LP alone {divisible / optimum:.3f})")
+    assert divisible <= bound * (1 + 1e-12) and bound <= optimum * (1 + 1e-9)
+    assert planner.plan(lengths).predicted_ms >= optimum * (1 - 1e-9)
+
+
 @pytest.mark.parametrize("solver", SOLVERS)
 @pytest.mark.parametrize("seed", range(6))
 def test_milp_matches_brute_force_optimum(solver, seed):
