@@ -404,6 +404,8 @@ def memory_bound(t: np.ndarray, device_time: np.ndarray, world: int, mem: np.nda
     if n == 0 or mem.sum() <= world * room:
         return divisible_bound(t, device_time, world)
     least = float(t.min(axis=1).max())
+    if not np.isfinite(least) or not np.isfinite(mem).all() or (mem <= 0).any():
+        return divisible_bound(t, device_time, world)  # a sequence fits no group: no plan, nothing to raise
     # d_j changes with C only for rows whose cheapest group finishes after the least C
     cheapest = device_time.argmin(axis=1)
     moving = t[np.arange(n), cheapest] > least
